@@ -1,0 +1,1 @@
+"""Runtime backends behind one small interface (see `base.UNetRunner`)."""

@@ -1,0 +1,21 @@
+"""Exceptions the CLI turns into one clear message (file + fix) instead of a traceback."""
+
+
+class ModiffError(Exception):
+    """A user-facing error: the message names the file involved and how to fix it."""
+
+
+class CheckpointError(ModiffError):
+    """A checkpoint is missing, corrupt, untrusted or does not fit the config."""
+
+
+class ConfigError(ModiffError):
+    """A model or quantization config is missing or invalid."""
+
+
+class ArtifactError(ModiffError):
+    """An export directory, calibration file or engine is missing, corrupt or mismatched."""
+
+
+class BackendUnavailableError(ModiffError):
+    """A runtime (TensorRT, CUDA, onnxruntime-gpu) is not installed or sees no device."""

@@ -1,0 +1,167 @@
+"""`manifest.json`: the versioned description of an export directory.
+
+Everything a backend needs to run the graphs without the original checkpoint lives here:
+which graphs exist, their I/O, the per-layer quantization and state shapes, and the hashes
+that tie the export to its checkpoint, config and calibration. Backends refuse a directory
+whose manifest is missing, of another schema version, or whose graph files do not hash to
+what the manifest says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modiff_trt.errors import ArtifactError
+
+SCHEMA = "modiff-trt/manifest"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed so multi-GB checkpoints do not fill memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class TensorSpec:
+    """One graph input or output. `shape[0]` is the batch dim: an int or the string 'batch'."""
+
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int8 ...
+    shape: list[int | str]
+
+
+@dataclass
+class GraphSpec:
+    """One ONNX file of the export (`warmup`, `step` or `unet`)."""
+
+    file: str
+    sha256: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+@dataclass
+class LayerSpec:
+    """A quantized Conv/Linear layer, named by its module path in the UNet."""
+
+    name: str
+    kind: str  # conv1d | conv2d | linear
+    weight_bits: int
+    act_bits: int
+    act_scale: float | None  # static per-tensor scale of the quantized input (residual for MoDiff)
+    warmup_act_scale: float | None  # scale of the quantized warm-up (first_step='quantized')
+    a_hat_shape: list[int]  # per sample (no batch dim)
+    o_hat_shape: list[int]
+
+
+@dataclass
+class Manifest:
+    """The parsed `manifest.json` of an export directory."""
+
+    model: dict[str, Any]  # config name/path + sha256, checkpoint path + sha256, sample shape
+    quant: dict[str, Any]  # QuantConfig as a dict
+    sampling: dict[str, Any]  # schedule the calibration assumed: steps, skip_type, eta, betas
+    export: dict[str, Any]  # opset, float dtype, state dtype, batch (int or null), target
+    graphs: dict[str, GraphSpec]
+    layers: list[LayerSpec]
+    calibration: dict[str, Any] | None = None
+    tool_version: str = ""
+    schema: str = SCHEMA
+    version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def modulated(self) -> bool:
+        return "step" in self.graphs
+
+    @property
+    def batch_size(self) -> int | None:
+        """The fixed batch size the graphs were exported for, or None for a dynamic batch."""
+        return self.export.get("batch_size")
+
+    def state_bytes_per_sample(self) -> int:
+        """Bytes of `a_hat` + `o_hat` for one sample (times 2 under classifier-free guidance)."""
+        item = 2 if self.export.get("state_dtype") == "float16" else 4
+        total = 0
+        for layer in self.layers:
+            for shape in (layer.a_hat_shape, layer.o_hat_shape):
+                n = 1
+                for dim in shape:
+                    n *= int(dim)
+                total += n
+        return total * item * int(self.export.get("state_batch_multiplier", 1))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "manifest") -> Manifest:
+        if data.get("schema") != SCHEMA:
+            raise ArtifactError(f"{source} is not a modiff-trt manifest (schema {data.get('schema')!r})")
+        if data.get("version") != SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{source} has manifest version {data.get('version')}, this modiff-trt reads "
+                f"version {SCHEMA_VERSION}: re-run `modiff-trt export` with this version"
+            )
+        try:
+            graphs = {
+                key: GraphSpec(
+                    file=g["file"],
+                    sha256=g["sha256"],
+                    inputs=[TensorSpec(**t) for t in g["inputs"]],
+                    outputs=[TensorSpec(**t) for t in g["outputs"]],
+                )
+                for key, g in data["graphs"].items()
+            }
+            layers = [LayerSpec(**layer) for layer in data["layers"]]
+            return cls(
+                model=data["model"],
+                quant=data["quant"],
+                sampling=data["sampling"],
+                export=data["export"],
+                graphs=graphs,
+                layers=layers,
+                calibration=data.get("calibration"),
+                tool_version=data.get("tool_version", ""),
+                extra=data.get("extra", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"{source} is malformed ({exc}): re-run `modiff-trt export`") from exc
+
+
+def load_manifest(export_dir: str | Path, verify_files: bool = True) -> Manifest:
+    """Read `DIR/manifest.json`; with `verify_files`, check every graph file exists and hashes right."""
+    export_dir = Path(export_dir)
+    path = export_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(
+            f"{path} not found: {export_dir} is not an export directory; create one with "
+            "`modiff-trt export --out DIR`"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}): re-run `modiff-trt export`") from exc
+    manifest = Manifest.from_dict(data, source=str(path))
+    if verify_files:
+        for key, graph in manifest.graphs.items():
+            file = export_dir / graph.file
+            if not file.is_file():
+                raise ArtifactError(f"{file} ({key} graph) is missing: re-run `modiff-trt export`")
+            if sha256_file(file) != graph.sha256:
+                raise ArtifactError(
+                    f"{file} does not match {path} (sha256 differs): the directory mixes two "
+                    "exports; re-run `modiff-trt export`"
+                )
+    return manifest

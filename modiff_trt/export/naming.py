@@ -1,0 +1,29 @@
+"""Graph I/O names shared by the exporter, the manifest and every backend.
+
+Each quantized layer is named by its module path in the UNet (e.g. `down.0.block.0.conv1`);
+its state tensors are `a_hat_in.<path>`, `o_hat_in.<path>` (step graph inputs) and
+`a_hat_out.<path>`, `o_hat_out.<path>` (outputs of both graphs).
+"""
+
+from __future__ import annotations
+
+X, T, CONTEXT, EPS = "x", "t", "context", "eps"
+STATE_KINDS = ("a_hat", "o_hat")
+
+
+def state_input(kind: str, layer: str) -> str:
+    """Name of the step-graph input that carries `kind` ('a_hat'|'o_hat') of `layer`."""
+    return f"{kind}_in.{layer}"
+
+
+def state_output(kind: str, layer: str) -> str:
+    """Name of the graph output that returns the updated `kind` of `layer`."""
+    return f"{kind}_out.{layer}"
+
+
+def output_for_input(name: str) -> str:
+    """The output a state input is paired with (`a_hat_in.L` -> `a_hat_out.L`)."""
+    kind, sep, layer = name.partition("_in.")
+    if not sep or kind not in STATE_KINDS:
+        raise ValueError(f"{name!r} is not a state input name")
+    return state_output(kind, layer)
