@@ -1,0 +1,68 @@
+"""`QuantConfig`: what to quantize and how, the one object every stage agrees on."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from modiff_trt.errors import ConfigError
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """MoDiff/Q-Diffusion quantization settings.
+
+    `weight_bits`/`act_bits` of None keep that side in float (weight-only or act-only runs).
+    `act_scales='static'` takes per-layer scales from a calibration (what TensorRT needs);
+    `'dynamic'` recomputes a per-tensor scale from every tensor (the upstream default).
+    `first_step='fp'` runs the first step with float activations (upstream); `'quantized'`
+    quantizes the first input with its own scale. `split` quantizes the two channel groups of a
+    skip concatenation separately (Q-Diffusion). `state_dtype` is the precision `a_hat`/`o_hat`
+    are carried in between steps.
+    """
+
+    weight_bits: int | None = 8
+    act_bits: int | None = 8
+    modulate: bool = True
+    act_scales: Literal["dynamic", "static"] = "dynamic"
+    first_step: Literal["fp", "quantized"] = "fp"
+    weight_symmetric: bool = True
+    act_symmetric: bool = True
+    split: bool = False
+    state_dtype: Literal["float32", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        for label, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
+            if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
+                raise ConfigError(f"{label}={bits} is outside {MIN_BITS}..{MAX_BITS} (or None for float)")
+        choices = {
+            "act_scales": ("dynamic", "static"),
+            "first_step": ("fp", "quantized"),
+            "state_dtype": ("float32", "float16"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+
+    @property
+    def label(self) -> str:
+        """Short name used in reports: `modiff-w8a4`, `qdiff-w8a8`, `fp32`."""
+        if self.weight_bits is None and self.act_bits is None:
+            return "fp32"
+        w = f"w{self.weight_bits}" if self.weight_bits else "wfp"
+        a = f"a{self.act_bits}" if self.act_bits else "afp"
+        return f"{'modiff' if self.modulate else 'qdiff'}-{w}{a}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ConfigError(f"unknown quantization settings: {', '.join(sorted(unknown))}")
+        return cls(**data)

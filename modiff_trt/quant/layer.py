@@ -1,0 +1,144 @@
+"""`QuantLayer`: one Conv/Linear with fake-quantized weights, activations and MoDiff state.
+
+This is the oracle every deployed graph is tested against, so it spells out REFERENCE.md
+section 1 literally:
+
+- plain (Q-Diffusion):   out = f(Q(x), Wq) + b
+- MoDiff warm-up:        a_hat = x (fp) or Q0(x) (quantized); o_hat = f(a_hat, Wq) + b
+- MoDiff later steps:    rq = Q(x - a_hat); a_hat += rq; o_hat += f(rq, Wq)   (no bias)
+
+The state lives for one batch; `reset_state()` starts the next one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modiff_trt.errors import ConfigError
+from modiff_trt.quant.config import QuantConfig
+from modiff_trt.quant.quantizers import asymmetric_params, fake_quantize, per_channel_weight, symmetric_scale
+from modiff_trt.quant.scales import LayerScales
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def layer_kind(module: nn.Module) -> str:
+    """'conv1d' | 'conv2d' | 'linear': the kind recorded in manifests."""
+    for cls, kind in ((nn.Conv1d, "conv1d"), (nn.Conv2d, "conv2d"), (nn.Linear, "linear")):
+        if isinstance(module, cls):
+            return kind
+    raise TypeError(f"{type(module).__name__} is not a quantizable layer")
+
+
+def channel_groups(channels: int, split: int) -> list[slice]:
+    """Input-channel groups: the whole tensor, or [:split] and [split:] for a skip concat."""
+    if split <= 0 or split >= channels:
+        return [slice(0, channels)]
+    return [slice(0, split), slice(split, channels)]
+
+
+class QuantLayer(nn.Module):
+    """A quantized Conv1d/Conv2d/Linear that carries `a_hat`/`o_hat` across denoising steps."""
+
+    def __init__(self, module: nn.Module, name: str, config: QuantConfig, split: int = 0):
+        super().__init__()
+        self.name, self.kind, self.config = name, layer_kind(module), config
+        self.module = module
+        in_channels = module.weight.shape[1] * (module.groups if self.kind != "linear" else 1)
+        self.groups = channel_groups(in_channels, split)
+        self.split = split if len(self.groups) == 2 else 0
+        self.state_dtype = STATE_DTYPES[config.state_dtype]
+        self.scales = LayerScales()
+        self.a_hat: torch.Tensor | None = None
+        self.o_hat: torch.Tensor | None = None
+        self.set_weight_codes(*self._round_weight())
+
+    # -- weights ---------------------------------------------------------------------------
+    def _round_weight(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        bits = self.config.weight_bits
+        if bits is None:
+            return None, None
+        weight = self.module.weight.detach().float()
+        codes, scales = [], []
+        for group in self.groups:
+            q, scale, zero_point = per_channel_weight(weight[:, group], bits, self.config.weight_symmetric)
+            codes.append(q if zero_point is None else q - zero_point)
+            scales.append(scale.reshape(-1))
+        return torch.cat(codes, dim=1), torch.stack(scales, dim=1)
+
+    def set_weight_codes(self, codes: torch.Tensor | None, scale: torch.Tensor | None) -> None:
+        """Use integer weights `codes` (centred, W_int - z) with per-channel scales [O, groups]."""
+        if codes is None:
+            self.weight_codes = self.weight_scale = None
+            self.register_buffer("w_deq", self.module.weight.detach().float().clone(), persistent=False)
+            return
+        if scale.dim() == 1:
+            scale = scale[:, None]
+        if codes.shape != self.module.weight.shape or scale.shape != (codes.shape[0], len(self.groups)):
+            raise ConfigError(
+                f"layer {self.name}: integer weights {tuple(codes.shape)} / scales {tuple(scale.shape)} do not "
+                f"fit weight {tuple(self.module.weight.shape)} with {len(self.groups)} channel group(s)"
+            )
+        self.weight_codes, self.weight_scale = codes.float(), scale.float()
+        view = (-1,) + (1,) * (codes.dim() - 1)
+        deq = torch.cat([codes[:, g].float() * scale[:, i].view(view) for i, g in enumerate(self.groups)], dim=1)
+        self.register_buffer("w_deq", deq, persistent=False)
+
+    # -- activations ------------------------------------------------------------------------
+    def _quantize_act(self, x: torch.Tensor, scales: list[float] | None, zero_points: list[float] | None) -> torch.Tensor:
+        bits = self.config.act_bits
+        if bits is None:
+            return x
+        static = self.config.act_scales == "static"
+        if static and scales is None:
+            raise ConfigError(
+                f"layer {self.name} has no static activation scale: calibrate first "
+                "(`modiff-trt calibrate`) or use act_scales='dynamic'"
+            )
+        parts = []
+        for i, group in enumerate(self.groups):
+            part = x[:, group]
+            if static:
+                scale = torch.tensor(scales[i], dtype=x.dtype, device=x.device)
+                zp = None if zero_points is None else torch.tensor(zero_points[i], dtype=x.dtype, device=x.device)
+            elif self.config.act_symmetric:
+                scale, zp = symmetric_scale(part.abs().amax(), bits), None
+            else:
+                scale, zp = asymmetric_params(part.amin(), part.amax(), bits)
+            parts.append(fake_quantize(part, scale, bits, zp))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def apply_weight(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        """f(x, Wq) (+ b): the layer's own op with the dequantized weight."""
+        b = self.module.bias if bias else None
+        if self.kind == "linear":
+            return F.linear(x, self.w_deq, b)
+        conv = F.conv2d if self.kind == "conv2d" else F.conv1d
+        m = self.module
+        return conv(x, self.w_deq, b, m.stride, m.padding, m.dilation, m.groups)
+
+    # -- state ------------------------------------------------------------------------------
+    def reset_state(self) -> None:
+        self.a_hat = self.o_hat = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scales
+        if not self.config.modulate:
+            return self.apply_weight(self._quantize_act(x, s.act, s.act_zero_point), bias=True)
+        if self.a_hat is None:
+            a_hat = x if self.config.first_step == "fp" else self._quantize_act(x, s.warmup, s.warmup_zero_point)
+            o_hat = self.apply_weight(a_hat, bias=True)
+        else:
+            prev_a, prev_o = self.a_hat.to(x.dtype), self.o_hat.to(x.dtype)
+            rq = self._quantize_act(x - prev_a, s.act, s.act_zero_point)
+            a_hat = prev_a + rq
+            o_hat = prev_o + self.apply_weight(rq, bias=False)
+        self.a_hat, self.o_hat = a_hat.to(self.state_dtype), o_hat.to(self.state_dtype)
+        return o_hat
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"{self.name}, {self.kind}, w{c.weight_bits}a{c.act_bits}, modulate={c.modulate}, split={self.split}"

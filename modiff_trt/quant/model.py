@@ -1,0 +1,97 @@
+"""`quantize_unet`: wrap every Conv/Linear of a UNet in a `QuantLayer`, keeping module paths."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from modiff_trt.errors import ConfigError
+from modiff_trt.quant.config import QuantConfig
+from modiff_trt.quant.layer import QUANTIZABLE, QuantLayer
+from modiff_trt.quant.scales import ScaleSet
+
+
+class QuantUNet(nn.Module):
+    """A quantized UNet with MoDiff state: the PyTorch reference backend (`name == 'torch'`)."""
+
+    name = "torch"
+
+    def __init__(self, unet: nn.Module, config: QuantConfig):
+        super().__init__()
+        self.unet, self.config = unet, config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def layers(self) -> dict[str, QuantLayer]:
+        """Quantized layers by their module path in the float UNet (`down.0.block.0.conv1`)."""
+        return {name[len("unet."):]: m for name, m in self.named_modules() if isinstance(m, QuantLayer)}
+
+    def reset_state(self) -> None:
+        """Drop every layer's `a_hat`/`o_hat`: the next call is a warm-up step."""
+        for layer in self.layers.values():
+            layer.reset_state()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is None:
+            return self.unet(x, t)
+        return self.unet(x, t, context=context)
+
+
+def quantizable_layers(model: nn.Module) -> list[str]:
+    """Module paths of every Conv1d/Conv2d/Linear, in definition order."""
+    return [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+
+
+def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
+    """Install static scales (and imported integer weights) on the quantized layers."""
+    if scales.modulate != qmodel.config.modulate:
+        measured = "residuals (MoDiff)" if scales.modulate else "raw activations (plain Q-Diffusion)"
+        raise ConfigError(
+            f"{scales.source} holds scales measured on {measured}, but the model is "
+            f"{'modulated' if qmodel.config.modulate else 'not modulated'}: calibrate with "
+            f"{'--modulate' if qmodel.config.modulate else '--no-modulate'}"
+        )
+    layers = qmodel.layers
+    missing = sorted(set(layers) - set(scales.layers))
+    unknown = sorted(set(scales.layers) - set(layers))
+    if missing or unknown:
+        raise ConfigError(
+            f"{scales.source} does not match the model's layers: missing {missing[:5]}, unknown {unknown[:5]}; "
+            "calibrate this checkpoint and config again"
+        )
+    for name, layer in layers.items():
+        entry = scales.layers[name]
+        for label, values in (("act", entry.act), ("warmup", entry.warmup)):
+            if values is not None and len(values) != len(layer.groups):
+                raise ConfigError(
+                    f"{scales.source}: layer {name} has {len(values)} {label} scale(s) but {len(layer.groups)} "
+                    "channel group(s): the calibration and --split setting disagree"
+                )
+        layer.scales = entry
+        if entry.weight_codes is not None:
+            layer.set_weight_codes(entry.weight_codes, entry.weight_scale)
+
+
+def quantize_unet(model: nn.Module, config: QuantConfig, calibration: ScaleSet | None = None) -> QuantUNet:
+    """A quantized copy of `model` (the float model is left untouched).
+
+    With `config.split`, layers listed by the model's `split_points()` quantize their two input
+    channel groups separately. Static activation scales need a `calibration`.
+    """
+    if config.act_scales == "static" and config.act_bits is not None and calibration is None:
+        raise ConfigError("act_scales='static' needs a calibration: run `modiff-trt calibrate` first")
+    unet = copy.deepcopy(model).eval()
+    splits = unet.split_points() if config.split and hasattr(unet, "split_points") else {}
+    for name in quantizable_layers(unet):
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, QuantLayer(getattr(parent, child), name, config, split=splits.get(name, 0)))
+    qmodel = QuantUNet(unet, config)
+    if calibration is not None:
+        apply_scales(qmodel, calibration)
+    return qmodel

@@ -1,0 +1,68 @@
+"""DDIM sampling with the arithmetic of ddim's `generalized_steps`.
+
+The loop knows nothing about quantization or runtimes: it calls `model.reset_state()` once
+(MoDiff state lives for one batch, never across batches and never reset inside a trajectory)
+and then `model(x, t, **kwargs)` once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+def alpha_bar(betas: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """cumprod(1 - beta) at index t + 1 of [0] + betas, so t = -1 gives 1 (ddim `compute_alpha`)."""
+    betas = torch.cat([torch.zeros(1, device=betas.device, dtype=betas.dtype), betas])
+    return (1 - betas).cumprod(dim=0).index_select(0, t + 1).view(-1, 1, 1, 1)
+
+
+def _draw(generator: torch.Generator | Sequence[torch.Generator] | None, like: torch.Tensor) -> torch.Tensor:
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
+    per_image = [torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in generator]
+    return torch.stack(per_image).to(like.device)
+
+
+@torch.no_grad()
+def ddim_sample(
+    model: Callable[..., torch.Tensor],
+    noise: torch.Tensor,
+    timesteps: Sequence[int],
+    betas: torch.Tensor,
+    eta: float = 0.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    callback: StepCallback | None = None,
+    **model_kwargs,
+) -> torch.Tensor:
+    """Run DDIM from `noise` over the increasing `timesteps` and return the final sample.
+
+    `generator` (one, or one per image) feeds the eta noise; `callback(i, t, x)` sees every
+    intermediate sample, which is how trajectories are compared across backends.
+    """
+    if hasattr(model, "reset_state"):
+        model.reset_state()
+    device = noise.device
+    betas = betas.to(device)
+    n = noise.shape[0]
+    seq = list(timesteps)
+    seq_next = [-1] + seq[:-1]
+    x = noise
+    for step, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
+        t = torch.full((n,), float(i), device=device)
+        a_t = alpha_bar(betas, t.long())
+        a_next = alpha_bar(betas, torch.full((n,), j, device=device, dtype=torch.long))
+        eps = model(x, t, **model_kwargs)
+        x0 = (x - eps * (1 - a_t).sqrt()) / a_t.sqrt()
+        c1 = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
+        c2 = ((1 - a_next) - c1**2).sqrt()
+        x = a_next.sqrt() * x0
+        if eta > 0:  # same order of additions as the official code
+            x = x + c1 * _draw(generator, x)
+        x = x + c2 * eps
+        if callback is not None:
+            callback(step, t, x)
+    return x
