@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, TypeVar
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -63,3 +64,99 @@ def user_errors(func: F) -> F:
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+# --- options shared by several commands ---------------------------------------------------
+def _bits(value: int) -> int | None:
+    return None if value == 0 else value
+
+
+def quant_config_from_options(
+    weight_bits: int, act_bits: int, modulate: bool, act_scales: str, first_step: str, split: bool, state_dtype: str
+):
+    from modiff_trt.quant import QuantConfig
+
+    return QuantConfig(
+        weight_bits=_bits(weight_bits),
+        act_bits=_bits(act_bits),
+        modulate=modulate,
+        act_scales=act_scales,
+        first_step=first_step,
+        split=split,
+        state_dtype=state_dtype,
+    )
+
+
+WEIGHT_BITS = typer.Option(8, "--weight-bits", help="Weight bits (2..8; 0 keeps weights in float).")
+ACT_BITS = typer.Option(8, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float).")
+MODULATE = typer.Option(True, "--modulate/--no-modulate", help="MoDiff modulation, or plain Q-Diffusion.")
+FIRST_STEP = typer.Option("fp", "--first-step", help="Warm-up step: 'fp' (float activations) or 'quantized'.")
+SPLIT = typer.Option(False, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion).")
+STATE_DTYPE = typer.Option("float32", "--state-dtype", help="Precision of a_hat/o_hat between steps: float32|float16.")
+STEPS = typer.Option(100, "--steps", help="Number of DDIM steps.")
+SKIP_TYPE = typer.Option("quad", "--skip-type", help="Timestep selection: 'quad' or 'uniform' (ddim runner).")
+ETA = typer.Option(0.0, "--eta", help="DDIM eta (0: deterministic).")
+SEED = typer.Option(0, "--seed", help="Seed: image i's noise depends only on (seed, i).")
+TRUST = typer.Option(False, "--trust-checkpoint", help="Load pickled checkpoints with weights_only=False (only for files you trust).")
+
+
+@app.command()
+@user_errors
+def sample(
+    export_dir: Optional[Path] = typer.Argument(None, help="Export directory (from `modiff-trt export`). Omit to sample a config + checkpoint with the torch reference."),
+    backend: str = typer.Option("torch", "--backend", "-b", help="torch (PyTorch reference), ort (ONNX Runtime) or trt (TensorRT engines)."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="UNet checkpoint (flat state_dict, ddim training list, Q-Diffusion, safetensors)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration file for --act-scales static."),
+    weight_bits: int = WEIGHT_BITS,
+    act_bits: int = ACT_BITS,
+    modulate: bool = MODULATE,
+    act_scales: str = typer.Option("dynamic", "--act-scales", help="'dynamic' (per call) or 'static' (from --calibration)."),
+    first_step: str = FIRST_STEP,
+    split: bool = SPLIT,
+    state_dtype: str = STATE_DTYPE,
+    num_images: int = typer.Option(16, "--num-images", "-n", help="How many images to sample."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per batch (MoDiff state is per batch)."),
+    steps: int = STEPS,
+    skip_type: str = SKIP_TYPE,
+    eta: float = ETA,
+    seed: int = SEED,
+    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."),
+    pngs: bool = typer.Option(True, "--pngs/--no-pngs", help="Write one PNG per image."),
+    trust_checkpoint: bool = TRUST,
+) -> None:
+    """Sample images: one PNG per image, grid.png and samples.npz (arr_0 uint8 NHWC, x0 float32 NCHW).
+
+    Examples:\n
+      modiff-trt sample --config ddim-cifar10 --checkpoint model-790000.ckpt --act-bits 4 -n 64\n
+      modiff-trt sample exports/cifar --backend ort -n 64
+    """
+    import time
+
+    from modiff_trt.sampling import ddim_timesteps
+    from modiff_trt.sampling.run import write_samples
+
+    if export_dir is not None:
+        from modiff_trt.engines.factory import open_runner
+        from modiff_trt.export.schedule import manifest_betas
+
+        runner, manifest = open_runner(export_dir, backend, batch_size=batch_size, trust=trust_checkpoint)
+        sample_shape, betas = manifest.model["sample_shape"], manifest_betas(manifest)
+    else:
+        if config is None:
+            raise typer.BadParameter("give an export directory, or --config (and --checkpoint) for the torch reference")
+        if backend != "torch":
+            raise typer.BadParameter(f"--backend {backend} runs an export directory: run `modiff-trt export` first")
+        from modiff_trt.engines.torch_backend import reference_runner
+        from modiff_trt.models import load_config
+
+        model_cfg = load_config(config)
+        quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype)
+        runner = reference_runner(model_cfg, checkpoint, quant, calibration, trust=trust_checkpoint)
+        sample_shape, betas = model_cfg.sample_shape, model_cfg.betas()
+    start = time.perf_counter()
+    write_samples(
+        runner, sample_shape, betas, out, num_images=num_images, batch_size=batch_size,
+        timesteps=ddim_timesteps(steps, skip_type), eta=eta, seed=seed, pngs=pngs,
+    )
+    console.print(f"wrote {num_images} samples to [bold]{out}[/] in {time.perf_counter() - start:.1f} s")

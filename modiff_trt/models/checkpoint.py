@@ -36,6 +36,13 @@ def read_checkpoint(path: str | Path, trust: bool = False) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise CheckpointError(
+            f"{path} is not a torch checkpoint (neither a torch.save zip archive nor a legacy pickle); "
+            "pass the .ckpt/.pth/.pt/.safetensors file of the UNet"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
     except pickle.UnpicklingError as exc:

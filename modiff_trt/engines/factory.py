@@ -1,0 +1,35 @@
+"""Open the backend a user names for an export directory: torch, ort or trt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modiff_trt.engines.base import UNetRunner
+from modiff_trt.errors import ConfigError
+from modiff_trt.export.manifest import Manifest, load_manifest
+
+BACKENDS = ("torch", "ort", "trt")
+
+
+def open_runner(
+    export_dir: str | Path,
+    backend: str,
+    batch_size: int | None = None,
+    trust: bool = False,
+    cuda_graph: bool = False,
+) -> tuple[UNetRunner, Manifest]:
+    """A runner over `export_dir` and its manifest; heavy runtimes are imported only when named."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    manifest = load_manifest(export_dir)
+    if backend == "torch":
+        from modiff_trt.engines.torch_backend import reference_from_manifest
+
+        return reference_from_manifest(manifest, trust=trust), manifest
+    if backend == "ort":
+        from modiff_trt.engines.ort_backend import OrtRunner
+
+        return OrtRunner(export_dir, manifest=manifest), manifest
+    from modiff_trt.engines.trt_runtime import TensorRTRunner
+
+    return TensorRTRunner(export_dir, manifest=manifest, cuda_graph=cuda_graph), manifest

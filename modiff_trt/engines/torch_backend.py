@@ -1,0 +1,46 @@
+"""The `torch` backend: the PyTorch MoDiff reference, built from a config or from a manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modiff_trt.errors import ArtifactError
+from modiff_trt.models import load_config, load_unet
+from modiff_trt.models.config import ModelConfig
+from modiff_trt.quant import QuantConfig, QuantUNet, ScaleSet, quantize_unet
+
+
+def load_scales(calibration: str | Path | None, model_cfg: ModelConfig, checkpoint: str | Path | None) -> ScaleSet | None:
+    """A calibration file's scales, checked against the config and checkpoint they must belong to."""
+    if calibration is None:
+        return None
+    from modiff_trt.calibrators import load_calibration
+
+    return load_calibration(calibration).to_scale_set(model_cfg, checkpoint)
+
+
+def reference_runner(
+    config: str | Path | ModelConfig,
+    checkpoint: str | Path | None,
+    quant: QuantConfig,
+    calibration: str | Path | None = None,
+    trust: bool = False,
+) -> QuantUNet:
+    """The quantized reference model of a config + checkpoint (+ calibration for static scales)."""
+    model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
+    float_model = load_unet(model_cfg, checkpoint, trust=trust)
+    return quantize_unet(float_model, quant, load_scales(calibration, model_cfg, checkpoint))
+
+
+def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
+    """Rebuild the reference an export was made from, out of the paths its manifest records."""
+    model = manifest.model
+    checkpoint = model.get("checkpoint")
+    calibration = (manifest.calibration or {}).get("path")
+    for label, path in (("checkpoint", checkpoint), ("calibration", calibration)):
+        if path is not None and not Path(path).is_file():
+            raise ArtifactError(
+                f"the export's {label} {path} is gone: the torch backend rebuilds the reference from it; "
+                "restore the file or use --backend ort"
+            )
+    return reference_runner(model["config"], checkpoint, QuantConfig.from_dict(manifest.quant), calibration, trust)
