@@ -82,9 +82,15 @@ class TensorRTRunner:
 
     name = "trt"
 
-    def __init__(self, export_dir: str | Path, device: str | torch.device = "cuda", cuda_graph: bool = False) -> None:
+    def __init__(
+        self,
+        export_dir: str | Path,
+        manifest: Manifest | None = None,
+        device: str | torch.device = "cuda",
+        cuda_graph: bool = False,
+    ) -> None:
         self.export_dir = Path(export_dir)
-        self.manifest: Manifest = load_manifest(self.export_dir, verify_files=False)
+        self.manifest: Manifest = manifest or load_manifest(self.export_dir, verify_files=False)
         self.trt = import_tensorrt()
         self.device = torch.device(device)
         if self.device.type != "cuda":
