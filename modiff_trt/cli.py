@@ -160,3 +160,101 @@ def sample(
         timesteps=ddim_timesteps(steps, skip_type), eta=eta, seed=seed, pngs=pngs,
     )
     console.print(f"wrote {num_images} samples to [bold]{out}[/] in {time.perf_counter() - start:.1f} s")
+
+
+@app.command()
+@user_errors
+def build(
+    export_dir: Path = typer.Argument(..., help="Export directory with manifest.json and the fp16 graphs (`modiff-trt export --float fp16`)."),
+    min_batch: Optional[int] = typer.Option(None, "--min-batch", help="Smallest batch the engines accept (default 1)."),
+    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="Batch TensorRT tunes its kernels for: set it to the batch you sample with (default = max)."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch (default 16). Under classifier-free guidance count the doubled batch."),
+    workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", help="Scratch memory TensorRT may use while building (default: TensorRT's, the whole GPU)."),
+    opt_level: int = typer.Option(3, "--opt-level", help="Builder optimization level 0-5: higher tries more kernels (slower build, maybe faster engine)."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Kernel timing cache file: read if present, updated after the build; makes rebuilds much faster."),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="Plans that later TensorRT releases of the same major version can run (slightly slower)."),
+) -> None:
+    """Build TensorRT plans (warmup.plan + step.plan, or unet.plan) next to the ONNX graphs.
+
+    The engines are strongly typed: precision comes from the graph (fp16 + explicit int8 Q/DQ),
+    never from builder flags. Each plan gets a sidecar (<name>.plan.json) recording the
+    TensorRT version, GPU and ONNX hash; `sample --backend trt` refuses a plan whose sidecar
+    does not match this machine. Needs an NVIDIA GPU and `pip install 'modiff-trt[trt]'`.
+
+    Examples:\n
+      modiff-trt build exports/cifar --opt-batch 64 --max-batch 64\n
+      modiff-trt build exports/cifar --timing-cache ~/.cache/modiff-trt/h100.cache
+    """
+    from rich.table import Table
+
+    from modiff_trt.engines.sidecar import read_sidecar, sidecar_path
+    from modiff_trt.engines.trt_build import build_engines
+
+    plans = build_engines(
+        export_dir, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_gb=workspace_gb,
+        opt_level=opt_level, timing_cache=timing_cache, version_compatible=version_compatible,
+    )
+    table = Table(title=f"TensorRT engines in {export_dir}")
+    for column in ("plan", "size MB", "build s", "batch min/opt/max", "TensorRT", "GPU"):
+        table.add_column(column)
+    for plan in plans:
+        side = read_sidecar(sidecar_path(plan))
+        x = side.profile.get("x", {})
+        batches = "/".join(str(x[k][0]) for k in ("min", "opt", "max")) if x else "-"
+        table.add_row(plan.name, f"{plan.stat().st_size / 1e6:.1f}", f"{side.build_seconds:.1f}", batches,
+                      side.tensorrt_version, f"{side.gpu_name} (sm {side.compute_capability})")
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def profile(
+    export_dir: Path = typer.Argument(..., help="Export directory whose plans `modiff-trt build` wrote."),
+    engine: str = typer.Option("step", "--engine", help="Which plan to time: 'step' (every step but the first: what dominates sampling) or 'warmup'."),
+    batch: int = typer.Option(1, "--batch", help="Batch size to time; must lie in the plan's --min-batch..--max-batch."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Also profile each layer (separate run) and show the slowest ones."),
+    top: int = typer.Option(15, "--top", help="How many layers --per-layer shows."),
+    zero_state: bool = typer.Option(False, "--zero-state", help="Feed zeros as MoDiff state instead of the state of a real warm-up step (computed with ONNX Runtime on the CPU)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write the input files and print the exact trtexec command, without running it."),
+    trtexec: str = typer.Option("trtexec", "--trtexec", help="trtexec executable (it ships with the TensorRT tar/deb packages, not the pip wheels)."),
+) -> None:
+    """Time one engine with trtexec: throughput, GPU compute median/p90/p99, enqueue time.
+
+    Every input is loaded from a file (--loadInputs), the state inputs from a real warm-up step
+    by default. Flags follow the plan's TensorRT version (10.x: --useCudaGraph
+    --noDataTransfers; 11.x: neither). Results: a table here, JSON in DIR/profile/.
+
+    Examples:\n
+      modiff-trt profile exports/cifar --batch 64\n
+      modiff-trt profile exports/cifar --engine warmup --batch 64 --per-layer\n
+      modiff-trt profile exports/cifar --dry-run
+    """
+    import shlex
+
+    from rich.table import Table
+
+    from modiff_trt.engines.trtexec import profile_engine
+
+    result = profile_engine(export_dir, engine=engine, batch=batch, per_layer=per_layer, dry_run=dry_run,
+                            trtexec=trtexec, real_state=not zero_state, top=top)
+    if dry_run:
+        typer.echo(shlex.join(result.command))
+        return
+    summary = result.summary
+    table = Table(title=f"{result.engine}.plan, batch {result.batch} (ms)")
+    for column in ("metric", "median", "mean", "p90", "p95", "p99", "min", "max"):
+        table.add_column(column)
+    for name, stats in summary.metrics.items():
+        cells = [stats.median, stats.mean, *(stats.percentiles.get(p) for p in ("90", "95", "99")), stats.min, stats.max]
+        table.add_row(name, *("-" if v is None else f"{v:.4f}" for v in cells))
+    console.print(table)
+    if summary.throughput_qps is not None:
+        console.print(f"throughput: {summary.throughput_qps:.1f} qps = {summary.throughput_qps * result.batch:.1f} samples/s")
+    if result.layers is not None:
+        layers = Table(title=f"slowest {len(result.layers.layers)} layers (of {result.layers.total_average_ms:.3f} ms per run)")
+        for column in ("layer", "avg ms", "%"):
+            layers.add_column(column)
+        for layer in result.layers.layers:
+            layers.add_row(layer.name, f"{layer.average_ms:.4f}", f"{layer.percentage:.1f}")
+        console.print(layers)
+    console.print(f"JSON: {result.json_path}  log: {result.log_path}")
