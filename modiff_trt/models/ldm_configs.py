@@ -198,7 +198,8 @@ def load_ldm_yaml(path: str | Path) -> LDMConfig:
         raise ConfigError(f"{path}: cannot read config ({exc})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
-    params = (doc or {}).get("model", {}).get("params") if isinstance(doc, Mapping) else None
+    model = doc.get("model") if isinstance(doc, Mapping) else None
+    params = model.get("params") if isinstance(model, Mapping) else None
     if not isinstance(params, Mapping):
         raise ConfigError(f"{path}: no model.params section (not a latent-diffusion config?)")
     return parse_ldm_params(params, name=path.stem, source=str(path))
