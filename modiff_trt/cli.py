@@ -14,6 +14,7 @@ from typing import Callable, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 from modiff_trt import __version__
 from modiff_trt.errors import ModiffError
@@ -55,7 +56,7 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except ModiffError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -136,7 +136,7 @@ class QuantLayer(nn.Module):
             rq = self._quantize_act(x - prev_a, s.act, s.act_zero_point)
             a_hat = prev_a + rq
             o_hat = prev_o + self.apply_weight(rq, bias=False)
-        self.a_hat, self.o_hat = a_hat.to(self.state_dtype), o_hat.to(self.state_dtype)
+        self.a_hat, self.o_hat = a_hat.detach().to(self.state_dtype), o_hat.detach().to(self.state_dtype)
         return o_hat
 
     def extra_repr(self) -> str:

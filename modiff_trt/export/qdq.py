@@ -1,0 +1,219 @@
+"""The Q/DQ + MoDiff-state pass: rewrite each quantized layer of a float ONNX graph.
+
+For layer L (input x, output y) the pass emits, in the float type F of the graph:
+
+- plain (Q-Diffusion):  y = Op(DQ(Q(Clip(x))), DQ(W_int8)) + b
+- warm-up, fp:          y = Op(x, W_deq) + b;           a_hat_out = x, o_hat_out = y
+- warm-up, quantized:   a = DQ(Q(Clip(x))); y = Op(a, DQ(W_int8)) + b; a_hat_out = a, o_hat_out = y
+- step:                 rq = DQ(Q(Clip(x - a_hat_in))); y = o_hat_in + Op(rq, DQ(W_int8))
+                        a_hat_out = a_hat_in + rq,   o_hat_out = y
+
+Q/DQ are symmetric int8 with a constant zero point 0 and a constant positive scale; b-bit grids
+(b < 8) are exact on int8 through the Clip to [-2^(b-1), 2^(b-1)-1] * scale. Weights are int8
+initializers with a per-output-channel DequantizeLinear on axis 0. Split layers (skip concats)
+quantize their two channel groups separately and sum two convolutions. State tensors travel in
+the state dtype S; Casts bridge S and F when they differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from modiff_trt.errors import ArtifactError
+from modiff_trt.export import naming
+from modiff_trt.export.sites import LayerSite, find_sites
+from modiff_trt.quant import QuantLayer, QuantUNet
+from modiff_trt.quant.quantizers import int_range
+
+GraphKind = Literal["plain", "warmup", "step"]
+ONNX_TYPE = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("float16"): TensorProto.FLOAT16}
+
+
+@dataclass
+class Emitter:
+    """Collects the nodes and initializers of one layer's replacement, with unique names."""
+
+    prefix: str
+    float_dtype: np.dtype
+
+    def __post_init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}/{hint}_{self._count}"
+
+    def const(self, hint: str, value: np.ndarray) -> str:
+        name = self.fresh(hint)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def float_const(self, hint: str, value) -> str:
+        return self.const(hint, np.asarray(value, dtype=self.float_dtype))
+
+    def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        output = output or self.fresh(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, inputs, [output], name=self.fresh(op_type), **attrs))
+        return output
+
+    def convert(self, tensor: str, to: np.dtype, output: str | None = None) -> str:
+        """Cast when dtypes differ, else an Identity when a fixed output name is needed."""
+        if np.dtype(to) != self.float_dtype:
+            return self.op("Cast", [tensor], output, to=ONNX_TYPE[np.dtype(to)])
+        return self.op("Identity", [tensor], output) if output else tensor
+
+
+def _fake_quant(em: Emitter, x: str, scale: float, bits: int) -> str:
+    """Clip to the b-bit grid, then int8 QuantizeLinear/DequantizeLinear with zero point 0."""
+    if scale <= 0 or not np.isfinite(scale):
+        raise ArtifactError(f"layer {em.prefix}: activation scale {scale} is not a positive number; recalibrate")
+    lo, hi = int_range(bits)
+    s = em.float_const("scale", scale)
+    zp = em.const("zero_point", np.array(0, dtype=np.int8))
+    if bits < 8:
+        x = em.op("Clip", [x, em.float_const("lo", lo * np.float64(scale)), em.float_const("hi", hi * np.float64(scale))])
+    q = em.op("QuantizeLinear", [x, s, zp])
+    return em.op("DequantizeLinear", [q, s, zp])
+
+
+def _weight(em: Emitter, layer: QuantLayer, group: int, quantized: bool) -> str:
+    """Weight of one channel group as int8 + per-channel DQ (axis 0); unquantized: the whole float weight."""
+    if not quantized or layer.weight_codes is None:
+        return em.float_const("w", layer.w_deq.numpy())
+    cols = layer.groups[group]
+    codes = layer.weight_codes[:, cols].numpy()
+    if codes.min() < -128 or codes.max() > 127:
+        raise ArtifactError(
+            f"layer {layer.name}: integer weights span [{codes.min():.0f}, {codes.max():.0f}], outside int8; "
+            "8-bit asymmetric weights cannot run on symmetric int8 kernels exactly: use symmetric weights"
+        )
+    scale = layer.weight_scale[:, group].numpy().astype(em.float_dtype)
+    w = em.const("w_int8", codes.astype(np.int8))
+    zp = em.const("w_zero_point", np.zeros(codes.shape[0], dtype=np.int8))
+    return em.op("DequantizeLinear", [w, em.const("w_scale", scale), zp], axis=0)
+
+
+def _apply(em: Emitter, site: LayerSite, x: str, w: str, bias: np.ndarray | None, output: str | None = None) -> str:
+    """Op(x, w) (+ bias) in the form the layer had: Conv, Gemm(transB) or MatMul(x, w^T)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in site.attributes}
+    b = [em.float_const("bias", bias)] if bias is not None else []
+    if site.op == "MatMul":
+        y = em.op("MatMul", [x, em.op("Transpose", [w], perm=[1, 0])], None if b else output)
+        return em.op("Add", [y, b[0]], output) if b else y
+    return em.op(site.op, [x, w, *b], output, **attrs)
+
+
+def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scales: list[float] | None,
+                  bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]:
+    """(fake-quantized input, Op output): per channel group when the layer is split."""
+    bits = layer.config.act_bits
+    if bits is None:
+        return x, _apply(em, site, x, _weight(em, layer, 0, True), bias, output)
+    if scales is None:
+        raise ArtifactError(f"layer {layer.name} has no static activation scale: export needs a calibration")
+    if len(layer.groups) == 1:
+        xq = _fake_quant(em, x, scales[0], bits)
+        return xq, _apply(em, site, xq, _weight(em, layer, 0, True), bias, output)
+    if site.op != "Conv":
+        raise ArtifactError(f"layer {layer.name}: split quantization is only supported for convolutions")
+    sizes = em.const("split", np.array([g.stop - g.start for g in layer.groups], dtype=np.int64))
+    parts = [em.fresh("group") for _ in layer.groups]
+    em.nodes.append(helper.make_node("Split", [x, sizes], parts, name=em.fresh("Split"), axis=1))
+    quantized = [_fake_quant(em, p, scales[i], bits) for i, p in enumerate(parts)]
+    outs = [_apply(em, site, q, _weight(em, layer, i, True), None) for i, q in enumerate(quantized)]
+    y = em.op("Add", outs, None if bias is not None else output)
+    if bias is not None:
+        y = em.op("Add", [y, em.float_const("bias", bias)], output)
+    return em.op("Concat", quantized, axis=1), y
+
+
+def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind, state_dtype: np.dtype) -> None:
+    bias = None if layer.module.bias is None else layer.module.bias.detach().numpy()
+    s = layer.scales
+    if kind == "plain":
+        _quantized_op(em, site, layer, site.x, s.act, bias, output=site.y)
+        return
+    a_out, o_out = naming.state_output("a_hat", layer.name), naming.state_output("o_hat", layer.name)
+    if kind == "warmup":
+        if layer.config.first_step == "fp" or layer.config.act_bits is None:
+            a_hat = site.x
+            _apply(em, site, site.x, _weight(em, layer, 0, quantized=False), bias, output=site.y)
+        else:
+            a_hat, _ = _quantized_op(em, site, layer, site.x, s.warmup, bias, output=site.y)
+    else:
+        a_in, o_in = naming.state_input("a_hat", layer.name), naming.state_input("o_hat", layer.name)
+        if state_dtype != em.float_dtype:
+            a_in = em.op("Cast", [a_in], to=ONNX_TYPE[em.float_dtype])
+            o_in = em.op("Cast", [o_in], to=ONNX_TYPE[em.float_dtype])
+        residual = em.op("Sub", [site.x, a_in])
+        rq, f = _quantized_op(em, site, layer, residual, s.act, None)
+        a_hat = em.op("Add", [a_in, rq])
+        em.op("Add", [o_in, f], site.y)
+    em.convert(a_hat, state_dtype, a_out)
+    em.convert(site.y, state_dtype, o_out)
+
+
+def _state_value_infos(layers: dict[str, QuantLayer], shapes: dict[str, tuple[list[int], list[int]]],
+                       direction: str, state_dtype: np.dtype, batch: int | str) -> list[onnx.ValueInfoProto]:
+    infos = []
+    for name in layers:
+        for kind, shape in zip(naming.STATE_KINDS, shapes[name]):
+            tensor = naming.state_input(kind, name) if direction == "in" else naming.state_output(kind, name)
+            infos.append(helper.make_tensor_value_info(tensor, ONNX_TYPE[state_dtype], [batch, *shape]))
+    return infos
+
+
+def insert_quantization(
+    model: onnx.ModelProto,
+    qmodel: QuantUNet,
+    kind: GraphKind,
+    state_shapes: dict[str, tuple[list[int], list[int]]],
+    float_dtype: str = "float32",
+    state_dtype: str = "float32",
+) -> onnx.ModelProto:
+    """A copy of the float graph `model` with every layer of `qmodel` rewritten for `kind`."""
+    fdt, sdt = np.dtype(float_dtype), np.dtype(state_dtype)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    layers = qmodel.layers
+    weights = {
+        name: (layer.module.weight.detach().numpy().astype(fdt),
+               None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(fdt))
+        for name, layer in layers.items()
+    }
+    sites = find_sites(graph, weights)
+    replacements: dict[int, Emitter] = {}
+    removed: set[int] = set()
+    for name, site in sites.items():
+        em = Emitter(name, fdt)
+        _emit_layer(em, site, layers[name], kind, sdt)
+        replacements[site.position] = em
+        removed.update(site.removed)
+        graph.initializer.extend(em.initializers)
+    nodes = []
+    for index, node in enumerate(graph.node):
+        if index in replacements:
+            nodes.extend(replacements[index].nodes)
+        if index not in removed:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    batch_dim: int | str = batch.dim_param or batch.dim_value
+    if kind != "plain":
+        if kind == "step":
+            graph.input.extend(_state_value_infos(layers, state_shapes, "in", sdt, batch_dim))
+        graph.output.extend(_state_value_infos(layers, state_shapes, "out", sdt, batch_dim))
+    return out
