@@ -59,8 +59,8 @@ class LayerSpec:
     kind: str  # conv1d | conv2d | linear
     weight_bits: int
     act_bits: int
-    act_scale: float | None  # static per-tensor scale of the quantized input (residual for MoDiff)
-    warmup_act_scale: float | None  # scale of the quantized warm-up (first_step='quantized')
+    act_scale: list[float] | None  # static scale per channel group of the step input (residual for MoDiff)
+    warmup_act_scale: list[float] | None  # scales of the quantized warm-up (first_step='quantized')
     a_hat_shape: list[int]  # per sample (no batch dim)
     o_hat_shape: list[int]
 

@@ -127,11 +127,9 @@ def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scale
     parts = [em.fresh("group") for _ in layer.groups]
     em.nodes.append(helper.make_node("Split", [x, sizes], parts, name=em.fresh("Split"), axis=1))
     quantized = [_fake_quant(em, p, scales[i], bits) for i, p in enumerate(parts)]
-    outs = [_apply(em, site, q, _weight(em, layer, i, True), None) for i, q in enumerate(quantized)]
-    y = em.op("Add", outs, None if bias is not None else output)
-    if bias is not None:
-        y = em.op("Add", [y, em.float_const("bias", bias)], output)
-    return em.op("Concat", quantized, axis=1), y
+    # The bias rides on the first group's Conv; the second group's Conv adds on top.
+    outs = [_apply(em, site, q, _weight(em, layer, i, True), bias if i == 0 else None) for i, q in enumerate(quantized)]
+    return em.op("Concat", quantized, axis=1), em.op("Add", outs, output)
 
 
 def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind, state_dtype: np.dtype) -> None:

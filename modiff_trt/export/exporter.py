@@ -1,0 +1,186 @@
+"""`export_model`: checkpoint + calibration -> an export directory (graphs + manifest).
+
+MoDiff exports two graphs: `warmup.onnx` (first step of a batch: creates every layer's
+`a_hat`/`o_hat`) and `step.onnx` (every later step: consumes and returns them). A plain
+Q-Diffusion export has one stateless `unet.onnx`. Everything is written to a temp directory
+and renamed into place, so an interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import onnx
+import torch
+
+from modiff_trt import __version__
+from modiff_trt.errors import ConfigError
+from modiff_trt.export.atomic import atomic_directory
+from modiff_trt.export.manifest import (
+    MANIFEST_NAME,
+    GraphSpec,
+    LayerSpec,
+    Manifest,
+    TensorSpec,
+    sha256_file,
+)
+from modiff_trt.export.onnx_float import export_float_onnx
+from modiff_trt.export.qdq import insert_quantization
+from modiff_trt.models.config import ModelConfig, load_config
+from modiff_trt.quant import QuantConfig, QuantUNet
+
+log = logging.getLogger(__name__)
+DEFAULT_OPSET = {"float32": 17, "float16": 19}
+MAX_IR_VERSION = 10  # TensorRT 10 and onnxruntime read IR <= 10
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger graphs keep weights beside
+
+
+def _state_shapes(qmodel: QuantUNet, sample_shape: tuple[int, ...]) -> dict[str, tuple[list[int], list[int]]]:
+    """Per-sample input/output shape of every layer (= a_hat / o_hat), from one call at batch 1."""
+    shapes: dict[str, tuple[list[int], list[int]]] = {}
+    hooks = [
+        layer.register_forward_hook(
+            lambda mod, args, out, name=name: shapes.__setitem__(name, (list(args[0].shape[1:]), list(out.shape[1:])))
+        )
+        for name, layer in qmodel.layers.items()
+    ]
+    qmodel.reset_state()
+    try:
+        with torch.no_grad():
+            qmodel(torch.zeros(1, *sample_shape), torch.full((1,), 500.0))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        qmodel.reset_state()
+    return shapes
+
+
+def _tensor_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        shape: list[int | str] = [d.dim_param or d.dim_value for d in t.shape.dim]
+        specs.append(TensorSpec(v.name, dtype, ["batch" if isinstance(s, str) else s for s in shape]))
+    return specs
+
+
+def _save_graph(graph: onnx.ModelProto, path: Path) -> None:
+    graph.ir_version = min(graph.ir_version, MAX_IR_VERSION)
+    onnx.checker.check_model(graph)
+    if graph.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save(graph, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    else:
+        onnx.save(graph, str(path))
+
+
+def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]]]) -> list[LayerSpec]:
+    table = []
+    for name, layer in qmodel.layers.items():
+        s = layer.scales
+        table.append(LayerSpec(
+            name=name,
+            kind=layer.kind,
+            weight_bits=layer.config.weight_bits or 0,
+            act_bits=layer.config.act_bits or 0,
+            act_scale=None if s.act is None else [float(v) for v in s.act],
+            warmup_act_scale=None if s.warmup is None else [float(v) for v in s.warmup],
+            a_hat_shape=shapes[name][0],
+            o_hat_shape=shapes[name][1],
+        ))
+    return table
+
+
+def check_exportable(config: QuantConfig) -> None:
+    """TensorRT's explicit quantization rules that a QuantConfig must meet before export."""
+    if config.act_bits is not None and config.act_scales != "static":
+        raise ConfigError(
+            "export needs static activation scales (TensorRT scales are build-time constants): "
+            "pass --calibration FILE from `modiff-trt calibrate`, or --act-bits 0 for weight-only"
+        )
+    if not config.act_symmetric:
+        raise ConfigError("TensorRT needs symmetric activation quantization (zero point 0): drop asymmetric activations")
+
+
+def export_model(
+    float_model: torch.nn.Module,
+    qmodel: QuantUNet,
+    model_cfg: ModelConfig | str,
+    out: str | Path,
+    checkpoint: str | Path | None = None,
+    calibration: str | Path | None = None,
+    sampling: dict | None = None,
+    float_dtype: str = "float32",
+    opset: int | None = None,
+    batch_size: int | None = None,
+    target: str = "trt",
+) -> Manifest:
+    """Write `out/` for `qmodel`, the quantized reference of `float_model`; return the manifest.
+
+    The float model is traced (its parameter names locate the layers); `qmodel` supplies the
+    integer weights, scales and state shapes.
+    """
+    model_cfg = model_cfg if isinstance(model_cfg, ModelConfig) else load_config(model_cfg)
+    config = qmodel.config
+    check_exportable(config)
+    if float_dtype != "float32":
+        raise ConfigError(f"--float {float_dtype} is not supported yet by this exporter; use fp32")
+    opset = opset or DEFAULT_OPSET[float_dtype]
+    if not 17 <= opset <= 20:
+        raise ConfigError(f"opset {opset} is outside 17..20, the range TensorRT 10 and onnxruntime both parse")
+    started = time.perf_counter()
+    sample_shape = tuple(model_cfg.sample_shape)
+    shapes = _state_shapes(qmodel, sample_shape)
+    float_graph = export_float_onnx(float_model, sample_shape, opset, batch_size)
+    kinds = ["warmup", "step"] if config.modulate else ["plain"]
+    graphs: dict[str, GraphSpec] = {}
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        for kind in kinds:
+            graph = insert_quantization(float_graph, qmodel, kind, shapes, float_dtype, config.state_dtype)
+            file = "unet.onnx" if kind == "plain" else f"{kind}.onnx"
+            _save_graph(graph, tmp / file)
+            key = "unet" if kind == "plain" else kind
+            graphs[key] = GraphSpec(file, sha256_file(tmp / file), _tensor_specs(list(graph.graph.input)),
+                                    _tensor_specs(list(graph.graph.output)))
+            log.info("wrote %s (%d nodes)", file, len(graph.graph.node))
+        manifest = Manifest(
+            model={
+                "family": model_cfg.family,
+                "config": model_cfg.source if not Path(model_cfg.source).is_file() else str(Path(model_cfg.source).resolve()),
+                "config_sha256": model_cfg.sha256,
+                "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+                "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
+                "sample_shape": list(sample_shape),
+            },
+            quant=config.to_dict(),
+            sampling={
+                "beta_schedule": model_cfg.beta_schedule,
+                "beta_start": model_cfg.beta_start,
+                "beta_end": model_cfg.beta_end,
+                "num_train_timesteps": model_cfg.num_train_timesteps,
+                **(sampling or {}),
+            },
+            export={
+                "opset": opset,
+                "float": float_dtype,
+                "state_dtype": config.state_dtype,
+                "batch_size": batch_size,
+                "target": target,
+                "state_batch_multiplier": 1,
+                "seconds": round(time.perf_counter() - started, 2),
+            },
+            graphs=graphs,
+            layers=_layer_table(qmodel, shapes),
+            calibration=None if calibration is None else {
+                "path": str(Path(calibration).resolve()),
+                "sha256": sha256_file(calibration),
+            },
+            tool_version=__version__,
+        )
+        (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+    log.info("export written to %s in %.1f s", out, time.perf_counter() - started)
+    return manifest
+
