@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
@@ -259,3 +260,132 @@ def profile(
             layers.add_row(layer.name, f"{layer.average_ms:.4f}", f"{layer.percentage:.1f}")
         console.print(layers)
     console.print(f"JSON: {result.json_path}  log: {result.log_path}")
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    config: str = typer.Option(..., "--config", "-c", help="Model config: official ddim YAML or a built-in name."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="UNet checkpoint (omit only for built-ins with packaged weights)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration file (static scales; required unless --act-bits 0)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Export directory to write (replaced atomically if it is an earlier export)."),
+    weight_bits: int = WEIGHT_BITS,
+    act_bits: int = ACT_BITS,
+    modulate: bool = MODULATE,
+    first_step: str = FIRST_STEP,
+    split: bool = SPLIT,
+    state_dtype: str = STATE_DTYPE,
+    float_dtype: str = typer.Option("fp32", "--float", help="Float parts of the graph: fp32 (ONNX Runtime) or fp16 (TensorRT)."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (17..20; default 17 for fp32, 19 for fp16)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Fix the batch size (default: dynamic batch)."),
+    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Dynamic batch dimension (the default when --batch-size is absent)."),
+    target: str = typer.Option("trt", "--target", help="trt (TensorRT rules, also runs on ONNX Runtime) or ort-cpu (integer CPU kernels)."),
+    trust_checkpoint: bool = TRUST,
+) -> None:
+    """Export warmup.onnx + step.onnx (MoDiff) or unet.onnx (plain) with explicit Q/DQ, and manifest.json.
+
+    Example:\n
+      modiff-trt export -c ddim-cifar10 --checkpoint model-790000.ckpt --calibration cifar.cal.safetensors -o exports/cifar
+    """
+    from modiff_trt.engines.torch_backend import load_reference
+    from modiff_trt.export.exporter import export_model
+
+    if dynamic_batch and batch_size is not None:
+        raise typer.BadParameter("--batch-size and --dynamic-batch exclude each other")
+    dtype = {"fp32": "float32", "fp16": "float16"}.get(float_dtype)
+    if dtype is None:
+        raise typer.BadParameter(f"--float {float_dtype}: choose fp32 or fp16")
+    scales = "static" if calibration is not None else "dynamic"
+    quant = quant_config_from_options(weight_bits, act_bits, modulate, scales, first_step, split, state_dtype)
+    model_cfg, float_model, qmodel = load_reference(config, checkpoint, quant, calibration, trust=trust_checkpoint)
+    sampling = None
+    if calibration is not None:
+        from modiff_trt.calibrators import load_calibration
+
+        sampling = load_calibration(calibration).schedule
+    manifest = export_model(
+        float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration, sampling=sampling,
+        float_dtype=dtype, opset=opset, batch_size=batch_size, target=target,
+    )
+    console.print(
+        f"exported {len(manifest.layers)} quantized layers to [bold]{out}[/] "
+        f"({', '.join(g.file for g in manifest.graphs.values())}); state {manifest.state_bytes_per_sample() / 2**20:.1f} MiB/sample"
+    )
+
+
+@app.command()
+@user_errors
+def inspect(
+    export_dir: Path = typer.Argument(..., help="Export directory."),
+    lint: bool = typer.Option(False, "--lint", help="Check TensorRT's explicit-quantization rules; exit 1 on a violation."),
+    batch: int = typer.Option(1, "--batch", help="Batch size for the state-memory line."),
+    layers: bool = typer.Option(True, "--layers/--no-layers", help="Print the per-layer table."),
+) -> None:
+    """Show an export: quantized layers, scales, state shapes, state memory per sample and batch."""
+    from rich.table import Table
+
+    from modiff_trt.export.manifest import load_manifest
+    from modiff_trt.quant import QuantConfig
+
+    manifest = load_manifest(export_dir)
+    out = Console()
+    q = manifest.quant
+    out.print(f"[bold]{export_dir}[/]: {manifest.model['config']} | {QuantConfig.from_dict(q).label} "
+              f"| first step {q['first_step']} | float {manifest.export['float']} "
+              f"| state {manifest.export['state_dtype']} | opset {manifest.export['opset']} | batch {manifest.batch_size or 'dynamic'}")
+    if layers:
+        table = Table("layer", "kind", "bits", "act scale", "a_hat", "o_hat", "state KiB/sample")
+        item = 2 if manifest.export["state_dtype"] == "float16" else 4
+        for layer in manifest.layers:
+            n = sum(int(np.prod(s)) for s in (layer.a_hat_shape, layer.o_hat_shape)) if manifest.modulated else 0
+            scale = ", ".join(f"{v:.3g}" for v in layer.act_scale) if layer.act_scale else "-"
+            table.add_row(layer.name, layer.kind, f"w{layer.weight_bits}a{layer.act_bits}", scale,
+                          str(layer.a_hat_shape), str(layer.o_hat_shape), f"{n * item / 1024:.1f}")
+        out.print(table)
+    per_sample = manifest.state_bytes_per_sample() if manifest.modulated else 0
+    mult = manifest.export.get("state_batch_multiplier", 1)
+    out.print(f"{len(manifest.layers)} quantized layers; MoDiff state {per_sample / 2**20:.2f} MiB per sample"
+              f"{' (cond+uncond)' if mult > 1 else ''}, {per_sample * batch / 2**20:.1f} MiB at batch {batch} "
+              f"(x2 for the ping-pong sets: {2 * per_sample * batch / 2**20:.1f} MiB)")
+    if lint:
+        from modiff_trt.export.lint import lint_export
+
+        issues = lint_export(export_dir)
+        for issue in issues:
+            out.print(Text(str(issue), style="red"))
+        if issues:
+            console.print(Text(f"lint: {len(issues)} violation(s)", style="bold red"))
+            raise typer.Exit(code=1)
+        out.print(Text("lint: all TensorRT explicit-quantization rules hold", style="green"))
+
+
+@app.command()
+@user_errors
+def compare(
+    export_dir: Path = typer.Argument(..., help="Export directory."),
+    backends: str = typer.Option("torch,ort", "--backends", help="Comma-separated backends; the first is the reference."),
+    num_images: int = typer.Option(4, "--num-images", "-n"),
+    steps: int = typer.Option(10, "--steps"),
+    skip_type: str = SKIP_TYPE,
+    seed: int = SEED,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),
+    trust_checkpoint: bool = TRUST,
+) -> None:
+    """Per-step error table between backends over one DDIM trajectory from the same noise."""
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    from modiff_trt.engines.compare import compare_backends
+
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if len(names) < 2:
+        raise typer.BadParameter("--backends needs at least two backends, e.g. torch,ort")
+    rows = compare_backends(export_dir, names, num_images, steps, skip_type, seed, trust_checkpoint)
+    table = Table("step", "t", "backend", f"rel. error vs {names[0]}", "max |diff|", "mean |diff|")
+    for r in rows:
+        table.add_row(str(r.step), str(r.t), r.backend, f"{r.rel_err:.2e}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}")
+    Console().print(table)
+    if json_out:
+        json_out.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))

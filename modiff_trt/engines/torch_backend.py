@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from modiff_trt.errors import ArtifactError
 from modiff_trt.models import load_config, load_unet
 from modiff_trt.models.config import ModelConfig
@@ -19,6 +21,19 @@ def load_scales(calibration: str | Path | None, model_cfg: ModelConfig, checkpoi
     return load_calibration(calibration).to_scale_set(model_cfg, checkpoint)
 
 
+def load_reference(
+    config: str | Path | ModelConfig,
+    checkpoint: str | Path | None,
+    quant: QuantConfig,
+    calibration: str | Path | None = None,
+    trust: bool = False,
+) -> tuple[ModelConfig, torch.nn.Module, QuantUNet]:
+    """(config, float UNet, quantized reference) of a config + checkpoint (+ calibration)."""
+    model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
+    float_model = load_unet(model_cfg, checkpoint, trust=trust)
+    return model_cfg, float_model, quantize_unet(float_model, quant, load_scales(calibration, model_cfg, checkpoint))
+
+
 def reference_runner(
     config: str | Path | ModelConfig,
     checkpoint: str | Path | None,
@@ -27,9 +42,7 @@ def reference_runner(
     trust: bool = False,
 ) -> QuantUNet:
     """The quantized reference model of a config + checkpoint (+ calibration for static scales)."""
-    model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
-    float_model = load_unet(model_cfg, checkpoint, trust=trust)
-    return quantize_unet(float_model, quant, load_scales(calibration, model_cfg, checkpoint))
+    return load_reference(config, checkpoint, quant, calibration, trust)[2]
 
 
 def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:

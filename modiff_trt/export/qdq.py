@@ -114,8 +114,8 @@ def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scale
                   bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]:
     """(fake-quantized input, Op output): per channel group when the layer is split."""
     bits = layer.config.act_bits
-    if bits is None:
-        return x, _apply(em, site, x, _weight(em, layer, 0, True), bias, output)
+    if bits is None:  # weight-only: float activations, so the (exact) dequantized weight stays float too
+        return x, _apply(em, site, x, _weight(em, layer, 0, quantized=False), bias, output)
     if scales is None:
         raise ArtifactError(f"layer {layer.name} has no static activation scale: export needs a calibration")
     if len(layer.groups) == 1:
