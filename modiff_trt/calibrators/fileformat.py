@@ -1,0 +1,197 @@
+"""The calibration file: safetensors tensors + JSON metadata in the safetensors header.
+
+Why safetensors: it loads without pickle (no code execution), memory-maps, and its header has a
+string metadata map, so one file carries scales, integer weights and their provenance.
+
+Layout (format `modiff-trt/calibration`, version 1):
+
+- tensors, per quantized layer `P` (module path in the float UNet):
+  `P.act` float32 [groups] (residual scales for MoDiff, raw-input scales for plain),
+  `P.act_zero_point` float32 [groups] (only imported asymmetric Q-Diffusion scales),
+  `P.warmup` / `P.warmup_zero_point` (first-step raw-input scales, MoDiff only),
+  `P.weight_codes` int8 shaped like the weight (W_int - zero_point) and `P.weight_scale`
+  float32 [O, groups] (only when the file carries its own rounded weights: MSE or imported).
+- metadata key `modiff_trt`: JSON with `format`, `version`, `kind` ('residual'|'raw'),
+  `modulate`, `first_step`, `split`, `weight_bits`, `act_bits`, `method`, `weight_method`,
+  `schedule`, `checkpoint` {path, sha256}, `config` {source, sha256}, `layers` (names, in
+  model order), `groups` {layer: count}, `origin`, `report` (time, memory, import notes).
+
+The file is tied to the checkpoint and config it was measured on (sha256 of both): loading it
+for anything else raises `ArtifactError` naming both sides and the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modiff_trt.errors import ArtifactError
+from modiff_trt.export.manifest import sha256_file
+from modiff_trt.models.config import ModelConfig
+from modiff_trt.quant.model import quantizable_layers
+from modiff_trt.quant.scales import LayerScales, ScaleSet
+
+log = logging.getLogger(__name__)
+FORMAT = "modiff-trt/calibration"
+FORMAT_VERSION = 1
+META_KEY = "modiff_trt"
+SCALE_FIELDS = ("act", "act_zero_point", "warmup", "warmup_zero_point")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class Calibration:
+    """Per-layer static scales plus the metadata that says what they are valid for."""
+
+    meta: dict[str, Any]
+    layers: dict[str, LayerScales]
+    path: Path | None = None
+    source: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.source = str(self.path) if self.path is not None else "calibration"
+
+    @property
+    def modulate(self) -> bool:
+        return bool(self.meta["modulate"])
+
+    @property
+    def kind(self) -> str:
+        """'residual' (MoDiff step residual scales) or 'raw' (raw input scales, plain Q-Diffusion)."""
+        return str(self.meta["kind"])
+
+    def check_matches(self, config: ModelConfig | str | None, checkpoint: str | Path | None) -> None:
+        """Raise ArtifactError unless this calibration belongs to `config` and `checkpoint`.
+
+        `config` is a ModelConfig (also checks the layer names) or a config sha256; `checkpoint`
+        a file path, a sha256, or None for a randomly initialised model. None as config skips it.
+        """
+        want = self.meta["config"]
+        if config is not None:
+            sha = config.sha256 if isinstance(config, ModelConfig) else str(config)
+            if sha != want["sha256"]:
+                label = config.source if isinstance(config, ModelConfig) else f"sha256 {sha[:12]}"
+                raise ArtifactError(
+                    f"{self.source} was calibrated for config {want['source']} (sha256 {want['sha256'][:12]}), "
+                    f"not {label} (sha256 {sha[:12]}): run `modiff-trt calibrate` with this --config"
+                )
+            if isinstance(config, ModelConfig):
+                self._check_layers(config)
+        have = _checkpoint_sha(checkpoint)
+        recorded = self.meta["checkpoint"]
+        if have != recorded["sha256"]:
+            def show(path: Any, sha: str | None) -> str:
+                return "no checkpoint (random weights)" if sha is None else f"{path} (sha256 {sha[:12]})"
+
+            raise ArtifactError(
+                f"{self.source} was calibrated on {show(recorded['path'], recorded['sha256'])}, but the model "
+                f"uses {show(checkpoint, have)}: scales do not carry over between checkpoints; run "
+                "`modiff-trt calibrate` with this --checkpoint"
+            )
+
+    def _check_layers(self, config: ModelConfig) -> None:
+        with torch.device("meta"):
+            names = quantizable_layers(config.build())
+        missing = [n for n in names if n not in self.layers]
+        unknown = [n for n in self.layers if n not in set(names)]
+        if missing or unknown:
+            raise ArtifactError(
+                f"{self.source} does not match the layers of {config.source}: "
+                f"missing {missing[:5]} ({len(missing)}), unknown {unknown[:5]} ({len(unknown)}); "
+                "calibrate this checkpoint and config again"
+            )
+
+    def to_scale_set(self, config: ModelConfig | str | None, checkpoint: str | Path | None) -> ScaleSet:
+        """The scales for `quantize_unet`, after checking they belong to this config and checkpoint."""
+        self.check_matches(config, checkpoint)
+        return ScaleSet(modulate=self.modulate, layers=dict(self.layers), source=self.source)
+
+
+def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:
+    if checkpoint is None:
+        return None
+    if Path(checkpoint).is_file():
+        return sha256_file(checkpoint)
+    if isinstance(checkpoint, str) and _SHA.match(checkpoint):
+        return checkpoint
+    raise ArtifactError(f"checkpoint {checkpoint} not found: check the path (--checkpoint)")
+
+
+def _tensors(layers: dict[str, LayerScales]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, entry in layers.items():
+        for key in SCALE_FIELDS:
+            values = getattr(entry, key)
+            if values is not None:
+                out[f"{name}.{key}"] = torch.tensor(values, dtype=torch.float32)
+        if entry.weight_codes is not None:
+            codes = entry.weight_codes
+            if codes.min() < -128 or codes.max() > 127 or not torch.equal(codes, codes.round()):
+                raise ValueError(f"layer {name}: weight codes are not int8 integers")
+            out[f"{name}.weight_codes"] = codes.to(torch.int8).contiguous()
+            out[f"{name}.weight_scale"] = entry.weight_scale.float().contiguous()
+    return out
+
+
+def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dict[str, Any]) -> Calibration:
+    """Write the file atomically (temp file beside it, then rename) and return what was written."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "layers": list(layers),
+            "groups": {n: len(e.act or e.warmup or [0]) for n, e in layers.items()}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(_tensors(layers), tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("wrote calibration %s (%d layers, %s scales)", path, len(layers), meta.get("kind"))
+    return Calibration(meta=meta, layers=layers, path=path)
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file; ArtifactError when it is missing, corrupt or of another format."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"calibration file {path} not found: create it with `modiff-trt calibrate --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not a readable safetensors calibration file ({exc}); recalibrate") from exc
+    try:
+        meta = json.loads(header[META_KEY])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is a safetensors file without modiff-trt calibration metadata") from exc
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path} holds {meta.get('format')!r}, not a {FORMAT} file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} is calibration format version {meta.get('version')}; this modiff-trt reads version "
+            f"{FORMAT_VERSION}: recalibrate or use the modiff-trt release that wrote it"
+        )
+    layers = {}
+    for name in meta["layers"]:
+        fields = {key: tensors[f"{name}.{key}"].tolist() for key in SCALE_FIELDS if f"{name}.{key}" in tensors}
+        codes = tensors.get(f"{name}.weight_codes")
+        layers[name] = LayerScales(
+            **fields,
+            weight_codes=None if codes is None else codes.float(),
+            weight_scale=tensors.get(f"{name}.weight_scale"),
+        )
+    return Calibration(meta=meta, layers=layers, path=path)
