@@ -1,0 +1,273 @@
+"""Export: graphs vs the PyTorch reference on ONNX Runtime, the TensorRT lint, the manifest,
+and the errors and atomicity promised for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from modiff_trt.engines.ort_backend import OrtRunner
+from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
+from modiff_trt.export import exporter
+from modiff_trt.export.exporter import export_model
+from modiff_trt.export.lint import lint_export, lint_graph
+from modiff_trt.export.manifest import Manifest, load_manifest
+from modiff_trt.quant import QuantConfig, quantize_unet
+from modiff_trt.quant.quantizers import fake_quantize
+from modiff_trt.sampling import ddim_sample, ddim_timesteps, linear_betas
+from tests.conftest import rel_err
+from tests.export_helpers import absmax_scales, tiny_model_config
+
+SEQ, BETAS, SHAPE = ddim_timesteps(10, "quad"), linear_betas(), (3, 16, 16)
+
+
+def export(tmp_path, model, config: QuantConfig, name="exp", **kwargs):
+    scales = absmax_scales(model, config, SHAPE) if config.act_bits else None
+    static = QuantConfig(**{**config.to_dict(), "act_scales": "static" if config.act_bits else "dynamic"})
+    qmodel = quantize_unet(model, static, scales)
+    out = tmp_path / name
+    export_model(model, qmodel, tiny_model_config(model), out, **kwargs)
+    return qmodel, out
+
+
+def trajectory(runner, noise):
+    xs = []
+    ddim_sample(runner, noise, SEQ, BETAS, callback=lambda i, t, x: xs.append(x.clone()))
+    return torch.stack(xs)
+
+
+@pytest.fixture
+def noise():
+    return torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "float16"])
+def test_weight_only_modiff_graphs_match_reference_over_trajectory(tmp_path, tiny_model, noise, state_dtype):
+    """Float activations: no rounding boundaries, so ORT must track the reference to float precision."""
+    qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, None, state_dtype=state_dtype))
+    err = rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise))
+    assert err < 1e-5
+
+
+def _expose_layer_inputs(step_path, layers):
+    """Add each layer's input x (what the Sub node reads) as an extra graph output."""
+    model = onnx.load(str(step_path))
+    subs = {n.name.split("/")[0]: n.input[0] for n in model.graph.node if n.op_type == "Sub" and "/" in n.name}
+    for layer in layers:
+        model.graph.output.append(helper.make_tensor_value_info(f"x_of.{layer}", onnx.TensorProto.FLOAT, None))
+        model.graph.node.append(helper.make_node("Identity", [subs[layer]], [f"x_of.{layer}"]))
+    return model
+
+
+@pytest.mark.parametrize("config", [
+    QuantConfig(8, 8), QuantConfig(8, 4, split=True), QuantConfig(4, 8), QuantConfig(8, 4, first_step="quantized"),
+], ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}")
+def test_every_layer_of_ort_step_graph_follows_modiff_at_every_step(tmp_path, tiny_model, noise, config):
+    """On ONNX Runtime's own tensors, per layer and step: rq = Q(x - a_hat_in) exactly (but at
+    rounding ties), a_hat_out = a_hat_in + rq, o_hat_out = o_hat_in + f(rq, Wq)."""
+    import onnxruntime as ort
+
+    qmodel, out = export(tmp_path, tiny_model, config)
+    layers = qmodel.layers
+    step = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    warm = ort.InferenceSession(str(out / "warmup.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in warm.get_outputs()]
+    outs = warm.run(None, {"x": noise.numpy(), "t": np.full(4, float(SEQ[-1]), np.float32)})
+    state = {n.replace("_out.", "_in."): v for n, v in zip(names[1:], outs[1:])}
+    inputs = []  # the reference's own sampler states: realistic residual sizes at every step
+    ddim_sample(qmodel, noise, SEQ, BETAS, callback=lambda i, t, x: inputs.append(x.clone()))
+    checked = 0
+    for t, x in zip(reversed(SEQ[:-1]), inputs):
+        result = dict(zip([o.name for o in step.get_outputs()],
+                          step.run(None, {"x": x.numpy(), "t": np.full(4, float(t), np.float32), **state})))
+        for name, layer in layers.items():
+            a_in, o_in = (torch.from_numpy(state[f"{k}_in.{name}"]) for k in ("a_hat", "o_hat"))
+            a_out, o_out = (torch.from_numpy(result[f"{k}_out.{name}"]) for k in ("a_hat", "o_hat"))
+            residual = torch.from_numpy(result[f"x_of.{name}"]) - a_in
+            rq = a_out - a_in
+            for i, g in enumerate(layer.groups):
+                scale = torch.tensor(layer.scales.act[i])
+                want = fake_quantize(residual[:, g], scale, config.act_bits)
+                ratio = residual[:, g] / scale
+                tie = (ratio - ratio.floor() - 0.5).abs() < 1e-3
+                assert torch.allclose(rq[:, g][~tie], want[~tie], atol=1e-5 * float(scale) * 128)
+            f = layer.apply_weight(rq, bias=False)
+            assert torch.allclose(o_out - o_in, f, rtol=1e-4, atol=1e-5 * float(o_in.abs().max()))
+            checked += 1
+        state = {n.replace("_out.", "_in."): v for n, v in result.items() if "_out." in n}
+    assert checked == len(layers) * (len(SEQ) - 1)
+
+
+def test_quantized_trajectory_stays_close_and_modiff_beats_plain_on_ort(tmp_path, tiny_model, noise):
+    fp = trajectory(tiny_model, noise)[-1]
+    q8, out8 = export(tmp_path, tiny_model, QuantConfig(8, 8), "w8a8")
+    ort8 = trajectory(OrtRunner(out8), noise)
+    # Float rounding moves a handful of residuals across rounding boundaries; the drift stays small.
+    assert rel_err(ort8, trajectory(q8, noise)) < 5e-3
+    _, plain = export(tmp_path, tiny_model, QuantConfig(8, 4, modulate=False), "plain")
+    _, modiff = export(tmp_path, tiny_model, QuantConfig(8, 4), "modiff")
+    assert rel_err(trajectory(OrtRunner(modiff), noise)[-1], fp) < 0.5 * rel_err(trajectory(OrtRunner(plain), noise)[-1], fp)
+
+
+@pytest.mark.parametrize("config", [QuantConfig(8, 8), QuantConfig(8, 4, modulate=False, split=True),
+                                    QuantConfig(4, 8, first_step="quantized", state_dtype="float16")])
+def test_lint_passes_on_exports_and_manifest_round_trips(tmp_path, tiny_model, config):
+    qmodel, out = export(tmp_path, tiny_model, config)
+    assert lint_export(out) == []
+    manifest = load_manifest(out)
+    assert Manifest.from_dict(json.loads(manifest.to_json())) == manifest
+    assert [layer.name for layer in manifest.layers] == list(qmodel.layers)
+    assert set(manifest.graphs) == ({"warmup", "step"} if config.modulate else {"unet"})
+    if config.modulate:
+        step_inputs = {t.name for t in manifest.graphs["step"].inputs}
+        assert {f"a_hat_in.{n}" for n in qmodel.layers} <= step_inputs
+        dtype = {t.name: t.dtype for t in manifest.graphs["step"].outputs}
+        assert dtype["o_hat_out.conv_in"] == config.state_dtype
+
+
+def _tiny_qdq_graph(zero_point=0, scale_const=True, per_channel_act=False, weight_dq=True, op="Conv"):
+    """A one-layer graph in the exporter's style, with one rule broken on request."""
+    nodes, inits = [], [numpy_helper.from_array(np.array(0, np.int8), "zp"),
+                        numpy_helper.from_array(np.ones((4, 4, 1, 1), np.int8), "w"),
+                        numpy_helper.from_array(np.full(4, 0.1, np.float32), "ws"),
+                        numpy_helper.from_array(np.zeros(4, np.int8), "wzp"),
+                        numpy_helper.from_array(np.array(zero_point, np.int8), "zp_bad")]
+    scale = "s"
+    if per_channel_act:
+        inits.append(numpy_helper.from_array(np.full(4, 0.1, np.float32), "s"))
+    elif scale_const:
+        inits.append(numpy_helper.from_array(np.array(0.1, np.float32), "s"))
+    else:
+        nodes.append(helper.make_node("ReduceMax", ["x"], ["s"], keepdims=0))
+    nodes += [helper.make_node("QuantizeLinear", ["x", scale, "zp_bad"], ["q"], axis=1),
+              helper.make_node("DequantizeLinear", ["q", scale, "zp_bad"], ["xq"], axis=1)]
+    if weight_dq:
+        nodes.append(helper.make_node("DequantizeLinear", ["w", "ws", "wzp"], ["wf"], axis=0))
+    else:
+        inits.append(numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "wf"))
+    nodes.append(helper.make_node(op, ["xq", "wf"], ["y"]) if op == "Conv"
+                 else helper.make_node("ConvInteger", ["q", "w"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 2, 2])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("broken,rule", [
+    (dict(zero_point=3), "zero-point"),
+    (dict(scale_const=False), "scale"),
+    (dict(per_channel_act=True), "scale"),
+    (dict(weight_dq=False), "qdq-inputs"),
+    (dict(op="ConvInteger"), "forbidden-op"),
+])
+def test_lint_catches_seeded_violations(broken, rule):
+    assert lint_graph(_tiny_qdq_graph()) == []
+    issues = lint_graph(_tiny_qdq_graph(**broken))
+    assert rule in {i.rule for i in issues}
+
+
+def test_lint_catches_unpaired_state_and_versions():
+    model = _tiny_qdq_graph()
+    model.graph.input.append(helper.make_tensor_value_info("a_hat_in.L", onnx.TensorProto.FLOAT, [1, 4]))
+    model.ir_version = 11
+    rules = {i.rule for i in lint_graph(model)}
+    assert {"state-pairs", "ir-version"} <= rules
+
+
+def test_export_refuses_dynamic_scales_and_bad_opset(tmp_path, tiny_model):
+    qmodel = quantize_unet(tiny_model, QuantConfig(8, 8))
+    with pytest.raises(ConfigError, match="static activation scales"):
+        export_model(tiny_model, qmodel, tiny_model_config(tiny_model), tmp_path / "x")
+    weight_only = quantize_unet(tiny_model, QuantConfig(8, None))
+    with pytest.raises(ConfigError, match="opset 13"):
+        export_model(tiny_model, weight_only, tiny_model_config(tiny_model), tmp_path / "x", opset=13)
+    assert not (tmp_path / "x").exists()
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+    calls = []
+    real = exporter.insert_quantization
+
+    def fail_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exporter, "insert_quantization", fail_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        export(tmp_path, tiny_model, QuantConfig(8, None), "broken")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_does_not_clobber_unrelated_directory(tmp_path, tiny_model):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.png").write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="not an export directory"):
+        export(tmp_path, tiny_model, QuantConfig(8, None), "photos")
+    assert (tmp_path / "photos" / "cat.png").exists()
+
+
+def test_manifest_and_file_errors(tmp_path, tiny_model):
+    _, out = export(tmp_path, tiny_model, QuantConfig(8, None))
+    with pytest.raises(ArtifactError, match="not an export directory"):
+        load_manifest(tmp_path)
+    data = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**data, "version": 99}))
+    with pytest.raises(ArtifactError, match="version 99"):
+        load_manifest(out)
+    (out / "manifest.json").write_text(json.dumps(data))
+    (out / "step.onnx").write_bytes((out / "step.onnx").read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="mixes two exports"):
+        load_manifest(out)
+    (out / "step.onnx").unlink()
+    with pytest.raises(ArtifactError, match="step graph"):
+        load_manifest(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_manifest(out)
+
+
+def test_ort_runner_input_errors(tmp_path, tiny_model):
+    _, out = export(tmp_path, tiny_model, QuantConfig(8, None), batch_size=2)
+    runner = OrtRunner(out)
+    t = torch.tensor([10.0, 10.0])
+    with pytest.raises(ModiffError, match="--batch-size 2"):
+        runner(torch.zeros(3, *SHAPE), torch.zeros(3))
+    with pytest.raises(ModiffError, match="exported for"):
+        runner(torch.zeros(2, 3, 8, 8), t)
+    bad = torch.zeros(2, *SHAPE)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ModiffError, match="NaN"):
+        runner(bad, t)
+    assert runner(torch.zeros(2, *SHAPE), t).shape == (2, *SHAPE)
+
+
+@pytest.mark.slow
+def test_cifar10_step_graph_quantizes_all_113_layers(tmp_path):
+    from modiff_trt.models import load_config, load_unet
+    from modiff_trt.quant import LayerScales, ScaleSet
+
+    cfg = load_config("ddim-cifar10")
+    model = load_unet(cfg, None)
+    probe = quantize_unet(model, QuantConfig(8, 8))
+    scales = ScaleSet(True, {n: LayerScales(act=[0.01]) for n in probe.layers})
+    qmodel = quantize_unet(model, QuantConfig(8, 8, act_scales="static"), scales)
+    out = tmp_path / "cifar"
+    manifest = export_model(model, qmodel, cfg, out)
+    assert len(manifest.layers) == 113
+    assert lint_export(out) == []
+    step = onnx.load(str(out / "step.onnx"))
+    assert sum(n.op_type == "QuantizeLinear" for n in step.graph.node) == 113
+    ins = {i.name for i in step.graph.input}
+    outs = {o.name for o in step.graph.output}
+    for layer in manifest.layers:
+        for kind in ("a_hat", "o_hat"):
+            assert f"{kind}_in.{layer.name}" in ins and f"{kind}_out.{layer.name}" in outs
