@@ -1,0 +1,17 @@
+"""Static scales for the quantized UNet: residual calibration and Q-Diffusion checkpoint import.
+
+- `calibrate(...)`: full-precision DDIM trajectories -> per-layer residual (MoDiff) or raw
+  (plain) activation scales by minmax / MSE / percentile search, plus optional MSE weights.
+- `import_qdiffusion(...)`: a released Q-Diffusion checkpoint -> its AdaRound integer weights and
+  raw activation scales (or, with modulate=True, those weights plus calibrated residual scales).
+- `load_calibration(path)`: the file both write; `.to_scale_set(config, checkpoint)` checks it
+  belongs to the model before handing the scales to `quantize_unet`.
+
+File format and method choices: docs/calibration.md.
+"""
+
+from modiff_trt.calibrators.calibrate import calibrate
+from modiff_trt.calibrators.fileformat import Calibration, load_calibration, save_calibration
+from modiff_trt.calibrators.qdiffusion import import_qdiffusion
+
+__all__ = ["Calibration", "calibrate", "import_qdiffusion", "load_calibration", "save_calibration"]
