@@ -1,0 +1,35 @@
+"""Weights that ship inside the package, by built-in config name.
+
+`load_unet('digits', builtin_checkpoint('digits'))` gives the trained digits model on any
+machine, with no download: the file lives in `modiff_trt/assets/` next to its JSON record
+(seed, iterations, sha256, training time, command).
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+ASSET_DIR = "assets"
+
+
+def _asset(name: str) -> Path:
+    return Path(str(resources.files("modiff_trt").joinpath(ASSET_DIR, name)))
+
+
+def builtin_checkpoint(name: str) -> Path | None:
+    """The packaged weights of built-in config `name` (e.g. 'digits'), or None if none ship.
+
+    None rather than an error: most built-in configs (ddim-cifar10, the LDMs) describe
+    checkpoints the user must supply, which callers report in their own words.
+    """
+    path = _asset(f"{name}.safetensors")
+    return path if path.is_file() else None
+
+
+def builtin_record(name: str) -> dict[str, Any] | None:
+    """The JSON record written with the packaged weights (sha256, seed, iterations, ...), or None."""
+    path = _asset(f"{name}.json")
+    return json.loads(path.read_text()) if path.is_file() else None
