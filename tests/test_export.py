@@ -271,3 +271,21 @@ def test_cifar10_step_graph_quantizes_all_113_layers(tmp_path):
     for layer in manifest.layers:
         for kind in ("a_hat", "o_hat"):
             assert f"{kind}_in.{layer.name}" in ins and f"{kind}_out.{layer.name}" in outs
+
+
+def test_fp16_export_keeps_timestep_embedding_fp32_and_tracks_reference(tmp_path, tiny_model, noise):
+    qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, 8), float_dtype="float16")
+    assert lint_export(out) == []
+    manifest = load_manifest(out)
+    assert manifest.export["opset"] == 19
+    step = onnx.load(str(out / "step.onnx"))
+    types = {v.name: v.type.tensor_type.elem_type for v in list(step.graph.input) + list(step.graph.output)}
+    assert types["t"] == onnx.TensorProto.FLOAT and types["x"] == onnx.TensorProto.FLOAT16
+    assert types["eps"] == onnx.TensorProto.FLOAT16
+    inits = {i.name: i for i in step.graph.initializer}
+    scales = [inits[n.input[1]] for n in step.graph.node if n.op_type == "QuantizeLinear"]
+    assert scales and all(s.data_type == onnx.TensorProto.FLOAT16 for s in scales)
+    sin = next(n for n in step.graph.node if n.op_type == "Sin")  # the embedding runs before any Cast
+    assert all(i not in inits or inits[i].data_type != onnx.TensorProto.FLOAT16 for i in sin.input)
+    # fp16 rounding of activations and scales: an fp16-sized bound against the fp32 reference.
+    assert rel_err(trajectory(OrtRunner(out), noise[:2]), trajectory(qmodel, noise[:2])) < 1e-2

@@ -27,7 +27,9 @@ from modiff_trt.export.manifest import (
     sha256_file,
 )
 from modiff_trt.export.onnx_float import export_float_onnx
-from modiff_trt.export.qdq import insert_quantization
+from modiff_trt.export.fp16 import convert_to_fp16
+from modiff_trt.export.qdq import insert_quantization, layer_weights
+from modiff_trt.export.sites import find_sites
 from modiff_trt.models.config import ModelConfig, load_config
 from modiff_trt.quant import QuantConfig, QuantUNet
 
@@ -69,7 +71,7 @@ def _tensor_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
 
 def _save_graph(graph: onnx.ModelProto, path: Path) -> None:
     graph.ir_version = min(graph.ir_version, MAX_IR_VERSION)
-    onnx.checker.check_model(graph)
+    onnx.checker.check_model(graph, full_check=True)  # includes strict type/shape inference
     if graph.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save(graph, str(path), save_as_external_data=True, location=f"{path.name}.data")
     else:
@@ -125,8 +127,8 @@ def export_model(
     model_cfg = model_cfg if isinstance(model_cfg, ModelConfig) else load_config(model_cfg)
     config = qmodel.config
     check_exportable(config)
-    if float_dtype != "float32":
-        raise ConfigError(f"--float {float_dtype} is not supported yet by this exporter; use fp32")
+    if float_dtype not in DEFAULT_OPSET:
+        raise ConfigError(f"float dtype {float_dtype!r}: choose float32 or float16")
     opset = opset or DEFAULT_OPSET[float_dtype]
     if not 17 <= opset <= 20:
         raise ConfigError(f"opset {opset} is outside 17..20, the range TensorRT 10 and onnxruntime both parse")
@@ -134,6 +136,11 @@ def export_model(
     sample_shape = tuple(model_cfg.sample_shape)
     shapes = _state_shapes(qmodel, sample_shape)
     float_graph = export_float_onnx(float_model, sample_shape, opset, batch_size)
+    if float_dtype == "float16":
+        if opset < 19:
+            raise ConfigError(f"fp16 Q/DQ scales need opset >= 19 (got --opset {opset})")
+        sites = find_sites(float_graph.graph, layer_weights(qmodel, "float32"))
+        float_graph = convert_to_fp16(float_graph, {i for site in sites.values() for i in site.removed})
     kinds = ["warmup", "step"] if config.modulate else ["plain"]
     graphs: dict[str, GraphSpec] = {}
     out = Path(out)

@@ -168,6 +168,15 @@ def _state_value_infos(layers: dict[str, QuantLayer], shapes: dict[str, tuple[li
     return infos
 
 
+def layer_weights(qmodel: QuantUNet, dtype: str) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """(weight, bias) of every quantized layer as the float graph stores them."""
+    return {
+        name: (layer.module.weight.detach().numpy().astype(dtype),
+               None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(dtype))
+        for name, layer in qmodel.layers.items()
+    }
+
+
 def insert_quantization(
     model: onnx.ModelProto,
     qmodel: QuantUNet,
@@ -182,12 +191,7 @@ def insert_quantization(
     out.CopyFrom(model)
     graph = out.graph
     layers = qmodel.layers
-    weights = {
-        name: (layer.module.weight.detach().numpy().astype(fdt),
-               None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(fdt))
-        for name, layer in layers.items()
-    }
-    sites = find_sites(graph, weights)
+    sites = find_sites(graph, layer_weights(qmodel, float_dtype))
     replacements: dict[int, Emitter] = {}
     removed: set[int] = set()
     for name, site in sites.items():
