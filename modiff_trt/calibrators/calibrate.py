@@ -111,7 +111,7 @@ def mse_weights(model: torch.nn.Module, bits: int, splits: dict[str, int]) -> di
     out = {}
     for name in quantizable_layers(model):
         module = model.get_submodule(name)
-        weight = module.weight.detach().float()
+        weight = module.weight.detach().float().cpu()
         groups = channel_groups(input_channels(module), splits.get(name, 0))
         parts = [mse_weight(weight[:, g], bits) for g in groups]
         out[name] = (torch.cat([c for c, _ in parts], dim=1), torch.stack([s for _, s in parts], dim=1))
@@ -142,6 +142,7 @@ def calibrate(
     reservoir: int = DEFAULT_RESERVOIR,
     trust: bool = False,
     imported: QDiffusionImport | None = None,
+    device: str | torch.device = "cpu",
 ) -> Calibration:
     """Calibrate static scales on full-precision DDIM trajectories and write them to `out`.
 
@@ -151,6 +152,7 @@ def calibrate(
     the file stays small. MoDiff files also hold first-step (warm-up) scales, so one file serves
     both --first-step modes; `first_step` records the intended one. `imported` (from
     `import_qdiffusion(modulate=True)`) supplies the integer weights instead of `weight_method`.
+    `device` runs the trajectories there (statistics are moved to the CPU as they stream in).
     """
     started = time.perf_counter()
     check_method(method)
@@ -168,7 +170,7 @@ def calibrate(
         calibration_steps(len(timesteps), cali_st, modulate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    model = load_unet(model_cfg, checkpoint, trust=trust)
+    model = load_unet(model_cfg, checkpoint, trust=trust).to(device)
     splits = imported.splits if imported is not None else model_splits(model, split)
     layers = {name: LayerScales() for name in quantizable_layers(model)}
     if act_bits is not None:
@@ -187,7 +189,9 @@ def calibrate(
         for name, (codes, scale) in mse_weights(model, weight_bits, splits).items():
             layers[name].weight_codes, layers[name].weight_scale = codes, scale
     seconds, peak = time.perf_counter() - started, peak_rss_mb()
-    log.info("calibration took %.1f s, peak RSS %.0f MB", seconds, peak)
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.device(device).type == "cuda" else None
+    log.info("calibration took %.1f s, peak RSS %.0f MB%s", seconds, peak,
+             "" if gpu_peak is None else f", peak CUDA memory {gpu_peak:.0f} MB")
     meta = base_meta(
         model_cfg, checkpoint,
         kind="residual" if modulate else "raw", modulate=modulate, first_step=first_step, split=bool(splits),
@@ -197,6 +201,7 @@ def calibrate(
         schedule={"steps": steps, "skip_type": skip_type, "eta": eta, "cali_st": cali_st, "cali_n": cali_n,
                   "batch_size": batch_size, "seed": seed,
                   "calibration_steps": calibration_steps(len(timesteps), cali_st, modulate)},
-        report={"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1)},
+        report={"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1),
+                "peak_cuda_mb": None if gpu_peak is None else round(gpu_peak, 1)},
     )
     return save_calibration(out, layers, meta)
