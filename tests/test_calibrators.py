@@ -261,3 +261,28 @@ def test_scale_search_methods():
     assert scale[0] < 20.0 / 7 and codes.abs().max() <= 8 and torch.equal(codes, codes.round())
     assert calibration_steps(100, 20, True)[0] == 1 and calibration_steps(100, 20, False)[0] == 0
     assert len(calibration_steps(100, 20, True)) == 20 and calibration_steps(100, 20, True)[-1] == 99
+
+
+# -- command line --------------------------------------------------------------------------
+def test_cli_calibrate_then_sample_static_and_refuse_other_checkpoint(tmp_path, tiny_model, tiny_config, tiny_checkpoint):
+    from typer.testing import CliRunner
+
+    from modiff_trt.cli import app
+
+    runner, out = CliRunner(), tmp_path / "c.safetensors"
+    args = ["calibrate", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "-o", str(out),
+            "--steps", "10", "--cali-st", "3", "--cali-n", "4", "--batch-size", "4", "--act-bits", "6"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert load_calibration(out).meta["act_bits"] == 6
+    sample = ["sample", "-c", str(tiny_config), "--act-bits", "6", "--act-scales", "static", "--calibration", str(out),
+              "-n", "2", "--steps", "10", "--no-pngs", "-o", str(tmp_path / "s")]
+    result = runner.invoke(app, sample + ["--checkpoint", str(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    other = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
+    result = runner.invoke(app, sample + ["--checkpoint", str(other)])
+    assert result.exit_code == 2 and "scales do not carry over between checkpoints" in result.output
+    result = runner.invoke(app, ["calibrate", "-c", str(tiny_config), "--from-qdiffusion", str(other), "--weight-bits", "4",
+                                 "--act-bits", "8", "--no-modulate", "-o", str(tmp_path / "q.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert load_calibration(tmp_path / "q.safetensors").kind == "raw"
