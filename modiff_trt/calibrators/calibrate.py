@@ -106,7 +106,9 @@ def measure_activations(
     }
 
 
-def mse_weights(model: torch.nn.Module, bits: int, splits: dict[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def mse_weights(
+    model: torch.nn.Module, bits: int, splits: dict[str, int]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """MSE-searched symmetric per-channel weights (codes, scale [O, groups]) for every layer."""
     out = {}
     for name in quantizable_layers(model):

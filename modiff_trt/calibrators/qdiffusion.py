@@ -67,7 +67,9 @@ def qdiffusion_state(obj: Any, source: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{source} is not a state_dict: expected a Q-Diffusion checkpoint (torch.save of state_dict)")
+        raise CheckpointError(
+            f"{source} is not a state_dict: expected a Q-Diffusion checkpoint (torch.save of state_dict)"
+        )
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     for prefix in ("module.", "model."):
         if state and all(k.startswith(prefix) for k in state):
@@ -93,7 +95,9 @@ def _channel_view(t: torch.Tensor, out: int, like: torch.Tensor) -> torch.Tensor
     """A per-channel (or per-tensor) quantizer tensor shaped to broadcast against `like`."""
     flat = t.float().reshape(-1)
     if flat.numel() not in (1, out):
-        raise CheckpointError(f"quantizer tensor of shape {tuple(t.shape)} is neither per-tensor nor per-channel ({out})")
+        raise CheckpointError(
+            f"quantizer tensor of shape {tuple(t.shape)} is neither per-tensor nor per-channel ({out})"
+        )
     return flat.expand(out).reshape((out,) + (1,) * (like.dim() - 1))
 
 
