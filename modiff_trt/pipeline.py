@@ -1,0 +1,91 @@
+"""End-to-end runs (calibrate -> export -> sample -> score) shared by `demo` and the benchmarks.
+
+Each function is one stage with files on disk between stages, exactly what a user runs with
+the CLI, so the demo and the quality benchmark measure the deployed path, not a shortcut.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modiff_trt.calibrators import calibrate
+from modiff_trt.engines.torch_backend import load_reference
+from modiff_trt.export.exporter import export_model
+from modiff_trt.models.config import ModelConfig
+from modiff_trt.quant import QuantConfig
+from modiff_trt.sampling import ddim_timesteps
+from modiff_trt.sampling.run import sample_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How samples (and the calibration trajectories) are drawn."""
+
+    steps: int = 50
+    skip_type: str = "quad"
+    eta: float = 0.0
+    seed: int = 0
+
+    @property
+    def timesteps(self) -> list[int]:
+        return ddim_timesteps(self.steps, self.skip_type)
+
+
+def calibration_file(
+    model_cfg: ModelConfig, checkpoint: Path | None, quant: QuantConfig, schedule: Schedule, workdir: Path,
+    cali_st: int = 10, cali_n: int = 64, batch_size: int = 64, method: str = "minmax",
+) -> Path | None:
+    """Calibrate once per (act bits, modulate, method) into `workdir`; None when nothing needs scales."""
+    if quant.act_bits is None:
+        return None
+    kind = "residual" if quant.modulate else "raw"
+    path = workdir / f"{kind}-a{quant.act_bits}-{method}{'-split' if quant.split else ''}.cal.safetensors"
+    if not path.is_file():
+        calibrate(
+            model_cfg, checkpoint, path, steps=schedule.steps, skip_type=schedule.skip_type, eta=schedule.eta,
+            cali_st=cali_st, cali_n=cali_n, batch_size=batch_size, weight_bits=quant.weight_bits,
+            act_bits=quant.act_bits, method=method, modulate=quant.modulate, first_step=quant.first_step,
+            seed=schedule.seed + 1, split=quant.split, progress=False,
+        )
+    return path
+
+
+def export_config(
+    model_cfg: ModelConfig, checkpoint: Path | None, quant: QuantConfig, calibration: Path | None, out: Path,
+    float_dtype: str = "float32", target: str = "trt",
+) -> Path:
+    """Export `quant` of the model to `out` (static scales from `calibration`)."""
+    static = QuantConfig(**{**quant.to_dict(), "act_scales": "static" if calibration else "dynamic"})
+    _, float_model, qmodel = load_reference(model_cfg, checkpoint, static, calibration)
+    export_model(float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration,
+                 float_dtype=float_dtype, target=target)
+    return out
+
+
+def timed_samples(runner, model_cfg: ModelConfig, num_images: int, batch_size: int, schedule: Schedule,
+                  progress: bool = False, description: str = "sampling") -> tuple[torch.Tensor, float]:
+    """Final samples from per-image noise (seed, i) and the wall-clock seconds they took."""
+    start = time.perf_counter()
+    x0 = sample_images(runner, model_cfg.sample_shape, num_images, batch_size, schedule.timesteps, model_cfg.betas(),
+                       eta=schedule.eta, seed=schedule.seed, device=getattr(runner, "device", "cpu"),
+                       progress=progress, description=description)
+    return x0, time.perf_counter() - start
+
+
+def score_digits(x0: torch.Tensor, reference: torch.Tensor | None) -> dict[str, float]:
+    """PSNR vs the full-precision samples from the same noise, digits FID, classifier confidence."""
+    from modiff_trt.metrics import digits_confidence, digits_fid, psnr_db
+
+    confidence, _ = digits_confidence(x0)
+    return {
+        "psnr_db": float("inf") if reference is None else psnr_db(x0, reference),
+        "digits_fid": digits_fid(x0),
+        "confidence": confidence,
+    }
