@@ -1,12 +1,20 @@
-"""Helpers for export tests: residual-absmax scales measured on float trajectories."""
+"""Helpers for export tests: residual-absmax scales measured on float trajectories, exporting a
+tiny model with them, ORT trajectories, and the per-layer MoDiff check of a step graph."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import torch
+from onnx import helper
 
+from modiff_trt.export.exporter import export_model
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet
+from modiff_trt.quant.quantizers import fake_quantize
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, linear_betas
+
+SEQ, BETAS, SHAPE = ddim_timesteps(10, "quad"), linear_betas(), (3, 16, 16)
 
 
 def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10) -> ScaleSet:
@@ -46,3 +54,67 @@ def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10) -> Sc
 
 def tiny_model_config(model) -> ModelConfig:
     return ModelConfig("ddim", model.config, "linear", 1e-4, 0.02, 1000, "tiny-test", "0" * 64)
+
+
+def export(tmp_path, model, config: QuantConfig, name="exp", **kwargs):
+    """Export `model` with absmax scales from float trajectories; (reference qmodel, export dir)."""
+    scales = absmax_scales(model, config, SHAPE) if config.act_bits else None
+    static = QuantConfig(**{**config.to_dict(), "act_scales": "static" if config.act_bits else "dynamic"})
+    qmodel = quantize_unet(model, static, scales)
+    out = tmp_path / name
+    export_model(model, qmodel, tiny_model_config(model), out, **kwargs)
+    return qmodel, out
+
+
+def trajectory(runner, noise):
+    xs = []
+    ddim_sample(runner, noise, SEQ, BETAS, callback=lambda i, t, x: xs.append(x.clone()))
+    return torch.stack(xs)
+
+
+def _expose_layer_inputs(step_path, layers):
+    """Add each layer's input x (what the Sub node reads) as an extra graph output."""
+    model = onnx.load(str(step_path))
+    subs = {n.name.split("/")[0]: n.input[0] for n in model.graph.node if n.op_type == "Sub" and "/" in n.name}
+    for layer in layers:
+        model.graph.output.append(helper.make_tensor_value_info(f"x_of.{layer}", onnx.TensorProto.FLOAT, None))
+        model.graph.node.append(helper.make_node("Identity", [subs[layer]], [f"x_of.{layer}"]))
+    return model
+
+
+def check_step_layers(out, qmodel, noise) -> int:
+    """Run `out`'s warm-up then step graphs on ONNX Runtime along the reference's own sampler
+    states and assert, per layer and step, on ORT's own tensors: rq = Q(x - a_hat_in) exactly (but
+    at rounding ties), a_hat_out = a_hat_in + rq, o_hat_out = o_hat_in + f(rq, Wq). Returns the
+    number of (layer, step) pairs checked."""
+    import onnxruntime as ort
+
+    config, layers = qmodel.config, qmodel.layers
+    step = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    warm = ort.InferenceSession(str(out / "warmup.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in warm.get_outputs()]
+    outs = warm.run(None, {"x": noise.numpy(), "t": np.full(len(noise), float(SEQ[-1]), np.float32)})
+    state = {n.replace("_out.", "_in."): v for n, v in zip(names[1:], outs[1:])}
+    inputs = []  # the reference's own sampler states: realistic residual sizes at every step
+    ddim_sample(qmodel, noise, SEQ, BETAS, callback=lambda i, t, x: inputs.append(x.clone()))
+    checked = 0
+    for t, x in zip(reversed(SEQ[:-1]), inputs):
+        result = dict(zip([o.name for o in step.get_outputs()],
+                          step.run(None, {"x": x.numpy(), "t": np.full(len(x), float(t), np.float32), **state})))
+        for name, layer in layers.items():
+            a_in, o_in = (torch.from_numpy(state[f"{k}_in.{name}"]) for k in ("a_hat", "o_hat"))
+            a_out, o_out = (torch.from_numpy(result[f"{k}_out.{name}"]) for k in ("a_hat", "o_hat"))
+            residual = torch.from_numpy(result[f"x_of.{name}"]) - a_in
+            rq = a_out - a_in
+            for i, g in enumerate(layer.groups):
+                scale = torch.tensor(layer.scales.act[i])
+                want = fake_quantize(residual[:, g], scale, config.act_bits)
+                ratio = residual[:, g] / scale
+                tie = (ratio - ratio.floor() - 0.5).abs() < 1e-3
+                assert torch.allclose(rq[:, g][~tie], want[~tie], atol=1e-5 * float(scale) * 128)
+            f = layer.apply_weight(rq, bias=False)
+            assert torch.allclose(o_out - o_in, f, rtol=1e-4, atol=1e-5 * float(o_in.abs().max()))
+            checked += 1
+        state = {n.replace("_out.", "_in."): v for n, v in result.items() if "_out." in n}
+    return checked

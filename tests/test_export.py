@@ -18,27 +18,8 @@ from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import lint_export, lint_graph
 from modiff_trt.export.manifest import Manifest, load_manifest
 from modiff_trt.quant import QuantConfig, quantize_unet
-from modiff_trt.quant.quantizers import fake_quantize
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, linear_betas
 from tests.conftest import rel_err
-from tests.export_helpers import absmax_scales, tiny_model_config
-
-SEQ, BETAS, SHAPE = ddim_timesteps(10, "quad"), linear_betas(), (3, 16, 16)
-
-
-def export(tmp_path, model, config: QuantConfig, name="exp", **kwargs):
-    scales = absmax_scales(model, config, SHAPE) if config.act_bits else None
-    static = QuantConfig(**{**config.to_dict(), "act_scales": "static" if config.act_bits else "dynamic"})
-    qmodel = quantize_unet(model, static, scales)
-    out = tmp_path / name
-    export_model(model, qmodel, tiny_model_config(model), out, **kwargs)
-    return qmodel, out
-
-
-def trajectory(runner, noise):
-    xs = []
-    ddim_sample(runner, noise, SEQ, BETAS, callback=lambda i, t, x: xs.append(x.clone()))
-    return torch.stack(xs)
+from tests.export_helpers import SEQ, SHAPE, check_step_layers, export, tiny_model_config, trajectory
 
 
 @pytest.fixture
@@ -54,54 +35,14 @@ def test_weight_only_modiff_graphs_match_reference_over_trajectory(tmp_path, tin
     assert err < 1e-5
 
 
-def _expose_layer_inputs(step_path, layers):
-    """Add each layer's input x (what the Sub node reads) as an extra graph output."""
-    model = onnx.load(str(step_path))
-    subs = {n.name.split("/")[0]: n.input[0] for n in model.graph.node if n.op_type == "Sub" and "/" in n.name}
-    for layer in layers:
-        model.graph.output.append(helper.make_tensor_value_info(f"x_of.{layer}", onnx.TensorProto.FLOAT, None))
-        model.graph.node.append(helper.make_node("Identity", [subs[layer]], [f"x_of.{layer}"]))
-    return model
-
-
 @pytest.mark.parametrize("config", [
     QuantConfig(8, 8), QuantConfig(8, 4, split=True), QuantConfig(4, 8), QuantConfig(8, 4, first_step="quantized"),
 ], ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}")
 def test_every_layer_of_ort_step_graph_follows_modiff_at_every_step(tmp_path, tiny_model, noise, config):
     """On ONNX Runtime's own tensors, per layer and step: rq = Q(x - a_hat_in) exactly (but at
     rounding ties), a_hat_out = a_hat_in + rq, o_hat_out = o_hat_in + f(rq, Wq)."""
-    import onnxruntime as ort
-
     qmodel, out = export(tmp_path, tiny_model, config)
-    layers = qmodel.layers
-    step = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
-    warm = ort.InferenceSession(str(out / "warmup.onnx"), providers=["CPUExecutionProvider"])
-    names = [o.name for o in warm.get_outputs()]
-    outs = warm.run(None, {"x": noise.numpy(), "t": np.full(4, float(SEQ[-1]), np.float32)})
-    state = {n.replace("_out.", "_in."): v for n, v in zip(names[1:], outs[1:])}
-    inputs = []  # the reference's own sampler states: realistic residual sizes at every step
-    ddim_sample(qmodel, noise, SEQ, BETAS, callback=lambda i, t, x: inputs.append(x.clone()))
-    checked = 0
-    for t, x in zip(reversed(SEQ[:-1]), inputs):
-        result = dict(zip([o.name for o in step.get_outputs()],
-                          step.run(None, {"x": x.numpy(), "t": np.full(4, float(t), np.float32), **state})))
-        for name, layer in layers.items():
-            a_in, o_in = (torch.from_numpy(state[f"{k}_in.{name}"]) for k in ("a_hat", "o_hat"))
-            a_out, o_out = (torch.from_numpy(result[f"{k}_out.{name}"]) for k in ("a_hat", "o_hat"))
-            residual = torch.from_numpy(result[f"x_of.{name}"]) - a_in
-            rq = a_out - a_in
-            for i, g in enumerate(layer.groups):
-                scale = torch.tensor(layer.scales.act[i])
-                want = fake_quantize(residual[:, g], scale, config.act_bits)
-                ratio = residual[:, g] / scale
-                tie = (ratio - ratio.floor() - 0.5).abs() < 1e-3
-                assert torch.allclose(rq[:, g][~tie], want[~tie], atol=1e-5 * float(scale) * 128)
-            f = layer.apply_weight(rq, bias=False)
-            assert torch.allclose(o_out - o_in, f, rtol=1e-4, atol=1e-5 * float(o_in.abs().max()))
-            checked += 1
-        state = {n.replace("_out.", "_in."): v for n, v in result.items() if "_out." in n}
-    assert checked == len(layers) * (len(SEQ) - 1)
+    assert check_step_layers(out, qmodel, noise) == len(qmodel.layers) * (len(SEQ) - 1)
 
 
 def test_quantized_trajectory_stays_close_and_modiff_beats_plain_on_ort(tmp_path, tiny_model, noise):

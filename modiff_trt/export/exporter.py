@@ -28,13 +28,15 @@ from modiff_trt.export.manifest import (
 )
 from modiff_trt.export.onnx_float import export_float_onnx
 from modiff_trt.export.fp16 import convert_to_fp16
-from modiff_trt.export.qdq import insert_quantization, layer_weights
+from modiff_trt.export.qdq import insert_quantization, layer_weights, qdq_kernel
+from modiff_trt.export.ort_cpu import integer_kernel
 from modiff_trt.export.sites import find_sites
 from modiff_trt.models.config import ModelConfig, load_config
 from modiff_trt.quant import QuantConfig, QuantUNet
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = {"float32": 17, "float16": 19}
+KERNELS = {"trt": qdq_kernel, "ort-cpu": integer_kernel}  # how each target emits a quantized Op
 MAX_IR_VERSION = 10  # TensorRT 10 and onnxruntime read IR <= 10
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger graphs keep weights beside
 
@@ -122,11 +124,14 @@ def export_model(
     """Write `out/` for `qmodel`, the quantized reference of `float_model`; return the manifest.
 
     The float model is traced (its parameter names locate the layers); `qmodel` supplies the
-    integer weights, scales and state shapes.
+    integer weights, scales and state shapes. `target` 'trt' follows TensorRT's Q/DQ rules;
+    'ort-cpu' runs quantized ops on ONNX Runtime's integer CPU kernels (docs/cpu-integer.md).
     """
     model_cfg = model_cfg if isinstance(model_cfg, ModelConfig) else load_config(model_cfg)
     config = qmodel.config
     check_exportable(config)
+    if target not in KERNELS:
+        raise ConfigError(f"target {target!r}: choose one of {', '.join(KERNELS)}")
     if float_dtype not in DEFAULT_OPSET:
         raise ConfigError(f"float dtype {float_dtype!r}: choose float32 or float16")
     opset = opset or DEFAULT_OPSET[float_dtype]
@@ -146,7 +151,7 @@ def export_model(
     out = Path(out)
     with atomic_directory(out) as tmp:
         for kind in kinds:
-            graph = insert_quantization(float_graph, qmodel, kind, shapes, float_dtype, config.state_dtype)
+            graph = insert_quantization(float_graph, qmodel, kind, shapes, float_dtype, config.state_dtype, KERNELS[target])
             file = "unet.onnx" if kind == "plain" else f"{kind}.onnx"
             _save_graph(graph, tmp / file)
             key = "unet" if kind == "plain" else kind

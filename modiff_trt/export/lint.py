@@ -4,6 +4,8 @@ It reads graphs, not our exporter's intentions, so it also catches hand-edited o
 graphs. Rules (REFERENCE.md section 4):
 
 - `forbidden-op`: no QLinear*/ConvInteger/MatMulInteger/DynamicQuantizeLinear in TensorRT graphs
+  (skipped for target `ort-cpu`, whose integer kernels are the point; there a uint8 zero point
+  of 128 also passes `zero-point`: it is the same symmetric int8 grid stored unsigned)
 - `opset` / `ir-version`: default-domain opset 17..20 (fp16 Q/DQ needs >= 19), IR version <= 10
 - `zero-point`: every Q/DQ has an explicit int8 constant zero point equal to 0
 - `scale`: scales are constant, finite and > 0; scalar for activations; 1-D per-channel scales
@@ -63,7 +65,7 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _check_qdq(g: _Graph, node: onnx.NodeProto, name: str, opset: int) -> list[LintIssue]:
+def _check_qdq(g: _Graph, node: onnx.NodeProto, name: str, opset: int, target: str = "trt") -> list[LintIssue]:
     issues = []
     label = node.name or node.output[0]
     if len(node.input) < 3 or not node.input[2]:
@@ -72,7 +74,9 @@ def _check_qdq(g: _Graph, node: onnx.NodeProto, name: str, opset: int) -> list[L
         issues.append(LintIssue(name, "zero-point", label, "zero point is computed, not a constant"))
     else:
         zp = g.consts[node.input[2]]
-        if zp.dtype != np.int8:
+        if target == "ort-cpu" and zp.dtype == np.uint8 and np.all(zp == 128):
+            pass  # symmetric int8 grid shifted onto uint8 for ONNX Runtime's u8 kernels
+        elif zp.dtype != np.int8:
             issues.append(LintIssue(name, "zero-point", label, f"zero point is {zp.dtype}, TensorRT needs int8"))
         elif np.any(zp != 0):
             issues.append(LintIssue(name, "zero-point", label, "non-zero zero point: TensorRT needs symmetric Q/DQ"))
@@ -108,7 +112,7 @@ def lint_graph(model: onnx.ModelProto, name: str = "graph", target: str = "trt")
         if node.op_type in FORBIDDEN and target == "trt":
             issues.append(LintIssue(name, "forbidden-op", label, f"{node.op_type} is not allowed in a TensorRT graph"))
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            issues.extend(_check_qdq(g, node, name, opset))
+            issues.extend(_check_qdq(g, node, name, opset, target))
         if node.op_type in ("Conv", "Gemm", "MatMul"):
             fed = [(src := g.source(i)) is not None and src.op_type == "DequantizeLinear" for i in node.input[:2]]
             if any(fed) and not all(fed):

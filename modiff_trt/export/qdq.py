@@ -18,7 +18,7 @@ the state dtype S; Casts bridge S and F when they differ.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import onnx
@@ -70,39 +70,56 @@ class Emitter:
         return self.op("Identity", [tensor], output) if output else tensor
 
 
-def _fake_quant(em: Emitter, x: str, scale: float, bits: int) -> str:
-    """Clip to the b-bit grid, then int8 QuantizeLinear/DequantizeLinear with zero point 0."""
+def quantize_codes(em: Emitter, x: str, scale: float, bits: int,
+                   zero_point: np.ndarray | None = None) -> tuple[str, str, str]:
+    """Clip to the b-bit grid, then QuantizeLinear: (codes, scale, zero point) tensor names.
+
+    The zero point defaults to int8 0 (TensorRT); a uint8 128 gives the same grid shifted by 128.
+    """
     if scale <= 0 or not np.isfinite(scale):
         raise ArtifactError(f"layer {em.prefix}: activation scale {scale} is not a positive number; recalibrate")
     lo, hi = int_range(bits)
     s = em.float_const("scale", scale)
-    zp = em.const("zero_point", np.array(0, dtype=np.int8))
+    zp = em.const("zero_point", np.array(0, dtype=np.int8) if zero_point is None else zero_point)
     if bits < 8:
         x = em.op("Clip", [x, em.float_const("lo", lo * np.float64(scale)), em.float_const("hi", hi * np.float64(scale))])
-    q = em.op("QuantizeLinear", [x, s, zp])
-    return em.op("DequantizeLinear", [q, s, zp])
+    return em.op("QuantizeLinear", [x, s, zp]), s, zp
+
+
+def _fake_quant(em: Emitter, x: str, scale: float, bits: int) -> str:
+    """Clip to the b-bit grid, then int8 QuantizeLinear/DequantizeLinear with zero point 0."""
+    return em.op("DequantizeLinear", list(quantize_codes(em, x, scale, bits)))
+
+
+def weight_codes(layer: QuantLayer, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes [O, group channels, ...], per-output-channel float64 scale [O]) of one channel group."""
+    codes = layer.weight_codes[:, layer.groups[group]].numpy()
+    if codes.min() < -128 or codes.max() > 127:
+        raise ArtifactError(
+            f"layer {layer.name}: integer weights span [{codes.min():.0f}, {codes.max():.0f}], outside int8; "
+            "8-bit asymmetric weights cannot run on symmetric int8 kernels exactly: use symmetric weights"
+        )
+    return codes.astype(np.int8), layer.weight_scale[:, group].numpy().astype(np.float64)
 
 
 def _weight(em: Emitter, layer: QuantLayer, group: int, quantized: bool) -> str:
     """Weight of one channel group as int8 + per-channel DQ (axis 0); unquantized: the whole float weight."""
     if not quantized or layer.weight_codes is None:
         return em.float_const("w", layer.w_deq.numpy())
-    cols = layer.groups[group]
-    codes = layer.weight_codes[:, cols].numpy()
-    if codes.min() < -128 or codes.max() > 127:
-        raise ArtifactError(
-            f"layer {layer.name}: integer weights span [{codes.min():.0f}, {codes.max():.0f}], outside int8; "
-            "8-bit asymmetric weights cannot run on symmetric int8 kernels exactly: use symmetric weights"
-        )
-    scale = layer.weight_scale[:, group].numpy().astype(em.float_dtype)
-    w = em.const("w_int8", codes.astype(np.int8))
+    codes, scale = weight_codes(layer, group)
+    w = em.const("w_int8", codes)
     zp = em.const("w_zero_point", np.zeros(codes.shape[0], dtype=np.int8))
-    return em.op("DequantizeLinear", [w, em.const("w_scale", scale), zp], axis=0)
+    return em.op("DequantizeLinear", [w, em.float_const("w_scale", scale), zp], axis=0)
+
+
+def op_attributes(site: LayerSite) -> dict:
+    """The attributes (strides, pads, ...) of the layer's original node."""
+    return {a.name: helper.get_attribute_value(a) for a in site.attributes}
 
 
 def _apply(em: Emitter, site: LayerSite, x: str, w: str, bias: np.ndarray | None, output: str | None = None) -> str:
     """Op(x, w) (+ bias) in the form the layer had: Conv, Gemm(transB) or MatMul(x, w^T)."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in site.attributes}
+    attrs = op_attributes(site)
     b = [em.float_const("bias", bias)] if bias is not None else []
     if site.op == "MatMul":
         y = em.op("MatMul", [x, em.op("Transpose", [w], perm=[1, 0])], None if b else output)
@@ -110,8 +127,27 @@ def _apply(em: Emitter, site: LayerSite, x: str, w: str, bias: np.ndarray | None
     return em.op(site.op, [x, w, *b], output, **attrs)
 
 
+class GroupKernel(Protocol):
+    """Emits one channel group of a quantized layer: (dequantized input, float Op output).
+
+    The graph form of the MoDiff bookkeeping (residual, state Adds, split/concat) is shared by
+    every target; only how `Op(Q(x), Wq)` is computed differs, so targets plug in here.
+    """
+
+    def __call__(self, em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, scale: float,
+                 bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]: ...
+
+
+def qdq_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, scale: float,
+               bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]:
+    """TensorRT form: Op(DQ(Q(Clip(x))), DQ(W_int8)) (+ bias), float output."""
+    xq = _fake_quant(em, x, scale, layer.config.act_bits)
+    return xq, _apply(em, site, xq, _weight(em, layer, group, True), bias, output)
+
+
 def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scales: list[float] | None,
-                  bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]:
+                  bias: np.ndarray | None, output: str | None = None,
+                  kernel: GroupKernel = qdq_kernel) -> tuple[str, str]:
     """(fake-quantized input, Op output): per channel group when the layer is split."""
     bits = layer.config.act_bits
     if bits is None:  # weight-only: float activations, so the (exact) dequantized weight stays float too
@@ -119,24 +155,23 @@ def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scale
     if scales is None:
         raise ArtifactError(f"layer {layer.name} has no static activation scale: export needs a calibration")
     if len(layer.groups) == 1:
-        xq = _fake_quant(em, x, scales[0], bits)
-        return xq, _apply(em, site, xq, _weight(em, layer, 0, True), bias, output)
+        return kernel(em, site, layer, x, 0, scales[0], bias, output)
     if site.op != "Conv":
         raise ArtifactError(f"layer {layer.name}: split quantization is only supported for convolutions")
     sizes = em.const("split", np.array([g.stop - g.start for g in layer.groups], dtype=np.int64))
     parts = [em.fresh("group") for _ in layer.groups]
     em.nodes.append(helper.make_node("Split", [x, sizes], parts, name=em.fresh("Split"), axis=1))
-    quantized = [_fake_quant(em, p, scales[i], bits) for i, p in enumerate(parts)]
     # The bias rides on the first group's Conv; the second group's Conv adds on top.
-    outs = [_apply(em, site, q, _weight(em, layer, i, True), bias if i == 0 else None) for i, q in enumerate(quantized)]
-    return em.op("Concat", quantized, axis=1), em.op("Add", outs, output)
+    pairs = [kernel(em, site, layer, p, i, scales[i], bias if i == 0 else None) for i, p in enumerate(parts)]
+    return em.op("Concat", [q for q, _ in pairs], axis=1), em.op("Add", [y for _, y in pairs], output)
 
 
-def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind, state_dtype: np.dtype) -> None:
+def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind, state_dtype: np.dtype,
+                kernel: GroupKernel) -> None:
     bias = None if layer.module.bias is None else layer.module.bias.detach().numpy()
     s = layer.scales
     if kind == "plain":
-        _quantized_op(em, site, layer, site.x, s.act, bias, output=site.y)
+        _quantized_op(em, site, layer, site.x, s.act, bias, output=site.y, kernel=kernel)
         return
     a_out, o_out = naming.state_output("a_hat", layer.name), naming.state_output("o_hat", layer.name)
     if kind == "warmup":
@@ -144,14 +179,14 @@ def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind
             a_hat = site.x
             _apply(em, site, site.x, _weight(em, layer, 0, quantized=False), bias, output=site.y)
         else:
-            a_hat, _ = _quantized_op(em, site, layer, site.x, s.warmup, bias, output=site.y)
+            a_hat, _ = _quantized_op(em, site, layer, site.x, s.warmup, bias, output=site.y, kernel=kernel)
     else:
         a_in, o_in = naming.state_input("a_hat", layer.name), naming.state_input("o_hat", layer.name)
         if state_dtype != em.float_dtype:
             a_in = em.op("Cast", [a_in], to=ONNX_TYPE[em.float_dtype])
             o_in = em.op("Cast", [o_in], to=ONNX_TYPE[em.float_dtype])
         residual = em.op("Sub", [site.x, a_in])
-        rq, f = _quantized_op(em, site, layer, residual, s.act, None)
+        rq, f = _quantized_op(em, site, layer, residual, s.act, None, kernel=kernel)
         a_hat = em.op("Add", [a_in, rq])
         em.op("Add", [o_in, f], site.y)
     em.convert(a_hat, state_dtype, a_out)
@@ -184,8 +219,13 @@ def insert_quantization(
     state_shapes: dict[str, tuple[list[int], list[int]]],
     float_dtype: str = "float32",
     state_dtype: str = "float32",
+    kernel: GroupKernel = qdq_kernel,
 ) -> onnx.ModelProto:
-    """A copy of the float graph `model` with every layer of `qmodel` rewritten for `kind`."""
+    """A copy of the float graph `model` with every layer of `qmodel` rewritten for `kind`.
+
+    `kernel` emits each quantized Op: TensorRT-style Q/DQ by default (`qdq_kernel`); the
+    ort-cpu target passes integer kernels (`modiff_trt.export.ort_cpu`).
+    """
     fdt, sdt = np.dtype(float_dtype), np.dtype(state_dtype)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -196,7 +236,7 @@ def insert_quantization(
     removed: set[int] = set()
     for name, site in sites.items():
         em = Emitter(name, fdt)
-        _emit_layer(em, site, layers[name], kind, sdt)
+        _emit_layer(em, site, layers[name], kind, sdt, kernel)
         replacements[site.position] = em
         removed.update(site.removed)
         graph.initializer.extend(em.initializers)
