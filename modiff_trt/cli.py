@@ -125,6 +125,7 @@ def sample(
     seed: int = SEED,
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."),
     pngs: bool = typer.Option(True, "--pngs/--no-pngs", help="Write one PNG per image."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="trt backend: capture one CUDA graph per state arrangement."),
     trust_checkpoint: bool = TRUST,
 ) -> None:
     """Sample images: one PNG per image, grid.png and samples.npz (arr_0 uint8 NHWC, x0 float32 NCHW).
@@ -142,7 +143,8 @@ def sample(
         from modiff_trt.engines.factory import open_runner
         from modiff_trt.export.schedule import manifest_betas
 
-        runner, manifest = open_runner(export_dir, backend, batch_size=batch_size, trust=trust_checkpoint)
+        runner, manifest = open_runner(export_dir, backend, batch_size=batch_size, trust=trust_checkpoint,
+                                       cuda_graph=cuda_graph)
         sample_shape, betas = manifest.model["sample_shape"], manifest_betas(manifest)
     else:
         if config is None:
