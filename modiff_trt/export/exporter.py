@@ -41,8 +41,11 @@ MAX_IR_VERSION = 10  # TensorRT 10 and onnxruntime read IR <= 10
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger graphs keep weights beside
 
 
-def _state_shapes(qmodel: QuantUNet, sample_shape: tuple[int, ...]) -> dict[str, tuple[list[int], list[int]]]:
-    """Per-sample input/output shape of every layer (= a_hat / o_hat), from one call at batch 1."""
+def _state_shapes(
+    qmodel: QuantUNet, sample_shape: tuple[int, ...], context_shape: tuple[int, ...] | None = None
+) -> dict[str, tuple[list[int], list[int]]]:
+    """Per-sample input/output shape of every layer (= a_hat / o_hat), from one call at batch 1
+    (with a context for cross-attention UNets: the attn2 key/value layers read it)."""
     shapes: dict[str, tuple[list[int], list[int]]] = {}
     hooks = [
         layer.register_forward_hook(
@@ -53,7 +56,8 @@ def _state_shapes(qmodel: QuantUNet, sample_shape: tuple[int, ...]) -> dict[str,
     qmodel.reset_state()
     try:
         with torch.no_grad():
-            qmodel(torch.zeros(1, *sample_shape), torch.full((1,), 500.0))
+            context = None if context_shape is None else torch.zeros(1, *context_shape)
+            qmodel(torch.zeros(1, *sample_shape), torch.full((1,), 500.0), context)
     finally:
         for hook in hooks:
             hook.remove()
@@ -120,12 +124,16 @@ def export_model(
     opset: int | None = None,
     batch_size: int | None = None,
     target: str = "trt",
+    guidance: bool = False,
 ) -> Manifest:
     """Write `out/` for `qmodel`, the quantized reference of `float_model`; return the manifest.
 
     The float model is traced (its parameter names locate the layers); `qmodel` supplies the
     integer weights, scales and state shapes. `target` 'trt' follows TensorRT's Q/DQ rules;
     'ort-cpu' runs quantized ops on ONNX Runtime's integer CPU kernels (docs/cpu-integer.md).
+    Text-conditioned configs get a `context` input. `guidance`: the engines will run
+    classifier-free guidance, so each image owns two state slots (cond + uncond); recorded as
+    `export.state_batch_multiplier` = 2 so memory figures count both.
     """
     model_cfg = model_cfg if isinstance(model_cfg, ModelConfig) else load_config(model_cfg)
     config = qmodel.config
@@ -139,8 +147,11 @@ def export_model(
         raise ConfigError(f"opset {opset} is outside 17..20, the range TensorRT 10 and onnxruntime both parse")
     started = time.perf_counter()
     sample_shape = tuple(model_cfg.sample_shape)
-    shapes = _state_shapes(qmodel, sample_shape)
-    float_graph = export_float_onnx(float_model, sample_shape, opset, batch_size)
+    context_shape = model_cfg.context_shape
+    if guidance and context_shape is None:
+        raise ConfigError(f"{model_cfg.source} takes no text context: classifier-free guidance (--cfg) does not apply")
+    shapes = _state_shapes(qmodel, sample_shape, context_shape)
+    float_graph = export_float_onnx(float_model, sample_shape, opset, batch_size, context_shape)
     if float_dtype == "float16":
         if opset < 19:
             raise ConfigError(f"fp16 Q/DQ scales need opset >= 19 (got --opset {opset})")
@@ -166,6 +177,8 @@ def export_model(
                 "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
                 "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
                 "sample_shape": list(sample_shape),
+                "context_shape": None if context_shape is None else list(context_shape),
+                "timesteps": model_cfg.timestep_convention,
             },
             quant=config.to_dict(),
             sampling={
@@ -181,7 +194,7 @@ def export_model(
                 "state_dtype": config.state_dtype,
                 "batch_size": batch_size,
                 "target": target,
-                "state_batch_multiplier": 1,
+                "state_batch_multiplier": 2 if guidance else 1,
                 "seconds": round(time.perf_counter() - started, 2),
             },
             graphs=graphs,

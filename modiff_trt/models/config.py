@@ -18,7 +18,7 @@ import yaml
 
 from modiff_trt.errors import ConfigError
 from modiff_trt.models.ddim_unet import DDIMUNet, DDIMUNetConfig
-from modiff_trt.sampling.schedules import make_betas
+from modiff_trt.sampling.schedules import ddim_timesteps, make_betas
 
 BUILTIN_DIR = "configs"
 
@@ -47,6 +47,25 @@ class ModelConfig:
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return (self.unet.in_channels, self.unet.resolution, self.unet.resolution)
+
+    @property
+    def context_shape(self) -> tuple[int, ...] | None:
+        """Per-sample cross-attention input shape; None: the UNet takes no context."""
+        return None
+
+    @property
+    def timestep_convention(self) -> str:
+        """'ddim' (ermongroup runner) or 'ldm' (`range(0, T, T // S) + 1`): samplers pick by it."""
+        return "ddim"
+
+    @property
+    def default_steps(self) -> int:
+        """Sampling steps used when the user gives none (the paper setting)."""
+        return 100
+
+    def timesteps(self, num_steps: int, skip_type: str = "quad") -> list[int]:
+        """The increasing timestep sequence this family's sampler runs."""
+        return ddim_timesteps(num_steps, skip_type, self.num_train_timesteps)
 
 
 def builtin_names() -> list[str]:
@@ -116,12 +135,18 @@ def _ddim_config(raw: dict[str, Any], source: str, sha: str) -> ModelConfig:
 
 
 def load_config(config: str | Path) -> ModelConfig:
-    """Parse a built-in name or YAML path into a `ModelConfig`."""
+    """Parse a built-in name or YAML path into a `ModelConfig`.
+
+    One entry point for every family: ddim YAMLs/built-ins give family 'ddim'; latent-diffusion
+    YAMLs (`model.params.unet_config`) and the built-ins `ldm-churches`, `ldm-bedrooms`, `sd-v1`
+    give a `LatentModelConfig` (family 'ldm' or 'sd'), parsed by `ldm_configs`.
+    """
+    from modiff_trt.models import latent  # imports this module: bind late
+
+    if isinstance(config, str) and not Path(config).is_file() and config in latent.BUILTIN_CONFIGS:
+        return latent.builtin_latent_config(config)
     raw, source, data = _read_yaml(config)
     sha = hashlib.sha256(data).hexdigest()
-    if "model" in raw and isinstance(raw["model"], dict) and "params" in raw["model"]:
-        raise ConfigError(
-            f"{source} is a latent-diffusion config (model.params.unet_config); "
-            "use `modiff_trt.models.ldm_configs` for latent diffusion models"
-        )
+    if isinstance(raw.get("model"), dict) and "params" in raw["model"]:
+        return latent.yaml_latent_config(raw, source, sha)
     return _ddim_config(raw, source, sha)

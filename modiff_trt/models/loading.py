@@ -45,10 +45,22 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], chec
 
 
 def load_unet(
-    config: str | Path | ModelConfig, checkpoint: str | Path | None, trust: bool = False
+    config: str | Path | ModelConfig, checkpoint: str | Path | None, trust: bool = False, ema: bool = False
 ) -> torch.nn.Module:
-    """Build the UNet of `config` and load `checkpoint` into it (None: random init, for speed tests)."""
+    """Build the UNet of `config` and load `checkpoint` into it (None: random init, for speed tests).
+
+    Latent-diffusion configs go to `ldm_configs.load_ldm_unet`, which reads Lightning, EMA
+    (`ema=True`), fp16 and Q-Diffusion files; ddim checkpoints have no EMA switch (their EMA
+    copy is the file itself or the last list entry).
+    """
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
+    ldm = getattr(cfg, "ldm", None)
+    if ldm is not None and checkpoint is not None:
+        from modiff_trt.models.ldm_configs import load_ldm_unet
+
+        return load_ldm_unet(ldm, checkpoint, ema=ema, trust=trust)
+    if ema and ldm is None:
+        raise ConfigError(f"--ema applies to latent-diffusion checkpoints; {cfg.source} is a {cfg.family} config")
     model = cfg.build()
     if checkpoint is not None:
         state = extract_state_dict(read_checkpoint(checkpoint, trust=trust), str(checkpoint))
