@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from modiff_trt import __version__
-from modiff_trt.calibrators.collect import DEFAULT_RESERVOIR, TrajectoryCollector, calibration_steps, input_channels
+from modiff_trt.calibrators.collect import (
+    DEFAULT_RESERVOIR,
+    TrajectoryCollector,
+    TrajectoryFn,
+    calibration_steps,
+    input_channels,
+)
 from modiff_trt.calibrators.fileformat import Calibration, save_calibration
 from modiff_trt.calibrators.search import (
     DEFAULT_PERCENTILE,
@@ -35,7 +41,8 @@ from modiff_trt.quant.config import MAX_BITS, MIN_BITS
 from modiff_trt.quant.layer import channel_groups
 from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.quant.scales import LayerScales
-from modiff_trt.sampling import ddim_timesteps
+from modiff_trt.sampling.conditioning import ContextSource
+from modiff_trt.sampling.ldm_run import LDMSampling, sampling_for, trajectory_fn
 
 if TYPE_CHECKING:
     from modiff_trt.calibrators.qdiffusion import QDiffusionImport
@@ -88,14 +95,21 @@ def measure_activations(
     percentile: float = DEFAULT_PERCENTILE,
     reservoir: int = DEFAULT_RESERVOIR,
     progress: bool = True,
+    trajectory: TrajectoryFn | None = None,
+    num_calls: int | None = None,
 ) -> dict[str, LayerScales]:
-    """Static activation scales per layer: residual (+ warm-up) scales for MoDiff, raw for plain."""
-    steps = calibration_steps(len(timesteps), cali_st, modulate)
+    """Static activation scales per layer: residual (+ warm-up) scales for MoDiff, raw for plain.
+
+    `trajectory` and `num_calls` (model calls per trajectory) replace the DDIM loop for latent
+    diffusion, whose samplers may call the UNet more often than there are timesteps (PLMS).
+    """
+    steps = calibration_steps(num_calls or len(timesteps), cali_st, modulate)
     log.info("calibrating %s at steps %s of %d (%d trajectories)",
              "residuals" if modulate else "raw inputs", steps, len(timesteps), cali_n)
     n_batches = -(-cali_n // batch_size)
     collector = TrajectoryCollector(model, steps, modulate, n_batches, splits, reservoir, seed)
-    stats = collector.run(model_cfg.sample_shape, timesteps, model_cfg.betas(), eta, cali_n, batch_size, seed, progress)
+    stats = collector.run(model_cfg.sample_shape, timesteps, model_cfg.betas(), eta, cali_n, batch_size, seed, progress,
+                          trajectory=trajectory)
 
     def scales(group_stats):
         return [activation_scale(s.values(), s.absmax, act_bits, method, percentile) for s in group_stats]
@@ -120,13 +134,27 @@ def mse_weights(
     return out
 
 
+def _latent_sampling(
+    model_cfg: ModelConfig, steps: int, sampler: str | None, eta: float | None, guidance_scale: float | None,
+    conditioning: ContextSource | None, seed: int,
+) -> tuple[LDMSampling, TrajectoryFn] | None:
+    """The LDM sampler settings and the collector's trajectory, or None for ddim configs."""
+    if getattr(model_cfg, "ldm", None) is None:
+        return None
+    sampling = sampling_for(model_cfg, sampler, steps, eta, guidance_scale)
+    if model_cfg.context_shape is not None and conditioning is None:
+        raise ConfigError(f"{model_cfg.source} is text-conditioned: calibrate with prompts (--prompt/--from-file "
+                          "and --text-encoder DIR) or random context (--random-context, for tests)")
+    return sampling, trajectory_fn(model_cfg, sampling, seed, conditioning)
+
+
 def calibrate(
     config: str | Path | ModelConfig,
     checkpoint: str | Path | None,
     out: str | Path,
     steps: int = 100,
     skip_type: str = "quad",
-    eta: float = 0.0,
+    eta: float | None = None,
     cali_st: int = 20,
     cali_n: int = 256,
     batch_size: int = 32,
@@ -145,6 +173,10 @@ def calibrate(
     trust: bool = False,
     imported: QDiffusionImport | None = None,
     device: str | torch.device = "cpu",
+    ema: bool = False,
+    sampler: str | None = None,
+    guidance_scale: float | None = None,
+    conditioning: ContextSource | None = None,
 ) -> Calibration:
     """Calibrate static scales on full-precision DDIM trajectories and write them to `out`.
 
@@ -155,6 +187,12 @@ def calibrate(
     both --first-step modes; `first_step` records the intended one. `imported` (from
     `import_qdiffusion(modulate=True)`) supplies the integer weights instead of `weight_method`.
     `device` runs the trajectories there (statistics are moved to the CPU as they stream in).
+
+    Latent-diffusion configs calibrate on the trajectories `sample` runs: LDM DDIM (or PLMS,
+    the SD default) with `sampler`/`guidance_scale` defaulting to the paper settings, `steps`
+    None meaning the config's default. SD needs `conditioning` (prompts through a text encoder,
+    or `RandomContext` in tests); under guidance the statistics cover the cond+uncond batch,
+    exactly what the MoDiff state will hold. `ema` loads the checkpoint's EMA weights.
     """
     started = time.perf_counter()
     check_method(method)
@@ -167,12 +205,16 @@ def calibrate(
     if cali_n < 1 or batch_size < 1:
         raise ConfigError(f"cali_n ({cali_n}) and batch_size ({batch_size}) must be >= 1")
     model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
+    steps = steps or model_cfg.default_steps
+    latent = _latent_sampling(model_cfg, steps, sampler, eta, guidance_scale, conditioning, seed)
+    eta = latent[0].eta if latent else (eta or 0.0)  # None: the config's setting (ddim: 0)
     try:
-        timesteps = ddim_timesteps(steps, skip_type, model_cfg.num_train_timesteps)
-        calibration_steps(len(timesteps), cali_st, modulate)
+        timesteps = model_cfg.timesteps(steps, skip_type)
+        num_calls = latent[0].model_calls(len(timesteps)) if latent else len(timesteps)
+        calibration_steps(num_calls, cali_st, modulate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    model = load_unet(model_cfg, checkpoint, trust=trust).to(device)
+    model = load_unet(model_cfg, checkpoint, trust=trust, ema=ema).to(device)
     splits = imported.splits if imported is not None else model_splits(model, split)
     layers = {name: LayerScales() for name in quantizable_layers(model)}
     if act_bits is not None:
@@ -181,6 +223,7 @@ def calibrate(
                 model, model_cfg, timesteps, eta=eta, cali_st=cali_st, cali_n=cali_n, batch_size=batch_size,
                 act_bits=act_bits, method=method, modulate=modulate, seed=seed, splits=splits,
                 percentile=percentile, reservoir=reservoir, progress=progress,
+                trajectory=latent[1] if latent else None, num_calls=num_calls,
             )
     weights_note: dict[str, Any] = {}
     if imported is not None:
@@ -200,9 +243,11 @@ def calibrate(
         weight_bits=weight_bits, act_bits=act_bits, method=method, weight_method=weight_method,
         percentile=percentile if method == "percentile" else None, reservoir=reservoir,
         origin="calibration" if imported is None else "qdiffusion+calibration", weights=weights_note or None,
-        schedule={"steps": steps, "skip_type": skip_type, "eta": eta, "cali_st": cali_st, "cali_n": cali_n,
+        schedule={"steps": steps, "skip_type": skip_type if not latent else "ldm-uniform",
+                  "eta": eta, "cali_st": cali_st, "cali_n": cali_n,
                   "batch_size": batch_size, "seed": seed,
-                  "calibration_steps": calibration_steps(len(timesteps), cali_st, modulate)},
+                  "calibration_steps": calibration_steps(num_calls, cali_st, modulate),
+                  **({"sampler": latent[0].sampler, "guidance_scale": latent[0].guidance_scale} if latent else {})},
         report={"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1),
                 "peak_cuda_mb": None if gpu_peak is None else round(gpu_peak, 1)},
     )

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +37,8 @@ from modiff_trt.sampling.run import progress_bar
 
 log = logging.getLogger(__name__)
 DEFAULT_RESERVOIR = 1 << 16
+#: (model, noise, image indices, advance) -> None: one batch of float trajectories.
+TrajectoryFn = Callable[[nn.Module, torch.Tensor, list[int], Callable[..., None]], None]
 
 
 @dataclass
@@ -116,7 +118,7 @@ class TrajectoryCollector:
                 act=[StreamStats(act_chunk) for _ in groups],
                 warmup=[StreamStats(warm_chunk) for _ in groups] if modulate else None,
             )
-        self.step = 0
+        self.step = self.calls = 0
         self.previous: dict[str, torch.Tensor] = {}
 
     def _hook(self, name: str):
@@ -134,6 +136,11 @@ class TrajectoryCollector:
 
         return hook
 
+    def _count_call(self, module: nn.Module, args: tuple) -> None:
+        """Number model calls, not sampler steps: PLMS calls the UNet twice in its first step,
+        and a stateful runner counts those calls (the second is already a modulated step)."""
+        self.step, self.calls = self.calls, self.calls + 1
+
     def run(
         self,
         sample_shape: Sequence[int],
@@ -144,23 +151,32 @@ class TrajectoryCollector:
         batch_size: int,
         seed: int,
         progress: bool,
+        trajectory: TrajectoryFn | None = None,
     ) -> dict[str, LayerStats]:
-        """Sample `cali_n` float trajectories in batches; image i's noise depends on (seed, i)."""
+        """Sample `cali_n` float trajectories in batches; image i's noise depends on (seed, i).
+
+        `trajectory(model, noise, indices, advance)` replaces the DDIM loop (latent diffusion:
+        LDM DDIM / PLMS with guidance); it must call `advance()` once per sampler step.
+        """
         device = next(self.model.parameters()).device
         handles = [self.model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.stats]
+        handles.append(self.model.register_forward_pre_hook(self._count_call))
         try:
             with progress_bar(disable=not progress) as bar:
                 task = bar.add_task("calibration trajectories", total=cali_n * len(timesteps))
                 for start in range(0, cali_n, batch_size):
                     indices = list(range(start, min(start + batch_size, cali_n)))
-                    self.step, self.previous = 0, {}
+                    self.step, self.calls, self.previous = 0, 0, {}
 
-                    def advance(step: int, t: torch.Tensor, x: torch.Tensor, n: int = len(indices)) -> None:
-                        self.step = step + 1
+                    def advance(*_: object, n: int = len(indices)) -> None:
                         bar.advance(task, n)
 
+                    noise = image_noise(seed, indices, sample_shape).to(device)
+                    if trajectory is not None:
+                        trajectory(self.model, noise, indices, advance)
+                        continue
                     ddim_sample(
-                        self.model, image_noise(seed, indices, sample_shape).to(device), timesteps, betas, eta=eta,
+                        self.model, noise, timesteps, betas, eta=eta,
                         generator=step_generators(seed, indices) if eta > 0 else None, callback=advance,
                     )
         finally:

@@ -54,8 +54,8 @@ def save_samples(x0: torch.Tensor, out: Path, first_index: int = 0, pngs: bool =
     return images
 
 
-def save_npz(images: np.ndarray, x0: torch.Tensor, path: Path) -> None:
-    """`arr_0` (uint8 NHWC) and `x0` (float32 NCHW), written atomically."""
+def save_npz(images: np.ndarray, x0: torch.Tensor, path: Path, **extra: np.ndarray) -> None:
+    """`arr_0` (uint8 NHWC) and `x0` (float32 NCHW), plus `extra` arrays (LDMs: `z0` latents), atomically."""
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, arr_0=images, x0=x0.detach().float().cpu().numpy())
+        np.savez(tmp, arr_0=images, x0=x0.detach().float().cpu().numpy(), **extra)
     os.replace(tmp.name, path)
