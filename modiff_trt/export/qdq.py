@@ -212,6 +212,17 @@ def layer_weights(qmodel: QuantUNet, dtype: str) -> dict[str, tuple[np.ndarray, 
     }
 
 
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` minus those whose results nothing reads (ONNX Runtime would still run them): e.g. the
+    dequantized input an integer kernel returns for a_hat, which a plain graph never uses."""
+    needed, keep = set(outputs), []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+    return keep[::-1]
+
+
 def insert_quantization(
     model: onnx.ModelProto,
     qmodel: QuantUNet,
@@ -246,16 +257,16 @@ def insert_quantization(
             nodes.extend(replacements[index].nodes)
         if index not in removed:
             nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
     batch = graph.input[0].type.tensor_type.shape.dim[0]
     batch_dim: int | str = batch.dim_param or batch.dim_value
     if kind != "plain":
         if kind == "step":
             graph.input.extend(_state_value_infos(layers, state_shapes, "in", sdt, batch_dim))
         graph.output.extend(_state_value_infos(layers, state_shapes, "out", sdt, batch_dim))
+    del graph.node[:]
+    graph.node.extend(_live(nodes, {o.name for o in graph.output}))
+    used = {i for n in graph.node for i in n.input}
+    keep = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
     return out
