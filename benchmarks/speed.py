@@ -1,0 +1,248 @@
+"""Per-step UNet latency on CPU, every runtime side by side in one run -> BENCHMARKS.md `speed`.
+
+The full-size DDIM CIFAR-10 UNet (35.7M parameters, random weights: speed does not depend on
+them) at several batch sizes. Scales are dummy absmax values from one float pass (speed does not
+depend on them either). Rows: torch fp32 eager, ORT fp32 (the float graph), ORT INT8 plain and
+MoDiff step for the TensorRT-style graphs (`--target trt`) and the CPU integer graphs
+(`--target ort-cpu`), and the seed demo's torch.ao native-int8 MoDiff in eager. For MoDiff the
+warm-up (first) step runs first and only later steps are timed: those are what a trajectory
+repeats. Median of >= 5 timed calls after warm-up calls.
+
+    python benchmarks/speed.py            # full run, writes the `speed` section of BENCHMARKS.md
+    python benchmarks/speed.py --quick    # smoke run: batch 1, few calls, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from report import command_line, machine, markdown_table, write_section  # noqa: E402
+from torch_native import native_modiff_unet, reset  # noqa: E402
+
+from modiff_trt.engines.ort_backend import OrtRunner  # noqa: E402
+from modiff_trt.export.exporter import export_model  # noqa: E402
+from modiff_trt.export.manifest import Manifest  # noqa: E402
+from modiff_trt.export.onnx_float import export_float_onnx  # noqa: E402
+from modiff_trt.models import load_config, load_unet  # noqa: E402
+from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet  # noqa: E402
+from modiff_trt.quant.model import quantizable_layers  # noqa: E402
+
+RESIDUAL_FRACTION = 0.05  # dummy MoDiff residual range: a few percent of the activation's
+
+
+@dataclass
+class Variant:
+    key: str
+    label: str
+    setup: Callable[[torch.Tensor, torch.Tensor], Callable[[], object]]  # (x, t) -> one timed step
+
+
+def float_pass_absmax(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[dict[str, float], dict[str, float]]:
+    """Input and output absmax of every Conv/Linear over one float call (dummy calibration)."""
+    names = quantizable_layers(model)
+    inputs: dict[str, float] = {}
+    outputs: dict[str, float] = {}
+
+    def record(name: str):
+        def hook(module, args, output) -> None:
+            inputs[name], outputs[name] = float(args[0].abs().max()), float(output.abs().max())
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    with torch.inference_mode():
+        model(torch.randn(2, *shape), torch.full((2,), 500.0))
+    for h in hooks:
+        h.remove()
+    return inputs, outputs
+
+
+def scale_set(absmax: dict[str, float], modulate: bool) -> ScaleSet:
+    fraction = RESIDUAL_FRACTION if modulate else 1.0
+    layers = {n: LayerScales(act=[max(v * fraction, 1e-6) / 127]) for n, v in absmax.items()}
+    return ScaleSet(modulate=modulate, layers=layers, source="speed-dummy-absmax")
+
+
+def export_all(model, cfg, absmax, work: Path) -> tuple[dict[str, Path], dict[str, float], dict[str, Manifest]]:
+    """Float graph + {trt, ort-cpu} x {plain, modiff} exports; paths, export seconds, manifests."""
+    paths, seconds, manifests = {}, {}, {}
+    started = time.perf_counter()
+    graph = export_float_onnx(model, cfg.sample_shape, 17, None)
+    graph.ir_version = min(graph.ir_version, 10)
+    paths["float"] = work / "float.onnx"
+    onnx.save(graph, str(paths["float"]))
+    seconds["float"] = time.perf_counter() - started
+    for target in ("trt", "ort-cpu"):
+        for modulate in (False, True):
+            key = f"{target}-{'modiff' if modulate else 'plain'}"
+            qmodel = quantize_unet(model, QuantConfig(8, 8, modulate=modulate, act_scales="static"),
+                                   scale_set(absmax, modulate))
+            started = time.perf_counter()
+            manifests[key] = export_model(model, qmodel, cfg, work / key, target=target)
+            seconds[key] = time.perf_counter() - started
+            paths[key] = work / key
+            print(f"exported {key} in {seconds[key]:.1f} s", flush=True)
+    return paths, seconds, manifests
+
+
+def state_bytes_per_sample(manifest: Manifest) -> int:
+    """a_hat + o_hat of every layer for one sample, in the state dtype (one set; ping-pong holds two)."""
+    item = np.dtype(manifest.export.get("state_dtype", "float32")).itemsize
+    return sum((math.prod(l.a_hat_shape) + math.prod(l.o_hat_shape)) * item for l in manifest.layers)
+
+
+def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+
+    def torch_eager(x, t):
+        return lambda: model(x, t)
+
+    def ort_float(x, t):
+        session = ort.InferenceSession(str(paths["float"]), options, providers=["CPUExecutionProvider"])
+        feeds = {"x": x.numpy(), "t": t.numpy()}
+        return lambda: session.run(None, feeds)
+
+    def ort_runner(key: str) -> Callable:
+        def setup(x, t):
+            runner = OrtRunner(paths[key], device="cpu", threads=threads)
+            runner.reset_state()
+            if "modiff" in key:
+                runner(x, t)  # warm-up graph: creates the state; later calls run step.onnx
+            return lambda: runner(x, t)
+        return setup
+
+    def native(x, t):
+        unet = native_modiff_unet(model, {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in absmax.items()},
+                                  {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in out_absmax.items()})
+        reset(unet)
+        unet(x, t)  # float warm-up step
+        return lambda: unet(x, t)
+
+    return [
+        Variant("torch-fp32", "torch fp32 eager", torch_eager),
+        Variant("ort-fp32", "ORT fp32 (float graph)", ort_float),
+        Variant("trt-plain", "ORT INT8 plain, trt-style Q/DQ (unet.onnx)", ort_runner("trt-plain")),
+        Variant("trt-modiff", "ORT INT8 MoDiff step, trt-style Q/DQ (step.onnx)", ort_runner("trt-modiff")),
+        Variant("ort-cpu-plain", "ORT INT8 plain, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-plain")),
+        Variant("ort-cpu-modiff", "ORT INT8 MoDiff step, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-modiff")),
+        Variant("torch-native", "seed demo: torch.ao quantized conv/linear + float MoDiff state, eager "
+                "(output requantized to int8: not exact)", native),
+    ]
+
+
+def measure(step: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median milliseconds of `repeats` calls after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1 only, 5 calls; print, do not write BENCHMARKS.md")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per cell (batch >= 32: 5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
+    args = parser.parse_args(argv)
+    batches = [1] if args.quick else args.batches
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config("ddim-cifar10")
+    model = load_unet(cfg, None).eval()
+    absmax, out_absmax = float_pass_absmax(model, tuple(cfg.sample_shape))
+    results: dict[str, dict[int, float]] = {}
+    loads: dict[int, str] = {}
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        paths, export_seconds, manifests = export_all(model, cfg, absmax, Path(tmp))
+        rows = variants(model, paths, absmax, out_absmax, args.threads)
+        for batch in batches:
+            repeats = 5 if args.quick or batch >= 32 else max(5, args.repeats)
+            x = torch.randn(batch, *cfg.sample_shape)
+            t = torch.full((batch,), 500.0)
+            for variant in rows:
+                step = variant.setup(x, t)
+                results.setdefault(variant.key, {})[batch] = measure(step, 1, repeats)
+                del step
+                print(f"batch {batch:>2} {variant.key:<15} {results[variant.key][batch]:9.1f} ms", flush=True)
+            loads[batch] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    body = report(rows, results, batches, loads, export_seconds, manifests, args)
+    print(body)
+    if not args.quick:
+        write_section("speed", body)
+
+
+def _ratio(results, num: str, den: str, batch: int) -> float:
+    return results[num][batch] / results[den][batch]
+
+
+def report(rows, results, batches, loads, export_seconds, manifests, args) -> str:
+    b = 8 if 8 in batches else batches[-1]  # issue 6 states its targets at batch 8
+    header = ["runtime / graph"] + [f"batch {n} (ms/step)" for n in batches] + [f"speed-up vs ORT fp32 @ b{b}"]
+    table = [[v.label] + [f"{results[v.key][n]:.1f}" for n in batches]
+             + [f"{_ratio(results, 'ort-fp32', v.key, b):.2f}x"] for v in rows]
+    lines = [
+        "## Speed: per-step UNet latency on CPU",
+        "",
+        f"Command: `{command_line()}`  ",
+        f"Machine: {machine()}; torch and ORT intra-op threads = {args.threads}, ORT default graph "
+        "optimizations and thread spinning. The cores are shared with other work: load average "
+        f"(1/5/15 min) after each batch: {'; '.join(f'b{k}: {v}' for k, v in loads.items())}.",
+        "",
+        "Full-size DDIM CIFAR-10 UNet (35.7M params, 113 Conv/Linear), random weights, W8A8 with "
+        "dummy static scales, fp warm-up. Median of >= 5 timed calls after one warm-up call "
+        "(batch 32: 5 calls); MoDiff rows time later steps (the warm-up graph runs once before).",
+        "",
+        markdown_table(header, table),
+        "",
+        "| MoDiff state | per sample | per batch 8 (x2 ping-pong buffers) |",
+        "|---|---|---|",
+    ]
+    state = state_bytes_per_sample(manifests["trt-modiff"])
+    lines.append(f"| a_hat + o_hat, 113 layers, fp32 | {state / 2**20:.1f} MiB | {2 * 8 * state / 2**20:.0f} MiB |")
+    lines += ["", "Export time (`float`: the float trace alone; the others: `export_model` = float trace + Q/DQ pass "
+              "+ ONNX full check + save): "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in export_seconds.items()) + ".", ""]
+    targets = [
+        ("ORT INT8 MoDiff step vs ORT fp32", ">= 2.5x", "ort-fp32", "modiff", False),
+        ("ORT INT8 MoDiff step vs torch fp32 eager", ">= 3x", "torch-fp32", "modiff", False),
+        ("MoDiff step overhead over plain INT8", "<= 15%", "modiff", "plain", True),
+    ]
+    lines += [f"Targets (issue 6) at batch {b}:", "",
+              "| target | goal | trt-style graph | ort-cpu graph |", "|---|---|---|---|"]
+    for name, goal, num, den, overhead in targets:
+        cells = []
+        for target in ("trt", "ort-cpu"):
+            n = f"{target}-{num}" if num in ("modiff", "plain") else num
+            d = f"{target}-{den}" if den in ("modiff", "plain") else den
+            r = _ratio(results, n, d, b)
+            cells.append(f"{(r - 1) * 100:+.0f}%" if overhead else f"{r:.2f}x")
+        lines.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
