@@ -124,13 +124,14 @@ class TrajectoryCollector:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x, stats, step = args[0], self.stats[name], self.step
+            linear = isinstance(module, nn.Linear)  # channels last: [B, C] or [B, tokens, C]
             if self.modulate and step == 0:
                 for group, s in zip(stats.groups, stats.warmup):
-                    s.update(x[:, group], self.generator)
+                    s.update(x[..., group] if linear else x[:, group], self.generator)
             if step in self.steps:
                 value = x - self.previous.pop(name) if self.modulate else x
                 for group, s in zip(stats.groups, stats.act):
-                    s.update(value[:, group], self.generator)
+                    s.update(value[..., group] if linear else value[:, group], self.generator)
             if self.modulate and step + 1 in self.steps:
                 self.previous[name] = x.detach().clone()
 

@@ -100,7 +100,7 @@ class QuantLayer(nn.Module):
             )
         parts = []
         for i, group in enumerate(self.groups):
-            part = x[:, group]
+            part = self._channels(x, group)
             if static:
                 scale = torch.tensor(scales[i], dtype=x.dtype, device=x.device)
                 zp = None if zero_points is None else torch.tensor(zero_points[i], dtype=x.dtype, device=x.device)
@@ -109,7 +109,12 @@ class QuantLayer(nn.Module):
             else:
                 scale, zp = asymmetric_params(part.amin(), part.amax(), bits)
             parts.append(fake_quantize(part, scale, bits, zp))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1 if self.kind == "linear" else 1)
+
+    def _channels(self, x: torch.Tensor, group: slice) -> torch.Tensor:
+        """Input channels `group` of x: the last dim for a Linear (SpatialTransformer Linears see
+        [B, tokens, C]), dim 1 for a conv."""
+        return x[..., group] if self.kind == "linear" else x[:, group]
 
     def apply_weight(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
         """f(x, Wq) (+ b): the layer's own op with the dequantized weight."""
