@@ -95,11 +95,16 @@ MODULATE = typer.Option(True, "--modulate/--no-modulate", help="MoDiff modulatio
 FIRST_STEP = typer.Option("fp", "--first-step", help="Warm-up step: 'fp' (float activations) or 'quantized'.")
 SPLIT = typer.Option(False, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion).")
 STATE_DTYPE = typer.Option("float32", "--state-dtype", help="Precision of a_hat/o_hat between steps: float32|float16.")
-STEPS = typer.Option(100, "--steps", help="Number of DDIM steps.")
 SKIP_TYPE = typer.Option("quad", "--skip-type", help="Timestep selection: 'quad' or 'uniform' (ddim runner).")
-ETA = typer.Option(0.0, "--eta", help="DDIM eta (0: deterministic).")
 SEED = typer.Option(0, "--seed", help="Seed: image i's noise depends only on (seed, i).")
 TRUST = typer.Option(False, "--trust-checkpoint", help="Load pickled checkpoints with weights_only=False (only for files you trust).")
+EMA = typer.Option(False, "--ema/--no-ema", help="Latent diffusion: use the checkpoint's EMA weights (model_ema.*).")
+SAMPLER = typer.Option(None, "--sampler", help="Latent diffusion: ddim or plms (default: the config's, PLMS for SD).")
+GUIDANCE = typer.Option(None, "--guidance-scale", help="SD classifier-free guidance scale (default 7.5; 1 disables it).")
+PROMPT = typer.Option(None, "--prompt", help="SD: one prompt for every image.")
+FROM_FILE = typer.Option(None, "--from-file", help="SD: prompts, one per line (image i gets line i mod n).")
+TEXT_ENCODER = typer.Option(None, "--text-encoder", help="SD: local directory of a CLIP ViT-L/14 text model (needs pip install 'modiff-trt[sd]').")
+RANDOM_CONTEXT = typer.Option(False, "--random-context", help="SD: random context tensors instead of prompts (smoke tests only).")
 
 
 @app.command()
@@ -119,20 +124,31 @@ def sample(
     state_dtype: str = STATE_DTYPE,
     num_images: int = typer.Option(16, "--num-images", "-n", help="How many images to sample."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch (MoDiff state is per batch)."),
-    steps: int = STEPS,
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: 100 for ddim, the paper setting for LDM/SD)."),
     skip_type: str = SKIP_TYPE,
-    eta: float = ETA,
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: 0; LSUN-Bedrooms: 1)."),
     seed: int = SEED,
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."),
     pngs: bool = typer.Option(True, "--pngs/--no-pngs", help="Write one PNG per image."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="trt backend: capture one CUDA graph per state arrangement."),
     trust_checkpoint: bool = TRUST,
+    ema: bool = EMA,
+    sampler: Optional[str] = SAMPLER,
+    guidance_scale: Optional[float] = GUIDANCE,
+    prompt: Optional[str] = PROMPT,
+    from_file: Optional[Path] = FROM_FILE,
+    text_encoder: Optional[Path] = TEXT_ENCODER,
+    random_context: bool = RANDOM_CONTEXT,
 ) -> None:
     """Sample images: one PNG per image, grid.png and samples.npz (arr_0 uint8 NHWC, x0 float32 NCHW).
 
+    Latent-diffusion models sample latents (LDM DDIM, or PLMS with classifier-free guidance for
+    SD) and decode them with the checkpoint's first stage; samples.npz then adds z0 (latents).
+
     Examples:\n
       modiff-trt sample --config ddim-cifar10 --checkpoint model-790000.ckpt --act-bits 4 -n 64\n
-      modiff-trt sample exports/cifar --backend ort -n 64
+      modiff-trt sample exports/cifar --backend ort -n 64\n
+      modiff-trt sample exports/sd --backend ort --text-encoder clip-vit-large-patch14 --prompt "a church" -n 4
     """
     import time
 
@@ -146,6 +162,11 @@ def sample(
         runner, manifest = open_runner(export_dir, backend, batch_size=batch_size, trust=trust_checkpoint,
                                        cuda_graph=cuda_graph)
         sample_shape, betas = manifest.model["sample_shape"], manifest_betas(manifest)
+        model_cfg, checkpoint = None, manifest.model.get("checkpoint")
+        if manifest.model["family"] != "ddim":
+            from modiff_trt.models import load_config
+
+            model_cfg = load_config(manifest.model["config"])
     else:
         if config is None:
             raise typer.BadParameter("give an export directory, or --config (and --checkpoint) for the torch reference")
@@ -156,13 +177,20 @@ def sample(
 
         model_cfg = load_config(config)
         quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype)
-        runner = reference_runner(model_cfg, checkpoint, quant, calibration, trust=trust_checkpoint)
+        runner = reference_runner(model_cfg, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
         sample_shape, betas = model_cfg.sample_shape, model_cfg.betas()
     start = time.perf_counter()
-    write_samples(
-        runner, sample_shape, betas, out, num_images=num_images, batch_size=batch_size,
-        timesteps=ddim_timesteps(steps, skip_type), eta=eta, seed=seed, pngs=pngs,
-    )
+    if model_cfg is not None and model_cfg.family != "ddim":
+        from modiff_trt.sampling.ldm_run import sample_ldm_to
+
+        sample_ldm_to(runner, model_cfg, checkpoint, out, num_images, batch_size, seed, pngs, trust_checkpoint,
+                      dict(sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale),
+                      dict(prompt=prompt, from_file=from_file, text_encoder=text_encoder, random_context=random_context))
+    else:
+        write_samples(
+            runner, sample_shape, betas, out, num_images=num_images, batch_size=batch_size,
+            timesteps=ddim_timesteps(steps or 100, skip_type), eta=eta or 0.0, seed=seed, pngs=pngs,
+        )
     console.print(f"wrote {num_images} samples to [bold]{out}[/] in {time.perf_counter() - start:.1f} s")
 
 
@@ -283,6 +311,8 @@ def export_cmd(
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Dynamic batch dimension (the default when --batch-size is absent)."),
     target: str = typer.Option("trt", "--target", help="trt (TensorRT rules, also runs on ONNX Runtime) or ort-cpu (integer CPU kernels)."),
     trust_checkpoint: bool = TRUST,
+    ema: bool = EMA,
+    guidance: Optional[bool] = typer.Option(None, "--cfg/--no-cfg", help="SD: engines run classifier-free guidance, so the state holds cond+uncond (2 per image; default on for SD). A fixed --batch-size counts both halves."),
 ) -> None:
     """Export warmup.onnx + step.onnx (MoDiff) or unet.onnx (plain) with explicit Q/DQ, and manifest.json.
 
@@ -299,7 +329,9 @@ def export_cmd(
         raise typer.BadParameter(f"--float {float_dtype}: choose fp32 or fp16")
     scales = "static" if calibration is not None else "dynamic"
     quant = quant_config_from_options(weight_bits, act_bits, modulate, scales, first_step, split, state_dtype)
-    model_cfg, float_model, qmodel = load_reference(config, checkpoint, quant, calibration, trust=trust_checkpoint)
+    model_cfg, float_model, qmodel = load_reference(config, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
+    if guidance is None:
+        guidance = model_cfg.context_shape is not None
     sampling = None
     if calibration is not None:
         from modiff_trt.calibrators import load_calibration
@@ -307,7 +339,7 @@ def export_cmd(
         sampling = load_calibration(calibration).meta.get("schedule")
     manifest = export_model(
         float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration, sampling=sampling,
-        float_dtype=dtype, opset=opset, batch_size=batch_size, target=target,
+        float_dtype=dtype, opset=opset, batch_size=batch_size, target=target, guidance=guidance,
     )
     console.print(
         f"exported {len(manifest.layers)} quantized layers to [bold]{out}[/] "
@@ -423,9 +455,9 @@ def calibrate_command(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Float UNet checkpoint to calibrate. The file is tied to its sha256: sample with the same one."),
     out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors); pass it to sample/export with --calibration."),
     from_qdiffusion: Optional[Path] = typer.Option(None, "--from-qdiffusion", help="Import a released Q-Diffusion checkpoint (e.g. cifar_w4a8_ckpt.pth) instead of --checkpoint: its AdaRound integer weights, plus its raw activation scales (--no-modulate) or freshly calibrated residual scales (--modulate). Give the bits from the file name."),
-    steps: int = STEPS,
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps to calibrate on (default: 100 for ddim, the paper setting for LDM/SD)."),
     skip_type: str = SKIP_TYPE,
-    eta: float = ETA,
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: 0; LSUN-Bedrooms: 1)."),
     cali_st: int = typer.Option(20, "--cali-st", help="How many evenly spaced sampling steps to measure (Q-Diffusion CIFAR-10: 20 of 100)."),
     cali_n: int = typer.Option(256, "--cali-n", help="How many full-precision trajectories to sample. Memory does not grow with it; time does."),
     batch_size: int = typer.Option(32, "--batch-size", help="Trajectories per batch: sets peak memory (CIFAR-10: about 15 MB per sample)."),
@@ -437,6 +469,13 @@ def calibrate_command(
     seed: int = SEED,
     split: bool = SPLIT,
     trust_checkpoint: bool = TRUST,
+    ema: bool = EMA,
+    sampler: Optional[str] = SAMPLER,
+    guidance_scale: Optional[float] = GUIDANCE,
+    prompt: Optional[str] = PROMPT,
+    from_file: Optional[Path] = FROM_FILE,
+    text_encoder: Optional[Path] = TEXT_ENCODER,
+    random_context: bool = RANDOM_CONTEXT,
 ) -> None:
     """Measure static activation scales (what TensorRT needs) on full-precision DDIM trajectories.
 
@@ -459,8 +498,14 @@ def calibrate_command(
         result = import_qdiffusion(config, from_qdiffusion, out, weight_bits=_bits(weight_bits), act_bits=_bits(act_bits),
                                    modulate=modulate, trust=trust_checkpoint, **(options if modulate else {}))
     else:
-        result = calibrate(config, checkpoint, out, weight_bits=_bits(weight_bits), act_bits=_bits(act_bits),
-                           modulate=modulate, split=split, trust=trust_checkpoint, **options)
+        from modiff_trt.models import load_config
+        from modiff_trt.sampling.ldm_run import make_conditioning
+
+        model_cfg = load_config(config)
+        latent = dict(ema=ema, sampler=sampler, guidance_scale=guidance_scale, conditioning=make_conditioning(
+            model_cfg, prompt, from_file, text_encoder, random_context, seed)) if model_cfg.family != "ddim" else {}
+        result = calibrate(model_cfg, checkpoint, out, weight_bits=_bits(weight_bits), act_bits=_bits(act_bits),
+                           modulate=modulate, split=split, trust=trust_checkpoint, **options, **latent)
     report = result.meta.get("report") or {}
     console.print(f"wrote {len(result.layers)} layers of {result.kind} scales to [bold]{out}[/]"
                   + (f" in {report['seconds']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB" if report else ""))

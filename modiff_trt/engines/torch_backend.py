@@ -27,10 +27,12 @@ def load_reference(
     quant: QuantConfig,
     calibration: str | Path | None = None,
     trust: bool = False,
+    ema: bool = False,
 ) -> tuple[ModelConfig, torch.nn.Module, QuantUNet]:
-    """(config, float UNet, quantized reference) of a config + checkpoint (+ calibration)."""
+    """(config, float UNet, quantized reference) of a config + checkpoint (+ calibration);
+    `ema` picks a latent-diffusion checkpoint's EMA weights."""
     model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
-    float_model = load_unet(model_cfg, checkpoint, trust=trust)
+    float_model = load_unet(model_cfg, checkpoint, trust=trust, ema=ema)
     return model_cfg, float_model, quantize_unet(float_model, quant, load_scales(calibration, model_cfg, checkpoint))
 
 
@@ -40,9 +42,10 @@ def reference_runner(
     quant: QuantConfig,
     calibration: str | Path | None = None,
     trust: bool = False,
+    ema: bool = False,
 ) -> QuantUNet:
     """The quantized reference model of a config + checkpoint (+ calibration for static scales)."""
-    return load_reference(config, checkpoint, quant, calibration, trust)[2]
+    return load_reference(config, checkpoint, quant, calibration, trust, ema)[2]
 
 
 def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:

@@ -48,6 +48,9 @@ class LDMSampling:
         return num_timesteps + 1 if self.sampler == "plms" else num_timesteps
 
 
+SD_DEFAULT = LDMSampling("plms", 50, 0.0, 7.5)
+
+
 def sampling_for(
     model_cfg: ModelConfig,
     sampler: str | None = None,
@@ -59,12 +62,19 @@ def sampling_for(
     ldm = getattr(model_cfg, "ldm", None)
     if ldm is None:
         raise ConfigError(f"{model_cfg.source} is a {model_cfg.family} config, not a latent-diffusion one")
+    default = LDMSampling(ldm.sampler, ldm.steps, ldm.eta, ldm.guidance_scale)
+    if model_cfg.family == "sd" and (ldm.sampler, ldm.guidance_scale) == ("ddim", 1.0):
+        default = SD_DEFAULT  # an official SD YAML names no sampler: use the paper's PLMS + CFG 7.5
     chosen = LDMSampling(
-        sampler=sampler or ldm.sampler,
-        steps=steps or ldm.steps,
-        eta=ldm.eta if eta is None else eta,
-        guidance_scale=ldm.guidance_scale if guidance_scale is None else guidance_scale,
+        sampler=sampler or default.sampler,
+        steps=steps or default.steps,
+        eta=default.eta if eta is None else eta,
+        guidance_scale=default.guidance_scale if guidance_scale is None else guidance_scale,
     )
+    if (model_cfg.num_train_timesteps // chosen.steps) * (len(model_cfg.timesteps(chosen.steps)) - 1) + 1 \
+            >= model_cfg.num_train_timesteps:
+        raise ConfigError(f"{chosen.steps} steps: the LDM timesteps range(0, T, T // S) + 1 reach T; "
+                          "choose a step count that divides the training timesteps (e.g. 50, 100, 200, 250)")
     if chosen.sampler not in SAMPLERS:
         raise ConfigError(f"sampler {chosen.sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if chosen.sampler == "plms" and chosen.eta != 0:
@@ -178,3 +188,56 @@ def trajectory_fn(
         ldm_trajectory(model, noise, alphas, sampling, indices, seed, conditioning, callback=advance)
 
     return run
+
+
+def make_conditioning(
+    model_cfg: ModelConfig,
+    prompt: str | None = None,
+    from_file: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    random_context: bool = False,
+    seed: int = 0,
+) -> ContextSource | None:
+    """Context for a text-conditioned config from CLI-style options (None for unconditional ones)."""
+    from modiff_trt.sampling.conditioning import PromptContext, RandomContext, read_prompts
+
+    if model_cfg.context_shape is None:
+        if prompt or from_file or text_encoder or random_context:
+            raise ConfigError(f"{model_cfg.source} is unconditional: it takes no prompts or context")
+        return None
+    if random_context:
+        return RandomContext(model_cfg.context_shape, seed)
+    if text_encoder is None:
+        raise ConfigError(f"{model_cfg.source} is text-conditioned: give --text-encoder DIR (a local CLIP ViT-L/14 "
+                          "text model) with --prompt or --from-file, or --random-context for a smoke test")
+    try:
+        prompts = read_prompts(prompt, None if from_file is None else str(from_file))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    from modiff_trt.sampling.text_encoder import ClipTextEncoder
+
+    return PromptContext(ClipTextEncoder(text_encoder), prompts)
+
+
+def sample_ldm_to(
+    runner: Callable[..., torch.Tensor],
+    model_cfg: ModelConfig,
+    checkpoint: str | Path | None,
+    out: Path,
+    num_images: int,
+    batch_size: int,
+    seed: int,
+    pngs: bool,
+    trust: bool,
+    sampler_options: dict,
+    context_options: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`modiff-trt sample` for LDM/SD: settings, context, the checkpoint's decoder, then write."""
+    from modiff_trt.models.ldm_configs import load_first_stage
+
+    if checkpoint is None:
+        raise ConfigError("latent diffusion needs --checkpoint: its first-stage decoder turns latents into images")
+    sampling = sampling_for(model_cfg, **sampler_options)
+    conditioning = make_conditioning(model_cfg, seed=seed, **context_options)
+    decoder = load_first_stage(model_cfg.ldm, checkpoint, trust=trust)
+    return write_ldm_samples(runner, model_cfg, decoder, out, sampling, num_images, batch_size, seed, conditioning, pngs)

@@ -1,0 +1,168 @@
+"""LSUN-Churches / LSUN-Bedrooms / SD v1 shaped models through calibrate -> export -> sample.
+
+Small configs in the official YAML layout and Lightning checkpoints are written here (helpers
+from test_ldm_models); every weight is randomised, so no two layers share weight values and the
+exporter's value-based MatMul matching cannot confuse them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from modiff_trt.calibrators import calibrate
+from modiff_trt.cli import app
+from modiff_trt.engines.ort_backend import OrtRunner
+from modiff_trt.errors import BackendUnavailableError, CheckpointError, ConfigError
+from modiff_trt.export.exporter import export_model
+from modiff_trt.export.lint import lint_export
+from modiff_trt.export.manifest import load_manifest
+from modiff_trt.models import load_config, load_unet
+from modiff_trt.models.autoencoder import FirstStageConfig, build_first_stage
+from modiff_trt.models.ldm_configs import load_first_stage
+from modiff_trt.quant import QuantConfig, quantize_unet
+from modiff_trt.sampling.conditioning import RandomContext
+from modiff_trt.sampling.ldm import ldm_betas
+from modiff_trt.sampling.ldm_run import ldm_trajectory, sampling_for, write_ldm_samples
+from modiff_trt.engines.torch_backend import load_reference, reference_runner
+from tests.conftest import rel_err
+from tests.export_helpers import check_step_layers
+from tests.test_ldm_models import SMALL, lightning_ckpt, randomize, write_yaml
+
+
+def _small(tmp_path, name: str, seed: int = 0):
+    """(config path, checkpoint path, float UNet) of a shrunk paper config, decoder included."""
+    path = write_yaml(tmp_path, name, SMALL[name])
+    cfg = load_config(path)
+    unet = randomize(cfg.build(), seed).eval()
+    decoder = randomize(build_first_stage(FirstStageConfig.from_yaml(SMALL[name]["first_stage_config"])), seed + 1)
+    return path, lightning_ckpt(tmp_path, name, unet, decoder), unet
+
+
+def _trajectory(runner, cfg, sampling, noise, context):
+    xs = []
+    ldm_trajectory(runner, noise, cfg.alphas_cumprod(), sampling, list(range(len(noise))), 0, context,
+                   callback=lambda i, x, x0: xs.append(x.clone()))
+    return torch.stack(xs)
+
+
+def test_load_config_gives_latent_model_configs():
+    churches, sd = load_config("ldm-churches"), load_config("sd-v1")
+    assert (churches.family, churches.sample_shape, churches.context_shape) == ("ldm", (4, 32, 32), None)
+    assert (sd.family, sd.sample_shape, sd.context_shape) == ("sd", (4, 64, 64), (77, 768))
+    assert load_config("ldm-bedrooms").sample_shape == (3, 64, 64)
+    assert torch.equal(sd.betas(), ldm_betas(0.00085, 0.012).float())
+    assert sd.timesteps(50)[:2] == [1, 21] and sd.timestep_convention == "ldm"
+    assert load_config("ddim-cifar10").timesteps(10, "uniform")[:2] == [0, 100]
+    assert sd.sha256 == load_config("sd-v1").sha256 != churches.sha256
+
+
+def test_load_unet_reads_lightning_files_and_names_mismatches(tmp_path):
+    path, ckpt, unet = _small(tmp_path, "churches")
+    loaded = load_unet(path, ckpt)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([10])
+    assert torch.equal(loaded(x, t), unet(x, t))
+    other = write_yaml(tmp_path, "bedrooms", SMALL["bedrooms"])
+    with pytest.raises(CheckpointError, match="churches.ckpt"):
+        load_unet(other, ckpt)
+    with pytest.raises(ConfigError, match="latent-diffusion"):
+        load_unet("ddim-cifar10", None, ema=True)
+
+
+def test_sd_weight_only_ort_follows_torch_under_guidance(tmp_path):
+    """Context input, CFG multiplier 2 in the manifest, runner sees 2N, PLMS trajectory < 1e-4."""
+    path, ckpt, unet = _small(tmp_path, "sd")
+    cfg = load_config(path)
+    qmodel = quantize_unet(unet, QuantConfig(8, None))
+    manifest = export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt, guidance=True)
+    assert manifest.export["state_batch_multiplier"] == 2 and manifest.model["context_shape"] == [77, 16]
+    assert len(manifest.layers) == len(qmodel.layers)  # every SpatialTransformer Linear found
+    assert "context" in {s.name for s in manifest.graphs["step"].inputs}
+    assert lint_export(tmp_path / "exp") == []
+    ort = OrtRunner(tmp_path / "exp")
+    seen = []
+
+    def counting(x, t, context=None):  # records the batch the engine gets
+        seen.append(x.shape[0])
+        return ort(x, t, context)
+
+    counting.reset_state = ort.reset_state
+    sampling = sampling_for(cfg, steps=2)
+    noise = torch.randn(2, *cfg.sample_shape, generator=torch.Generator().manual_seed(3))
+    context = RandomContext(cfg.context_shape)
+    got = _trajectory(counting, cfg, sampling, noise, context)
+    assert sampling.sampler == "plms" and set(seen) == {4} and len(seen) == 3
+    assert rel_err(got, _trajectory(qmodel, cfg, sampling, noise, context)) < 1e-4
+
+
+def test_sd_calibrate_export_and_every_layer_follows_modiff(tmp_path):
+    path, ckpt, _ = _small(tmp_path, "sd", seed=1)
+    context = RandomContext(load_config(path).context_shape)
+    with pytest.raises(ConfigError, match="text-conditioned"):
+        calibrate(path, ckpt, tmp_path / "x.safetensors", steps=2, cali_n=1, progress=False)
+    cal = calibrate(path, ckpt, tmp_path / "sd.safetensors", steps=2, cali_st=3, cali_n=2, batch_size=2,
+                    conditioning=context, progress=False)
+    # PLMS: 2 steps are 3 UNet calls (the first step calls twice); residuals exist at calls 1 and 2
+    assert cal.meta["schedule"]["sampler"] == "plms" and cal.meta["schedule"]["calibration_steps"] == [1, 2]
+    cfg, unet, qmodel = load_reference(
+        path, ckpt, QuantConfig(8, 8, act_scales="static"), tmp_path / "sd.safetensors")
+    export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt, guidance=True)
+    sampling = sampling_for(cfg, steps=2)
+    noise = torch.randn(1, *cfg.sample_shape, generator=torch.Generator().manual_seed(5))
+    checked = check_step_layers(tmp_path / "exp", qmodel, noise,
+                                run=lambda m: _trajectory(m, cfg, sampling, noise, context))
+    assert checked == len(qmodel.layers) * (sampling.model_calls(2) - 1)
+
+
+def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
+    path, ckpt, unet = _small(tmp_path, "churches")
+    cfg = load_config(path)
+    qmodel = quantize_unet(unet, QuantConfig(8, None))
+    export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt)
+    with pytest.raises(ConfigError, match="guidance"):
+        export_model(unet, qmodel, cfg, tmp_path / "bad", guidance=True)
+    sampling = sampling_for(cfg, steps=5)
+    assert (sampling.sampler, sampling.guided) == ("ddim", False)
+    noise = torch.randn(2, *cfg.sample_shape, generator=torch.Generator().manual_seed(4))
+    assert rel_err(_trajectory(OrtRunner(tmp_path / "exp"), cfg, sampling, noise, None),
+                   _trajectory(qmodel, cfg, sampling, noise, None)) < 1e-4
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "exp"), "--backend", "ort", "-n", "3",
+                                      "--batch-size", "2", "--steps", "4", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    npz = np.load(tmp_path / "out" / "samples.npz")
+    assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["z0"].shape == (3, 4, 8, 8) and npz["x0"].shape == (3, 3, 16, 16)
+    assert (tmp_path / "out" / "000002.png").is_file()
+
+
+def test_bedrooms_vq_decoder_and_eta_sampling(tmp_path):
+    path, ckpt, _ = _small(tmp_path, "bedrooms")
+    cfg = load_config(path)
+    runner = reference_runner(cfg, ckpt, QuantConfig(8, None))
+    decoder = load_first_stage(cfg.ldm, ckpt)
+    sampling = sampling_for(cfg, steps=2, eta=1.0)
+    images, latents = write_ldm_samples(runner, cfg, decoder, tmp_path / "out", sampling, 2, 2, seed=1,
+                                        pngs=False, progress=False)
+    again, _ = write_ldm_samples(runner, cfg, decoder, tmp_path / "again", sampling, 2, 2, seed=1,
+                                 pngs=False, progress=False)
+    assert latents.shape == (2, 3, 8, 8) and images.shape == (2, 3, 32, 32) and torch.equal(images, again)
+
+
+def test_text_conditioning_errors_are_clear(tmp_path):
+    sd = load_config("sd-v1")
+    from modiff_trt.sampling.ldm_run import make_conditioning
+
+    with pytest.raises(ConfigError, match="--text-encoder"):
+        make_conditioning(sd, prompt="a church")
+    with pytest.raises(ConfigError, match="unconditional"):
+        make_conditioning(load_config("ldm-churches"), prompt="a church")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailableError, match=r"modiff-trt\[sd\]"):
+            make_conditioning(sd, prompt="a church", text_encoder=tmp_path)
+    with pytest.raises(ConfigError, match="unconditional"):
+        sampling_for(load_config("ldm-churches"), guidance_scale=7.5)
+    with pytest.raises(ConfigError, match="divides"):
+        sampling_for(sd, steps=3)  # range(0, 1000, 333) + 1 would index timestep 1000
