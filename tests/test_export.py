@@ -18,6 +18,7 @@ from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import lint_export, lint_graph
 from modiff_trt.export.manifest import Manifest, load_manifest
 from modiff_trt.quant import QuantConfig, quantize_unet
+from modiff_trt.quant.quantizers import fake_quantize
 from tests.conftest import rel_err
 from tests.export_helpers import SEQ, SHAPE, check_step_layers, export, tiny_model_config, trajectory
 
@@ -230,3 +231,35 @@ def test_fp16_export_keeps_timestep_embedding_fp32_and_tracks_reference(tmp_path
     assert all(i not in inits or inits[i].data_type != onnx.TensorProto.FLOAT16 for i in sin.input)
     # fp16 rounding of activations and scales: an fp16-sized bound against the fp32 reference.
     assert rel_err(trajectory(OrtRunner(out), noise[:2]), trajectory(qmodel, noise[:2])) < 1e-2
+
+
+def test_asymmetric_imported_activation_grid_runs_exactly_on_int8(tmp_path, tiny_model):
+    """Q-Diffusion's asymmetric b<=7-bit activation grids become a clipped symmetric int8 Q/DQ."""
+    import onnxruntime as ort
+
+    from modiff_trt.export.qdq import Emitter, _fake_quant, act_grid
+    from modiff_trt.quant import LayerScales, ScaleSet
+
+    config = QuantConfig(8, 4, modulate=False, act_scales="static")
+    probe = quantize_unet(tiny_model, config.__class__(8, 4, modulate=False))
+    scales = ScaleSet(False, {n: LayerScales(act=[0.05], act_zero_point=[5.0]) for n in probe.layers})
+    qmodel = quantize_unet(tiny_model, config, scales)
+    layer = qmodel.layers["conv_in"]
+    em = Emitter("conv_in", np.dtype("float32"))
+    y = _fake_quant(em, "x", act_grid(layer, 0.05, 5.0))
+    graph = helper.make_graph(em.nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4096])],
+                              [helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [4096])], em.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = torch.linspace(-1.0, 1.0, 4096)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    want = fake_quantize(x, torch.tensor(0.05), 4, torch.tensor(5.0))
+    assert torch.equal(torch.from_numpy(got), want)
+    out = tmp_path / "asym"
+    export_model(tiny_model, qmodel, tiny_model_config(tiny_model), out)
+    assert lint_export(out) == []
+    assert load_manifest(out).layers[0].act_zero_point == [5.0]
+    wide = ScaleSet(False, {n: LayerScales(act=[0.05], act_zero_point=[100.0]) for n in probe.layers})
+    eight = quantize_unet(tiny_model, QuantConfig(8, 8, modulate=False, act_scales="static"), wide)
+    with pytest.raises(ArtifactError, match="outside int8"):
+        export_model(tiny_model, eight, tiny_model_config(tiny_model), tmp_path / "wide")

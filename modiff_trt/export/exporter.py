@@ -97,6 +97,7 @@ def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]
             warmup_act_scale=None if s.warmup is None else [float(v) for v in s.warmup],
             a_hat_shape=shapes[name][0],
             o_hat_shape=shapes[name][1],
+            act_zero_point=None if s.act_zero_point is None else [float(v) for v in s.act_zero_point],
         ))
     return table
 

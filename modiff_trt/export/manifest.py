@@ -63,6 +63,7 @@ class LayerSpec:
     warmup_act_scale: list[float] | None  # scales of the quantized warm-up (first_step='quantized')
     a_hat_shape: list[int]  # per sample (no batch dim)
     o_hat_shape: list[int]
+    act_zero_point: list[float] | None = None  # imported asymmetric grids (run as clipped symmetric int8)
 
 
 @dataclass

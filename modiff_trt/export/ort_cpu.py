@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from modiff_trt.export.qdq import ONNX_TYPE, Emitter, op_attributes, quantize_codes, weight_codes
+from modiff_trt.export.qdq import ONNX_TYPE, ActGrid, Emitter, op_attributes, quantize_codes, weight_codes
 from modiff_trt.export.sites import LayerSite
 from modiff_trt.quant import QuantLayer
 
@@ -36,7 +36,7 @@ def to_uint8(codes: np.ndarray) -> np.ndarray:
     return (codes.astype(np.int16) + 128).astype(np.uint8)
 
 
-def integer_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, scale: float,
+def integer_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, grid: ActGrid,
                    bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]:
     """One channel group on an integer kernel: (dequantized input for a_hat, float output).
 
@@ -44,7 +44,7 @@ def integer_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, grou
     the transposed weight. Both accumulate in int32; one float Mul by `s * w_scale` per output
     channel rescales, so MoDiff's state sees the same values as with DQ -> Op.
     """
-    q, s, zp = quantize_codes(em, x, scale, layer.config.act_bits, ZERO_POINT)
+    q, s, zp = quantize_codes(em, x, grid, ZERO_POINT)
     xq = em.op("DequantizeLinear", [q, s, zp])
     codes, w_scale = weight_codes(layer, group)
     w_zp = em.const("w_zero_point", ZERO_POINT)
@@ -56,7 +56,7 @@ def integer_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, grou
         w = em.const("w_uint8", to_uint8(codes.T))
         acc = em.op("MatMulInteger", [q, w, zp, w_zp])
         channel_shape = [codes.shape[0]]
-    rescale = em.float_const("rescale", (np.float64(scale) * w_scale).reshape(channel_shape))
+    rescale = em.float_const("rescale", (np.float64(grid.scale) * w_scale).reshape(channel_shape))
     acc_float = em.op("Cast", [acc], to=ONNX_TYPE[em.float_dtype])
     if bias is None:
         return xq, em.op("Mul", [acc_float, rescale], output)

@@ -18,7 +18,7 @@ the state dtype S; Casts bridge S and F when they differ.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 import onnx
@@ -70,25 +70,48 @@ class Emitter:
         return self.op("Identity", [tensor], output) if output else tensor
 
 
-def quantize_codes(em: Emitter, x: str, scale: float, bits: int,
-                   zero_point: np.ndarray | None = None) -> tuple[str, str, str]:
-    """Clip to the b-bit grid, then QuantizeLinear: (codes, scale, zero point) tensor names.
+class ActGrid(NamedTuple):
+    """An activation quantizer as int8 kernels see it: scale and the integer range of its codes."""
+
+    scale: float
+    lo: int
+    hi: int
+
+
+def act_grid(layer: QuantLayer, scale: float, zero_point: float | None = None) -> ActGrid:
+    """The int8 view of a layer's b-bit activation quantizer.
+
+    An asymmetric grid with zero point z has codes x_int - z in [-z, 2^b - 1 - z]: the values of
+    a symmetric int8 quantizer clipped to that range, exact whenever the range fits int8.
+    """
+    if scale <= 0 or not np.isfinite(scale):
+        raise ArtifactError(f"layer {layer.name}: activation scale {scale} is not a positive number; recalibrate")
+    bits = layer.config.act_bits
+    lo, hi = int_range(bits) if zero_point is None else (-int(zero_point), 2**bits - 1 - int(zero_point))
+    if lo < -128 or hi > 127:
+        raise ArtifactError(
+            f"layer {layer.name}: the {bits}-bit asymmetric activation grid (zero point {zero_point:.0f}) spans "
+            f"[{lo}, {hi}], outside int8: TensorRT needs symmetric int8; calibrate symmetric scales instead"
+        )
+    return ActGrid(float(scale), lo, hi)
+
+
+def quantize_codes(em: Emitter, x: str, grid: ActGrid, zero_point: np.ndarray | None = None) -> tuple[str, str, str]:
+    """Clip to the grid's range (when narrower than int8), then QuantizeLinear: (codes, scale, zero point).
 
     The zero point defaults to int8 0 (TensorRT); a uint8 128 gives the same grid shifted by 128.
     """
-    if scale <= 0 or not np.isfinite(scale):
-        raise ArtifactError(f"layer {em.prefix}: activation scale {scale} is not a positive number; recalibrate")
-    lo, hi = int_range(bits)
-    s = em.float_const("scale", scale)
+    s = em.float_const("scale", grid.scale)
     zp = em.const("zero_point", np.array(0, dtype=np.int8) if zero_point is None else zero_point)
-    if bits < 8:
-        x = em.op("Clip", [x, em.float_const("lo", lo * np.float64(scale)), em.float_const("hi", hi * np.float64(scale))])
+    if (grid.lo, grid.hi) != (-128, 127):
+        scale = np.float64(grid.scale)
+        x = em.op("Clip", [x, em.float_const("lo", grid.lo * scale), em.float_const("hi", grid.hi * scale)])
     return em.op("QuantizeLinear", [x, s, zp]), s, zp
 
 
-def _fake_quant(em: Emitter, x: str, scale: float, bits: int) -> str:
-    """Clip to the b-bit grid, then int8 QuantizeLinear/DequantizeLinear with zero point 0."""
-    return em.op("DequantizeLinear", list(quantize_codes(em, x, scale, bits)))
+def _fake_quant(em: Emitter, x: str, grid: ActGrid) -> str:
+    """Clip to the grid, then int8 QuantizeLinear/DequantizeLinear with zero point 0."""
+    return em.op("DequantizeLinear", list(quantize_codes(em, x, grid)))
 
 
 def weight_codes(layer: QuantLayer, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,19 +157,19 @@ class GroupKernel(Protocol):
     every target; only how `Op(Q(x), Wq)` is computed differs, so targets plug in here.
     """
 
-    def __call__(self, em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, scale: float,
+    def __call__(self, em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, grid: ActGrid,
                  bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]: ...
 
 
-def qdq_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, scale: float,
+def qdq_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, grid: ActGrid,
                bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]:
     """TensorRT form: Op(DQ(Q(Clip(x))), DQ(W_int8)) (+ bias), float output."""
-    xq = _fake_quant(em, x, scale, layer.config.act_bits)
+    xq = _fake_quant(em, x, grid)
     return xq, _apply(em, site, xq, _weight(em, layer, group, True), bias, output)
 
 
 def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scales: list[float] | None,
-                  bias: np.ndarray | None, output: str | None = None,
+                  zero_points: list[float] | None, bias: np.ndarray | None, output: str | None = None,
                   kernel: GroupKernel = qdq_kernel) -> tuple[str, str]:
     """(fake-quantized input, Op output): per channel group when the layer is split."""
     bits = layer.config.act_bits
@@ -154,15 +177,16 @@ def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scale
         return x, _apply(em, site, x, _weight(em, layer, 0, quantized=False), bias, output)
     if scales is None:
         raise ArtifactError(f"layer {layer.name} has no static activation scale: export needs a calibration")
+    grids = [act_grid(layer, scale, None if zero_points is None else zero_points[i]) for i, scale in enumerate(scales)]
     if len(layer.groups) == 1:
-        return kernel(em, site, layer, x, 0, scales[0], bias, output)
+        return kernel(em, site, layer, x, 0, grids[0], bias, output)
     if site.op != "Conv":
         raise ArtifactError(f"layer {layer.name}: split quantization is only supported for convolutions")
     sizes = em.const("split", np.array([g.stop - g.start for g in layer.groups], dtype=np.int64))
     parts = [em.fresh("group") for _ in layer.groups]
     em.nodes.append(helper.make_node("Split", [x, sizes], parts, name=em.fresh("Split"), axis=1))
     # The bias rides on the first group's Conv; the second group's Conv adds on top.
-    pairs = [kernel(em, site, layer, p, i, scales[i], bias if i == 0 else None) for i, p in enumerate(parts)]
+    pairs = [kernel(em, site, layer, p, i, grids[i], bias if i == 0 else None) for i, p in enumerate(parts)]
     return em.op("Concat", [q for q, _ in pairs], axis=1), em.op("Add", [y for _, y in pairs], output)
 
 
@@ -171,7 +195,7 @@ def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind
     bias = None if layer.module.bias is None else layer.module.bias.detach().numpy()
     s = layer.scales
     if kind == "plain":
-        _quantized_op(em, site, layer, site.x, s.act, bias, output=site.y, kernel=kernel)
+        _quantized_op(em, site, layer, site.x, s.act, s.act_zero_point, bias, output=site.y, kernel=kernel)
         return
     a_out, o_out = naming.state_output("a_hat", layer.name), naming.state_output("o_hat", layer.name)
     if kind == "warmup":
@@ -179,14 +203,15 @@ def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind
             a_hat = site.x
             _apply(em, site, site.x, _weight(em, layer, 0, quantized=False), bias, output=site.y)
         else:
-            a_hat, _ = _quantized_op(em, site, layer, site.x, s.warmup, bias, output=site.y, kernel=kernel)
+            a_hat, _ = _quantized_op(em, site, layer, site.x, s.warmup, s.warmup_zero_point, bias, output=site.y,
+                                     kernel=kernel)
     else:
         a_in, o_in = naming.state_input("a_hat", layer.name), naming.state_input("o_hat", layer.name)
         if state_dtype != em.float_dtype:
             a_in = em.op("Cast", [a_in], to=ONNX_TYPE[em.float_dtype])
             o_in = em.op("Cast", [o_in], to=ONNX_TYPE[em.float_dtype])
         residual = em.op("Sub", [site.x, a_in])
-        rq, f = _quantized_op(em, site, layer, residual, s.act, None, kernel=kernel)
+        rq, f = _quantized_op(em, site, layer, residual, s.act, s.act_zero_point, None, kernel=kernel)
         a_hat = em.op("Add", [a_in, rq])
         em.op("Add", [o_in, f], site.y)
     em.convert(a_hat, state_dtype, a_out)
