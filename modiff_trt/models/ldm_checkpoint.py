@@ -9,13 +9,13 @@ produces the user-facing error text.
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
 from modiff_trt.errors import CheckpointError
+from modiff_trt.models.checkpoint import read_checkpoint as read_any_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -28,39 +28,10 @@ EMA_PREFIX = "model_ema."
 #: Prefix of the first-stage autoencoder.
 FIRST_STAGE_PREFIX = "first_stage_model."
 
-_HOW_TO_TRUST = (
-    "If you trust this file, load it with trust=True (CLI: --trust-checkpoint), or re-save "
-    "only its tensors in a trusted Python session: "
-    "torch.save({'state_dict': torch.load(path, weights_only=False)['state_dict']}, new_path)."
-)
-
-
 def read_checkpoint(path: str | Path, trust: bool = False) -> Mapping[str, Any]:
-    """Load a checkpoint's top-level mapping on the CPU.
-
-    ``weights_only=True`` refuses arbitrary pickled objects (Lightning checkpoints sometimes
-    carry callbacks or hyper-parameter objects); rather than silently executing them we tell
-    the user how to proceed. ``.safetensors`` files are read with safetensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: torch refused to load it with weights_only=True ({str(exc).splitlines()[0]}). "
-            + _HOW_TO_TRUST
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({exc})") from exc
+    """A Lightning checkpoint's (or state_dict's) top-level mapping, read by the shared reader
+    (weights_only, magic-byte and truncation checks, safetensors)."""
+    obj = read_any_checkpoint(path, trust=trust)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path}: expected a dict (Lightning checkpoint or state_dict), got {type(obj).__name__}"
