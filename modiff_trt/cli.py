@@ -19,6 +19,7 @@ from rich.text import Text
 
 from modiff_trt import __version__
 from modiff_trt.errors import ModiffError
+from modiff_trt.models.builtin import checkpoint_for
 
 app = typer.Typer(
     name="modiff-trt",
@@ -98,6 +99,7 @@ STATE_DTYPE = typer.Option("float32", "--state-dtype", help="Precision of a_hat/
 SKIP_TYPE = typer.Option("quad", "--skip-type", help="Timestep selection: 'quad' or 'uniform' (ddim runner).")
 SEED = typer.Option(0, "--seed", help="Seed: image i's noise depends only on (seed, i).")
 TRUST = typer.Option(False, "--trust-checkpoint", help="Load pickled checkpoints with weights_only=False (only for files you trust).")
+RANDOM_WEIGHTS = typer.Option(False, "--random-weights", help="Without --checkpoint: run an untrained network (speed tests only).")
 EMA = typer.Option(False, "--ema/--no-ema", help="Latent diffusion: use the checkpoint's EMA weights (model_ema.*).")
 SAMPLER = typer.Option(None, "--sampler", help="Latent diffusion: ddim or plms (default: the config's, PLMS for SD).")
 GUIDANCE = typer.Option(None, "--guidance-scale", help="SD classifier-free guidance scale (default 7.5; 1 disables it).")
@@ -132,6 +134,7 @@ def sample(
     pngs: bool = typer.Option(True, "--pngs/--no-pngs", help="Write one PNG per image."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="trt backend: capture one CUDA graph per state arrangement."),
     trust_checkpoint: bool = TRUST,
+    random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
     sampler: Optional[str] = SAMPLER,
     guidance_scale: Optional[float] = GUIDANCE,
@@ -176,6 +179,7 @@ def sample(
         from modiff_trt.models import load_config
 
         model_cfg = load_config(config)
+        checkpoint = checkpoint_for(config, checkpoint, random_weights)
         quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype)
         runner = reference_runner(model_cfg, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
         sample_shape, betas = model_cfg.sample_shape, model_cfg.betas()
@@ -311,6 +315,7 @@ def export_cmd(
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Dynamic batch dimension (the default when --batch-size is absent)."),
     target: str = typer.Option("trt", "--target", help="trt (TensorRT rules, also runs on ONNX Runtime) or ort-cpu (integer CPU kernels)."),
     trust_checkpoint: bool = TRUST,
+    random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
     guidance: Optional[bool] = typer.Option(None, "--cfg/--no-cfg", help="SD: engines run classifier-free guidance, so the state holds cond+uncond (2 per image; default on for SD). A fixed --batch-size counts both halves."),
 ) -> None:
@@ -329,6 +334,7 @@ def export_cmd(
         raise typer.BadParameter(f"--float {float_dtype}: choose fp32 or fp16")
     scales = "static" if calibration is not None else "dynamic"
     quant = quant_config_from_options(weight_bits, act_bits, modulate, scales, first_step, split, state_dtype)
+    checkpoint = checkpoint_for(config, checkpoint, random_weights)
     model_cfg, float_model, qmodel = load_reference(config, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
     if guidance is None:
         guidance = model_cfg.context_shape is not None
@@ -469,6 +475,7 @@ def calibrate_command(
     seed: int = SEED,
     split: bool = SPLIT,
     trust_checkpoint: bool = TRUST,
+    random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
     sampler: Optional[str] = SAMPLER,
     guidance_scale: Optional[float] = GUIDANCE,
@@ -502,6 +509,7 @@ def calibrate_command(
         from modiff_trt.sampling.ldm_run import make_conditioning
 
         model_cfg = load_config(config)
+        checkpoint = checkpoint_for(config, checkpoint, random_weights)
         latent = dict(ema=ema, sampler=sampler, guidance_scale=guidance_scale, conditioning=make_conditioning(
             model_cfg, prompt, from_file, text_encoder, random_context, seed)) if model_cfg.family != "ddim" else {}
         result = calibrate(model_cfg, checkpoint, out, weight_bits=_bits(weight_bits), act_bits=_bits(act_bits),

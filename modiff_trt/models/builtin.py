@@ -12,6 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from modiff_trt.errors import CheckpointError
+
 ASSET_DIR = "assets"
 
 
@@ -33,3 +35,20 @@ def builtin_record(name: str) -> dict[str, Any] | None:
     """The JSON record written with the packaged weights (sha256, seed, iterations, ...), or None."""
     path = _asset(f"{name}.json")
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def checkpoint_for(config: str | Path, checkpoint: str | Path | None, random_weights: bool = False) -> Path | None:
+    """The checkpoint a command loads: the user's, else the packaged one of a built-in config.
+
+    Refuses to fall back to random weights silently (sampling noise from an untrained UNet looks
+    like a bug); `random_weights=True` asks for them explicitly (speed tests).
+    """
+    if checkpoint is not None:
+        return Path(checkpoint)
+    packaged = builtin_checkpoint(str(config))
+    if packaged is not None or random_weights:
+        return packaged
+    raise CheckpointError(
+        f"--checkpoint is required: config {config} has no packaged weights (only 'digits' ships with its "
+        "weights); pass --random-weights to run an untrained network (speed tests only)"
+    )
