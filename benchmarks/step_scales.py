@@ -5,7 +5,8 @@ a fixed-scale quantizer: multiply the residual by s_0/s_g before Q, the layer ou
 after (exact, by linearity). Before building that, this script measures what it could buy in
 the PyTorch reference on the trained digits model: residual scales calibrated separately for G
 contiguous groups of sampling steps vs one scale for all steps (G = 1), and dynamic per-call
-scales as the upper bound. Same calibration trajectories, same test noise, minmax scales.
+scales (absmax of the whole batch tensor, so driven by its outliers: not an upper bound).
+Same calibration trajectories, same test noise, minmax scales.
 
     python benchmarks/step_scales.py [--groups 1 2 4 8] [--bits 4 3]
 """
@@ -89,7 +90,7 @@ def main() -> None:
             rows.append([f"W8A{bits}", f"static, {groups} step group(s)", f"{s['psnr_db']:.2f}", f"{s['digits_fid']:.2f}"])
             print(rows[-1], flush=True)
         s = score_digits(x_dyn, reference)
-        rows.append([f"W8A{bits}", "dynamic per call (upper bound)", f"{s['psnr_db']:.2f}", f"{s['digits_fid']:.2f}"])
+        rows.append([f"W8A{bits}", "dynamic per call (batch absmax)", f"{s['psnr_db']:.2f}", f"{s['digits_fid']:.2f}"])
         print(rows[-1], flush=True)
     body = (
         "## Per-step-group activation scales (MoDiff, digits model, PyTorch reference)\n\n"
