@@ -5,8 +5,9 @@ only: dynamic scales cannot be exported), MoDiff static with a quantized warm-up
 static with fp16 state. Static configurations run both in the PyTorch reference and deployed
 on ONNX Runtime from the exported graphs, from the same per-image noise.
 
-    python benchmarks/quality.py            # full table (about 15 minutes on 2 cores)
+    python benchmarks/quality.py            # full table (about 15 minutes on a quiet 2-core machine)
     python benchmarks/quality.py --quick    # smoke run
+    python benchmarks/quality.py --method mse --bits W4A8 W4A4 --section quality-mse   # MSE scales
 """
 
 from __future__ import annotations
@@ -50,11 +51,17 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="64 images, 10 steps, W8A8 and W8A4 only")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "quality.json")
+    parser.add_argument("--json", type=Path, help="raw results (default: benchmarks/results/SECTION.json)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--method", default="minmax", choices=["minmax", "mse", "percentile"],
+                        help="calibration scale search (mse also searches per-channel weight scales)")
+    parser.add_argument("--bits", nargs="+", help="subset of bit widths, e.g. W4A8 W4A4")
+    parser.add_argument("--section", default="quality", help="BENCHMARKS.md section to write")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     num_images, steps, bits = args.num_images, args.steps, BITS
+    if args.bits:
+        bits = [b for b in BITS if f"W{b[0]}A{b[1]}" in args.bits]
     if args.quick:
         num_images, steps, bits = 64, 10, [(8, 8), (8, 4)]
     schedule = Schedule(steps=steps)
@@ -72,7 +79,7 @@ def main() -> None:
             for mode, quant, exportable in variants(w, a):
                 row = {"bits": f"W{w}A{a}", "mode": mode}
                 static = exportable
-                cal = calibration_file(cfg, ckpt, quant, schedule, work) if static else None
+                cal = calibration_file(cfg, ckpt, quant, schedule, work, method=args.method) if static else None
                 q = QuantConfig(**{**quant.to_dict(), "act_scales": "static" if static else "dynamic"})
                 qmodel = load_reference(cfg, ckpt, q, cal)[2]
                 x0, _ = timed_samples(qmodel, cfg, num_images, batch, schedule)
@@ -87,10 +94,11 @@ def main() -> None:
                 print(f"{row['bits']:6s} {mode:34s} torch {row['torch']['psnr_db']:6.2f} dB"
                       + (f"  ort {row['ort']['psnr_db']:6.2f} dB" if row["ort"] else ""), flush=True)
     elapsed = time.perf_counter() - started
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"num_images": num_images, "steps": steps, "rows": results}, indent=2))
+    json_path = args.json or Path(__file__).parent / "results" / f"{args.section}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({"num_images": num_images, "steps": steps, "rows": results}, indent=2))
     if not args.no_write:
-        write_section("quality", render(results, num_images, steps, elapsed))
+        write_section(args.section, render(results, num_images, steps, elapsed, args.method))
 
 
 def _fmt(scores: dict | None, key: str, spec: str) -> str:
@@ -99,20 +107,21 @@ def _fmt(scores: dict | None, key: str, spec: str) -> str:
     return format(scores[key], spec)
 
 
-def render(results: list[dict], num_images: int, steps: int, elapsed: float) -> str:
+def render(results: list[dict], num_images: int, steps: int, elapsed: float, method: str = "minmax") -> str:
     header = ["bits", "mode", "PSNR torch (dB)", "PSNR ORT (dB)", "digits FID torch", "digits FID ORT",
               "confidence torch", "confidence ORT"]
     rows = [[r["bits"], r["mode"], _fmt(r["torch"], "psnr_db", ".2f"), _fmt(r["ort"], "psnr_db", ".2f"),
              _fmt(r["torch"], "digits_fid", ".2f"), _fmt(r["ort"], "digits_fid", ".2f"),
              _fmt(r["torch"], "confidence", ".3f"), _fmt(r["ort"], "confidence", ".3f")] for r in results]
     return (
-        "## Quality on the embedded digits model\n\n"
+        f"## Quality on the embedded digits model ({method} calibration)\n\n"
         f"Command: `{command_line()}` ({elapsed / 60:.1f} min). Machine: {machine()}.\n\n"
         f"{num_images} samples per row, {steps} quad DDIM steps, eta 0, the same per-image noise for every row. "
         "PSNR is against the full-precision samples from the same noise; digits FID is the Fréchet distance "
         "of classifier features to the real digits (docs/metrics.md; compare only at equal N); confidence is the "
-        "classifier's mean max-softmax. Static scales: minmax (absmax) calibration on 64 other trajectories "
-        "(residuals for MoDiff, raw inputs for Q-Diffusion). ORT = the exported graphs on ONNX Runtime (CPU).\n\n"
+        f"classifier's mean max-softmax. Static scales: {method} calibration on 64 other trajectories "
+        "(residuals for MoDiff, raw inputs for Q-Diffusion; mse also sets per-channel weight scales, dynamic rows "
+        "keep absmax weights). ORT = the exported graphs on ONNX Runtime (CPU).\n\n"
         + markdown_table(header, rows)
     )
 
