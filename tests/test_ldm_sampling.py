@@ -146,3 +146,18 @@ def test_plms_with_small_sd_unet_is_deterministic_and_sees_2n() -> None:
     assert {batch for batch, _, _ in model.calls} == {2}
     unguided = sample_plms(model, x_T, ACP, 4, context=c)
     assert not torch.allclose(a, unguided)
+
+
+def test_ldm_ddim_eta_noise_is_per_image_so_batch_size_does_not_matter():
+    from modiff_trt.sampling.ldm import ldm_alphas_cumprod, sample_ddim
+    from modiff_trt.sampling.noise import image_noise, step_generators
+
+    def model(x, t, context=None):
+        return torch.tanh(x * 0.5 + t[:, None, None, None] / 1000)
+
+    acp = ldm_alphas_cumprod(0.0015, 0.0155)
+    noise = image_noise(3, range(4), (2, 4, 4))
+    whole = sample_ddim(model, noise, acp, 10, eta=1.0, generator=step_generators(3, range(4)))
+    halves = [sample_ddim(model, noise[i:i + 2], acp, 10, eta=1.0, generator=step_generators(3, range(i, i + 2)))
+              for i in (0, 2)]
+    assert torch.allclose(whole, torch.cat(halves), atol=1e-6)

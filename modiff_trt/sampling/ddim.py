@@ -20,7 +20,8 @@ def alpha_bar(betas: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (1 - betas).cumprod(dim=0).index_select(0, t + 1).view(-1, 1, 1, 1)
 
 
-def _draw(generator: torch.Generator | Sequence[torch.Generator] | None, like: torch.Tensor) -> torch.Tensor:
+def draw_noise(generator: torch.Generator | Sequence[torch.Generator] | None, like: torch.Tensor) -> torch.Tensor:
+    """Noise shaped like `like`: from one generator, or one CPU generator per image (batch-size independent)."""
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
     per_image = [torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in generator]
@@ -61,7 +62,7 @@ def ddim_sample(
         c2 = ((1 - a_next) - c1**2).sqrt()
         x = a_next.sqrt() * x0
         if eta > 0:  # same order of additions as the official code
-            x = x + c1 * _draw(generator, x)
+            x = x + c1 * draw_noise(generator, x)
         x = x + c2 * eps
         if callback is not None:
             callback(step, t, x)

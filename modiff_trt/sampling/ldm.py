@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
+
+from modiff_trt.sampling.ddim import draw_noise
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +165,12 @@ def sample_ddim(
     context: torch.Tensor | None = None,
     uncond: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """LDM DDIM sampling from ``x_T``; returns the final latent (pred of x_0 at the last step).
 
-    ``generator`` drives the eta > 0 noise so runs are reproducible.
+    ``generator`` (one, or one per image) drives the eta > 0 noise so runs are reproducible.
     """
     _reset(model)
     sched = make_ddim_schedule(alphas_cumprod, num_steps, eta)
@@ -176,7 +179,7 @@ def sample_ddim(
         eps = guided_eps(model, x, _t(sched.timesteps[index], x), context, uncond, guidance_scale)
         noise = None
         if sched.sigmas[index] > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = draw_noise(generator, x)
         x, pred_x0 = ddim_update(x, eps, sched, index, noise)
         if callback is not None:
             callback(i, x, pred_x0)

@@ -22,7 +22,7 @@ from modiff_trt.models.config import ModelConfig
 from modiff_trt.sampling.conditioning import ContextSource
 from modiff_trt.sampling.images import make_grid, save_image, save_npz, save_samples
 from modiff_trt.sampling.ldm import sample_ddim, sample_plms
-from modiff_trt.sampling.noise import image_generator, image_noise
+from modiff_trt.sampling.noise import image_noise, step_generators
 from modiff_trt.sampling.run import progress_bar
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ def ldm_trajectory(
 ) -> torch.Tensor:
     """One batch of latents from `noise` (images `indices`); resets the runner's state once.
 
-    eta > 0 noise comes from one generator seeded by (seed, first index): reproducible for a
-    fixed batch split (the LDM sampler draws the whole batch at once).
+    eta > 0 noise comes from one generator per image (seed, index): image i is the same at any
+    batch size, as with the DDIM sampler.
     """
     context = uncond = None
     if conditioning is not None:
@@ -109,10 +109,7 @@ def ldm_trajectory(
     common = dict(context=context, uncond=uncond, guidance_scale=sampling.guidance_scale, callback=callback)
     if sampling.sampler == "plms":
         return sample_plms(model, noise, alphas_cumprod, sampling.steps, **common)
-    generator = None
-    if sampling.eta > 0:
-        seed64 = int(image_generator(seed, indices[0], stream=1).initial_seed())
-        generator = torch.Generator(device=noise.device).manual_seed(seed64)
+    generator = step_generators(seed, indices) if sampling.eta > 0 else None
     return sample_ddim(model, noise, alphas_cumprod, sampling.steps, eta=sampling.eta, generator=generator, **common)
 
 
