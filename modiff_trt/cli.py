@@ -345,7 +345,7 @@ def export_cmd(
         sampling = load_calibration(calibration).meta.get("schedule")
     manifest = export_model(
         float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration, sampling=sampling,
-        float_dtype=dtype, opset=opset, batch_size=batch_size, target=target, guidance=guidance,
+        float_dtype=dtype, opset=opset, batch_size=batch_size, target=target, guidance=guidance, ema=ema,
     )
     console.print(
         f"exported {len(manifest.layers)} quantized layers to [bold]{out}[/] "

@@ -166,3 +166,20 @@ def test_text_conditioning_errors_are_clear(tmp_path):
         sampling_for(load_config("ldm-churches"), guidance_scale=7.5)
     with pytest.raises(ConfigError, match="divides"):
         sampling_for(sd, steps=3)  # range(0, 1000, 333) + 1 would index timestep 1000
+
+
+def test_ema_export_is_recorded_and_the_torch_backend_rebuilds_ema_weights(tmp_path):
+    path, _, unet = _small(tmp_path, "churches")
+    ema = randomize(load_config(path).build(), seed=5).eval()
+    ckpt = lightning_ckpt(tmp_path, "with_ema", unet, ema=ema)
+    result = CliRunner().invoke(app, ["export", "-c", str(path), "--checkpoint", str(ckpt), "--ema", "--act-bits", "0",
+                                      "-o", str(tmp_path / "exp")])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(tmp_path / "exp")
+    assert manifest.model["ema"] is True
+    from modiff_trt.engines.torch_backend import reference_from_manifest
+
+    rebuilt = reference_from_manifest(manifest)
+    conv = "input_blocks.0.0"
+    assert torch.equal(rebuilt.layers[conv].module.weight, ema.get_submodule(conv).weight)
+    assert not torch.equal(rebuilt.layers[conv].module.weight, unet.get_submodule(conv).weight)

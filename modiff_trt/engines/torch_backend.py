@@ -59,4 +59,5 @@ def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
                 f"the export's {label} {path} is gone: the torch backend rebuilds the reference from it; "
                 "restore the file or use --backend ort"
             )
-    return reference_runner(model["config"], checkpoint, QuantConfig.from_dict(manifest.quant), calibration, trust)
+    quant = QuantConfig.from_dict(manifest.quant)
+    return reference_runner(model["config"], checkpoint, quant, calibration, trust, ema=bool(model.get("ema", False)))

@@ -126,6 +126,7 @@ def export_model(
     batch_size: int | None = None,
     target: str = "trt",
     guidance: bool = False,
+    ema: bool = False,
 ) -> Manifest:
     """Write `out/` for `qmodel`, the quantized reference of `float_model`; return the manifest.
 
@@ -177,6 +178,7 @@ def export_model(
                 "config_sha256": model_cfg.sha256,
                 "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
                 "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
+                "ema": ema,
                 "sample_shape": list(sample_shape),
                 "context_shape": None if context_shape is None else list(context_shape),
                 "timesteps": model_cfg.timestep_convention,
