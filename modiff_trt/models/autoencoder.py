@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from modiff_trt.errors import ConfigError
+# The decoder is built from the same blocks as the ddim UNet (timestep-free ResnetBlocks), as upstream.
+from modiff_trt.models.ddim_unet import AttnBlock, ResnetBlock, Upsample, group_norm, swish
 
 log = logging.getLogger(__name__)
 
@@ -80,64 +81,6 @@ class FirstStageConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-def _gn(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    """Decoder residual block (no timestep input): norm-swish-conv twice, 1x1 ``nin_shortcut``."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.norm1 = _gn(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _gn(out_channels)
-        self.dropout = nn.Dropout(p=0.0)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with separate 1x1 q/k/v convs."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.norm = _gn(channels)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        n = self.norm(x)
-        q = self.q(n).reshape(b, c, h * w).transpose(1, 2)
-        k = self.k(n).reshape(b, c, h * w)
-        v = self.v(n).reshape(b, c, h * w)
-        weight = torch.softmax(torch.bmm(q, k) * (c**-0.5), dim=2)
-        out = torch.bmm(v, weight.transpose(1, 2)).reshape(b, c, h, w)
-        return x + self.proj_out(out)
-
-
-class _Upsample(nn.Module):
-    def __init__(self, channels: int, with_conv: bool) -> None:
-        super().__init__()
-        if with_conv:
-            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if hasattr(self, "conv") else x
-
-
 class Decoder(nn.Module):
     """``ldm.modules.diffusionmodules.model.Decoder`` layout: conv_in, mid, up[levels], out."""
 
@@ -148,9 +91,9 @@ class Decoder(nn.Module):
         res = cfg.resolution // 2 ** (levels - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_channels=0, dropout=0.0)
         self.mid.attn_1 = AttnBlock(block_in)
-        self.mid.block_2 = ResnetBlock(block_in, block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_channels=0, dropout=0.0)
         ups: list[nn.Module] = []
         for level in reversed(range(levels)):
             up = nn.Module()
@@ -158,17 +101,17 @@ class Decoder(nn.Module):
             up.attn = nn.ModuleList()
             block_out = cfg.ch * cfg.ch_mult[level]
             for _ in range(cfg.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, block_out))
+                up.block.append(ResnetBlock(block_in, block_out, temb_channels=0, dropout=0.0))
                 block_in = block_out
                 if res in cfg.attn_resolutions:
                     up.attn.append(AttnBlock(block_in))
             if level != 0:
-                up.upsample = _Upsample(block_in, cfg.resamp_with_conv)
+                up.upsample = Upsample(block_in, cfg.resamp_with_conv)
                 res *= 2
             ups.insert(0, up)
         # Index i of ``up`` is resolution level i (0 = full size), as in the official keys.
         self.up = nn.ModuleList(ups)
-        self.norm_out = _gn(block_in)
+        self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
         self.tanh_out = cfg.tanh_out
 
@@ -182,7 +125,7 @@ class Decoder(nn.Module):
                     h = up.attn[i](h)
             if hasattr(up, "upsample"):
                 h = up.upsample(h)
-        h = self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(swish(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h
 
 

@@ -81,7 +81,10 @@ class Downsample(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    """Two GroupNorm-swish-conv stages with a timestep bias; `skip_split` marks skip concats."""
+    """Two GroupNorm-swish-conv stages with a timestep bias; `skip_split` marks skip concats.
+
+    With `temb_channels=0` it is the timestep-free block of the latent-diffusion autoencoder.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, skip_split: int = 0):
         super().__init__()
@@ -90,16 +93,18 @@ class ResnetBlock(nn.Module):
         self.skip_split = skip_split
         self.norm1 = group_norm(in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.temb_proj = nn.Linear(temb_channels, out_channels)
+        if temb_channels > 0:
+            self.temb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(swish(self.norm1(x)))
-        h = h + self.temb_proj(swish(temb))[:, :, None, None]
+        if temb is not None:
+            h = h + self.temb_proj(swish(temb))[:, :, None, None]
         h = self.conv2(self.dropout(swish(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.nin_shortcut(x)
