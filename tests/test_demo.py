@@ -1,0 +1,28 @@
+"""`modiff-trt demo` (the README's first command) on a reduced budget: files and their schema."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from modiff_trt.cli import app
+from modiff_trt.demo import DEMO_ROWS
+
+
+def test_demo_writes_grid_and_report_and_shows_modiff_beating_plain_at_4_bits(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "-o", str(out), "--num-images", "32", "--steps", "8"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["fp32", "qdiff-w8a8", "modiff-w8a8", "qdiff-w8a4", "modiff-w8a4"] == list(DEMO_ROWS)
+    assert set(rows["fp32"]) == {"name", "psnr_db", "digits_fid", "confidence", "seconds"}
+    assert rows["fp32"]["psnr_db"] is None
+    assert rows["modiff-w8a8"]["psnr_db"] > 30
+    assert rows["modiff-w8a4"]["psnr_db"] > rows["qdiff-w8a4"]["psnr_db"] + 6
+    grid = Image.open(out / "grid.png")
+    assert grid.height == len(DEMO_ROWS) * (8 + 2) * 4  # one 8x8 strip (1 px padding) per row, upscaled 4x
+    for name in DEMO_ROWS:
+        assert (out / "exports" / name / "manifest.json").is_file()
