@@ -183,6 +183,11 @@ def test_ort_runner_input_errors(tmp_path, tiny_model):
     t = torch.tensor([10.0, 10.0])
     with pytest.raises(ModiffError, match="--batch-size 2"):
         runner(torch.zeros(3, *SHAPE), torch.zeros(3))
+    x = torch.randn(2, *SHAPE)
+    runner.reset_state()
+    full = runner(x, t)
+    runner.reset_state()
+    assert torch.equal(runner(x[:1], t[:1]), full[:1])  # a short last batch is padded, not refused
     with pytest.raises(ModiffError, match="exported for"):
         runner(torch.zeros(2, 3, 8, 8), t)
     bad = torch.zeros(2, *SHAPE)

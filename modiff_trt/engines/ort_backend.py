@@ -83,9 +83,9 @@ class OrtRunner:
                 f"input x has shape {tuple(x.shape)}, but {self.export_dir} was exported for "
                 f"[batch, {', '.join(map(str, self.sample_shape))}]"
             )
-        if fixed is not None and x.shape[0] != fixed:
+        if fixed is not None and x.shape[0] > fixed:
             raise ModiffError(
-                f"batch size {x.shape[0]} does not match {self.export_dir}, exported for batch {fixed}: "
+                f"batch size {x.shape[0]} exceeds {self.export_dir}, exported for batch {fixed}: "
                 f"use --batch-size {fixed} or re-export with --dynamic-batch"
             )
         if t.shape != (x.shape[0],):
@@ -103,7 +103,13 @@ class OrtRunner:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, t)
-        batch = x.shape[0]
+        fixed, batch = self.manifest.batch_size, x.shape[0]
+        if fixed is not None and batch < fixed:
+            # A short last batch on a fixed-batch export: pad with copies of the last sample. Every
+            # op is per sample (static scales, GroupNorm, attention), so padding changes nothing.
+            x, t = _pad(x, fixed), _pad(t, fixed)
+            context = None if context is None else _pad(context, fixed)
+            return self(x, t, context)[:batch]
         key = "unet" if "unet" in self.sessions else ("warmup" if self._calls == 0 else "step")
         session = self.sessions[key]
         binding = session.io_binding()
@@ -126,3 +132,8 @@ class OrtRunner:
         session.run_with_iobinding(binding)
         self._calls += 1
         return eps.float()
+
+
+def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """`tensor` grown to `size` rows along dim 0 by repeating its last row."""
+    return torch.cat([tensor, tensor[-1:].expand(size - tensor.shape[0], *tensor.shape[1:])])
