@@ -123,7 +123,7 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
 
     def ort_runner(key: str) -> Callable:
         def setup(x, t):
-            runner = OrtRunner(paths[key], device="cpu", threads=threads)
+            runner = OrtRunner(paths[key], provider="cpu", threads=threads)
             runner.reset_state()
             if "modiff" in key:
                 runner(x, t)  # warm-up graph: creates the state; later calls run step.onnx

@@ -133,6 +133,7 @@ def sample(
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."),
     pngs: bool = typer.Option(True, "--pngs/--no-pngs", help="Write one PNG per image."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="trt backend: capture one CUDA graph per state arrangement."),
+    ort_provider: str = typer.Option("auto", "--ort-provider", help="ort backend: auto (CUDA if onnxruntime-gpu sees a GPU), cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider)."),
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
@@ -163,7 +164,7 @@ def sample(
         from modiff_trt.export.schedule import manifest_betas
 
         runner, manifest = open_runner(export_dir, backend, batch_size=batch_size, trust=trust_checkpoint,
-                                       cuda_graph=cuda_graph)
+                                       cuda_graph=cuda_graph, ort_provider=ort_provider)
         sample_shape, betas = manifest.model["sample_shape"], manifest_betas(manifest)
         model_cfg, checkpoint = None, manifest.model.get("checkpoint")
         if manifest.model["family"] != "ddim":

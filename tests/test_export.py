@@ -268,3 +268,17 @@ def test_asymmetric_imported_activation_grid_runs_exactly_on_int8(tmp_path, tiny
     eight = quantize_unet(tiny_model, QuantConfig(8, 8, modulate=False, act_scales="static"), wide)
     with pytest.raises(ArtifactError, match="outside int8"):
         export_model(tiny_model, eight, tiny_model_config(tiny_model), tmp_path / "wide")
+
+
+def test_gpu_ort_providers_are_refused_clearly_without_onnxruntime_gpu(tmp_path, tiny_model):
+    import onnxruntime as ort
+
+    _, out = export(tmp_path, tiny_model, QuantConfig(8, None))
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        pytest.skip("onnxruntime-gpu with a GPU is present")
+    for provider in ("cuda", "tensorrt"):
+        with pytest.raises(ModiffError, match="onnxruntime-gpu"):
+            OrtRunner(out, provider=provider)
+    with pytest.raises(ConfigError, match="unknown ONNX Runtime provider"):
+        OrtRunner(out, provider="rocm")
+    assert OrtRunner(out, provider="auto").device.type == "cpu"

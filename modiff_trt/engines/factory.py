@@ -17,6 +17,7 @@ def open_runner(
     batch_size: int | None = None,
     trust: bool = False,
     cuda_graph: bool = False,
+    ort_provider: str = "auto",
 ) -> tuple[UNetRunner, Manifest]:
     """A runner over `export_dir` and its manifest; heavy runtimes are imported only when named."""
     if backend not in BACKENDS:
@@ -29,7 +30,7 @@ def open_runner(
     if backend == "ort":
         from modiff_trt.engines.ort_backend import OrtRunner
 
-        return OrtRunner(export_dir, manifest=manifest), manifest
+        return OrtRunner(export_dir, manifest=manifest, provider=ort_provider), manifest
     from modiff_trt.engines.trt_runtime import TensorRTRunner
 
     return TensorRTRunner(export_dir, manifest=manifest, cuda_graph=cuda_graph), manifest

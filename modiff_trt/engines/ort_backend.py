@@ -15,25 +15,44 @@ import numpy as np
 import torch
 
 from modiff_trt.engines.state_buffers import StateBuffers, layout_from_manifest, torch_dtype
-from modiff_trt.errors import ArtifactError, BackendUnavailableError, ModiffError
+from modiff_trt.errors import ArtifactError, BackendUnavailableError, ConfigError, ModiffError
 from modiff_trt.export import naming
 from modiff_trt.export.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
 
-def _providers(device: str) -> tuple[list[str], torch.device]:
+PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
+
+
+def _providers(provider: str, export_dir: Path) -> tuple[list, torch.device]:
+    """ONNX Runtime providers for `provider` and the device the state buffers live on.
+
+    `tensorrt` hands the graphs to ONNX Runtime's TensorRT execution provider (int8 on, so the
+    explicit Q/DQ nodes set the precision; engines cached in DIR/ort-trt-cache), falling back to
+    CUDA for unsupported nodes; `auto` takes CUDA when onnxruntime-gpu sees a GPU, else the CPU.
+    """
     import onnxruntime as ort
 
+    if provider not in PROVIDERS:
+        raise ConfigError(f"unknown ONNX Runtime provider {provider!r}: choose one of {', '.join(PROVIDERS)}")
     available = ort.get_available_providers()
-    if device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available and torch.cuda.is_available()):
-        if "CUDAExecutionProvider" not in available or not torch.cuda.is_available():
-            raise BackendUnavailableError(
-                "ONNX Runtime's CUDA provider is not available: install onnxruntime-gpu on a machine with an "
-                "NVIDIA GPU and a CUDA build of torch, or use --device cpu"
-            )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"], torch.device("cuda")
-    return ["CPUExecutionProvider"], torch.device("cpu")
+    gpu = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    if provider == "cpu" or (provider == "auto" and not gpu):
+        return ["CPUExecutionProvider"], torch.device("cpu")
+    needed = "TensorrtExecutionProvider" if provider == "tensorrt" else "CUDAExecutionProvider"
+    if not gpu or needed not in available:
+        raise BackendUnavailableError(
+            f"ONNX Runtime's {needed} is not available (have: {', '.join(available)}): install onnxruntime-gpu "
+            "(and TensorRT for the tensorrt provider) on a machine with an NVIDIA GPU and a CUDA build of torch, "
+            "or use --ort-provider cpu"
+        )
+    providers: list = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if provider == "tensorrt":
+        options = {"trt_int8_enable": True, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                   "trt_engine_cache_path": str(export_dir / "ort-trt-cache")}
+        providers.insert(0, ("TensorrtExecutionProvider", options))
+    return providers, torch.device("cuda")
 
 
 class OrtRunner:
@@ -45,14 +64,14 @@ class OrtRunner:
         self,
         export_dir: str | Path,
         manifest: Manifest | None = None,
-        device: str = "auto",
+        provider: str = "auto",
         threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
         self.manifest = manifest or load_manifest(self.export_dir)
-        providers, self.device = _providers(device)
+        providers, self.device = _providers(provider, self.export_dir)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
