@@ -120,7 +120,7 @@ def sample(
     weight_bits: int = WEIGHT_BITS,
     act_bits: int = ACT_BITS,
     modulate: bool = MODULATE,
-    act_scales: str = typer.Option("dynamic", "--act-scales", help="'dynamic' (per call) or 'static' (from --calibration)."),
+    act_scales: Optional[str] = typer.Option(None, "--act-scales", help="'dynamic' (per call) or 'static' (from --calibration). Default: static with --calibration, else dynamic."),
     first_step: str = FIRST_STEP,
     split: bool = SPLIT,
     state_dtype: str = STATE_DTYPE,
@@ -181,6 +181,7 @@ def sample(
 
         model_cfg = load_config(config)
         checkpoint = checkpoint_for(config, checkpoint, random_weights)
+        act_scales = act_scales or ("static" if calibration is not None else "dynamic")
         quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype)
         runner = reference_runner(model_cfg, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
         sample_shape, betas = model_cfg.sample_shape, model_cfg.betas()

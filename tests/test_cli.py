@@ -69,3 +69,20 @@ def test_export_inspect_lint_and_compare(tmp_path, tiny_config, tiny_checkpoint)
 
     rows = json.loads(report.read_text())
     assert len(rows) == 3 and all(r["backend"] == "ort" and r["rel_err"] < 1e-5 for r in rows)
+
+
+def test_sample_with_calibration_uses_its_static_scales_by_default(tmp_path, tiny_config, tiny_checkpoint):
+    cal = tmp_path / "cal.safetensors"
+    result = runner.invoke(app, ["calibrate", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "--steps", "6",
+                                 "--cali-st", "3", "--cali-n", "4", "--batch-size", "4", "--act-bits", "4", "-o", str(cal)])
+    assert result.exit_code == 0, result.output
+    common = ["sample", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "-n", "2", "--steps", "6",
+              "--act-bits", "4", "--no-pngs"]
+    outputs = {}
+    for name, extra in {"default": ["--calibration", str(cal)],
+                        "static": ["--calibration", str(cal), "--act-scales", "static"],
+                        "dynamic": ["--act-scales", "dynamic"]}.items():
+        assert runner.invoke(app, common + extra + ["-o", str(tmp_path / name)]).exit_code == 0
+        outputs[name] = np.load(tmp_path / name / "samples.npz")["x0"]
+    assert np.array_equal(outputs["default"], outputs["static"])
+    assert not np.array_equal(outputs["default"], outputs["dynamic"])
