@@ -282,3 +282,16 @@ def test_gpu_ort_providers_are_refused_clearly_without_onnxruntime_gpu(tmp_path,
     with pytest.raises(ConfigError, match="unknown ONNX Runtime provider"):
         OrtRunner(out, provider="rocm")
     assert OrtRunner(out, provider="auto").device.type == "cpu"
+
+
+def test_graphs_over_the_protobuf_limit_keep_weights_beside_them(tmp_path, tiny_model, noise, monkeypatch):
+    """SD-size graphs (> 2 GB in fp32) are written with external data; forced here on a tiny model."""
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
+    qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, None))
+    assert (out / "step.onnx.data").stat().st_size > 5 * (out / "step.onnx").stat().st_size
+    assert lint_export(out) == []
+    assert rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise)) < 1e-5
+    data = out / "step.onnx.data"
+    data.write_bytes(data.read_bytes()[:-4] + b"\\0\\0\\0\\0")  # the manifest hash covers the weights too
+    with pytest.raises(ArtifactError, match="mixes two exports"):
+        load_manifest(out)

@@ -25,6 +25,7 @@ from modiff_trt.export.manifest import (
     Manifest,
     TensorSpec,
     sha256_file,
+    sha256_graph,
 )
 from modiff_trt.export.onnx_float import export_float_onnx
 from modiff_trt.export.fp16 import convert_to_fp16
@@ -76,11 +77,14 @@ def _tensor_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
 
 
 def _save_graph(graph: onnx.ModelProto, path: Path) -> None:
+    """Save, then check with full type inference; graphs over protobuf's 2 GB limit (SD in fp32)
+    keep their weights in `<file>.data` beside them and are checked from disk."""
     graph.ir_version = min(graph.ir_version, MAX_IR_VERSION)
-    onnx.checker.check_model(graph, full_check=True)  # includes strict type/shape inference
     if graph.ByteSize() > EXTERNAL_DATA_BYTES:
         onnx.save(graph, str(path), save_as_external_data=True, location=f"{path.name}.data")
+        onnx.checker.check_model(str(path), full_check=True)
     else:
+        onnx.checker.check_model(graph, full_check=True)
         onnx.save(graph, str(path))
 
 
@@ -168,7 +172,7 @@ def export_model(
             file = "unet.onnx" if kind == "plain" else f"{kind}.onnx"
             _save_graph(graph, tmp / file)
             key = "unet" if kind == "plain" else kind
-            graphs[key] = GraphSpec(file, sha256_file(tmp / file), _tensor_specs(list(graph.graph.input)),
+            graphs[key] = GraphSpec(file, sha256_graph(tmp / file), _tensor_specs(list(graph.graph.input)),
                                     _tensor_specs(list(graph.graph.output)))
             log.info("wrote %s (%d nodes)", file, len(graph.graph.node))
         manifest = Manifest(

@@ -33,12 +33,29 @@ def _fp32_region(graph: onnx.GraphProto, stop_nodes: set[int]) -> set[int]:
     return region
 
 
+def _weightless(model: onnx.ModelProto, keep_bytes: int = 1 << 16) -> onnx.ModelProto:
+    """A copy for type inference whose large initializers keep name, type and shape but no data.
+
+    Shape inference serialises the model, which fails past protobuf's 2 GB (SD in fp32); it only
+    needs the data of small shape-like constants, which are kept.
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for init in light.graph.initializer:
+        if len(init.raw_data) > keep_bytes:
+            init.ClearField("raw_data")
+            init.data_location = TensorProto.EXTERNAL
+            del init.external_data[:]
+            init.external_data.add(key="location", value="(omitted for type inference)")
+    return light
+
+
 def convert_to_fp16(model: onnx.ModelProto, stop_nodes: set[int]) -> onnx.ModelProto:
     """An fp16 copy of `model`; `stop_nodes` (quantized layers) never join the fp32 region."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    inferred = onnx.shape_inference.infer_shapes(model).graph
+    inferred = onnx.shape_inference.infer_shapes(_weightless(model)).graph
     float_tensors = {v.name for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
                      if v.type.tensor_type.elem_type == FP32}
     region = _fp32_region(graph, stop_nodes)

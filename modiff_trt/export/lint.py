@@ -144,7 +144,7 @@ def lint_export(export_dir: str | Path) -> list[LintIssue]:
     """Lint every graph of an export directory, and check warm-up/step state outputs agree."""
     manifest = load_manifest(export_dir)
     target = manifest.export.get("target", "trt")
-    models = {key: onnx.load(str(Path(export_dir) / g.file), load_external_data=False) for key, g in manifest.graphs.items()}
+    models = {key: onnx.load(str(Path(export_dir) / g.file)) for key, g in manifest.graphs.items()}
     issues = [issue for key, model in models.items() for issue in lint_graph(model, key, target)]
     if "warmup" in models and "step" in models:
         warm, step = _io(models["warmup"].graph.output), _io(models["step"].graph.output)

@@ -25,11 +25,24 @@ MANIFEST_NAME = "manifest.json"
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, streamed so multi-GB checkpoints do not fill memory."""
+    return sha256_files([Path(path)], chunk)
+
+
+def sha256_files(paths: list[Path], chunk: int = 1 << 20) -> str:
+    """One hex sha256 over several files read in order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    for path in paths:
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_graph(path: str | Path) -> str:
+    """sha256 of an ONNX graph, its external weights (`<file>.data`, graphs over 2 GB) included."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return sha256_files([path, data] if data.is_file() else [path])
 
 
 @dataclass
@@ -160,7 +173,7 @@ def load_manifest(export_dir: str | Path, verify_files: bool = True) -> Manifest
             file = export_dir / graph.file
             if not file.is_file():
                 raise ArtifactError(f"{file} ({key} graph) is missing: re-run `modiff-trt export`")
-            if sha256_file(file) != graph.sha256:
+            if sha256_graph(file) != graph.sha256:
                 raise ArtifactError(
                     f"{file} does not match {path} (sha256 differs): the directory mixes two "
                     "exports; re-run `modiff-trt export`"

@@ -7,10 +7,11 @@ guessing, and it exports the DDIM UNet in seconds.
 
 from __future__ import annotations
 
-import io
 import logging
+import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import onnx
 import torch
@@ -35,13 +36,15 @@ def export_float_onnx(
         args.append(torch.randn(example_batch, *context_shape))
         names.append(naming.CONTEXT)
     dynamic = None if batch_size else {n: {0: "batch"} for n in names + [naming.EPS]}
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="modiff-float-") as tmp, warnings.catch_warnings():
+        # Through a file, not memory: over protobuf's 2 GB limit (SD in fp32) the exporter writes
+        # the weights as external data, which onnx.load brings back into the in-memory graph.
         warnings.simplefilter("ignore")  # tracer warnings about python ints in shapes are expected
+        path = Path(tmp) / "float.onnx"
         torch.onnx.export(
             unet.eval(),
             tuple(args),
-            buffer,
+            str(path),
             dynamo=False,
             input_names=names,
             output_names=[naming.EPS],
@@ -49,4 +52,4 @@ def export_float_onnx(
             do_constant_folding=True,
             dynamic_axes=dynamic,
         )
-    return onnx.load_from_string(buffer.getvalue())
+        return onnx.load(str(path))
