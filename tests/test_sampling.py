@@ -90,3 +90,13 @@ def test_sample_images_same_at_any_batch_size():
     many = sample_images(model, (1, 4, 4), 5, 2, seq, betas, eta=1.0, seed=3, progress=False)
     assert torch.allclose(one, many, atol=1e-6)
     assert model.resets == 1 + 3  # state reset once per batch, never inside a trajectory
+
+
+def test_nan_from_the_model_stops_sampling_with_a_clear_error():
+    from modiff_trt.errors import ModiffError
+
+    def broken(x, t):
+        return torch.where(t[:, None, None, None] < 500, torch.full_like(x, float("nan")), x)
+
+    with pytest.raises(ModiffError, match=r"NaN/Inf at step \d+ \(t=\d+\)"):
+        ddim_sample(broken, torch.randn(1, 1, 2, 2), ddim_timesteps(10, "uniform"), linear_betas())

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from modiff_trt.errors import ModiffError
+
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -57,6 +59,11 @@ def ddim_sample(
         a_t = alpha_bar(betas, t.long())
         a_next = alpha_bar(betas, torch.full((n,), j, device=device, dtype=torch.long))
         eps = model(x, t, **model_kwargs)
+        if not bool(torch.isfinite(eps).all()):
+            raise ModiffError(
+                f"the UNet returned NaN/Inf at step {step} (t={i}): check that the checkpoint matches the config "
+                "and, for quantized runs, that the calibration belongs to this checkpoint (or try more bits)"
+            )
         x0 = (x - eps * (1 - a_t).sqrt()) / a_t.sqrt()
         c1 = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
         c2 = ((1 - a_next) - c1**2).sqrt()
