@@ -30,6 +30,16 @@ def draw_noise(generator: torch.Generator | Sequence[torch.Generator] | None, li
     return torch.stack(per_image).to(like.device)
 
 
+def check_finite(eps: torch.Tensor, step: int, t: int) -> torch.Tensor:
+    """`eps` unchanged, or a clear error if the UNet produced NaN/Inf (every backend, every sampler)."""
+    if not bool(torch.isfinite(eps).all()):
+        raise ModiffError(
+            f"the UNet returned NaN/Inf at step {step} (t={t}): check that the checkpoint matches the config "
+            "and, for quantized runs, that the calibration belongs to this checkpoint (or try more bits)"
+        )
+    return eps
+
+
 @torch.no_grad()
 def ddim_sample(
     model: Callable[..., torch.Tensor],
@@ -58,12 +68,7 @@ def ddim_sample(
         t = torch.full((n,), float(i), device=device)
         a_t = alpha_bar(betas, t.long())
         a_next = alpha_bar(betas, torch.full((n,), j, device=device, dtype=torch.long))
-        eps = model(x, t, **model_kwargs)
-        if not bool(torch.isfinite(eps).all()):
-            raise ModiffError(
-                f"the UNet returned NaN/Inf at step {step} (t={i}): check that the checkpoint matches the config "
-                "and, for quantized runs, that the calibration belongs to this checkpoint (or try more bits)"
-            )
+        eps = check_finite(model(x, t, **model_kwargs), step, i)
         x0 = (x - eps * (1 - a_t).sqrt()) / a_t.sqrt()
         c1 = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
         c2 = ((1 - a_next) - c1**2).sqrt()

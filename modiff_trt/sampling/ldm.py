@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from modiff_trt.sampling.ddim import draw_noise
+from modiff_trt.sampling.ddim import check_finite, draw_noise
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ def sample_ddim(
     x = x_T
     for i, index in enumerate(reversed(range(len(sched)))):
         eps = guided_eps(model, x, _t(sched.timesteps[index], x), context, uncond, guidance_scale)
+        check_finite(eps, i, int(sched.timesteps[index]))
         noise = None
         if sched.sigmas[index] > 0:
             noise = draw_noise(generator, x)
@@ -219,7 +220,8 @@ def sample_plms(
     x = x_T
     for i, index in enumerate(order):
         next_index = order[min(i + 1, len(order) - 1)]
-        eps = guided_eps(model, x, _t(sched.timesteps[index], x), context, uncond, guidance_scale)
+        eps = check_finite(guided_eps(model, x, _t(sched.timesteps[index], x), context, uncond, guidance_scale),
+                           i, int(sched.timesteps[index]))
         if not history:
             x_guess, _ = ddim_update(x, eps, sched, index)
             t_next = _t(sched.timesteps[next_index], x)
