@@ -32,13 +32,13 @@ from torch import nn
 
 from modiff_trt.quant.layer import channel_groups
 from modiff_trt.quant.model import quantizable_layers
-from modiff_trt.sampling import ddim_sample, image_noise, step_generators
-from modiff_trt.sampling.run import progress_bar
+from modiff_trt.sampling import ddim_sample, step_generators
+from modiff_trt.sampling.run import sample_batches
 
 log = logging.getLogger(__name__)
 DEFAULT_RESERVOIR = 1 << 16
 #: (model, noise, image indices, advance) -> None: one batch of float trajectories.
-TrajectoryFn = Callable[[nn.Module, torch.Tensor, list[int], Callable[..., None]], None]
+TrajectoryFn = Callable[[nn.Module, torch.Tensor, list[int], Callable[..., None]], torch.Tensor]
 
 
 @dataclass
@@ -162,24 +162,17 @@ class TrajectoryCollector:
         device = next(self.model.parameters()).device
         handles = [self.model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.stats]
         handles.append(self.model.register_forward_pre_hook(self._count_call))
+
+        def one_batch(noise: torch.Tensor, indices: list[int], advance: Callable[..., None]) -> torch.Tensor:
+            self.step, self.calls, self.previous = 0, 0, {}
+            if trajectory is not None:
+                return trajectory(self.model, noise, indices, advance)
+            generator = step_generators(seed, indices) if eta > 0 else None
+            return ddim_sample(self.model, noise, timesteps, betas, eta=eta, generator=generator, callback=advance)
+
         try:
-            with progress_bar(disable=not progress) as bar:
-                task = bar.add_task("calibration trajectories", total=cali_n * len(timesteps))
-                for start in range(0, cali_n, batch_size):
-                    indices = list(range(start, min(start + batch_size, cali_n)))
-                    self.step, self.calls, self.previous = 0, 0, {}
-
-                    def advance(*_: object, n: int = len(indices)) -> None:
-                        bar.advance(task, n)
-
-                    noise = image_noise(seed, indices, sample_shape).to(device)
-                    if trajectory is not None:
-                        trajectory(self.model, noise, indices, advance)
-                        continue
-                    ddim_sample(
-                        self.model, noise, timesteps, betas, eta=eta,
-                        generator=step_generators(seed, indices) if eta > 0 else None, callback=advance,
-                    )
+            sample_batches(one_batch, sample_shape, cali_n, batch_size, len(timesteps), seed, device,
+                           progress=progress, description="calibration trajectories")
         finally:
             for handle in handles:
                 handle.remove()

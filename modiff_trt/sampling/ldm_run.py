@@ -22,8 +22,8 @@ from modiff_trt.models.config import ModelConfig
 from modiff_trt.sampling.conditioning import ContextSource
 from modiff_trt.sampling.images import make_grid, save_image, save_npz, save_samples
 from modiff_trt.sampling.ldm import sample_ddim, sample_plms
-from modiff_trt.sampling.noise import image_noise, step_generators
-from modiff_trt.sampling.run import progress_bar
+from modiff_trt.sampling.noise import step_generators
+from modiff_trt.sampling.run import sample_batches
 
 log = logging.getLogger(__name__)
 SAMPLERS = ("ddim", "plms")
@@ -125,21 +125,14 @@ def sample_latents(
 ) -> torch.Tensor:
     """Latents [num_images, C, H, W] on the CPU; `batch_size` counts images (the runner sees 2x
     that under guidance)."""
-    if num_images < 1 or batch_size < 1:
-        raise ValueError("num_images and batch_size must be >= 1")
-    device = getattr(runner, "device", torch.device("cpu"))
     alphas = model_cfg.alphas_cumprod()
-    n_steps = len(model_cfg.timesteps(sampling.steps))
-    latents = []
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task(f"sampling ({sampling.sampler})", total=num_images * n_steps)
-        for start in range(0, num_images, batch_size):
-            indices = list(range(start, min(start + batch_size, num_images)))
-            noise = image_noise(seed, indices, model_cfg.sample_shape).to(device)
-            z = ldm_trajectory(runner, noise, alphas, sampling, indices, seed, conditioning,
-                               callback=lambda *_: bar.advance(task, len(indices)))
-            latents.append(z.float().cpu())
-    return torch.cat(latents)
+
+    def trajectory(noise: torch.Tensor, indices: list[int], advance: Callable[..., None]) -> torch.Tensor:
+        return ldm_trajectory(runner, noise, alphas, sampling, indices, seed, conditioning, callback=advance)
+
+    return sample_batches(trajectory, model_cfg.sample_shape, num_images, batch_size,
+                          len(model_cfg.timesteps(sampling.steps)), seed, getattr(runner, "device", "cpu"),
+                          progress=progress, description=f"sampling ({sampling.sampler})")
 
 
 @torch.no_grad()
@@ -177,12 +170,12 @@ def write_ldm_samples(
 
 def trajectory_fn(
     model_cfg: ModelConfig, sampling: LDMSampling, seed: int = 0, conditioning: ContextSource | None = None
-) -> Callable[[torch.nn.Module, torch.Tensor, list[int], Callable[..., None]], None]:
+) -> Callable[[torch.nn.Module, torch.Tensor, list[int], Callable[..., None]], torch.Tensor]:
     """The calibrator's per-batch trajectory for an LDM: what `sample` will run, in float."""
     alphas = model_cfg.alphas_cumprod()
 
-    def run(model: torch.nn.Module, noise: torch.Tensor, indices: list[int], advance: Callable[..., None]) -> None:
-        ldm_trajectory(model, noise, alphas, sampling, indices, seed, conditioning, callback=advance)
+    def run(model: torch.nn.Module, noise: torch.Tensor, indices: list[int], advance: Callable[..., None]) -> torch.Tensor:
+        return ldm_trajectory(model, noise, alphas, sampling, indices, seed, conditioning, callback=advance)
 
     return run
 

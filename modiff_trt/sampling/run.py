@@ -27,6 +27,41 @@ def progress_bar(disable: bool = False) -> Progress:
     )
 
 
+BatchTrajectory = Callable[[torch.Tensor, list[int], Callable[..., None]], torch.Tensor]
+
+
+def sample_batches(
+    trajectory: BatchTrajectory,
+    sample_shape: Sequence[int],
+    num_images: int,
+    batch_size: int,
+    steps: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    on_batch: BatchCallback | None = None,
+    progress: bool = True,
+    description: str = "sampling",
+) -> torch.Tensor:
+    """Final samples of `trajectory(noise, indices, advance)` batch by batch, on the CPU.
+
+    Image i's noise depends only on (seed, i); `advance` moves the progress bar by one step of
+    the batch. Every sampler (DDIM, LDM DDIM/PLMS) goes through this one loop.
+    """
+    if num_images < 1 or batch_size < 1:
+        raise ValueError("num_images and batch_size must be >= 1")
+    outputs = []
+    with progress_bar(disable=not progress) as bar:
+        task = bar.add_task(description, total=num_images * steps)
+        for start in range(0, num_images, batch_size):
+            indices = list(range(start, min(start + batch_size, num_images)))
+            noise = image_noise(seed, indices, sample_shape).to(device)
+            x0 = trajectory(noise, indices, lambda *_, n=len(indices): bar.advance(task, n)).float().cpu()
+            if on_batch is not None:
+                on_batch(start, x0)
+            outputs.append(x0)
+    return torch.cat(outputs)
+
+
 def sample_images(
     runner: Callable[..., torch.Tensor],
     sample_shape: Sequence[int],
@@ -41,29 +76,14 @@ def sample_images(
     progress: bool = True,
     description: str = "sampling",
 ) -> torch.Tensor:
-    """Final samples [num_images, *sample_shape] on the CPU; image i depends only on (seed, i)."""
-    if num_images < 1 or batch_size < 1:
-        raise ValueError("num_images and batch_size must be >= 1")
-    outputs = []
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task(description, total=num_images * len(timesteps))
-        for start in range(0, num_images, batch_size):
-            indices = list(range(start, min(start + batch_size, num_images)))
-            noise = image_noise(seed, indices, sample_shape).to(device)
-            x0 = ddim_sample(
-                runner,
-                noise,
-                timesteps,
-                betas,
-                eta=eta,
-                generator=step_generators(seed, indices) if eta > 0 else None,
-                callback=lambda *_: bar.advance(task, len(indices)),
-            )
-            x0 = x0.float().cpu()
-            if on_batch is not None:
-                on_batch(start, x0)
-            outputs.append(x0)
-    return torch.cat(outputs)
+    """DDIM final samples [num_images, *sample_shape] on the CPU; image i depends only on (seed, i)."""
+
+    def trajectory(noise: torch.Tensor, indices: list[int], advance: Callable[..., None]) -> torch.Tensor:
+        generator = step_generators(seed, indices) if eta > 0 else None
+        return ddim_sample(runner, noise, timesteps, betas, eta=eta, generator=generator, callback=advance)
+
+    return sample_batches(trajectory, sample_shape, num_images, batch_size, len(timesteps), seed, device,
+                          on_batch, progress, description)
 
 
 def write_samples(
