@@ -176,14 +176,14 @@ def sample(
             raise typer.BadParameter("give an export directory, or --config (and --checkpoint) for the torch reference")
         if backend != "torch":
             raise typer.BadParameter(f"--backend {backend} runs an export directory: run `modiff-trt export` first")
-        from modiff_trt.engines.torch_backend import reference_runner
+        from modiff_trt.engines.torch_backend import load_reference
         from modiff_trt.models import load_config
 
         model_cfg = load_config(config)
         checkpoint = checkpoint_for(config, checkpoint, random_weights)
         act_scales = act_scales or ("static" if calibration is not None else "dynamic")
         quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype)
-        runner = reference_runner(model_cfg, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
+        runner = load_reference(model_cfg, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)[2]
         sample_shape, betas = model_cfg.sample_shape, model_cfg.betas()
     start = time.perf_counter()
     if model_cfg is not None and model_cfg.family != "ddim":

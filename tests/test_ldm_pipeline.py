@@ -26,7 +26,7 @@ from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.sampling.conditioning import RandomContext
 from modiff_trt.sampling.ldm import ldm_betas
 from modiff_trt.sampling.ldm_run import ldm_trajectory, sampling_for, write_ldm_samples
-from modiff_trt.engines.torch_backend import load_reference, reference_runner
+from modiff_trt.engines.torch_backend import load_reference
 from tests.conftest import rel_err
 from tests.export_helpers import check_step_layers
 from tests.test_ldm_models import SMALL, lightning_ckpt, randomize, write_yaml
@@ -139,7 +139,7 @@ def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
 def test_bedrooms_vq_decoder_and_eta_sampling(tmp_path):
     path, ckpt, _ = _small(tmp_path, "bedrooms")
     cfg = load_config(path)
-    runner = reference_runner(cfg, ckpt, QuantConfig(8, None))
+    runner = load_reference(cfg, ckpt, QuantConfig(8, None))[2]
     decoder = load_first_stage(cfg.ldm, ckpt)
     sampling = sampling_for(cfg, steps=2, eta=1.0)
     images, latents = write_ldm_samples(runner, cfg, decoder, tmp_path / "out", sampling, 2, 2, seed=1,

@@ -36,18 +36,6 @@ def load_reference(
     return model_cfg, float_model, quantize_unet(float_model, quant, load_scales(calibration, model_cfg, checkpoint))
 
 
-def reference_runner(
-    config: str | Path | ModelConfig,
-    checkpoint: str | Path | None,
-    quant: QuantConfig,
-    calibration: str | Path | None = None,
-    trust: bool = False,
-    ema: bool = False,
-) -> QuantUNet:
-    """The quantized reference model of a config + checkpoint (+ calibration for static scales)."""
-    return load_reference(config, checkpoint, quant, calibration, trust, ema)[2]
-
-
 def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
     """Rebuild the reference an export was made from, out of the paths its manifest records."""
     model = manifest.model
@@ -60,4 +48,4 @@ def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
                 "restore the file or use --backend ort"
             )
     quant = QuantConfig.from_dict(manifest.quant)
-    return reference_runner(model["config"], checkpoint, quant, calibration, trust, ema=bool(model.get("ema", False)))
+    return load_reference(model["config"], checkpoint, quant, calibration, trust, ema=bool(model.get("ema", False)))[2]
