@@ -450,7 +450,7 @@ def train_digits_command(
       modiff-trt train-digits --out my-digits.safetensors\n
       modiff-trt train-digits --iterations 200 --seed 1 --out quick.safetensors
     """
-    from modiff_trt.models.digits import train_digits
+    from modiff_trt.training.digits import train_digits
 
     path = train_digits(out, iterations=iterations, seed=seed)
     console.print(f"weights: {path}  record: {path.with_suffix('.json')}")

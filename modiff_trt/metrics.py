@@ -72,7 +72,7 @@ def _load() -> tuple[DigitsClassifier, np.ndarray, np.ndarray]:
     if not path.is_file():
         raise ModiffError(
             f"{path} is missing: reinstall modiff-trt, or rebuild it with "
-            "python -m modiff_trt.models.digits --classifier (needs pip install 'modiff-trt[digits]')"
+            "python -m modiff_trt.training.digits --classifier (needs pip install 'modiff-trt[digits]')"
         )
     tensors = load_file(str(path))
     mu = tensors.pop(STATS_MU).double().numpy()

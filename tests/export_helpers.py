@@ -9,7 +9,7 @@ import torch
 from onnx import helper
 
 from modiff_trt.export.exporter import export_model
-from modiff_trt.models.config import ModelConfig
+from modiff_trt.models.ddim_config import DDIMModelConfig
 from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, linear_betas
@@ -52,8 +52,8 @@ def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10) -> Sc
     return ScaleSet(modulate=config.modulate, layers=layers, source="test-absmax")
 
 
-def tiny_model_config(model) -> ModelConfig:
-    return ModelConfig("ddim", model.config, "linear", 1e-4, 0.02, 1000, "tiny-test", "0" * 64)
+def tiny_model_config(model) -> DDIMModelConfig:
+    return DDIMModelConfig("linear", 1e-4, 0.02, 1000, "tiny-test", "0" * 64, unet=model.config)
 
 
 def export(tmp_path, model, config: QuantConfig, name="exp", **kwargs):

@@ -30,7 +30,7 @@ from modiff_trt.sampling import ddim_sample, ddim_timesteps, image_noise, linear
 @pytest.fixture(scope="module")
 def real_digits() -> torch.Tensor:
     pytest.importorskip("sklearn")
-    from modiff_trt.models.digits import load_digits_images
+    from modiff_trt.training.digits import load_digits_images
 
     return load_digits_images()
 
@@ -67,7 +67,7 @@ def test_packaged_weights_load_and_match_their_record() -> None:
 
 def test_training_is_bitwise_deterministic_for_a_seed(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
-    from modiff_trt.models.digits import train_digits
+    from modiff_trt.training.digits import train_digits
 
     a = train_digits(tmp_path / "a.safetensors", iterations=3, seed=5, progress=False)
     b = train_digits(tmp_path / "b.safetensors", iterations=3, seed=5, progress=False)

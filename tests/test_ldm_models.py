@@ -17,16 +17,10 @@ import yaml
 from torch import nn
 
 from modiff_trt.errors import CheckpointError, ConfigError
-from modiff_trt.models import ldm_configs
+from modiff_trt.models import ldm_builtins
 from modiff_trt.models.autoencoder import FirstStageConfig, build_first_stage
-from modiff_trt.models.ldm_configs import (
-    build_ldm_unet,
-    load_first_stage,
-    load_ldm,
-    load_ldm_unet,
-    load_ldm_yaml,
-    resolve_ldm_config,
-)
+from modiff_trt.models.ldm_config import load_ldm_yaml, resolve_ldm_config
+from modiff_trt.models.ldm_loading import build_ldm_unet, load_first_stage, load_ldm, load_ldm_unet
 from modiff_trt.models.openaimodel import UNetConfig, UNetModel, timestep_embedding
 
 KL_SMALL = {
@@ -319,8 +313,7 @@ def test_mismatched_checkpoint_names_file_and_fitting_builtin(
 ) -> None:
     # Register the small configs as "built-ins" so the suggestion search stays cheap.
     builtins = {f"tiny-{k}": copy.deepcopy(v) for k, v in SMALL.items()}
-    monkeypatch.setattr(ldm_configs, "_BUILTIN_YAML", builtins)
-    monkeypatch.setattr(ldm_configs, "BUILTIN_CONFIGS", tuple(builtins))
+    monkeypatch.setattr(ldm_builtins, "LDM_BUILTINS", builtins)
     source = randomize(build_ldm_unet("tiny-sd"), 5)
     ckpt = lightning_ckpt(tmp_path, "sd_small", source)
     with pytest.raises(CheckpointError) as err:

@@ -21,7 +21,7 @@ from modiff_trt.export.lint import lint_export
 from modiff_trt.export.manifest import load_manifest
 from modiff_trt.models import load_config, load_unet
 from modiff_trt.models.autoencoder import FirstStageConfig, build_first_stage
-from modiff_trt.models.ldm_configs import load_first_stage
+from modiff_trt.models.ldm_loading import load_first_stage
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.sampling.conditioning import RandomContext
 from modiff_trt.sampling.ldm import ldm_betas

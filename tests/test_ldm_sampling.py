@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from modiff_trt.models.ldm_configs import build_ldm_unet
+from modiff_trt.models.ldm_loading import build_ldm_unet
 from modiff_trt.models.openaimodel import UNetConfig
 from modiff_trt.sampling.ldm import (
     guided_eps,

@@ -37,6 +37,7 @@ from modiff_trt.errors import ConfigError
 from modiff_trt.export.manifest import sha256_file
 from modiff_trt.models import load_config, load_unet
 from modiff_trt.models.config import ModelConfig
+from modiff_trt.models.latent import LatentModelConfig
 from modiff_trt.quant.config import MAX_BITS, MIN_BITS
 from modiff_trt.quant.layer import channel_groups
 from modiff_trt.quant.model import quantizable_layers
@@ -139,7 +140,7 @@ def _latent_sampling(
     conditioning: ContextSource | None, seed: int,
 ) -> tuple[LDMSampling, TrajectoryFn] | None:
     """The LDM sampler settings and the collector's trajectory, or None for ddim configs."""
-    if getattr(model_cfg, "ldm", None) is None:
+    if not isinstance(model_cfg, LatentModelConfig):
         return None
     sampling = sampling_for(model_cfg, sampler, steps, eta, guidance_scale)
     if model_cfg.context_shape is not None and conditioning is None:

@@ -32,7 +32,8 @@ from modiff_trt.export.fp16 import convert_to_fp16
 from modiff_trt.export.qdq import insert_quantization, layer_weights, qdq_kernel
 from modiff_trt.export.ort_cpu import integer_kernel
 from modiff_trt.export.sites import find_sites
-from modiff_trt.models.config import ModelConfig, load_config
+from modiff_trt.models.config import ModelConfig
+from modiff_trt.models.registry import load_config
 from modiff_trt.quant import QuantConfig, QuantUNet
 
 log = logging.getLogger(__name__)

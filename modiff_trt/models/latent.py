@@ -1,8 +1,8 @@
-"""Latent-diffusion / Stable Diffusion configs seen through the pipeline's `ModelConfig`.
+"""`LatentModelConfig`: the latent-diffusion / Stable Diffusion family of `ModelConfig`.
 
-calibrate, export and sample were written against `ModelConfig` (build(), betas(),
-sample_shape, source, sha256). Rather than a second set of entry points, an LDM config parsed
-by `ldm_configs` is wrapped here so the same code paths work; what differs is made explicit:
+calibrate, export and sample are written against `ModelConfig` (build(), betas(),
+sample_shape, source, sha256). An `LDMConfig` parsed by `ldm_config` is wrapped here so the
+same code paths work; what differs from the ddim family is made explicit:
 
 - `sample_shape` is the latent shape (C, H, W), not an image shape;
 - `context_shape` is the cross-attention input per sample ([77, 768] for SD v1, None otherwise);
@@ -21,45 +21,52 @@ from typing import Any
 
 import torch
 
+from modiff_trt.errors import ConfigError
 from modiff_trt.models.config import ModelConfig
-from modiff_trt.models.ldm_configs import BUILTIN_CONFIGS, LDMConfig, parse_ldm_params, resolve_ldm_config
-from modiff_trt.models.openaimodel import UNetModel
+from modiff_trt.models.ldm_config import LDMConfig, parse_ldm_params, resolve_ldm_config
+from modiff_trt.models.openaimodel import UNetConfig, UNetModel
+from modiff_trt.sampling.ldm import ldm_alphas_cumprod, ldm_ddim_timesteps
 
 #: Token count of CLIP ViT-L/14 prompts (FrozenCLIPEmbedder pads to it): SD's context length.
 CONTEXT_TOKENS = 77
 #: LatentDiffusion schedule name -> the name `schedules.make_betas` uses for the same betas.
 LDM_TO_SCHEDULE = {"linear": "sqrt_linear", "sqrt_linear": "linear"}
 SCHEDULE_TO_LDM = {v: k for k, v in LDM_TO_SCHEDULE.items()}
-LDM_FAMILIES = ("ldm", "sd")
 
 
 @dataclass
 class LatentModelConfig(ModelConfig):
-    """A `ModelConfig` for an openaimodel UNet (family 'ldm' unconditional, 'sd' cross-attention)."""
+    """An openaimodel UNet (family 'ldm' unconditional, 'sd' with cross-attention context).
 
-    ldm: LDMConfig | None = None
+    `ldm` keeps the whole parsed config: the first-stage decoder and the paper's sampler
+    settings live there.
+    """
+
+    ldm: LDMConfig
     context: tuple[int, int] | None = None
 
+    @property
+    def unet(self) -> UNetConfig:
+        return self.ldm.unet
+
+    @property
+    def family(self) -> str:
+        return "ldm" if self.context is None else "sd"
+
     def build(self) -> torch.nn.Module:
-        """The openaimodel UNet with random weights (the loader fills it from a checkpoint)."""
         return UNetModel(self.unet)
 
     def alphas_cumprod(self) -> torch.Tensor:
         """LatentDiffusion's buffer: cumprod in float64 of its betas, cast to float32."""
-        from modiff_trt.sampling.ldm import ldm_alphas_cumprod
-
         return ldm_alphas_cumprod(self.beta_start, self.beta_end, self.num_train_timesteps,
                                   SCHEDULE_TO_LDM[self.beta_schedule])
 
     def timesteps(self, num_steps: int, skip_type: str = "uniform") -> list[int]:
         """LDM DDIM timesteps `range(0, T, T // S) + 1` (only the uniform selection exists)."""
-        from modiff_trt.sampling.ldm import ldm_ddim_timesteps
-
         return [int(t) for t in ldm_ddim_timesteps(num_steps, self.num_train_timesteps)]
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        assert self.ldm is not None
         return self.ldm.latent_shape
 
     @property
@@ -72,20 +79,15 @@ class LatentModelConfig(ModelConfig):
 
     @property
     def default_steps(self) -> int:
-        assert self.ldm is not None
         return self.ldm.steps
 
 
 def latent_model_config(ldm: LDMConfig, source: str, sha256: str, raw: dict[str, Any] | None = None) -> LatentModelConfig:
     """Wrap a parsed LDM config; family 'sd' when the UNet takes cross-attention context."""
     if ldm.beta_schedule not in LDM_TO_SCHEDULE:
-        from modiff_trt.errors import ConfigError
-
         raise ConfigError(f"{source}: beta_schedule {ldm.beta_schedule!r} is not supported (linear, sqrt_linear)")
     conditional = ldm.conditioning_key == "crossattn"
     return LatentModelConfig(
-        family="sd" if conditional else "ldm",
-        unet=ldm.unet,
         beta_schedule=LDM_TO_SCHEDULE[ldm.beta_schedule],
         beta_start=ldm.linear_start,
         beta_end=ldm.linear_end,
@@ -106,6 +108,6 @@ def builtin_latent_config(name: str) -> LatentModelConfig:
 
 
 def yaml_latent_config(raw: dict[str, Any], source: str, sha256: str) -> LatentModelConfig:
-    """An official latent-diffusion / stable-diffusion YAML already read by `load_config`."""
+    """An official latent-diffusion / stable-diffusion YAML already read by `registry.load_config`."""
     ldm = parse_ldm_params(raw["model"]["params"], name=Path(source).stem, source=source)
     return latent_model_config(ldm, source, sha256, raw)

@@ -9,13 +9,14 @@ produces the user-facing error text.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
 from modiff_trt.errors import CheckpointError
-from modiff_trt.models.checkpoint import read_checkpoint as read_any_checkpoint
+from modiff_trt.models.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,11 @@ EMA_PREFIX = "model_ema."
 #: Prefix of the first-stage autoencoder.
 FIRST_STAGE_PREFIX = "first_stage_model."
 
-def read_checkpoint(path: str | Path, trust: bool = False) -> Mapping[str, Any]:
+
+def read_checkpoint_mapping(path: str | Path, trust: bool = False) -> Mapping[str, Any]:
     """A Lightning checkpoint's (or state_dict's) top-level mapping, read by the shared reader
     (weights_only, magic-byte and truncation checks, safetensors)."""
-    obj = read_any_checkpoint(path, trust=trust)
+    obj = read_checkpoint(path, trust=trust)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path}: expected a dict (Lightning checkpoint or state_dict), got {type(obj).__name__}"

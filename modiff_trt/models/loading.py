@@ -7,14 +7,24 @@ from pathlib import Path
 import torch
 
 from modiff_trt.errors import CheckpointError, ConfigError
-from modiff_trt.models.checkpoint import diff_state_dict, extract_state_dict, read_checkpoint
-from modiff_trt.models.config import ModelConfig, builtin_names, load_config
+from modiff_trt.models.checkpoint import (
+    diff_state_dict,
+    extract_state_dict,
+    read_checkpoint,
+)
+from modiff_trt.models.config import ModelConfig
+from modiff_trt.models.latent import LatentModelConfig
+from modiff_trt.models.ldm_loading import load_ldm_unet
+from modiff_trt.models.registry import ddim_builtin_names, load_config
 
 
 def _fitting_builtins(state: dict[str, torch.Tensor], exclude: str) -> list[str]:
-    """Built-in configs whose parameter names and shapes equal the checkpoint's (built on meta)."""
+    """Built-in ddim configs whose parameter names and shapes equal the checkpoint's (built on meta).
+
+    Latent-diffusion checkpoints get their own suggestion from `ldm_loading`.
+    """
     fits = []
-    for name in builtin_names():
+    for name in ddim_builtin_names():
         if name == exclude:
             continue
         try:
@@ -49,17 +59,15 @@ def load_unet(
 ) -> torch.nn.Module:
     """Build the UNet of `config` and load `checkpoint` into it (None: random init, for speed tests).
 
-    Latent-diffusion configs go to `ldm_configs.load_ldm_unet`, which reads Lightning, EMA
+    Latent-diffusion configs go to `ldm_loading.load_ldm_unet`, which reads Lightning, EMA
     (`ema=True`), fp16 and Q-Diffusion files; ddim checkpoints have no EMA switch (their EMA
     copy is the file itself or the last list entry).
     """
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
-    ldm = getattr(cfg, "ldm", None)
-    if ldm is not None and checkpoint is not None:
-        from modiff_trt.models.ldm_configs import load_ldm_unet
-
-        return load_ldm_unet(ldm, checkpoint, ema=ema, trust=trust)
-    if ema and ldm is None:
+    latent = isinstance(cfg, LatentModelConfig)
+    if latent and checkpoint is not None:
+        return load_ldm_unet(cfg.ldm, checkpoint, ema=ema, trust=trust)
+    if ema and not latent:
         raise ConfigError(f"--ema applies to latent-diffusion checkpoints; {cfg.source} is a {cfg.family} config")
     model = cfg.build()
     if checkpoint is not None:

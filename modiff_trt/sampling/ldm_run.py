@@ -19,6 +19,7 @@ import torch
 
 from modiff_trt.errors import ConfigError
 from modiff_trt.models.config import ModelConfig
+from modiff_trt.models.latent import LatentModelConfig
 from modiff_trt.sampling.conditioning import ContextSource
 from modiff_trt.sampling.images import make_grid, save_image, save_npz, save_samples
 from modiff_trt.sampling.ldm import sample_ddim, sample_plms
@@ -58,10 +59,10 @@ def sampling_for(
     eta: float | None = None,
     guidance_scale: float | None = None,
 ) -> LDMSampling:
-    """The paper settings of the config (REFERENCE.md section 3), overridden where given."""
-    ldm = getattr(model_cfg, "ldm", None)
-    if ldm is None:
+    """The paper settings of the config (docs/latent-diffusion.md), overridden where given."""
+    if not isinstance(model_cfg, LatentModelConfig):
         raise ConfigError(f"{model_cfg.source} is a {model_cfg.family} config, not a latent-diffusion one")
+    ldm = model_cfg.ldm
     default = LDMSampling(ldm.sampler, ldm.steps, ldm.eta, ldm.guidance_scale)
     if model_cfg.family == "sd" and (ldm.sampler, ldm.guidance_scale) == ("ddim", 1.0):
         default = SD_DEFAULT  # an official SD YAML names no sampler: use the paper's PLMS + CFG 7.5
@@ -223,7 +224,7 @@ def sample_ldm_to(
     context_options: dict,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`modiff-trt sample` for LDM/SD: settings, context, the checkpoint's decoder, then write."""
-    from modiff_trt.models.ldm_configs import load_first_stage
+    from modiff_trt.models.ldm_loading import load_first_stage
 
     if checkpoint is None:
         raise ConfigError("latent diffusion needs --checkpoint: its first-stage decoder turns latents into images")

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from modiff_trt.errors import ModiffError
-from modiff_trt.models.config import load_config
+from modiff_trt.models.registry import load_config
 
 log = logging.getLogger(__name__)
 
@@ -259,10 +259,10 @@ def train_digits_classifier(out: Path, seed: int = 0, epochs: int = CLASSIFIER_E
 
 
 def _main(argv: list[str]) -> None:
-    """`python -m modiff_trt.models.digits [--classifier] OUT [ITERATIONS] [SEED]`, without the CLI."""
+    """`python -m modiff_trt.training.digits [--classifier] OUT [ITERATIONS] [SEED]`, without the CLI."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m modiff_trt.models.digits")
+    parser = argparse.ArgumentParser(prog="python -m modiff_trt.training.digits")
     parser.add_argument("--classifier", action="store_true", help="train the digits-FID classifier instead")
     parser.add_argument("out", type=Path)
     parser.add_argument("iterations", type=int, nargs="?", default=4000)

@@ -1,0 +1,80 @@
+"""The ermongroup/ddim family: `DDIMModelConfig` and the parser of the official YAML layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from modiff_trt.errors import ConfigError
+from modiff_trt.models.config import ModelConfig
+from modiff_trt.models.ddim_unet import DDIMUNet, DDIMUNetConfig
+from modiff_trt.sampling.schedules import ddim_timesteps
+
+
+@dataclass
+class DDIMModelConfig(ModelConfig):
+    """A ddim UNet (CIFAR-10, the packaged digits model) with ddim's linear betas."""
+
+    unet: DDIMUNetConfig
+
+    @property
+    def family(self) -> str:
+        return "ddim"
+
+    def build(self) -> torch.nn.Module:
+        return DDIMUNet(self.unet)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.unet.in_channels, self.unet.resolution, self.unet.resolution)
+
+    @property
+    def timestep_convention(self) -> str:
+        return "ddim"
+
+    @property
+    def default_steps(self) -> int:
+        return 100
+
+    def timesteps(self, num_steps: int, skip_type: str = "quad") -> list[int]:
+        return ddim_timesteps(num_steps, skip_type, self.num_train_timesteps)
+
+
+def parse_ddim_config(raw: dict[str, Any], source: str, sha: str) -> DDIMModelConfig:
+    """A mapping in the official ddim layout (`data`, `model`, `diffusion`) -> `DDIMModelConfig`."""
+    try:
+        model, data, diffusion = raw["model"], raw["data"], raw["diffusion"]
+        unet = DDIMUNetConfig(
+            ch=int(model["ch"]),
+            out_ch=int(model["out_ch"]),
+            ch_mult=tuple(int(m) for m in model["ch_mult"]),
+            num_res_blocks=int(model["num_res_blocks"]),
+            attn_resolutions=tuple(int(r) for r in model["attn_resolutions"]),
+            dropout=float(model.get("dropout", 0.0)),
+            in_channels=int(model["in_channels"]),
+            resolution=int(data["image_size"]),
+            resamp_with_conv=bool(model.get("resamp_with_conv", True)),
+            model_type=str(model.get("type", "simple")),
+        )
+        schedule = str(diffusion["beta_schedule"])
+        if schedule != "linear":
+            raise ConfigError(f"{source}: beta_schedule {schedule!r} is not supported; modiff-trt reads 'linear'")
+        return DDIMModelConfig(
+            unet=unet,
+            beta_schedule=schedule,
+            beta_start=float(diffusion["beta_start"]),
+            beta_end=float(diffusion["beta_end"]),
+            num_train_timesteps=int(diffusion["num_diffusion_timesteps"]),
+            source=source,
+            sha256=sha,
+            raw=raw,
+        )
+    except KeyError as exc:
+        raise ConfigError(
+            f"{source} lacks the field {exc.args[0]!r}: expected the official ddim layout "
+            "(data.image_size, model.ch, model.ch_mult, ..., diffusion.beta_start)"
+        ) from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source} has an invalid value: {exc}") from exc
