@@ -8,7 +8,13 @@ import yaml
 from safetensors.torch import save_file
 
 from modiff_trt.errors import CheckpointError, ConfigError
-from modiff_trt.models import builtin_names, load_config, load_unet
+from modiff_trt.models import (
+    DDIMModelConfig,
+    LatentModelConfig,
+    builtin_names,
+    load_config,
+    load_unet,
+)
 from modiff_trt.models.ddim_unet import timestep_embedding
 from tests.conftest import ddim_yaml, rel_err, tiny_unet
 
@@ -121,7 +127,21 @@ def test_config_errors(tmp_path):
     (tmp_path / "broken.yml").write_text("model: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yml")
-    assert "ddim-cifar10" in builtin_names()
+    assert builtin_names() == ["ddim-cifar10", "digits", "ldm-bedrooms", "ldm-churches", "sd-v1"]
+
+
+def test_unknown_config_name_lists_every_builtin():
+    with pytest.raises(ConfigError) as err:
+        load_config("no-such-model")
+    assert str(err.value).endswith("built-ins: ddim-cifar10, digits, ldm-bedrooms, ldm-churches, sd-v1")
+
+
+def test_each_family_is_its_own_config_type():
+    ddim, sd = load_config("digits"), load_config("sd-v1")
+    assert isinstance(ddim, DDIMModelConfig) and isinstance(sd, LatentModelConfig)
+    assert not isinstance(ddim, LatentModelConfig) and not hasattr(ddim, "ldm")
+    assert (ddim.family, sd.family) == ("ddim", "sd")
+    assert sd.unet is sd.ldm.unet and sd.sample_shape == sd.ldm.latent_shape
 
 
 def test_wrong_resolution_is_refused(tiny_model):
