@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from modiff_trt.atomic import atomic_file
 from modiff_trt.errors import ArtifactError
 from modiff_trt.export.manifest import sha256_file
 from modiff_trt.models.config import ModelConfig
@@ -149,14 +148,8 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
     meta = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "layers": list(layers),
             "groups": {n: len(e.act or e.warmup or [0]) for n, e in layers.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         save_file(_tensors(layers), tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     log.info("wrote calibration %s (%d layers, %s scales)", path, len(layers), meta.get("kind"))
     return Calibration(meta=meta, layers=layers, path=path)
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modiff_trt.atomic import atomic_write
 from modiff_trt.errors import ArtifactError
 
 SIDECAR_SCHEMA = "modiff-trt/engine-sidecar"
@@ -49,27 +49,6 @@ def sidecar_path(plan: str | Path) -> Path:
     """`DIR/step.plan` -> `DIR/step.plan.json`."""
     plan = Path(plan)
     return plan.with_name(plan.name + ".json")
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Write `data` to a temp file beside `path`, fsync, then rename over it.
-
-    A crash or Ctrl-C mid-write leaves the old file (or none), never half a plan that would
-    later fail to deserialize with a confusing error.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    payload = data.encode() if isinstance(data, str) else data
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def write_sidecar(sidecar: EngineSidecar, path: str | Path) -> Path:

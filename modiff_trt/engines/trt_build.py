@@ -22,7 +22,8 @@ from typing import Any
 from modiff_trt import __version__
 from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
 from modiff_trt.export.manifest import GraphSpec, Manifest, load_manifest
-from modiff_trt.engines.sidecar import EngineSidecar, atomic_write, sidecar_path, write_sidecar
+from modiff_trt.atomic import atomic_write
+from modiff_trt.engines.sidecar import EngineSidecar, sidecar_path, write_sidecar
 from modiff_trt.engines.trt_env import cuda_device_info, import_tensorrt, trt_major
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ import numpy as np
 from modiff_trt.errors import ArtifactError, BackendUnavailableError, ModiffError
 from modiff_trt.export.manifest import GraphSpec, load_manifest
 from modiff_trt.export.naming import T, X, output_for_input
-from modiff_trt.engines.sidecar import atomic_write, read_sidecar, sidecar_path
+from modiff_trt.atomic import atomic_write
+from modiff_trt.engines.sidecar import read_sidecar, sidecar_path
 from modiff_trt.engines.trt_build import plan_path
 
 log = logging.getLogger(__name__)

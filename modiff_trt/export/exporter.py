@@ -16,8 +16,8 @@ import onnx
 import torch
 
 from modiff_trt import __version__
+from modiff_trt.atomic import atomic_directory
 from modiff_trt.errors import ConfigError
-from modiff_trt.export.atomic import atomic_directory
 from modiff_trt.export.manifest import (
     MANIFEST_NAME,
     GraphSpec,
@@ -167,7 +167,7 @@ def export_model(
     kinds = ["warmup", "step"] if config.modulate else ["plain"]
     graphs: dict[str, GraphSpec] = {}
     out = Path(out)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, MANIFEST_NAME, "an export directory") as tmp:
         for kind in kinds:
             graph = insert_quantization(float_graph, qmodel, kind, shapes, float_dtype, config.state_dtype, KERNELS[target])
             file = "unet.onnx" if kind == "plain" else f"{kind}.onnx"

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from modiff_trt.atomic import atomic_file
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -39,9 +39,8 @@ def _pil(image: np.ndarray, upscale: int = 1) -> Image.Image:
 
 def save_image(image: np.ndarray, path: Path, upscale: int = 1) -> None:
     """Save one HWC uint8 image as PNG via a temp file, so a crash leaves no broken PNG."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
+    with atomic_file(path) as tmp:
         _pil(image, upscale).save(tmp, format="PNG")
-    os.replace(tmp.name, path)
 
 
 def save_samples(x0: torch.Tensor, out: Path, first_index: int = 0, pngs: bool = True) -> np.ndarray:
@@ -56,6 +55,5 @@ def save_samples(x0: torch.Tensor, out: Path, first_index: int = 0, pngs: bool =
 
 def save_npz(images: np.ndarray, x0: torch.Tensor, path: Path, **extra: np.ndarray) -> None:
     """`arr_0` (uint8 NHWC) and `x0` (float32 NCHW), plus `extra` arrays (LDMs: `z0` latents), atomically."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, arr_0=images, x0=x0.detach().float().cpu().numpy(), **extra)
-    os.replace(tmp.name, path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, arr_0=images, x0=x0.detach().float().cpu().numpy(), **extra)

@@ -24,9 +24,7 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from modiff_trt.atomic import atomic_write
 from modiff_trt.errors import ModiffError
 from modiff_trt.models.registry import load_config
 
@@ -86,23 +85,6 @@ def _batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.T
         pending = pending[batch:]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; package data must be readable by all users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights(state: dict[str, torch.Tensor], path: Path) -> str:
     """Atomically write `state` as safetensors; returns its sha256.
 
@@ -112,7 +94,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> str:
     from safetensors.torch import save
 
     data = save({k: v.detach().contiguous().cpu() for k, v in state.items()})
-    _atomic_write_bytes(data, path)
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -207,7 +189,7 @@ def train_digits(
         torch_version=torch.__version__,
         command=f"modiff-trt train-digits --out {out} --iterations {iterations} --seed {seed}",
     )
-    _atomic_write_bytes((json.dumps(info, indent=2) + "\n").encode(), out.with_suffix(".json"))
+    atomic_write(out.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
     log.info("wrote %s (sha256 %s…) after %.0f s, final loss %.4f", out, sha[:12], seconds, final_loss)
     return out
 
