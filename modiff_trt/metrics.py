@@ -159,9 +159,6 @@ def digits_confidence(images: ImageBatch) -> tuple[float, np.ndarray]:
     return float(confidence.mean()), histogram
 
 
-digits_accuracy = digits_confidence  # the name the issue uses; it is a confidence, see above
-
-
 def psnr_db(a: ImageBatch, b: ImageBatch, data_range: float = 2.0) -> float:
     """PSNR in dB of images `a` vs `b` (MSE over all pixels of the batch), both clamped to [-1, 1].
 

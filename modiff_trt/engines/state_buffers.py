@@ -69,13 +69,6 @@ class StateLayout:
         """Bytes of both sets (without the slack used to align the base pointer)."""
         return 2 * self.set_bytes
 
-    def slot_for_output(self, output_name: str) -> StateSlot:
-        """The slot an output like `o_hat_out.L` writes."""
-        for slot in self.slots:
-            if slot.output_name == output_name:
-                return slot
-        raise KeyError(output_name)
-
 
 def state_layout(
     layers: Sequence[LayerSpec],

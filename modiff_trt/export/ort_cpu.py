@@ -27,7 +27,6 @@ from modiff_trt.export.qdq import ONNX_TYPE, ActGrid, Emitter, op_attributes, qu
 from modiff_trt.export.sites import LayerSite
 from modiff_trt.quant import QuantLayer
 
-TARGET = "ort-cpu"
 ZERO_POINT = np.array(128, dtype=np.uint8)
 
 
