@@ -17,6 +17,7 @@ from modiff_trt.export import exporter
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import lint_export, lint_graph
 from modiff_trt.export.manifest import Manifest, load_manifest
+from modiff_trt.export.sites import find_sites
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
 from tests.conftest import rel_err
@@ -220,8 +221,11 @@ def test_cifar10_step_graph_quantizes_all_113_layers(tmp_path):
             assert f"{kind}_in.{layer.name}" in ins and f"{kind}_out.{layer.name}" in outs
 
 
-def test_fp16_export_keeps_timestep_embedding_fp32_and_tracks_reference(tmp_path, tiny_model, noise):
+def test_fp16_export_keeps_timestep_embedding_fp32_and_tracks_reference(tmp_path, tiny_model, noise, monkeypatch):
+    searches = []
+    monkeypatch.setattr(exporter, "find_sites", lambda *a: searches.append(1) or find_sites(*a))
     qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, 8), float_dtype="float16")
+    assert len(searches) == 1  # every initializer read once per export, not once per graph
     assert lint_export(out) == []
     manifest = load_manifest(out)
     assert manifest.export["opset"] == 19

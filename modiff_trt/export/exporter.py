@@ -158,18 +158,19 @@ def export_model(
     if guidance and context_shape is None:
         raise ConfigError(f"{model_cfg.source} takes no text context: classifier-free guidance (--cfg) does not apply")
     shapes = _state_shapes(qmodel, sample_shape, context_shape)
+    if float_dtype == "float16" and opset < 19:
+        raise ConfigError(f"fp16 Q/DQ scales need opset >= 19 (got --opset {opset})")
     float_graph = export_float_onnx(float_model, sample_shape, opset, batch_size, context_shape)
+    sites = find_sites(float_graph.graph, layer_weights(qmodel))
     if float_dtype == "float16":
-        if opset < 19:
-            raise ConfigError(f"fp16 Q/DQ scales need opset >= 19 (got --opset {opset})")
-        sites = find_sites(float_graph.graph, layer_weights(qmodel, "float32"))
-        float_graph = convert_to_fp16(float_graph, {i for site in sites.values() for i in site.removed})
+        float_graph, sites = convert_to_fp16(float_graph, sites)
     kinds = ["warmup", "step"] if config.modulate else ["plain"]
     graphs: dict[str, GraphSpec] = {}
     out = Path(out)
     with atomic_directory(out, MANIFEST_NAME, "an export directory") as tmp:
         for kind in kinds:
-            graph = insert_quantization(float_graph, qmodel, kind, shapes, float_dtype, config.state_dtype, KERNELS[target])
+            graph = insert_quantization(float_graph, qmodel, sites, kind, shapes, float_dtype, config.state_dtype,
+                                        KERNELS[target])
             file = "unet.onnx" if kind == "plain" else f"{kind}.onnx"
             _save_graph(graph, tmp / file)
             key = "unet" if kind == "plain" else kind

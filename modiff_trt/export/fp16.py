@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from modiff_trt.export import naming
+from modiff_trt.export.sites import LayerSite
 
 FP32, FP16 = TensorProto.FLOAT, TensorProto.FLOAT16
 # (op, input index) pairs that ONNX requires to stay float32 whatever the data type is.
@@ -21,7 +22,11 @@ KEEP_FP32_INPUTS = {("Resize", 1), ("Resize", 2), ("Upsample", 1)}
 
 
 def _fp32_region(graph: onnx.GraphProto, stop_nodes: set[int]) -> set[int]:
-    """Indices of nodes computed from `t` and constants only, before any node in `stop_nodes`."""
+    """Indices of nodes computed from `t` and constants only, before any node in `stop_nodes`.
+
+    Constant nodes have no inputs, so they all belong here: they stay fp32 and fp16 readers get
+    a Cast, like any other region output.
+    """
     constants = {i.name for i in graph.initializer}
     fp32_tensors = {naming.T} | constants
     region: set[int] = set()
@@ -50,8 +55,15 @@ def _weightless(model: onnx.ModelProto, keep_bytes: int = 1 << 16) -> onnx.Model
     return light
 
 
-def convert_to_fp16(model: onnx.ModelProto, stop_nodes: set[int]) -> onnx.ModelProto:
-    """An fp16 copy of `model`; `stop_nodes` (quantized layers) never join the fp32 region."""
+def convert_to_fp16(
+    model: onnx.ModelProto, sites: dict[str, LayerSite]
+) -> tuple[onnx.ModelProto, dict[str, LayerSite]]:
+    """An fp16 copy of `model` and the quantized layers' `sites` relocated into it.
+
+    The layers never join the fp32 region. Relocating the sites (Casts shift node indices and may
+    rename a layer's input) spares the exporter a second search of the converted graph.
+    """
+    stop_nodes = {i for site in sites.values() for i in site.removed}
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -66,6 +78,7 @@ def convert_to_fp16(model: onnx.ModelProto, stop_nodes: set[int]) -> onnx.ModelP
     new_nodes: list[onnx.NodeProto] = []
 
     shared = {i for r in region for i in graph.node[r].input if i in initializers}
+    new_index: dict[int, int] = {}
 
     def fp16_initializer(name: str) -> str:
         """fp16 version of an initializer: in place (same name, so layers are still found by
@@ -97,11 +110,7 @@ def convert_to_fp16(model: onnx.ModelProto, stop_nodes: set[int]) -> onnx.ModelP
                 node.input[k] = casts[name]
         if node.op_type == "Cast" and any(a.name == "to" and a.i == FP32 for a in node.attribute):
             node.attribute[0].i = FP16
-        if node.op_type == "Constant" and node.attribute[0].t.data_type == FP32:
-            consumers = [(n.op_type, list(n.input).index(node.output[0])) for n in graph.node if node.output[0] in n.input]
-            if not any(c in KEEP_FP32_INPUTS for c in consumers):
-                value = numpy_helper.to_array(node.attribute[0].t).astype(np.float16)
-                node.attribute[0].t.CopyFrom(numpy_helper.from_array(value))
+        new_index[index] = len(new_nodes)
         new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -113,4 +122,4 @@ def convert_to_fp16(model: onnx.ModelProto, stop_nodes: set[int]) -> onnx.ModelP
         if value.name != naming.T and value.type.tensor_type.elem_type == FP32:
             value.type.tensor_type.elem_type = FP16
     del graph.value_info[:]
-    return out
+    return out, {name: site.relocated(graph, new_index) for name, site in sites.items()}

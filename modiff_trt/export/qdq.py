@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from modiff_trt.errors import ArtifactError
 from modiff_trt.export import naming
-from modiff_trt.export.sites import LayerSite, find_sites
+from modiff_trt.export.sites import LayerSite
 from modiff_trt.quant import QuantLayer, QuantUNet
 from modiff_trt.quant.quantizers import int_range
 
@@ -228,11 +228,11 @@ def _state_value_infos(layers: dict[str, QuantLayer], shapes: dict[str, tuple[li
     return infos
 
 
-def layer_weights(qmodel: QuantUNet, dtype: str) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """(weight, bias) of every quantized layer as the float graph stores them."""
+def layer_weights(qmodel: QuantUNet) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """(weight, bias) of every quantized layer as the float32 graph stores them (`find_sites`)."""
     return {
-        name: (layer.module.weight.detach().numpy().astype(dtype),
-               None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(dtype))
+        name: (layer.module.weight.detach().numpy().astype(np.float32),
+               None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(np.float32))
         for name, layer in qmodel.layers.items()
     }
 
@@ -251,6 +251,7 @@ def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto
 def insert_quantization(
     model: onnx.ModelProto,
     qmodel: QuantUNet,
+    sites: dict[str, LayerSite],
     kind: GraphKind,
     state_shapes: dict[str, tuple[list[int], list[int]]],
     float_dtype: str = "float32",
@@ -258,6 +259,9 @@ def insert_quantization(
     kernel: GroupKernel = qdq_kernel,
 ) -> onnx.ModelProto:
     """A copy of the float graph `model` with every layer of `qmodel` rewritten for `kind`.
+
+    `sites` locates the layers in `model` (`find_sites`, once per export: it is the same for
+    every graph kind).
 
     `kernel` emits each quantized Op: TensorRT-style Q/DQ by default (`qdq_kernel`); the
     ort-cpu target passes integer kernels (`modiff_trt.export.ort_cpu`).
@@ -267,7 +271,6 @@ def insert_quantization(
     out.CopyFrom(model)
     graph = out.graph
     layers = qmodel.layers
-    sites = find_sites(graph, layer_weights(qmodel, float_dtype))
     replacements: dict[int, Emitter] = {}
     removed: set[int] = set()
     for name, site in sites.items():

@@ -33,6 +33,12 @@ class LayerSite:
         """Index after which the replacement can run: the last removed node."""
         return max(self.removed)
 
+    def relocated(self, graph: onnx.GraphProto, new_index: dict[int, int]) -> LayerSite:
+        """This site in `graph`, a rewrite of the graph it was found in that kept every node and
+        output name but moved nodes (`new_index`: old -> new) and may have renamed the input."""
+        removed = [new_index[i] for i in self.removed]
+        return LayerSite(self.name, self.op, graph.node[removed[0]].input[0], self.y, self.attributes, removed)
+
 
 def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
     users: dict[str, list[int]] = {}
@@ -57,7 +63,11 @@ def _bias_add(graph: onnx.GraphProto, users: dict[str, list[int]], tensor: str, 
 
 
 def find_sites(graph: onnx.GraphProto, weights: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, LayerSite]:
-    """Locate every layer in `weights` (name -> (weight, bias)); error if one is missing."""
+    """Locate every layer in `weights` (name -> (weight, bias)); error if one is missing.
+
+    Reads every initializer into numpy (gigabytes for SD), so an export calls it once and hands
+    the sites to each graph pass.
+    """
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     users = _consumers(graph)
     sites: dict[str, LayerSite] = {}
