@@ -2,7 +2,7 @@
 
 TensorRT needs activation scales as build-time constants, and MoDiff quantizes the residual
 between steps rather than the raw input, so its scales must be measured on residuals
-(REFERENCE.md section 1). This module wires the collector (`collect.py`) to the scale search
+(docs/calibration.md). This module wires the collector (`collect.py`) to the scale search
 (`search.py`) and the file format (`fileformat.py`), and records how long it took and how much
 memory it needed, because CIFAR-size calibrations are the slowest offline step of a deployment.
 """

@@ -12,7 +12,7 @@ group the collector keeps
   O(layers x reservoir) whatever `cali_n` is. 65,536 values per group (256 KiB) keep the
   percentile and the |x - Q(x)|^2.4 mean estimates well within the spread between candidates.
 
-What is measured (REFERENCE.md section 1): MoDiff (`modulate=True`) quantizes the residual of a
+What is measured (docs/calibration.md): MoDiff (`modulate=True`) quantizes the residual of a
 layer's input between consecutive steps, so the collector records `x_k - x_{k-1}` at the chosen
 steps k >= 1, plus the raw first-step input for a quantized warm-up scale. Plain Q-Diffusion
 records the raw input at the chosen steps. Inputs are read by forward pre-hooks on the float

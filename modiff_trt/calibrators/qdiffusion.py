@@ -1,4 +1,4 @@
-"""Import released Q-Diffusion checkpoints (`cifar_w4a8_ckpt.pth`, ...; REFERENCE.md section 2).
+"""Import released Q-Diffusion checkpoints (`cifar_w4a8_ckpt.pth`, ...; docs/calibration.md).
 
 A Q-Diffusion checkpoint is the quantized model's state_dict: per layer `P` the fp32 weight, and
 `P.weight_quantizer.{alpha, delta, zero_point}` / `P.act_quantizer.{delta, zero_point}` (with `_0`

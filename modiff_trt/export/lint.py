@@ -1,7 +1,7 @@
 """TensorRT-readiness lint: the explicit-quantization rules, checked on the ONNX files alone.
 
 It reads graphs, not our exporter's intentions, so it also catches hand-edited or foreign
-graphs. Rules (REFERENCE.md section 4):
+graphs. Rules (TensorRT's explicit-quantization requirements, docs/export.md):
 
 - `forbidden-op`: no QLinear*/ConvInteger/MatMulInteger/DynamicQuantizeLinear in TensorRT graphs
   (skipped for target `ort-cpu`, whose integer kernels are the point; there a uint8 zero point

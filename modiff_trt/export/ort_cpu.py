@@ -1,7 +1,7 @@
 """The `ort-cpu` export target: quantized convs and matmuls on ONNX Runtime's integer CPU kernels.
 
 ONNX Runtime runs the TensorRT-style `DQ -> Conv` (float output) as a float convolution on
-dequantized values, slower than plain fp32 (REFERENCE.md section 5). Its only integer conv with
+dequantized values, slower than plain fp32 (docs/cpu-integer.md). Its only integer conv with
 an 8-bit output, QLinearConv, requantizes the output, which MoDiff cannot afford: `o_hat` must
 accumulate `f(rq, Wq)` exactly, or the error it exists to cancel comes back. So each quantized
 channel group becomes
@@ -14,8 +14,8 @@ channel group becomes
 `q - 128` equals the int8 code TensorRT's `QuantizeLinear(x, s, 0)` produces (same rounding,
 same saturation to [-128, 127]) and `W_u8 - 128` the int8 weight codes, so
 `acc = sum(q_int8 * w_int8)` exactly and `y` equals `Op(DQ(q), DQ(W))` up to the float rounding
-of one multiply. Unsigned codes: ONNX Runtime's u8 x u8 kernels are the fast ones on x86
-(REFERENCE.md: 20 ms vs ~90 ms for s8). Everything else (residual, state Adds, split groups,
+of one multiply. Unsigned codes: u8 x u8 is the ConvInteger form this target was built and
+measured with (docs/cpu-integer.md). Everything else (residual, state Adds, split groups,
 float warm-up) is qdq.py's graph form unchanged: this module only swaps the per-group kernel.
 """
 

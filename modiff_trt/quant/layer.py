@@ -1,7 +1,7 @@
 """`QuantLayer`: one Conv/Linear with fake-quantized weights, activations and MoDiff state.
 
-This is the oracle every deployed graph is tested against, so it spells out REFERENCE.md
-section 1 literally:
+This is the oracle every deployed graph is tested against, so it spells out the MoDiff layer
+of docs/architecture.md literally:
 
 - plain (Q-Diffusion):   out = f(Q(x), Wq) + b
 - MoDiff warm-up:        a_hat = x (fp) or Q0(x) (quantized); o_hat = f(a_hat, Wq) + b

@@ -5,9 +5,9 @@ be measured on a *trained* model (random weights say nothing about it). scikit-l
 1,797 real 8x8 handwritten digits, so we train a small UNet of the DDIM architecture on them.
 
 Why 8x8 and not resized to 16x16 or 32x32: upsampling only invents pixels the data never had
-(the model would spend capacity on interpolation artefacts) and costs 4x compute per doubling;
-the feasibility probe (REFERENCE section 7) trained at 8x8 in 9 minutes on 2 cores (0.12 s per
-iteration vs 0.4 s at 16x16) and its samples were recognisable digits.
+(the model would spend capacity on interpolation artefacts) and costs about 4x compute per
+doubling, while 8x8 already gives recognisable digits (docs/metrics.md scores them). The
+packaged record `assets/digits.json` holds the measured training time and the command.
 
 Everything else follows ddim's CIFAR-10 recipe scaled down: epsilon objective with uniform t,
 MSE, Adam 1e-3, batch 128, EMA 0.999, linear betas 1e-4..0.02 over 1000 steps (so
