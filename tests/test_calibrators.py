@@ -15,7 +15,7 @@ from modiff_trt.errors import ArtifactError, CheckpointError, ConfigError
 from modiff_trt.models import load_config
 from modiff_trt.quant import QuantConfig, quantize_unet, quantizable_layers
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, linear_betas
-from tests.conftest import ddim_yaml, rel_err
+from tests.helpers.models import ddim_yaml, rel_err
 
 FAST = dict(steps=10, cali_st=5, cali_n=8, batch_size=4, progress=False, reservoir=4096)
 

@@ -20,8 +20,8 @@ from modiff_trt.export.manifest import Manifest, load_manifest
 from modiff_trt.export.sites import find_sites
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
-from tests.conftest import rel_err
-from tests.export_helpers import SEQ, SHAPE, check_step_layers, export, tiny_model_config, trajectory
+from tests.helpers.models import rel_err
+from tests.helpers.export import SEQ, SHAPE, check_step_layers, export, tiny_model_config, trajectory
 
 
 @pytest.fixture

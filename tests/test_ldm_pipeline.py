@@ -27,9 +27,9 @@ from modiff_trt.sampling.conditioning import RandomContext
 from modiff_trt.sampling.ldm import ldm_betas
 from modiff_trt.sampling.ldm_run import ldm_trajectory, sampling_for, write_ldm_samples
 from modiff_trt.engines.torch_backend import load_reference
-from tests.conftest import rel_err
-from tests.export_helpers import check_step_layers
-from tests.test_ldm_models import SMALL, lightning_ckpt, randomize, write_yaml
+from tests.helpers.models import rel_err
+from tests.helpers.export import check_step_layers
+from tests.helpers.models import SMALL, lightning_ckpt, randomize, write_yaml
 
 
 def _small(tmp_path, name: str, seed: int = 0):

@@ -16,7 +16,7 @@ from modiff_trt.models import (
     load_unet,
 )
 from modiff_trt.models.ddim_unet import timestep_embedding
-from tests.conftest import ddim_yaml, rel_err, tiny_unet
+from tests.helpers.models import ddim_yaml, rel_err, tiny_unet
 
 
 def _forward(model):

@@ -14,8 +14,8 @@ from modiff_trt.errors import ConfigError
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import lint_export, lint_graph
 from modiff_trt.quant import QuantConfig
-from tests.conftest import rel_err
-from tests.export_helpers import SEQ, SHAPE, check_step_layers, export, tiny_model_config, trajectory
+from tests.helpers.models import rel_err
+from tests.helpers.export import SEQ, SHAPE, check_step_layers, export, tiny_model_config, trajectory
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch
 
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, image_noise, linear_betas, sqrt_linear_betas
 from modiff_trt.sampling.run import sample_images
-from tests.conftest import rel_err
+from tests.helpers.models import rel_err
 
 
 def test_uniform_and_quad_timesteps_match_ddim_runner():

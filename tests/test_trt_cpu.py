@@ -24,7 +24,7 @@ from modiff_trt.engines.sidecar import (
 from modiff_trt.engines.state_buffers import ALIGNMENT, StateBuffers, align_up, layout_from_manifest, state_layout
 from modiff_trt.errors import ArtifactError, BackendUnavailableError, ConfigError, ModiffError
 from modiff_trt.export.manifest import LayerSpec, load_manifest
-from trt_fixtures import LAYERS, make_tiny_export
+from tests.helpers.trt import LAYERS, make_tiny_export
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from trt_fixtures import make_tiny_export
+from tests.helpers.trt import make_tiny_export
 
 pytestmark = [
     pytest.mark.gpu,
