@@ -61,7 +61,8 @@ class ModelConfig(ABC):
 
     @abstractmethod
     def timesteps(self, num_steps: int, skip_type: str = "uniform") -> list[int]:
-        """The increasing timestep sequence this family's sampler runs."""
+        """The increasing timestep sequence this family's sampler runs (each family has its own
+        default selection: ddim 'quad', latent diffusion 'uniform', the only one it has)."""
 
     def betas(self) -> torch.Tensor:
         return make_betas(self.beta_schedule, self.beta_start, self.beta_end, self.num_train_timesteps)
