@@ -29,8 +29,9 @@ from modiff_trt.engines.ort_backend import OrtRunner  # noqa: E402
 from modiff_trt.engines.torch_backend import load_reference  # noqa: E402
 from modiff_trt.models import load_config  # noqa: E402
 from modiff_trt.models.builtin import builtin_checkpoint  # noqa: E402
-from modiff_trt.pipeline import Schedule, calibration_file, export_config, score_digits, timed_samples  # noqa: E402
+from modiff_trt.pipeline import calibration_file, export_config, score_digits, timed_samples  # noqa: E402
 from modiff_trt.quant import QuantConfig  # noqa: E402
+from modiff_trt.sampling.sampler import make_sampler  # noqa: E402
 
 BITS = [(8, 8), (8, 6), (8, 4), (4, 8), (4, 4), (8, 3)]
 
@@ -64,30 +65,30 @@ def main() -> None:
         bits = [b for b in BITS if f"W{b[0]}A{b[1]}" in args.bits]
     if args.quick:
         num_images, steps, bits = 64, 10, [(8, 8), (8, 4)]
-    schedule = Schedule(steps=steps)
     cfg, ckpt = load_config("digits"), builtin_checkpoint("digits")
+    sampler = make_sampler(cfg, steps=steps)
     batch = min(num_images, 256)
     results = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="modiff-quality-") as tmp:
         work = Path(tmp)
         fp_model = load_reference(cfg, ckpt, QuantConfig(None, None))[1]
-        reference, fp_seconds = timed_samples(fp_model, cfg, num_images, batch, schedule)
+        reference, fp_seconds = timed_samples(fp_model, cfg, num_images, batch, sampler)
         fp = score_digits(reference, None)
         results.append({"bits": "fp32", "mode": "full precision", "torch": {**fp, "psnr_db": None}, "ort": None})
         for w, a in bits:
             for mode, quant, exportable in variants(w, a):
                 row = {"bits": f"W{w}A{a}", "mode": mode}
                 static = exportable
-                cal = calibration_file(cfg, ckpt, quant, schedule, work, method=args.method) if static else None
+                cal = calibration_file(cfg, ckpt, quant, sampler, work, method=args.method) if static else None
                 q = QuantConfig(**{**quant.to_dict(), "act_scales": "static" if static else "dynamic"})
                 qmodel = load_reference(cfg, ckpt, q, cal)[2]
-                x0, _ = timed_samples(qmodel, cfg, num_images, batch, schedule)
+                x0, _ = timed_samples(qmodel, cfg, num_images, batch, sampler)
                 row["torch"] = score_digits(x0, reference)
                 row["ort"] = None
                 if exportable:
-                    out = export_config(cfg, ckpt, quant, cal, work / f"w{w}a{a}-{len(results)}")
-                    x_ort, _ = timed_samples(OrtRunner(out), cfg, num_images, batch, schedule)
+                    out = export_config(cfg, ckpt, quant, cal, work / f"w{w}a{a}-{len(results)}", sampler)
+                    x_ort, _ = timed_samples(OrtRunner(out), cfg, num_images, batch, sampler)
                     row["ort"] = score_digits(x_ort, reference)
                     row["ort_vs_torch_rel_err"] = float((x_ort - x0).norm() / x0.norm())
                 results.append(row)

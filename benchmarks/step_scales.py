@@ -28,22 +28,23 @@ from modiff_trt.calibrators.search import activation_scale  # noqa: E402
 from modiff_trt.engines.torch_backend import load_reference  # noqa: E402
 from modiff_trt.models import load_config  # noqa: E402
 from modiff_trt.models.builtin import builtin_checkpoint  # noqa: E402
-from modiff_trt.pipeline import Schedule, score_digits, timed_samples  # noqa: E402
+from modiff_trt.pipeline import score_digits, timed_samples  # noqa: E402
 from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet  # noqa: E402
+from modiff_trt.sampling.sampler import Sampler, make_sampler  # noqa: E402
 
 
-def group_scales(model, cfg, schedule: Schedule, groups: int, bits: int, cali_n: int) -> list[dict[str, LayerScales]]:
+def group_scales(model, cfg, sampler: Sampler, groups: int, bits: int, cali_n: int) -> list[dict[str, LayerScales]]:
     """Residual minmax scales per contiguous step group (steps 1..S-1; step 0 is the warm-up)."""
-    bounds = np.linspace(1, schedule.steps, groups + 1).round().astype(int)
+    bounds = np.linspace(1, sampler.steps, groups + 1).round().astype(int)
     tables = []
     for g in range(groups):
         steps = list(range(bounds[g], bounds[g + 1]))
         collector = TrajectoryCollector(model, steps, True, 1, {}, 65536, seed=1)
-        stats = collector.run(cfg.sample_shape, schedule.timesteps, cfg.betas(), 0.0, cali_n, cali_n, 1, False)
+        stats = collector.run(sampler, cfg.sample_shape, cali_n, cali_n, 1, progress=False)
         tables.append({n: LayerScales(act=[activation_scale(s.values(), s.absmax, bits, "minmax") for s in st.act])
                        for n, st in stats.items()})
     return [tables[int(np.searchsorted(bounds, k, side="right")) - 1] if k >= 1 else tables[0]
-            for k in range(schedule.steps)]
+            for k in range(sampler.steps)]
 
 
 class StepScaled(torch.nn.Module):
@@ -74,18 +75,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
     cfg, ckpt = load_config("digits"), builtin_checkpoint("digits")
-    schedule = Schedule(steps=args.steps)
+    sampler = make_sampler(cfg, steps=args.steps)
     _, fp_model, _ = load_reference(cfg, ckpt, QuantConfig(None, None))
-    reference, _ = timed_samples(fp_model, cfg, args.num_images, 256, schedule)
+    reference, _ = timed_samples(fp_model, cfg, args.num_images, 256, sampler)
     rows = []
     for bits in args.bits:
         dynamic = quantize_unet(fp_model, QuantConfig(8, bits))
-        x_dyn, _ = timed_samples(dynamic, cfg, args.num_images, 256, schedule)
+        x_dyn, _ = timed_samples(dynamic, cfg, args.num_images, 256, sampler)
         for groups in args.groups:
-            per_step = group_scales(fp_model, cfg, schedule, groups, bits, args.cali_n)
+            per_step = group_scales(fp_model, cfg, sampler, groups, bits, args.cali_n)
             qmodel = quantize_unet(fp_model, QuantConfig(8, bits, act_scales="static"),
                                    ScaleSet(True, dict(per_step[1]), "step-groups"))
-            x0, _ = timed_samples(StepScaled(qmodel, per_step), cfg, args.num_images, 256, schedule)
+            x0, _ = timed_samples(StepScaled(qmodel, per_step), cfg, args.num_images, 256, sampler)
             s = score_digits(x0, reference)
             rows.append([f"W8A{bits}", f"static, {groups} step group(s)", f"{s['psnr_db']:.2f}", f"{s['digits_fid']:.2f}"])
             print(rows[-1], flush=True)

@@ -18,7 +18,7 @@ from rich.logging import RichHandler
 from rich.text import Text
 
 from modiff_trt import __version__
-from modiff_trt.errors import ModiffError
+from modiff_trt.errors import ConfigError, ModiffError
 from modiff_trt.models.builtin import checkpoint_for
 
 app = typer.Typer(
@@ -96,12 +96,12 @@ MODULATE = typer.Option(True, "--modulate/--no-modulate", help="MoDiff modulatio
 FIRST_STEP = typer.Option("fp", "--first-step", help="Warm-up step: 'fp' (float activations) or 'quantized'.")
 SPLIT = typer.Option(False, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion).")
 STATE_DTYPE = typer.Option("float32", "--state-dtype", help="Precision of a_hat/o_hat between steps: float32|float16.")
-SKIP_TYPE = typer.Option("quad", "--skip-type", help="Timestep selection: 'quad' or 'uniform' (ddim runner).")
+SKIP_TYPE = typer.Option(None, "--skip-type", help="DDIM timestep selection: 'quad' (default) or 'uniform' (ddim runner).")
 SEED = typer.Option(0, "--seed", help="Seed: image i's noise depends only on (seed, i).")
 TRUST = typer.Option(False, "--trust-checkpoint", help="Load pickled checkpoints with weights_only=False (only for files you trust).")
 RANDOM_WEIGHTS = typer.Option(False, "--random-weights", help="Without --checkpoint: run an untrained network (speed tests only).")
 EMA = typer.Option(False, "--ema/--no-ema", help="Latent diffusion: use the checkpoint's EMA weights (model_ema.*).")
-SAMPLER = typer.Option(None, "--sampler", help="Latent diffusion: ddim or plms (default: the config's, PLMS for SD).")
+SAMPLER = typer.Option(None, "--sampler", help="Latent diffusion: ddim or plms (default: the config's, PLMS for SD; an export's: the one it records).")
 GUIDANCE = typer.Option(None, "--guidance-scale", help="SD classifier-free guidance scale (default 7.5; 1 disables it).")
 PROMPT = typer.Option(None, "--prompt", help="SD: one prompt for every image.")
 FROM_FILE = typer.Option(None, "--from-file", help="SD: prompts, one per line (image i gets line i mod n).")
@@ -126,9 +126,9 @@ def sample(
     state_dtype: str = STATE_DTYPE,
     num_images: int = typer.Option(16, "--num-images", "-n", help="How many images to sample."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch (MoDiff state is per batch)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: 100 for ddim, the paper setting for LDM/SD)."),
-    skip_type: str = SKIP_TYPE,
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: 0; LSUN-Bedrooms: 1)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the export's recorded sampler; with --config 100 for ddim, the paper setting for LDM/SD)."),
+    skip_type: Optional[str] = SKIP_TYPE,
+    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: the export's, else 0; LSUN-Bedrooms: 1)."),
     seed: int = SEED,
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."),
     pngs: bool = typer.Option(True, "--pngs/--no-pngs", help="Write one PNG per image."),
@@ -156,21 +156,18 @@ def sample(
     """
     import time
 
-    from modiff_trt.sampling import ddim_timesteps
+    from modiff_trt.sampling.conditioning import make_conditioning
     from modiff_trt.sampling.run import write_samples
+    from modiff_trt.sampling.sampler import make_sampler
 
     if export_dir is not None:
         from modiff_trt.engines.factory import open_runner
-        from modiff_trt.export.schedule import manifest_betas
 
         runner, manifest = open_runner(export_dir, backend, batch_size=batch_size, trust=trust_checkpoint,
                                        cuda_graph=cuda_graph, ort_provider=ort_provider)
-        sample_shape, betas = manifest.model["sample_shape"], manifest_betas(manifest)
-        model_cfg, checkpoint = None, manifest.model.get("checkpoint")
-        if manifest.model["family"] != "ddim":
-            from modiff_trt.models import load_config
-
-            model_cfg = load_config(manifest.model["config"])
+        base, source, model = manifest.sampler(), str(export_dir), manifest.model
+        sample_shape, context_shape, family = model["sample_shape"], model.get("context_shape"), model["family"]
+        config, checkpoint = model["config"], model.get("checkpoint")
     else:
         if config is None:
             raise typer.BadParameter("give an export directory, or --config (and --checkpoint) for the torch reference")
@@ -179,25 +176,32 @@ def sample(
         from modiff_trt.engines.torch_backend import load_reference
         from modiff_trt.models import load_config
 
-        model_cfg = load_config(config)
+        base = load_config(config)
         checkpoint = checkpoint_for(config, checkpoint, random_weights)
         act_scales = act_scales or ("static" if calibration is not None else "dynamic")
         quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype)
-        runner = load_reference(model_cfg, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)[2]
-        sample_shape, betas = model_cfg.sample_shape, model_cfg.betas()
+        runner = load_reference(base, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)[2]
+        source, sample_shape, context_shape, family = base.source, base.sample_shape, base.context_shape, base.family
+    chosen = make_sampler(base, sampler=sampler, steps=steps, skip_type=skip_type, eta=eta,
+                          guidance_scale=guidance_scale)
+    conditioning = make_conditioning(context_shape, source, prompt, from_file, text_encoder, random_context, seed)
+    decoder = _first_stage(config, family, checkpoint, trust_checkpoint)
     start = time.perf_counter()
-    if model_cfg is not None and model_cfg.family != "ddim":
-        from modiff_trt.sampling.ldm_run import sample_ldm_to
-
-        sample_ldm_to(runner, model_cfg, checkpoint, out, num_images, batch_size, seed, pngs, trust_checkpoint,
-                      dict(sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale),
-                      dict(prompt=prompt, from_file=from_file, text_encoder=text_encoder, random_context=random_context))
-    else:
-        write_samples(
-            runner, sample_shape, betas, out, num_images=num_images, batch_size=batch_size,
-            timesteps=ddim_timesteps(steps or 100, skip_type), eta=eta or 0.0, seed=seed, pngs=pngs,
-        )
+    write_samples(runner, chosen, sample_shape, out, num_images, batch_size, seed, conditioning, decoder, pngs)
     console.print(f"wrote {num_images} samples to [bold]{out}[/] in {time.perf_counter() - start:.1f} s")
+
+
+def _first_stage(config: str, family: str, checkpoint: str | Path | None, trust: bool):
+    """The first-stage decoder of a latent-diffusion model; None for ddim models, which sample
+    pixels (so a ddim export samples without its config file)."""
+    if family == "ddim":
+        return None
+    if checkpoint is None:
+        raise ConfigError("latent diffusion needs --checkpoint: its first-stage decoder turns latents into images")
+    from modiff_trt.models import load_config
+    from modiff_trt.models.ldm_loading import load_first_stage
+
+    return load_first_stage(load_config(config).ldm, checkpoint, trust=trust)
 
 
 @app.command()
@@ -340,13 +344,13 @@ def export_cmd(
     model_cfg, float_model, qmodel = load_reference(config, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
     if guidance is None:
         guidance = model_cfg.context_shape is not None
-    sampling = None
+    sampler = None  # the calibration's sampler becomes the export's default; without one, the config's
     if calibration is not None:
         from modiff_trt.calibrators import load_calibration
 
-        sampling = load_calibration(calibration).meta.get("schedule")
+        sampler = load_calibration(calibration).sampler(model_cfg)
     manifest = export_model(
-        float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration, sampling=sampling,
+        float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration, sampler=sampler,
         float_dtype=dtype, opset=opset, batch_size=batch_size, target=target, guidance=guidance, ema=ema,
     )
     console.print(
@@ -407,13 +411,17 @@ def compare(
     export_dir: Path = typer.Argument(..., help="Export directory."),
     backends: str = typer.Option("torch,ort", "--backends", help="Comma-separated backends; the first is the reference."),
     num_images: int = typer.Option(4, "--num-images", "-n"),
-    steps: int = typer.Option(10, "--steps"),
-    skip_type: str = SKIP_TYPE,
+    steps: int = typer.Option(10, "--steps", help="Sampler steps of the compared trajectory."),
+    skip_type: Optional[str] = SKIP_TYPE,
     seed: int = SEED,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),
     trust_checkpoint: bool = TRUST,
 ) -> None:
-    """Per-step error table between backends over one DDIM trajectory from the same noise."""
+    """Per-step error table between backends over one trajectory from the same noise.
+
+    The trajectory uses the export's sampler (DDIM, LDM DDIM or PLMS with guidance) at --steps;
+    text-conditioned exports get random context.
+    """
     import dataclasses
     import json
 
@@ -424,7 +432,7 @@ def compare(
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if len(names) < 2:
         raise typer.BadParameter("--backends needs at least two backends, e.g. torch,ort")
-    rows = compare_backends(export_dir, names, num_images, steps, skip_type, seed, trust_checkpoint)
+    rows = compare_backends(export_dir, names, num_images, seed, trust_checkpoint, steps=steps, skip_type=skip_type)
     table = Table("step", "t", "backend", f"rel. error vs {names[0]}", "max |diff|", "mean |diff|")
     for r in rows:
         table.add_row(str(r.step), str(r.t), r.backend, f"{r.rel_err:.2e}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}")
@@ -464,7 +472,7 @@ def calibrate_command(
     out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors); pass it to sample/export with --calibration."),
     from_qdiffusion: Optional[Path] = typer.Option(None, "--from-qdiffusion", help="Import a released Q-Diffusion checkpoint (e.g. cifar_w4a8_ckpt.pth) instead of --checkpoint: its AdaRound integer weights, plus its raw activation scales (--no-modulate) or freshly calibrated residual scales (--modulate). Give the bits from the file name."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps to calibrate on (default: 100 for ddim, the paper setting for LDM/SD)."),
-    skip_type: str = SKIP_TYPE,
+    skip_type: Optional[str] = SKIP_TYPE,
     eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: 0; LSUN-Bedrooms: 1)."),
     cali_st: int = typer.Option(20, "--cali-st", help="How many evenly spaced sampling steps to measure (Q-Diffusion CIFAR-10: 20 of 100)."),
     cali_n: int = typer.Option(256, "--cali-n", help="How many full-precision trajectories to sample. Memory does not grow with it; time does."),
@@ -486,7 +494,7 @@ def calibrate_command(
     text_encoder: Optional[Path] = TEXT_ENCODER,
     random_context: bool = RANDOM_CONTEXT,
 ) -> None:
-    """Measure static activation scales (what TensorRT needs) on full-precision DDIM trajectories.
+    """Measure static activation scales (what TensorRT needs) on full-precision sampler trajectories.
 
     MoDiff quantizes the residual between steps, so by default the scales are measured on
     residuals, not raw activations. Calibrate with the schedule you will sample with.
@@ -497,25 +505,28 @@ def calibrate_command(
       modiff-trt calibrate -c ddim-cifar10 --checkpoint model-790000.ckpt --act-bits 4 --method mse -o a4.safetensors\n
       modiff-trt calibrate -c ddim-cifar10 --from-qdiffusion cifar_w4a8_ckpt.pth --weight-bits 4 --act-bits 8 --no-modulate -o qd.safetensors
     """
-    from modiff_trt.calibrators import calibrate, import_qdiffusion
+    from modiff_trt.calibrators import CalibrationOptions, calibrate, import_qdiffusion
+    from modiff_trt.models import load_config
+    from modiff_trt.sampling.conditioning import make_conditioning
+    from modiff_trt.sampling.sampler import make_sampler
 
-    options = dict(steps=steps, skip_type=skip_type, eta=eta, cali_st=cali_st, cali_n=cali_n, batch_size=batch_size,
-                   method=method, first_step=first_step, seed=seed)
+    model_cfg = load_config(config)
+    chosen = make_sampler(model_cfg, sampler=sampler, steps=steps, skip_type=skip_type, eta=eta,
+                          guidance_scale=guidance_scale)
+    options = CalibrationOptions(weight_bits=_bits(weight_bits), act_bits=_bits(act_bits), modulate=modulate,
+                                 first_step=first_step, split=split, method=method, cali_st=cali_st, cali_n=cali_n,
+                                 batch_size=batch_size, seed=seed)
     if from_qdiffusion is not None:
         if checkpoint is not None:
             raise typer.BadParameter("give --checkpoint or --from-qdiffusion, not both: the Q-Diffusion file holds the fp32 weights")
-        result = import_qdiffusion(config, from_qdiffusion, out, weight_bits=_bits(weight_bits), act_bits=_bits(act_bits),
-                                   modulate=modulate, trust=trust_checkpoint, **(options if modulate else {}))
+        result = import_qdiffusion(model_cfg, from_qdiffusion, out, options, chosen if modulate else None,
+                                   trust=trust_checkpoint)
     else:
-        from modiff_trt.models import load_config
-        from modiff_trt.sampling.ldm_run import make_conditioning
-
-        model_cfg = load_config(config)
         checkpoint = checkpoint_for(config, checkpoint, random_weights)
-        latent = dict(ema=ema, sampler=sampler, guidance_scale=guidance_scale, conditioning=make_conditioning(
-            model_cfg, prompt, from_file, text_encoder, random_context, seed)) if model_cfg.family != "ddim" else {}
-        result = calibrate(model_cfg, checkpoint, out, weight_bits=_bits(weight_bits), act_bits=_bits(act_bits),
-                           modulate=modulate, split=split, trust=trust_checkpoint, **options, **latent)
+        conditioning = make_conditioning(model_cfg.context_shape, model_cfg.source, prompt, from_file, text_encoder,
+                                         random_context, seed)
+        result = calibrate(model_cfg, checkpoint, out, chosen, options, conditioning=conditioning,
+                           trust=trust_checkpoint, ema=ema)
     report = result.meta.get("report") or {}
     console.print(f"wrote {len(result.layers)} layers of {result.kind} scales to [bold]{out}[/]"
                   + (f" in {report['seconds']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB" if report else ""))
@@ -537,9 +548,8 @@ def demo(
     from rich.table import Table
 
     from modiff_trt.demo import run_demo
-    from modiff_trt.pipeline import Schedule
 
-    rows = run_demo(out, num_images=num_images, schedule=Schedule(steps=steps, seed=seed))
+    rows = run_demo(out, num_images=num_images, steps=steps, seed=seed)
     table = Table("config", "PSNR vs fp32 (dB)", "digits FID", "confidence", "seconds", title="modiff-trt demo (ONNX Runtime, CPU)")
     for r in rows:
         table.add_row(r.name, "-" if r.psnr_db is None else f"{r.psnr_db:.2f}", f"{r.digits_fid:.2f}",

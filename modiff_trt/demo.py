@@ -20,9 +20,10 @@ from PIL import Image, ImageDraw
 from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.models import load_config
 from modiff_trt.models.builtin import builtin_checkpoint
-from modiff_trt.pipeline import Schedule, calibration_file, export_config, score_digits, timed_samples
+from modiff_trt.pipeline import calibration_file, export_config, score_digits, timed_samples
 from modiff_trt.quant import QuantConfig
 from modiff_trt.sampling.images import make_grid, to_uint8
+from modiff_trt.sampling.sampler import make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,16 @@ def _labelled_grid(rows: dict[str, np.ndarray], per_row: int = 16, upscale: int 
     return canvas
 
 
-def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, schedule: Schedule = Schedule(),
+def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, steps: int = 50, seed: int = 0,
              rows: dict[str, QuantConfig] = DEMO_ROWS, progress: bool = True) -> list[DemoRow]:
-    """Run every row through calibrate -> export -> ORT sampling; write grid.png and report.json."""
+    """Run every row through calibrate -> export -> ORT sampling; write grid.png and report.json.
+
+    Every row samples `steps` DDIM steps (quad) from the noise of `seed`; the calibration
+    trajectories use seed + 1, so scales are never measured on the images they are scored on.
+    """
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = load_config("digits")
+    sampler = make_sampler(model_cfg, steps=steps, skip_type="quad")
     checkpoint = builtin_checkpoint("digits")
     results: list[DemoRow] = []
     samples: dict[str, np.ndarray] = {}
@@ -70,9 +76,9 @@ def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, schedule: 
         work = Path(tmp)
         for name, quant in rows.items():
             log.info("%s: calibrate, export, sample %d images through ONNX Runtime", name, num_images)
-            calibration = calibration_file(model_cfg, checkpoint, quant, schedule, work)
-            export_dir = export_config(model_cfg, checkpoint, quant, calibration, out / "exports" / name)
-            x0, seconds = timed_samples(OrtRunner(export_dir), model_cfg, num_images, batch_size, schedule,
+            calibration = calibration_file(model_cfg, checkpoint, quant, sampler, work, seed=seed + 1)
+            export_dir = export_config(model_cfg, checkpoint, quant, calibration, out / "exports" / name, sampler)
+            x0, seconds = timed_samples(OrtRunner(export_dir), model_cfg, num_images, batch_size, sampler, seed,
                                         progress=progress, description=name)
             reference = x0 if reference is None else reference
             scores = score_digits(x0, None if x0 is reference else reference)
@@ -81,7 +87,7 @@ def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, schedule: 
                                    round(seconds, 2)))
             samples[name] = to_uint8(x0)
     _labelled_grid(samples).save(out / "grid.png")
-    report = {"model": "digits (embedded)", "num_images": num_images, "steps": schedule.steps,
-              "skip_type": schedule.skip_type, "backend": "ort", "rows": [r.__dict__ for r in results]}
+    report = {"model": "digits (embedded)", "num_images": num_images, "steps": sampler.steps,
+              "skip_type": sampler.skip_type, "backend": "ort", "rows": [r.__dict__ for r in results]}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return results

@@ -8,74 +8,62 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from modiff_trt.calibrators import calibrate
+from modiff_trt.calibrators import CalibrationOptions, calibrate
 from modiff_trt.engines.torch_backend import load_reference
 from modiff_trt.export.exporter import export_model
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant import QuantConfig
-from modiff_trt.sampling import ddim_timesteps
-from modiff_trt.sampling.run import sample_images
+from modiff_trt.sampling.run import sample_batches
+from modiff_trt.sampling.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """How samples (and the calibration trajectories) are drawn."""
-
-    steps: int = 50
-    skip_type: str = "quad"
-    eta: float = 0.0
-    seed: int = 0
-
-    @property
-    def timesteps(self) -> list[int]:
-        return ddim_timesteps(self.steps, self.skip_type)
-
-
 def calibration_file(
-    model_cfg: ModelConfig, checkpoint: Path | None, quant: QuantConfig, schedule: Schedule, workdir: Path,
-    cali_st: int = 10, cali_n: int = 64, batch_size: int = 64, method: str = "minmax",
+    model_cfg: ModelConfig, checkpoint: Path | None, quant: QuantConfig, sampler: Sampler, workdir: Path,
+    cali_st: int = 10, cali_n: int = 64, batch_size: int = 64, method: str = "minmax", seed: int = 1,
 ) -> Path | None:
-    """Calibrate once per (act bits, modulate, method) into `workdir`; None when nothing needs scales."""
+    """Calibrate once per (act bits, modulate, method) into `workdir`; None when nothing needs scales.
+
+    `seed` seeds the calibration noise: keep it apart from the sampling seed, so the scales are
+    not measured on the very trajectories they are then scored on.
+    """
     if quant.act_bits is None:
         return None
     kind = "residual" if quant.modulate else "raw"
     path = workdir / f"{kind}-a{quant.act_bits}-{method}{'-split' if quant.split else ''}.cal.safetensors"
     if not path.is_file():
-        calibrate(
-            model_cfg, checkpoint, path, steps=schedule.steps, skip_type=schedule.skip_type, eta=schedule.eta,
-            cali_st=cali_st, cali_n=cali_n, batch_size=batch_size, weight_bits=quant.weight_bits,
-            act_bits=quant.act_bits, method=method, modulate=quant.modulate, first_step=quant.first_step,
-            seed=schedule.seed + 1, split=quant.split, progress=False,
+        options = CalibrationOptions(
+            weight_bits=quant.weight_bits, act_bits=quant.act_bits, modulate=quant.modulate,
+            first_step=quant.first_step, split=quant.split, method=method, cali_st=cali_st, cali_n=cali_n,
+            batch_size=batch_size, seed=seed,
         )
+        calibrate(model_cfg, checkpoint, path, sampler, options, progress=False)
     return path
 
 
 def export_config(
     model_cfg: ModelConfig, checkpoint: Path | None, quant: QuantConfig, calibration: Path | None, out: Path,
-    float_dtype: str = "float32", target: str = "trt",
+    sampler: Sampler | None = None, float_dtype: str = "float32", target: str = "trt",
 ) -> Path:
-    """Export `quant` of the model to `out` (static scales from `calibration`)."""
+    """Export `quant` of the model to `out` (static scales from `calibration`, `sampler` in the manifest)."""
     static = QuantConfig(**{**quant.to_dict(), "act_scales": "static" if calibration else "dynamic"})
     _, float_model, qmodel = load_reference(model_cfg, checkpoint, static, calibration)
     export_model(float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration,
-                 float_dtype=float_dtype, target=target)
+                 sampler=sampler, float_dtype=float_dtype, target=target)
     return out
 
 
-def timed_samples(runner, model_cfg: ModelConfig, num_images: int, batch_size: int, schedule: Schedule,
-                  progress: bool = False, description: str = "sampling") -> tuple[torch.Tensor, float]:
+def timed_samples(runner, model_cfg: ModelConfig, num_images: int, batch_size: int, sampler: Sampler,
+                  seed: int = 0, progress: bool = False, description: str = "sampling") -> tuple[torch.Tensor, float]:
     """Final samples from per-image noise (seed, i) and the wall-clock seconds they took."""
     start = time.perf_counter()
-    x0 = sample_images(runner, model_cfg.sample_shape, num_images, batch_size, schedule.timesteps, model_cfg.betas(),
-                       eta=schedule.eta, seed=schedule.seed, device=getattr(runner, "device", "cpu"),
-                       progress=progress, description=description)
+    x0 = sample_batches(sampler, runner, model_cfg.sample_shape, num_images, batch_size, seed, progress=progress,
+                        description=description)
     return x0, time.perf_counter() - start
 
 

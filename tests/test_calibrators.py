@@ -8,16 +8,32 @@ import pytest
 import torch
 import yaml
 
-from modiff_trt.calibrators import Calibration, calibrate, import_qdiffusion, load_calibration
+from modiff_trt.calibrators import Calibration, CalibrationOptions, calibrate, import_qdiffusion, load_calibration
 from modiff_trt.calibrators.collect import StreamStats, calibration_steps
 from modiff_trt.calibrators.search import activation_scale, mse_weight
 from modiff_trt.errors import ArtifactError, CheckpointError, ConfigError
 from modiff_trt.models import load_config
 from modiff_trt.quant import QuantConfig, quantize_unet, quantizable_layers
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, linear_betas
+from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas, make_sampler
 from tests.helpers.models import ddim_yaml, rel_err
 
-FAST = dict(steps=10, cali_st=5, cali_n=8, batch_size=4, progress=False, reservoir=4096)
+FAST = dict(cali_st=5, cali_n=8, batch_size=4, reservoir=4096)
+
+
+def run_calibrate(config, checkpoint, out, steps: int = 10, **options) -> Calibration:
+    """`calibrate` on 10 DDIM steps and a small trajectory budget (FAST), `options` on top."""
+    cfg = load_config(config)
+    return calibrate(cfg, checkpoint, out, make_sampler(cfg, steps=steps), CalibrationOptions(**{**FAST, **options}),
+                     progress=False)
+
+
+def run_import(config, checkpoint, out, **options) -> Calibration:
+    """`import_qdiffusion`; with modulate=True it calibrates like `run_calibrate`."""
+    cfg = load_config(config)
+    if not options.setdefault("modulate", False):
+        return import_qdiffusion(cfg, checkpoint, out, CalibrationOptions(**options))
+    return import_qdiffusion(cfg, checkpoint, out, CalibrationOptions(**{**FAST, **options}),
+                             make_sampler(cfg, steps=10), progress=False)
 
 
 # -- a checkpoint in Q-Diffusion's exact key layout -----------------------------------------
@@ -73,7 +89,7 @@ def static_model(model, calibration: Calibration, config, checkpoint, **quant):
 # -- Q-Diffusion import --------------------------------------------------------------------
 def test_qdiffusion_import_rebuilds_adaround_weights_exactly(tmp_path, tiny_model, tiny_config):
     ckpt = qdiffusion_checkpoint(tiny_model, tmp_path / "cifar_w4a8_ckpt.pth", bits=4)
-    cal = import_qdiffusion(tiny_config, ckpt, tmp_path / "q.safetensors", weight_bits=4, act_bits=8)
+    cal = run_import(tiny_config, ckpt, tmp_path / "q.safetensors", weight_bits=4, act_bits=8)
     assert cal.kind == "raw" and not cal.modulate and cal.meta["split"] is True
     assert cal.meta["weights"]["rounding"] == "adaround"
     loaded = load_calibration(tmp_path / "q.safetensors")
@@ -97,7 +113,7 @@ def test_qdiffusion_8bit_asymmetric_is_exact_where_it_fits_and_rerounded_elsewhe
     for key in [k for k in state if k.endswith("weight_quantizer.zero_point")]:
         state[key][1] = 128.0  # channel 1: codes W_int - 128 lie in [-128, 127], an int8 grid already
     torch.save(state, ckpt)
-    cal = import_qdiffusion(tiny_config, ckpt, tmp_path / "q8.safetensors", weight_bits=8, act_bits=8)
+    cal = run_import(tiny_config, ckpt, tmp_path / "q8.safetensors", weight_bits=8, act_bits=8)
     report = cal.meta["weights"]
     assert report["requantized_channels"] >= len(cal.layers)  # at least the one-sided channel 0 of each layer
     assert 0.4 < report["max_weight_error_in_delta"] <= 1.01  # one-sided channels: about one delta
@@ -114,14 +130,14 @@ def test_qdiffusion_8bit_asymmetric_is_exact_where_it_fits_and_rerounded_elsewhe
 
 def test_qdiffusion_raw_scales_refuse_a_modulated_model(tmp_path, tiny_model, tiny_config):
     ckpt = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
-    cal = import_qdiffusion(tiny_config, ckpt, tmp_path / "q.safetensors", weight_bits=4, act_bits=8)
+    cal = run_import(tiny_config, ckpt, tmp_path / "q.safetensors", weight_bits=4, act_bits=8)
     with pytest.raises(ConfigError, match="raw activations.*calibrate with --modulate"):
         static_model(tiny_model, cal, load_config(tiny_config), ckpt, weight_bits=4, act_bits=8, modulate=True, split=True)
 
 
 def test_qdiffusion_import_with_modulate_calibrates_residuals_and_keeps_weights(tmp_path, tiny_model, tiny_config):
     ckpt = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
-    cal = import_qdiffusion(tiny_config, ckpt, tmp_path / "m.safetensors", weight_bits=4, act_bits=8, modulate=True, **FAST)
+    cal = run_import(tiny_config, ckpt, tmp_path / "m.safetensors", weight_bits=4, act_bits=8, modulate=True)
     assert cal.kind == "residual" and cal.meta["origin"] == "qdiffusion+calibration"
     state = torch.load(ckpt)
     q = static_model(tiny_model, cal, load_config(tiny_config), ckpt, weight_bits=4, act_bits=8, split=True)
@@ -132,7 +148,7 @@ def test_qdiffusion_import_with_modulate_calibrates_residuals_and_keeps_weights(
 
 def test_qdiffusion_import_errors_name_the_problem(tmp_path, tiny_model, tiny_config, tiny_checkpoint):
     with pytest.raises(CheckpointError, match="no weight_quantizer.*not a Q-Diffusion"):
-        import_qdiffusion(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", weight_bits=4, act_bits=8)
+        run_import(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", weight_bits=4, act_bits=8)
     ckpt = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
     state = torch.load(ckpt)
     name, cut = next(iter(tiny_model.split_points().items()))
@@ -143,13 +159,13 @@ def test_qdiffusion_import_errors_name_the_problem(tmp_path, tiny_model, tiny_co
         state[key] = torch.zeros(shape)
     torch.save(state, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=f"{name} is split at input channel {cut + 1}.*splits at {cut}"):
-        import_qdiffusion(tiny_config, tmp_path / "bad.pth", tmp_path / "x.safetensors", weight_bits=4, act_bits=8)
+        run_import(tiny_config, tmp_path / "bad.pth", tmp_path / "x.safetensors", weight_bits=4, act_bits=8)
     assert not (tmp_path / "x.safetensors").exists()
 
 
 # -- calibration ---------------------------------------------------------------------------
 def test_calibration_is_deterministic_for_a_seed(tmp_path, tiny_config, tiny_checkpoint):
-    runs = [calibrate(tiny_config, tiny_checkpoint, tmp_path / f"{i}.safetensors", method="mse", seed=seed, **FAST)
+    runs = [run_calibrate(tiny_config, tiny_checkpoint, tmp_path / f"{i}.safetensors", method="mse", seed=seed)
             for i, seed in enumerate((3, 3, 4))]
     a, b, c = (load_calibration(tmp_path / f"{i}.safetensors") for i in range(3))
     assert a.layers.keys() == b.layers.keys() and len(a.layers) == len(runs[0].layers)
@@ -161,13 +177,13 @@ def test_calibration_is_deterministic_for_a_seed(tmp_path, tiny_config, tiny_che
 
 def test_static_modiff_tracks_float_better_than_plain_at_4bit(tmp_path, tiny_model, tiny_config, tiny_checkpoint):
     config = load_config(tiny_config)
-    seq, betas = ddim_timesteps(10, "quad"), linear_betas()
+    seq, betas = ddim_timesteps(10, "quad"), make_betas("linear", 1e-4, 0.02).float()
     noise = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(123))  # not calibration noise
     reference = ddim_sample(tiny_model, noise, seq, betas)
     errors = {}
     for modulate in (True, False):
-        cal = calibrate(tiny_config, tiny_checkpoint, tmp_path / f"{modulate}.safetensors", act_bits=4,
-                        modulate=modulate, method="mse", **FAST)
+        cal = run_calibrate(tiny_config, tiny_checkpoint, tmp_path / f"{modulate}.safetensors", act_bits=4,
+                        modulate=modulate, method="mse")
         assert cal.kind == ("residual" if modulate else "raw")
         q = static_model(tiny_model, cal, config, tiny_checkpoint, weight_bits=8, act_bits=4, modulate=modulate)
         errors[modulate] = rel_err(ddim_sample(q, noise, seq, betas), reference)
@@ -175,7 +191,7 @@ def test_static_modiff_tracks_float_better_than_plain_at_4bit(tmp_path, tiny_mod
 
 
 def test_split_calibration_has_per_group_scales(tmp_path, tiny_model, tiny_config, tiny_checkpoint):
-    cal = calibrate(tiny_config, tiny_checkpoint, tmp_path / "s.safetensors", split=True, **FAST)
+    cal = run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "s.safetensors", split=True)
     for name in tiny_model.split_points():
         assert len(cal.layers[name].act) == 2 and len(cal.layers[name].warmup) == 2
     with pytest.raises(ConfigError, match="--split setting disagree"):
@@ -185,7 +201,7 @@ def test_split_calibration_has_per_group_scales(tmp_path, tiny_model, tiny_confi
 
 def test_file_round_trip_and_metadata(tmp_path, tiny_config, tiny_checkpoint):
     out = tmp_path / "cal" / "c.safetensors"
-    written = calibrate(tiny_config, tiny_checkpoint, out, method="percentile", weight_method="mse", weight_bits=6, **FAST)
+    written = run_calibrate(tiny_config, tiny_checkpoint, out, method="percentile", weight_method="mse", weight_bits=6)
     loaded = load_calibration(out)
     assert [p.name for p in out.parent.iterdir()] == ["c.safetensors"]  # the temp file was renamed
     for name, entry in written.layers.items():
@@ -194,16 +210,19 @@ def test_file_round_trip_and_metadata(tmp_path, tiny_config, tiny_checkpoint):
         assert torch.equal(got.weight_codes, entry.weight_codes) and torch.equal(got.weight_scale, entry.weight_scale)
         assert got.weight_codes.abs().max() <= 32
     meta = loaded.meta
-    assert meta["format"] == "modiff-trt/calibration" and meta["version"] == 1
+    assert meta["format"] == "modiff-trt/calibration" and meta["version"] == 2
     assert meta["kind"] == "residual" and meta["modulate"] is True and meta["first_step"] == "fp"
     assert meta["weight_bits"] == 6 and meta["act_bits"] == 8 and meta["method"] == "percentile"
-    assert meta["schedule"]["skip_type"] == "quad" and meta["schedule"]["calibration_steps"] == [1, 3, 5, 7, 9]
+    assert meta["sampler"] == {"sampler": "ddim", "steps": 10, "skip_type": "quad", "eta": 0.0, "beta_schedule": "linear",
+                               "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000}
+    assert meta["trajectories"] == {"cali_st": 5, "cali_n": 8, "batch_size": 4, "seed": 0,
+                                    "calibration_steps": [1, 3, 5, 7, 9]}
     assert meta["layers"] == list(written.layers) and meta["report"]["peak_rss_mb"] > 0
     assert len(meta["checkpoint"]["sha256"]) == 64 and meta["config"]["sha256"] == load_config(tiny_config).sha256
 
 
 def test_mismatched_checkpoint_config_and_layers_give_clear_errors(tmp_path, tiny_model, tiny_config, tiny_checkpoint):
-    cal = calibrate(tiny_config, tiny_checkpoint, tmp_path / "c.safetensors", **FAST)
+    cal = run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "c.safetensors")
     config = load_config(tiny_config)
     other_ckpt = tmp_path / "other.ckpt"
     state = tiny_model.state_dict()
@@ -229,9 +248,9 @@ def test_bad_files_and_options(tmp_path, tiny_config, tiny_checkpoint):
     with pytest.raises(ArtifactError, match="not a readable safetensors"):
         load_calibration(tmp_path / "junk.safetensors")
     with pytest.raises(ConfigError, match="choose one of minmax, mse, percentile"):
-        calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", method="kl", **FAST)
+        run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", method="kl")
     with pytest.raises(ConfigError, match="no residual"):
-        calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", **{**FAST, "steps": 1})
+        run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", steps=1)
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -24,7 +24,7 @@ from modiff_trt.metrics import (
 )
 from modiff_trt.models import load_unet
 from modiff_trt.models.builtin import builtin_checkpoint, builtin_record
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, image_noise, linear_betas
+from modiff_trt.sampling import ddim_sample, ddim_timesteps, image_noise, make_betas
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def fp_samples() -> torch.Tensor:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return ddim_sample(model, noise, ddim_timesteps(20, "quad"), linear_betas())
+        return ddim_sample(model, noise, ddim_timesteps(20, "quad"), make_betas("linear", 1e-4, 0.02).float())
     finally:
         torch.set_num_threads(threads)
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from modiff_trt.calibrators import calibrate
+from modiff_trt.calibrators import CalibrationOptions, calibrate
 from modiff_trt.cli import app
+from modiff_trt.engines.compare import compare_backends
 from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.errors import BackendUnavailableError, CheckpointError, ConfigError
 from modiff_trt.export.exporter import export_model
@@ -23,9 +24,9 @@ from modiff_trt.models import load_config, load_unet
 from modiff_trt.models.autoencoder import FirstStageConfig, build_first_stage
 from modiff_trt.models.ldm_loading import load_first_stage
 from modiff_trt.quant import QuantConfig, quantize_unet
-from modiff_trt.sampling.conditioning import RandomContext
-from modiff_trt.sampling.ldm import ldm_betas
-from modiff_trt.sampling.ldm_run import ldm_trajectory, sampling_for, write_ldm_samples
+from modiff_trt.sampling import make_betas, make_sampler
+from modiff_trt.sampling.conditioning import RandomContext, make_conditioning
+from modiff_trt.sampling.run import write_samples
 from modiff_trt.engines.torch_backend import load_reference
 from tests.helpers.models import rel_err
 from tests.helpers.export import check_step_layers
@@ -41,10 +42,9 @@ def _small(tmp_path, name: str, seed: int = 0):
     return path, lightning_ckpt(tmp_path, name, unet, decoder), unet
 
 
-def _trajectory(runner, cfg, sampling, noise, context):
+def _trajectory(runner, sampler, noise, context):
     xs = []
-    ldm_trajectory(runner, noise, cfg.alphas_cumprod(), sampling, list(range(len(noise))), 0, context,
-                   callback=lambda i, x, x0: xs.append(x.clone()))
+    sampler.trajectory(runner, noise, conditioning=context, callback=lambda step, t, x: xs.append(x.clone()))
     return torch.stack(xs)
 
 
@@ -53,9 +53,9 @@ def test_load_config_gives_latent_model_configs():
     assert (churches.family, churches.sample_shape, churches.context_shape) == ("ldm", (4, 32, 32), None)
     assert (sd.family, sd.sample_shape, sd.context_shape) == ("sd", (4, 64, 64), (77, 768))
     assert load_config("ldm-bedrooms").sample_shape == (3, 64, 64)
-    assert torch.equal(sd.betas(), ldm_betas(0.00085, 0.012).float())
-    assert sd.timesteps(50)[:2] == [1, 21] and sd.timestep_convention == "ldm"
-    assert load_config("ddim-cifar10").timesteps(10, "uniform")[:2] == [0, 100]
+    assert torch.equal(sd.betas(), make_betas("scaled_linear", 0.00085, 0.012).float())
+    assert make_sampler(sd).timesteps()[:2] == [1, 21] and make_sampler(sd).name == "plms"
+    assert make_sampler(load_config("ddim-cifar10"), steps=10, skip_type="uniform").timesteps()[:2] == [0, 100]
     assert sd.sha256 == load_config("sd-v1").sha256 != churches.sha256
 
 
@@ -71,8 +71,9 @@ def test_load_unet_reads_lightning_files_and_names_mismatches(tmp_path):
         load_unet("ddim-cifar10", None, ema=True)
 
 
-def test_sd_weight_only_ort_follows_torch_under_guidance(tmp_path):
-    """Context input, CFG multiplier 2 in the manifest, runner sees 2N, PLMS trajectory < 1e-4."""
+def test_sd_weight_only_ort_follows_torch_under_guidance_and_compare_runs_it(tmp_path):
+    """Context input, CFG multiplier 2 in the manifest, runner sees 2N, PLMS trajectory < 1e-4;
+    `compare` runs the export's own sampler (PLMS, guidance, random context) on both backends."""
     path, ckpt, unet = _small(tmp_path, "sd")
     cfg = load_config(path)
     qmodel = quantize_unet(unet, QuantConfig(8, None))
@@ -89,31 +90,41 @@ def test_sd_weight_only_ort_follows_torch_under_guidance(tmp_path):
         return ort(x, t, context)
 
     counting.reset_state = ort.reset_state
-    sampling = sampling_for(cfg, steps=2)
+    sampler = make_sampler(cfg, steps=2)
     noise = torch.randn(2, *cfg.sample_shape, generator=torch.Generator().manual_seed(3))
     context = RandomContext(cfg.context_shape)
-    got = _trajectory(counting, cfg, sampling, noise, context)
-    assert sampling.sampler == "plms" and set(seen) == {4} and len(seen) == 3
-    assert rel_err(got, _trajectory(qmodel, cfg, sampling, noise, context)) < 1e-4
+    got = _trajectory(counting, sampler, noise, context)
+    assert sampler.name == "plms" and set(seen) == {4} and len(seen) == 3
+    assert rel_err(got, _trajectory(qmodel, sampler, noise, context)) < 1e-4
+    assert manifest.sampler() == make_sampler(cfg)  # no calibration: the config's PLMS, guidance 7.5
+    rows = compare_backends(tmp_path / "exp", ["torch", "ort"], num_images=2, steps=2)
+    assert [(r.step, r.t, r.backend) for r in rows] == [(0, 501, "ort"), (1, 1, "ort")]  # LDM timesteps of 2 steps
+    assert all(r.rel_err < 1e-4 for r in rows), rows
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "exp"), "--backends", "torch,ort", "--steps", "2",
+                                      "-n", "1"])
+    assert result.exit_code == 0 and "rel. error vs torch" in result.output, result.output
 
 
 def test_sd_calibrate_export_and_every_layer_follows_modiff(tmp_path):
     path, ckpt, _ = _small(tmp_path, "sd", seed=1)
-    context = RandomContext(load_config(path).context_shape)
+    cfg = load_config(path)
+    context, sampler = RandomContext(cfg.context_shape), make_sampler(cfg, steps=2)
     with pytest.raises(ConfigError, match="text-conditioned"):
-        calibrate(path, ckpt, tmp_path / "x.safetensors", steps=2, cali_n=1, progress=False)
-    cal = calibrate(path, ckpt, tmp_path / "sd.safetensors", steps=2, cali_st=3, cali_n=2, batch_size=2,
-                    conditioning=context, progress=False)
+        calibrate(cfg, ckpt, tmp_path / "x.safetensors", sampler, CalibrationOptions(cali_n=1), progress=False)
+    cal = calibrate(cfg, ckpt, tmp_path / "sd.safetensors", sampler,
+                    CalibrationOptions(cali_st=3, cali_n=2, batch_size=2), conditioning=context, progress=False)
     # PLMS: 2 steps are 3 UNet calls (the first step calls twice); residuals exist at calls 1 and 2
-    assert cal.meta["schedule"]["sampler"] == "plms" and cal.meta["schedule"]["calibration_steps"] == [1, 2]
+    assert cal.meta["sampler"] == sampler.to_dict() and cal.meta["trajectories"]["calibration_steps"] == [1, 2]
+    assert cal.meta["sampler"]["sampler"] == "plms" and cal.meta["sampler"]["guidance_scale"] == 7.5
     cfg, unet, qmodel = load_reference(
         path, ckpt, QuantConfig(8, 8, act_scales="static"), tmp_path / "sd.safetensors")
-    export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt, guidance=True)
-    sampling = sampling_for(cfg, steps=2)
+    export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt, guidance=True,
+                 sampler=cal.sampler(cfg))
+    assert load_manifest(tmp_path / "exp").sampler() == sampler
     noise = torch.randn(1, *cfg.sample_shape, generator=torch.Generator().manual_seed(5))
     checked = check_step_layers(tmp_path / "exp", qmodel, noise,
-                                run=lambda m: _trajectory(m, cfg, sampling, noise, context))
-    assert checked == len(qmodel.layers) * (sampling.model_calls(2) - 1)
+                                run=lambda m: _trajectory(m, sampler, noise, context))
+    assert checked == len(qmodel.layers) * (sampler.model_calls() - 1)
 
 
 def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
@@ -123,11 +134,11 @@ def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
     export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt)
     with pytest.raises(ConfigError, match="guidance"):
         export_model(unet, qmodel, cfg, tmp_path / "bad", guidance=True)
-    sampling = sampling_for(cfg, steps=5)
-    assert (sampling.sampler, sampling.guided) == ("ddim", False)
+    sampler = make_sampler(cfg, steps=5)
+    assert (sampler.name, sampler.guided) == ("ldm-ddim", False)
     noise = torch.randn(2, *cfg.sample_shape, generator=torch.Generator().manual_seed(4))
-    assert rel_err(_trajectory(OrtRunner(tmp_path / "exp"), cfg, sampling, noise, None),
-                   _trajectory(qmodel, cfg, sampling, noise, None)) < 1e-4
+    assert rel_err(_trajectory(OrtRunner(tmp_path / "exp"), sampler, noise, None),
+                   _trajectory(qmodel, sampler, noise, None)) < 1e-4
     result = CliRunner().invoke(app, ["sample", str(tmp_path / "exp"), "--backend", "ort", "-n", "3",
                                       "--batch-size", "2", "--steps", "4", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -141,31 +152,29 @@ def test_bedrooms_vq_decoder_and_eta_sampling(tmp_path):
     cfg = load_config(path)
     runner = load_reference(cfg, ckpt, QuantConfig(8, None))[2]
     decoder = load_first_stage(cfg.ldm, ckpt)
-    sampling = sampling_for(cfg, steps=2, eta=1.0)
-    images, latents = write_ldm_samples(runner, cfg, decoder, tmp_path / "out", sampling, 2, 2, seed=1,
-                                        pngs=False, progress=False)
-    again, _ = write_ldm_samples(runner, cfg, decoder, tmp_path / "again", sampling, 2, 2, seed=1,
-                                 pngs=False, progress=False)
+    sampler = make_sampler(cfg, steps=2, eta=1.0)
+    images, latents = write_samples(runner, sampler, cfg.sample_shape, tmp_path / "out", 2, 2, seed=1,
+                                    decoder=decoder, pngs=False, progress=False)
+    again, _ = write_samples(runner, sampler, cfg.sample_shape, tmp_path / "again", 2, 2, seed=1,
+                             decoder=decoder, pngs=False, progress=False)
     assert latents.shape == (2, 3, 8, 8) and images.shape == (2, 3, 32, 32) and torch.equal(images, again)
 
 
 def test_text_conditioning_errors_are_clear(tmp_path):
     sd = load_config("sd-v1")
-    from modiff_trt.sampling.ldm_run import make_conditioning
-
     with pytest.raises(ConfigError, match="--text-encoder"):
-        make_conditioning(sd, prompt="a church")
+        make_conditioning(sd.context_shape, sd.source, prompt="a church")
     with pytest.raises(ConfigError, match="unconditional"):
-        make_conditioning(load_config("ldm-churches"), prompt="a church")
+        make_conditioning(None, "ldm-churches", prompt="a church")
     try:
         import transformers  # noqa: F401
     except ImportError:
         with pytest.raises(BackendUnavailableError, match=r"modiff-trt\[sd\]"):
-            make_conditioning(sd, prompt="a church", text_encoder=tmp_path)
+            make_conditioning(sd.context_shape, sd.source, prompt="a church", text_encoder=tmp_path)
     with pytest.raises(ConfigError, match="unconditional"):
-        sampling_for(load_config("ldm-churches"), guidance_scale=7.5)
+        make_sampler(load_config("ldm-churches"), guidance_scale=7.5)
     with pytest.raises(ConfigError, match="divides"):
-        sampling_for(sd, steps=3)  # range(0, 1000, 333) + 1 would index timestep 1000
+        make_sampler(sd, steps=3)  # range(0, 1000, 333) + 1 would index timestep 1000
 
 
 def test_ema_export_is_recorded_and_the_torch_backend_rebuilds_ema_weights(tmp_path):

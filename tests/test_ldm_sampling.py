@@ -11,16 +11,15 @@ from modiff_trt.models.ldm_loading import build_ldm_unet
 from modiff_trt.models.openaimodel import UNetConfig
 from modiff_trt.sampling.ldm import (
     guided_eps,
-    ldm_alphas_cumprod,
-    ldm_betas,
     ldm_ddim_timesteps,
     make_ddim_schedule,
     plms_combine,
     sample_ddim,
     sample_plms,
 )
+from modiff_trt.sampling.schedules import alphas_cumprod, make_betas
 
-ACP = ldm_alphas_cumprod(0.00085, 0.012)
+ACP = alphas_cumprod(make_betas("scaled_linear", 0.00085, 0.012))
 
 
 class Recorder:
@@ -40,7 +39,7 @@ class Recorder:
 
 
 def test_betas_are_linear_in_sqrt_beta() -> None:
-    betas = ldm_betas(0.0015, 0.0155)
+    betas = make_betas("scaled_linear", 0.0015, 0.0155)
     assert betas.dtype == torch.float64 and len(betas) == 1000
     assert betas[0].item() == pytest.approx(0.0015) and betas[-1].item() == pytest.approx(0.0155)
     mid = (math.sqrt(0.0015) + math.sqrt(0.0155)) / 2
@@ -149,13 +148,12 @@ def test_plms_with_small_sd_unet_is_deterministic_and_sees_2n() -> None:
 
 
 def test_ldm_ddim_eta_noise_is_per_image_so_batch_size_does_not_matter():
-    from modiff_trt.sampling.ldm import ldm_alphas_cumprod, sample_ddim
     from modiff_trt.sampling.noise import image_noise, step_generators
 
     def model(x, t, context=None):
         return torch.tanh(x * 0.5 + t[:, None, None, None] / 1000)
 
-    acp = ldm_alphas_cumprod(0.0015, 0.0155)
+    acp = alphas_cumprod(make_betas("scaled_linear", 0.0015, 0.0155))
     noise = image_noise(3, range(4), (2, 4, 4))
     whole = sample_ddim(model, noise, acp, 10, eta=1.0, generator=step_generators(3, range(4)))
     halves = [sample_ddim(model, noise[i:i + 2], acp, 10, eta=1.0, generator=step_generators(3, range(i, i + 2)))

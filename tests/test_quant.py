@@ -8,10 +8,10 @@ import torch
 from modiff_trt.errors import ConfigError
 from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize, per_channel_weight, symmetric_scale
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, linear_betas
+from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas
 from tests.helpers.models import rel_err
 
-SEQ, BETAS = ddim_timesteps(10, "quad"), linear_betas()
+SEQ, BETAS = ddim_timesteps(10, "quad"), make_betas("linear", 1e-4, 0.02).float()
 
 
 def trajectory(model, noise, record=None):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, image_noise, linear_betas, sqrt_linear_betas
-from modiff_trt.sampling.run import sample_images
+from modiff_trt.sampling import DDIMSampler, NoiseSchedule, ddim_sample, ddim_timesteps, image_noise, make_betas
+from modiff_trt.sampling.run import sample_batches
 from tests.helpers.models import rel_err
 
 
@@ -24,13 +24,16 @@ def test_uniform_and_quad_timesteps_match_ddim_runner():
 
 
 def test_betas():
-    b = linear_betas()
-    assert b.dtype == torch.float32 and b.shape == (1000,)
+    b = make_betas("linear", 1e-4, 0.02)
+    assert b.dtype == torch.float64 and b.shape == (1000,)
+    assert torch.equal(b.float(), torch.from_numpy(np.linspace(1e-4, 0.02, 1000)).float())  # ddim's Diffusion
     assert b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
-    s = sqrt_linear_betas(0.0015, 0.0155)
+    s = make_betas("scaled_linear", 0.0015, 0.0155)
     assert s[0].item() == pytest.approx(0.0015) and s[-1].item() == pytest.approx(0.0155)
     lo, hi = 0.0015**0.5, 0.0155**0.5
     assert s[500].item() == pytest.approx((lo + 500 / 999 * (hi - lo)) ** 2, rel=1e-6)  # linear in sqrt(beta)
+    with pytest.raises(ValueError, match="linear, scaled_linear"):
+        make_betas("sqrt_linear", 0.0015, 0.0155)
 
 
 class Recorder(torch.nn.Module):
@@ -66,7 +69,7 @@ def official_generalized_steps(x, seq, model, betas, eta, zs):
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_ddim_loop_matches_generalized_steps(eta):
-    betas, seq = linear_betas(), ddim_timesteps(20, "quad")
+    betas, seq = make_betas("linear", 1e-4, 0.02).float(), ddim_timesteps(20, "quad")
     noise = torch.randn(3, 2, 4, 4)
     gen = torch.Generator().manual_seed(5)
     zs = [torch.randn(noise.shape, generator=gen).double() for _ in seq]
@@ -84,10 +87,11 @@ def test_image_noise_depends_only_on_seed_and_index():
     assert not torch.equal(image_noise(8, [2], (1, 4, 4))[0], b[0])
 
 
-def test_sample_images_same_at_any_batch_size():
-    model, seq, betas = Recorder(), ddim_timesteps(5, "uniform"), linear_betas()
-    one = sample_images(model, (1, 4, 4), 5, 5, seq, betas, eta=1.0, seed=3, progress=False)
-    many = sample_images(model, (1, 4, 4), 5, 2, seq, betas, eta=1.0, seed=3, progress=False)
+def test_sample_batches_same_at_any_batch_size():
+    model = Recorder()
+    sampler = DDIMSampler(NoiseSchedule("linear", 1e-4, 0.02), 5, skip_type="uniform", eta=1.0)
+    one = sample_batches(sampler, model, (1, 4, 4), 5, 5, seed=3, progress=False)
+    many = sample_batches(sampler, model, (1, 4, 4), 5, 2, seed=3, progress=False)
     assert torch.allclose(one, many, atol=1e-6)
     assert model.resets == 1 + 3  # state reset once per batch, never inside a trajectory
 
@@ -99,4 +103,4 @@ def test_nan_from_the_model_stops_sampling_with_a_clear_error():
         return torch.where(t[:, None, None, None] < 500, torch.full_like(x, float("nan")), x)
 
     with pytest.raises(ModiffError, match=r"NaN/Inf at step \d+ \(t=\d+\)"):
-        ddim_sample(broken, torch.randn(1, 1, 2, 2), ddim_timesteps(10, "uniform"), linear_betas())
+        ddim_sample(broken, torch.randn(1, 1, 2, 2), ddim_timesteps(10, "uniform"), make_betas("linear", 1e-4, 0.02).float())

@@ -1,6 +1,7 @@
 """Static scales for the quantized UNet: residual calibration and Q-Diffusion checkpoint import.
 
-- `calibrate(...)`: full-precision DDIM trajectories -> per-layer residual (MoDiff) or raw
+- `calibrate(model_cfg, checkpoint, out, sampler, CalibrationOptions(...))`: full-precision
+  trajectories of the sampler `sample` will run -> per-layer residual (MoDiff) or raw
   (plain) activation scales by minmax / MSE / percentile search, plus optional MSE weights.
 - `import_qdiffusion(...)`: a released Q-Diffusion checkpoint -> its AdaRound integer weights and
   raw activation scales (or, with modulate=True, those weights plus calibrated residual scales).
@@ -10,8 +11,8 @@
 File format and method choices: docs/calibration.md.
 """
 
-from modiff_trt.calibrators.calibrate import calibrate
+from modiff_trt.calibrators.calibrate import CalibrationOptions, calibrate
 from modiff_trt.calibrators.fileformat import Calibration, load_calibration, save_calibration
 from modiff_trt.calibrators.qdiffusion import import_qdiffusion
 
-__all__ = ["Calibration", "calibrate", "import_qdiffusion", "load_calibration", "save_calibration"]
+__all__ = ["Calibration", "CalibrationOptions", "calibrate", "import_qdiffusion", "load_calibration", "save_calibration"]

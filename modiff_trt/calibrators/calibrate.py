@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -21,7 +22,6 @@ from modiff_trt import __version__
 from modiff_trt.calibrators.collect import (
     DEFAULT_RESERVOIR,
     TrajectoryCollector,
-    TrajectoryFn,
     calibration_steps,
     input_channels,
 )
@@ -35,18 +35,14 @@ from modiff_trt.calibrators.search import (
 )
 from modiff_trt.errors import ConfigError
 from modiff_trt.export.manifest import sha256_file
-from modiff_trt.models import load_config, load_unet
+from modiff_trt.models import load_unet
 from modiff_trt.models.config import ModelConfig
-from modiff_trt.models.latent import LatentModelConfig
-from modiff_trt.quant.config import MAX_BITS, MIN_BITS
+from modiff_trt.quant.config import QuantConfig
 from modiff_trt.quant.layer import channel_groups
-from modiff_trt.quant.model import quantizable_layers
+from modiff_trt.quant.model import quantizable_layers, split_points
 from modiff_trt.quant.scales import LayerScales
 from modiff_trt.sampling.conditioning import ContextSource
-from modiff_trt.sampling.ldm_run import LDMSampling, sampling_for, trajectory_fn
-
-if TYPE_CHECKING:
-    from modiff_trt.calibrators.qdiffusion import QDiffusionImport
+from modiff_trt.sampling.sampler import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +52,64 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def check_bits(label: str, bits: int | None) -> None:
-    if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
-        raise ConfigError(f"{label}={bits} is outside {MIN_BITS}..{MAX_BITS} (0/None keeps it in float)")
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What to measure and how: the quantization it is for, the scale search, the trajectory budget.
+
+    `weight_bits`/`act_bits`/`modulate`/`first_step`/`split` mean what they mean in `QuantConfig`
+    (which validates them). `method` picks the activation scale search (minmax | mse |
+    percentile); `weight_method` (default: 'mse' when method is 'mse', else 'minmax') the
+    per-output-channel weight scales. `cali_n` float trajectories are sampled in batches of
+    `batch_size` from noise seeded by `seed`; statistics are taken at `cali_st` evenly spaced
+    UNet calls. MoDiff files also hold first-step (warm-up) scales, so one file serves both
+    `first_step` modes; `first_step` records the intended one.
+    """
+
+    weight_bits: int | None = 8
+    act_bits: int | None = 8
+    modulate: bool = True
+    first_step: str = "fp"
+    split: bool = False
+    method: str = "minmax"
+    weight_method: str | None = None
+    cali_st: int = 20
+    cali_n: int = 256
+    batch_size: int = 32
+    seed: int = 0
+    percentile: float = DEFAULT_PERCENTILE
+    reservoir: int = DEFAULT_RESERVOIR
+
+    def __post_init__(self) -> None:
+        _ = self.quant  # QuantConfig validates the bits and first_step
+        check_method(self.method)
+        check_method(self.resolved_weight_method, WEIGHT_METHODS)
+        if self.cali_n < 1 or self.batch_size < 1:
+            raise ConfigError(f"cali_n ({self.cali_n}) and batch_size ({self.batch_size}) must be >= 1")
+
+    @property
+    def quant(self) -> QuantConfig:
+        """The quantization these scales are for."""
+        return QuantConfig(self.weight_bits, self.act_bits, modulate=self.modulate,
+                           first_step=self.first_step, split=self.split)  # type: ignore[arg-type]
+
+    @property
+    def resolved_weight_method(self) -> str:
+        return self.weight_method or ("mse" if self.method == "mse" else "minmax")
 
 
-def model_splits(model: torch.nn.Module, split: bool) -> dict[str, int]:
-    """Layer -> first channel group size, as `quantize_unet(split=True)` will use it."""
-    return model.split_points() if split and hasattr(model, "split_points") else {}
+@dataclass
+class ImportedWeights:
+    """Integer weights found elsewhere (a released Q-Diffusion checkpoint) that calibration keeps.
+
+    `layers` hold `weight_codes`/`weight_scale` (and, for a plain import, raw activation scales);
+    `splits` are the split points read from the file; `origin` names the source ('qdiffusion')
+    and `notes` (rounding, re-rounded channels, ...) go into the file's `weights` metadata.
+    """
+
+    layers: dict[str, LayerScales]
+    splits: dict[str, int]
+    origin: str
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def base_meta(model_cfg: ModelConfig, checkpoint: str | Path | None, **fields: Any) -> dict[str, Any]:
@@ -82,38 +128,27 @@ def base_meta(model_cfg: ModelConfig, checkpoint: str | Path | None, **fields: A
 def measure_activations(
     model: torch.nn.Module,
     model_cfg: ModelConfig,
-    timesteps: list[int],
-    *,
-    eta: float,
-    cali_st: int,
-    cali_n: int,
-    batch_size: int,
-    act_bits: int,
-    method: str,
-    modulate: bool,
-    seed: int,
+    sampler: Sampler,
+    options: CalibrationOptions,
     splits: dict[str, int],
-    percentile: float = DEFAULT_PERCENTILE,
-    reservoir: int = DEFAULT_RESERVOIR,
+    conditioning: ContextSource | None = None,
     progress: bool = True,
-    trajectory: TrajectoryFn | None = None,
-    num_calls: int | None = None,
 ) -> dict[str, LayerScales]:
     """Static activation scales per layer: residual (+ warm-up) scales for MoDiff, raw for plain.
 
-    `trajectory` and `num_calls` (model calls per trajectory) replace the DDIM loop for latent
-    diffusion, whose samplers may call the UNet more often than there are timesteps (PLMS).
+    Steps index UNet calls, not sampler steps: PLMS calls the UNet once more than it has steps.
     """
-    steps = calibration_steps(num_calls or len(timesteps), cali_st, modulate)
-    log.info("calibrating %s at steps %s of %d (%d trajectories)",
-             "residuals" if modulate else "raw inputs", steps, len(timesteps), cali_n)
-    n_batches = -(-cali_n // batch_size)
-    collector = TrajectoryCollector(model, steps, modulate, n_batches, splits, reservoir, seed)
-    stats = collector.run(model_cfg.sample_shape, timesteps, model_cfg.betas(), eta, cali_n, batch_size, seed, progress,
-                          trajectory=trajectory)
+    steps = calibration_steps(sampler.model_calls(), options.cali_st, options.modulate)
+    log.info("calibrating %s at UNet calls %s of %d (%d trajectories)",
+             "residuals" if options.modulate else "raw inputs", steps, sampler.model_calls(), options.cali_n)
+    n_batches = -(-options.cali_n // options.batch_size)
+    collector = TrajectoryCollector(model, steps, options.modulate, n_batches, splits, options.reservoir, options.seed)
+    stats = collector.run(sampler, model_cfg.sample_shape, options.cali_n, options.batch_size, options.seed,
+                          conditioning, progress)
 
     def scales(group_stats):
-        return [activation_scale(s.values(), s.absmax, act_bits, method, percentile) for s in group_stats]
+        return [activation_scale(s.values(), s.absmax, options.act_bits, options.method, options.percentile)
+                for s in group_stats]
 
     return {
         name: LayerScales(act=scales(s.act), warmup=None if s.warmup is None else scales(s.warmup))
@@ -135,104 +170,52 @@ def mse_weights(
     return out
 
 
-def _latent_sampling(
-    model_cfg: ModelConfig, steps: int, sampler: str | None, eta: float | None, guidance_scale: float | None,
-    conditioning: ContextSource | None, seed: int,
-) -> tuple[LDMSampling, TrajectoryFn] | None:
-    """The LDM sampler settings and the collector's trajectory, or None for ddim configs."""
-    if not isinstance(model_cfg, LatentModelConfig):
-        return None
-    sampling = sampling_for(model_cfg, sampler, steps, eta, guidance_scale)
+def calibrate(
+    model_cfg: ModelConfig,
+    checkpoint: str | Path | None,
+    out: str | Path,
+    sampler: Sampler,
+    options: CalibrationOptions = CalibrationOptions(),
+    *,
+    conditioning: ContextSource | None = None,
+    imported: ImportedWeights | None = None,
+    trust: bool = False,
+    ema: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Calibration:
+    """Calibrate static scales on full-precision trajectories of `sampler` and write them to `out`.
+
+    Calibrate with the sampler `sample` will run (`make_sampler(model_cfg, ...)`): MoDiff's
+    residuals depend on the step spacing. Text-conditioned models need `conditioning` (prompts
+    through a text encoder, or `RandomContext` in tests); under guidance the statistics cover
+    the cond+uncond batch, exactly what the MoDiff state will hold. `minmax` weights are not
+    stored (the reference rounds symmetric absmax weights itself, so the file stays small);
+    `imported` supplies integer weights instead of a weight search. `device` runs the
+    trajectories there (statistics move to the CPU as they stream in); `ema` loads the
+    checkpoint's EMA weights.
+    """
+    started = time.perf_counter()
     if model_cfg.context_shape is not None and conditioning is None:
         raise ConfigError(f"{model_cfg.source} is text-conditioned: calibrate with prompts (--prompt/--from-file "
                           "and --text-encoder DIR) or random context (--random-context, for tests)")
-    return sampling, trajectory_fn(model_cfg, sampling, seed, conditioning)
-
-
-def calibrate(
-    config: str | Path | ModelConfig,
-    checkpoint: str | Path | None,
-    out: str | Path,
-    steps: int = 100,
-    skip_type: str = "quad",
-    eta: float | None = None,
-    cali_st: int = 20,
-    cali_n: int = 256,
-    batch_size: int = 32,
-    weight_bits: int | None = 8,
-    act_bits: int | None = 8,
-    method: str = "minmax",
-    modulate: bool = True,
-    first_step: str = "fp",
-    seed: int = 0,
-    split: bool = False,
-    progress: bool = True,
-    *,
-    weight_method: str | None = None,
-    percentile: float = DEFAULT_PERCENTILE,
-    reservoir: int = DEFAULT_RESERVOIR,
-    trust: bool = False,
-    imported: QDiffusionImport | None = None,
-    device: str | torch.device = "cpu",
-    ema: bool = False,
-    sampler: str | None = None,
-    guidance_scale: float | None = None,
-    conditioning: ContextSource | None = None,
-) -> Calibration:
-    """Calibrate static scales on full-precision DDIM trajectories and write them to `out`.
-
-    `method` picks the activation scale search (minmax | mse | percentile); `weight_method`
-    (default: 'mse' when method is 'mse', else 'minmax') the per-output-channel weight scales.
-    `minmax` weights are not stored: the reference rounds symmetric absmax weights itself, so
-    the file stays small. MoDiff files also hold first-step (warm-up) scales, so one file serves
-    both --first-step modes; `first_step` records the intended one. `imported` (from
-    `import_qdiffusion(modulate=True)`) supplies the integer weights instead of `weight_method`.
-    `device` runs the trajectories there (statistics are moved to the CPU as they stream in).
-
-    Latent-diffusion configs calibrate on the trajectories `sample` runs: LDM DDIM (or PLMS,
-    the SD default) with `sampler`/`guidance_scale` defaulting to the paper settings, `steps`
-    None meaning the config's default. SD needs `conditioning` (prompts through a text encoder,
-    or `RandomContext` in tests); under guidance the statistics cover the cond+uncond batch,
-    exactly what the MoDiff state will hold. `ema` loads the checkpoint's EMA weights.
-    """
-    started = time.perf_counter()
-    check_method(method)
-    weight_method = weight_method or ("mse" if method == "mse" else "minmax")
-    check_method(weight_method, WEIGHT_METHODS)
-    check_bits("weight_bits", weight_bits)
-    check_bits("act_bits", act_bits)
-    if first_step not in ("fp", "quantized"):
-        raise ConfigError(f"first_step={first_step!r}: choose 'fp' or 'quantized'")
-    if cali_n < 1 or batch_size < 1:
-        raise ConfigError(f"cali_n ({cali_n}) and batch_size ({batch_size}) must be >= 1")
-    model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
-    steps = steps or model_cfg.default_steps
-    latent = _latent_sampling(model_cfg, steps, sampler, eta, guidance_scale, conditioning, seed)
-    eta = latent[0].eta if latent else (eta or 0.0)  # None: the config's setting (ddim: 0)
     try:
-        timesteps = model_cfg.timesteps(steps, skip_type)
-        num_calls = latent[0].model_calls(len(timesteps)) if latent else len(timesteps)
-        calibration_steps(num_calls, cali_st, modulate)
+        steps = calibration_steps(sampler.model_calls(), options.cali_st, options.modulate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     model = load_unet(model_cfg, checkpoint, trust=trust, ema=ema).to(device)
-    splits = imported.splits if imported is not None else model_splits(model, split)
+    splits = imported.splits if imported is not None else split_points(model, options.split)
     layers = {name: LayerScales() for name in quantizable_layers(model)}
-    if act_bits is not None:
+    if options.act_bits is not None:
         with torch.no_grad():
-            layers = measure_activations(
-                model, model_cfg, timesteps, eta=eta, cali_st=cali_st, cali_n=cali_n, batch_size=batch_size,
-                act_bits=act_bits, method=method, modulate=modulate, seed=seed, splits=splits,
-                percentile=percentile, reservoir=reservoir, progress=progress,
-                trajectory=latent[1] if latent else None, num_calls=num_calls,
-            )
-    weights_note: dict[str, Any] = {}
+            layers = measure_activations(model, model_cfg, sampler, options, splits, conditioning, progress)
+    weight_method = options.resolved_weight_method
     if imported is not None:
-        weight_method, weights_note = "qdiffusion", {"rounding": imported.rounding, **imported.report}
+        weight_method = imported.origin
         for name, entry in imported.layers.items():
             layers[name].weight_codes, layers[name].weight_scale = entry.weight_codes, entry.weight_scale
-    elif weight_bits is not None and weight_method == "mse":
-        for name, (codes, scale) in mse_weights(model, weight_bits, splits).items():
+    elif options.weight_bits is not None and weight_method == "mse":
+        for name, (codes, scale) in mse_weights(model, options.weight_bits, splits).items():
             layers[name].weight_codes, layers[name].weight_scale = codes, scale
     seconds, peak = time.perf_counter() - started, peak_rss_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.device(device).type == "cuda" else None
@@ -240,15 +223,14 @@ def calibrate(
              "" if gpu_peak is None else f", peak CUDA memory {gpu_peak:.0f} MB")
     meta = base_meta(
         model_cfg, checkpoint,
-        kind="residual" if modulate else "raw", modulate=modulate, first_step=first_step, split=bool(splits),
-        weight_bits=weight_bits, act_bits=act_bits, method=method, weight_method=weight_method,
-        percentile=percentile if method == "percentile" else None, reservoir=reservoir,
-        origin="calibration" if imported is None else "qdiffusion+calibration", weights=weights_note or None,
-        schedule={"steps": steps, "skip_type": skip_type if not latent else "ldm-uniform",
-                  "eta": eta, "cali_st": cali_st, "cali_n": cali_n,
-                  "batch_size": batch_size, "seed": seed,
-                  "calibration_steps": calibration_steps(num_calls, cali_st, modulate),
-                  **({"sampler": latent[0].sampler, "guidance_scale": latent[0].guidance_scale} if latent else {})},
+        kind="residual" if options.modulate else "raw", modulate=options.modulate, first_step=options.first_step,
+        split=bool(splits), weight_bits=options.weight_bits, act_bits=options.act_bits, method=options.method,
+        weight_method=weight_method, percentile=options.percentile if options.method == "percentile" else None,
+        reservoir=options.reservoir, origin="calibration" if imported is None else f"{imported.origin}+calibration",
+        weights=imported.notes if imported is not None else None,
+        sampler=sampler.to_dict(),
+        trajectories={"cali_st": options.cali_st, "cali_n": options.cali_n, "batch_size": options.batch_size,
+                      "seed": options.seed, "calibration_steps": steps},
         report={"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1),
                 "peak_cuda_mb": None if gpu_peak is None else round(gpu_peak, 1)},
     )

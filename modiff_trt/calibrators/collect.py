@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,13 +32,12 @@ from torch import nn
 
 from modiff_trt.quant.layer import channel_groups
 from modiff_trt.quant.model import quantizable_layers
-from modiff_trt.sampling import ddim_sample, step_generators
+from modiff_trt.sampling.conditioning import ContextSource
 from modiff_trt.sampling.run import sample_batches
+from modiff_trt.sampling.sampler import Sampler
 
 log = logging.getLogger(__name__)
 DEFAULT_RESERVOIR = 1 << 16
-#: (model, noise, image indices, advance) -> None: one batch of float trajectories.
-TrajectoryFn = Callable[[nn.Module, torch.Tensor, list[int], Callable[..., None]], torch.Tensor]
 
 
 @dataclass
@@ -142,37 +141,26 @@ class TrajectoryCollector:
         and a stateful runner counts those calls (the second is already a modulated step)."""
         self.step, self.calls = self.calls, self.calls + 1
 
+    def _new_trajectory(self, *_: object) -> None:
+        self.step, self.calls, self.previous = 0, 0, {}
+
     def run(
         self,
+        sampler: Sampler,
         sample_shape: Sequence[int],
-        timesteps: Sequence[int],
-        betas: torch.Tensor,
-        eta: float,
         cali_n: int,
         batch_size: int,
         seed: int,
-        progress: bool,
-        trajectory: TrajectoryFn | None = None,
+        conditioning: ContextSource | None = None,
+        progress: bool = True,
     ) -> dict[str, LayerStats]:
-        """Sample `cali_n` float trajectories in batches; image i's noise depends on (seed, i).
-
-        `trajectory(model, noise, indices, advance)` replaces the DDIM loop (latent diffusion:
-        LDM DDIM / PLMS with guidance); it must call `advance()` once per sampler step.
-        """
-        device = next(self.model.parameters()).device
+        """Sample `cali_n` float trajectories of `sampler` in batches; image i's noise depends on (seed, i)."""
         handles = [self.model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.stats]
         handles.append(self.model.register_forward_pre_hook(self._count_call))
-
-        def one_batch(noise: torch.Tensor, indices: list[int], advance: Callable[..., None]) -> torch.Tensor:
-            self.step, self.calls, self.previous = 0, 0, {}
-            if trajectory is not None:
-                return trajectory(self.model, noise, indices, advance)
-            generator = step_generators(seed, indices) if eta > 0 else None
-            return ddim_sample(self.model, noise, timesteps, betas, eta=eta, generator=generator, callback=advance)
-
+        self._new_trajectory()
         try:
-            sample_batches(one_batch, sample_shape, cali_n, batch_size, len(timesteps), seed, device,
-                           progress=progress, description="calibration trajectories")
+            sample_batches(sampler, self.model, sample_shape, cali_n, batch_size, seed, conditioning,
+                           on_batch=self._new_trajectory, progress=progress, description="calibration trajectories")
         finally:
             for handle in handles:
                 handle.remove()

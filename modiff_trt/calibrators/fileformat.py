@@ -3,7 +3,7 @@
 Why safetensors: it loads without pickle (no code execution), memory-maps, and its header has a
 string metadata map, so one file carries scales, integer weights and their provenance.
 
-Layout (format `modiff-trt/calibration`, version 1):
+Layout (format `modiff-trt/calibration`, version 2):
 
 - tensors, per quantized layer `P` (module path in the float UNet):
   `P.act` float32 [groups] (residual scales for MoDiff, raw-input scales for plain),
@@ -13,8 +13,14 @@ Layout (format `modiff-trt/calibration`, version 1):
   float32 [O, groups] (only when the file carries its own rounded weights: MSE or imported).
 - metadata key `modiff_trt`: JSON with `format`, `version`, `kind` ('residual'|'raw'),
   `modulate`, `first_step`, `split`, `weight_bits`, `act_bits`, `method`, `weight_method`,
-  `schedule`, `checkpoint` {path, sha256}, `config` {source, sha256}, `layers` (names, in
-  model order), `groups` {layer: count}, `origin`, `report` (time, memory, import notes).
+  `sampler` (the `Sampler.to_dict()` the trajectories were drawn with; null for a plain
+  Q-Diffusion import), `trajectories` {cali_st, cali_n, batch_size, seed, calibration_steps},
+  `checkpoint` {path, sha256}, `config` {source, sha256}, `layers` (names, in model order),
+  `groups` {layer: count}, `origin`, `report` (time, memory, import notes).
+
+Version 1 files held the sampler settings and the trajectory budget together in `schedule`
+(without the betas, which came from the config); they still load, and `sampler(model_cfg)`
+rebuilds their sampler from the config.
 
 The file is tied to the checkpoint and config it was measured on (sha256 of both): loading it
 for anything else raises `ArtifactError` naming both sides and the command that fixes it.
@@ -37,10 +43,12 @@ from modiff_trt.export.manifest import sha256_file
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.quant.scales import LayerScales, ScaleSet
+from modiff_trt.sampling.sampler import Sampler, make_sampler, sampler_from_dict
 
 log = logging.getLogger(__name__)
 FORMAT = "modiff-trt/calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_KEY = "modiff_trt"
 SCALE_FIELDS = ("act", "act_zero_point", "warmup", "warmup_zero_point")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -66,6 +74,21 @@ class Calibration:
     def kind(self) -> str:
         """'residual' (MoDiff step residual scales) or 'raw' (raw input scales, plain Q-Diffusion)."""
         return str(self.meta["kind"])
+
+    def sampler(self, model_cfg: ModelConfig) -> Sampler | None:
+        """The sampler the trajectories were drawn with; None for an import that sampled nothing.
+
+        `model_cfg` (the config this file belongs to) supplies the betas of version-1 files.
+        """
+        if "sampler" in self.meta:
+            data = self.meta["sampler"]
+            return None if data is None else sampler_from_dict(data, f"{self.source} `sampler`")
+        old = self.meta.get("schedule")
+        if old is None:
+            return None
+        return make_sampler(model_cfg, sampler=old.get("sampler"), steps=old["steps"], eta=old["eta"],
+                            skip_type=None if old.get("sampler") else old["skip_type"],
+                            guidance_scale=old.get("guidance_scale"))
 
     def check_matches(self, config: ModelConfig | str | None, checkpoint: str | Path | None) -> None:
         """Raise ArtifactError unless this calibration belongs to `config` and `checkpoint`.
@@ -173,7 +196,7 @@ def load_calibration(path: str | Path) -> Calibration:
         raise ArtifactError(f"{path} is a safetensors file without modiff-trt calibration metadata") from exc
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path} holds {meta.get('format')!r}, not a {FORMAT} file")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{path} is calibration format version {meta.get('version')}; this modiff-trt reads version "
             f"{FORMAT_VERSION}: recalibrate or use the modiff-trt release that wrote it"

@@ -31,12 +31,13 @@ attention matmuls stay in float here, as upstream MoDiff does.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from modiff_trt.calibrators.calibrate import CalibrationOptions, ImportedWeights, base_meta, calibrate
 from modiff_trt.calibrators.collect import input_channels
 from modiff_trt.calibrators.fileformat import Calibration, save_calibration
 from modiff_trt.errors import CheckpointError, ConfigError
@@ -44,22 +45,13 @@ from modiff_trt.models import load_config, load_unet
 from modiff_trt.models.checkpoint import read_checkpoint
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant.layer import channel_groups
-from modiff_trt.quant.model import quantizable_layers
+from modiff_trt.quant.model import quantizable_layers, split_points
 from modiff_trt.quant.quantizers import int_range, per_channel_weight
 from modiff_trt.quant.scales import LayerScales
+from modiff_trt.sampling.sampler import Sampler, make_sampler
 
 log = logging.getLogger(__name__)
 INT8_LO, INT8_HI = int_range(8)
-
-
-@dataclass
-class QDiffusionImport:
-    """Imported integer weights and raw activation scales, with what the import had to change."""
-
-    layers: dict[str, LayerScales]
-    splits: dict[str, int]
-    rounding: str  # 'adaround' | 'nearest' | 'mixed'
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 def qdiffusion_state(obj: Any, source: str) -> dict[str, torch.Tensor]:
@@ -206,12 +198,12 @@ def read_qdiffusion(
     weight_bits: int | None,
     act_bits: int | None,
     source: str,
-) -> QDiffusionImport:
+) -> ImportedWeights:
     """Rebuild integer weights and raw activation scales of every quantized layer of `model`.
 
     `model` must already hold the checkpoint's fp32 weights (its `load_unet` result).
     """
-    model_splits = model.split_points() if hasattr(model, "split_points") else {}
+    model_splits = split_points(model)
     report: dict[str, Any] = {"rounding": set()}
     layers, splits = {}, {}
     for name in quantizable_layers(model):
@@ -233,55 +225,49 @@ def read_qdiffusion(
         )
     report["ignored_quantizers"] = len(ignored)
     label = rounding.pop() if len(rounding) == 1 else ("mixed" if rounding else "none")
-    return QDiffusionImport(layers=layers, splits=splits, rounding=label, report=report)
+    return ImportedWeights(layers=layers, splits=splits, origin="qdiffusion", notes={"rounding": label, **report})
 
 
 def import_qdiffusion(
     config: str | Path | ModelConfig,
     checkpoint: str | Path,
     out: str | Path,
-    weight_bits: int | None = 8,
-    act_bits: int | None = 8,
-    modulate: bool = False,
+    options: CalibrationOptions,
+    sampler: Sampler | None = None,
+    *,
     trust: bool = False,
     progress: bool = True,
-    **calibrate_options: Any,
 ) -> Calibration:
     """Import a released Q-Diffusion checkpoint into a calibration file at `out`.
 
-    `modulate=False`: integer weights plus Q-Diffusion's own raw-activation scales (kind 'raw',
-    plain Q-Diffusion mode), no sampling. `modulate=True`: the same integer weights, with MoDiff
-    residual scales calibrated on the checkpoint's fp32 weights (`calibrate_options` are passed on
-    to `calibrate`: steps, cali_n, method, ...). Bits must be given: the file does not store them.
+    `options.modulate=False`: integer weights plus Q-Diffusion's own raw-activation scales (kind
+    'raw', plain Q-Diffusion mode), no sampling. `options.modulate=True`: the same integer
+    weights, with MoDiff residual scales calibrated on the checkpoint's fp32 weights along
+    `sampler` (default: the config's). Bits must be given: the file does not store them; the
+    split is read from the quantizer shapes, whatever `options.split` says.
     """
-    from modiff_trt.calibrators.calibrate import base_meta, calibrate, check_bits
-
-    check_bits("weight_bits", weight_bits)
-    check_bits("act_bits", act_bits)
     model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
     model = load_unet(model_cfg, checkpoint, trust=trust)
     state = qdiffusion_state(read_checkpoint(checkpoint, trust=trust), str(checkpoint))
-    imported = read_qdiffusion(state, model, weight_bits, None if modulate else act_bits, str(checkpoint))
-    if calibrate_options.pop("split", None) not in (None, bool(imported.splits)):
+    imported = read_qdiffusion(state, model, options.weight_bits, None if options.modulate else options.act_bits,
+                               str(checkpoint))
+    if options.split != bool(imported.splits):
         log.info("split flag ignored: %s splits %d layer(s), read from its quantizer shapes",
                  checkpoint, len(imported.splits))
-    if modulate:
-        return calibrate(
-            model_cfg, checkpoint, out, weight_bits=weight_bits, act_bits=act_bits, modulate=True,
-            split=bool(imported.splits), progress=progress, trust=trust, imported=imported, **calibrate_options,
-        )
-    if calibrate_options:
-        raise ConfigError(
-            f"options {', '.join(sorted(calibrate_options))} only apply when calibrating (modulate=True); "
-            "a plain Q-Diffusion import takes the file's own scales"
-        )
+    if options.modulate:
+        options = dataclasses.replace(options, split=bool(imported.splits))
+        return calibrate(model_cfg, checkpoint, out, sampler or make_sampler(model_cfg), options,
+                         imported=imported, trust=trust, progress=progress)
+    if sampler is not None:
+        raise ConfigError("sampler settings only apply when calibrating (modulate=True); a plain Q-Diffusion "
+                          "import takes the file's own scales")
     meta = base_meta(
         model_cfg, checkpoint, kind="raw", modulate=False, first_step="fp", split=bool(imported.splits),
-        weight_bits=weight_bits, act_bits=act_bits, method="qdiffusion", weight_method="qdiffusion",
-        origin="qdiffusion", weights={"rounding": imported.rounding, **imported.report},
+        weight_bits=options.weight_bits, act_bits=options.act_bits, method="qdiffusion", weight_method="qdiffusion",
+        origin="qdiffusion", weights=imported.notes,
         act_scales="raw asymmetric Q-Diffusion scales: valid for plain mode (--no-modulate) only",
-        schedule=None,
+        sampler=None, trajectories=None,
     )
     log.info("imported %d layers from %s (%s rounding, %d split)", len(imported.layers), checkpoint,
-             imported.rounding, len(imported.splits))
+             imported.notes["rounding"], len(imported.splits))
     return save_calibration(out, imported.layers, meta)

@@ -1,6 +1,10 @@
 """`compare`: run several backends from the same noise and report per-step differences.
 
-Per step it compares the sampler state x_t of each backend with the first one, using
+Every backend runs the export's sampler (`manifest.sampling`: DDIM, LDM DDIM or PLMS with
+guidance), with the step count and other settings overridable. Text-conditioned exports get
+random per-image context unless a context source is given: the comparison is about the
+runtimes agreeing, and any context exercises the cross-attention path. Per step it compares
+the sampler state x_t of each backend with the first one, using
 Polygraphy's SimpleCompareFunc for the element-wise statistics, plus the norm-relative error
 the tests use. Quantized graphs are expected to drift slightly: a float rounding difference
 that moves one residual across a rounding boundary changes one integer code, and the change
@@ -17,8 +21,9 @@ import numpy as np
 import torch
 
 from modiff_trt.engines.factory import open_runner
-from modiff_trt.export.schedule import manifest_betas
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, image_noise
+from modiff_trt.sampling.conditioning import ContextSource, RandomContext
+from modiff_trt.sampling.noise import image_noise
+from modiff_trt.sampling.sampler import Sampler, make_sampler
 
 log = logging.getLogger(__name__)
 
@@ -50,37 +55,45 @@ def _polygraphy_stats(reference: np.ndarray, other: np.ndarray) -> tuple[float, 
     return float(result.max_absdiff), float(result.mean_absdiff)
 
 
-def trajectory(runner, noise: torch.Tensor, timesteps: list[int], betas: torch.Tensor) -> list[torch.Tensor]:
-    """x after every DDIM step (float32, CPU)."""
-    xs: list[torch.Tensor] = []
-    ddim_sample(runner, noise.to(getattr(runner, "device", "cpu")), timesteps, betas,
-                callback=lambda i, t, x: xs.append(x.float().cpu().clone()))
-    return xs
+def trajectory(
+    runner, sampler: Sampler, noise: torch.Tensor, conditioning: ContextSource | None = None
+) -> list[tuple[int, torch.Tensor]]:
+    """(t, x) after every sampler step (x float32, CPU), from `noise` (images 0..n-1)."""
+    steps: list[tuple[int, torch.Tensor]] = []
+    sampler.trajectory(runner, noise.to(getattr(runner, "device", "cpu")), conditioning=conditioning,
+                       callback=lambda step, t, x: steps.append((t, x.float().cpu().clone())))
+    return steps
 
 
 def compare_backends(
     export_dir: str | Path,
     backends: list[str],
     num_images: int = 4,
-    steps: int = 10,
-    skip_type: str = "quad",
     seed: int = 0,
     trust: bool = False,
+    conditioning: ContextSource | None = None,
+    **sampler_options,
 ) -> list[StepDiff]:
-    """Per-step differences of `backends[1:]` against `backends[0]` over one DDIM trajectory."""
+    """Per-step differences of `backends[1:]` against `backends[0]` over one trajectory.
+
+    `sampler_options` (steps, skip_type, eta, sampler, guidance_scale) override the export's
+    sampler, as `make_sampler` takes them.
+    """
     runs = {}
-    manifest = None
     for backend in backends:
         runner, manifest = open_runner(export_dir, backend, trust=trust)
-        shape = manifest.model["sample_shape"]
-        timesteps = ddim_timesteps(steps, skip_type)
-        runs[backend] = trajectory(runner, image_noise(seed, range(num_images), shape), timesteps, manifest_betas(manifest))
+        sampler = make_sampler(manifest.sampler(), **sampler_options)
+        context_shape = manifest.model.get("context_shape")
+        if context_shape is not None and conditioning is None:
+            log.info("%s takes text context: comparing with random context (seed %d)", export_dir, seed)
+            conditioning = RandomContext(context_shape, seed)
+        noise = image_noise(seed, range(num_images), manifest.model["sample_shape"])
+        runs[backend] = trajectory(runner, sampler, noise, conditioning)
     reference = runs[backends[0]]
-    timesteps = list(reversed(ddim_timesteps(steps, skip_type)))
     rows = []
     for backend in backends[1:]:
-        for k, (ref, got) in enumerate(zip(reference, runs[backend])):
+        for k, ((t, ref), (_, got)) in enumerate(zip(reference, runs[backend])):
             max_abs, mean_abs = _polygraphy_stats(ref.numpy(), got.numpy())
             rel = float((got.double() - ref.double()).norm() / ref.double().norm())
-            rows.append(StepDiff(k, timesteps[k], backend, rel, max_abs, mean_abs))
+            rows.append(StepDiff(k, t, backend, rel, max_abs, mean_abs))
     return rows

@@ -35,6 +35,7 @@ from modiff_trt.export.sites import find_sites
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.models.registry import load_config
 from modiff_trt.quant import QuantConfig, QuantUNet
+from modiff_trt.sampling.sampler import Sampler, make_sampler
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = {"float32": 17, "float16": 19}
@@ -125,7 +126,7 @@ def export_model(
     out: str | Path,
     checkpoint: str | Path | None = None,
     calibration: str | Path | None = None,
-    sampling: dict | None = None,
+    sampler: Sampler | None = None,
     float_dtype: str = "float32",
     opset: int | None = None,
     batch_size: int | None = None,
@@ -138,7 +139,9 @@ def export_model(
     The float model is traced (its parameter names locate the layers); `qmodel` supplies the
     integer weights, scales and state shapes. `target` 'trt' follows TensorRT's Q/DQ rules;
     'ort-cpu' runs quantized ops on ONNX Runtime's integer CPU kernels (docs/cpu-integer.md).
-    Text-conditioned configs get a `context` input. `guidance`: the engines will run
+    `sampler` (the calibration's, default the config's paper settings) is recorded as the
+    manifest's `sampling`, the default of every later `sample`. Text-conditioned configs get a
+    `context` input. `guidance`: the engines will run
     classifier-free guidance, so each image owns two state slots (cond + uncond); recorded as
     `export.state_batch_multiplier` = 2 so memory figures count both.
     """
@@ -187,16 +190,9 @@ def export_model(
                 "ema": ema,
                 "sample_shape": list(sample_shape),
                 "context_shape": None if context_shape is None else list(context_shape),
-                "timesteps": model_cfg.timestep_convention,
             },
             quant=config.to_dict(),
-            sampling={
-                "beta_schedule": model_cfg.beta_schedule,
-                "beta_start": model_cfg.beta_start,
-                "beta_end": model_cfg.beta_end,
-                "num_train_timesteps": model_cfg.num_train_timesteps,
-                **(sampling or {}),
-            },
+            sampling=(sampler or make_sampler(model_cfg)).to_dict(),
             export={
                 "opset": opset,
                 "float": float_dtype,

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from modiff_trt.errors import ArtifactError
+from modiff_trt.sampling.sampler import Sampler, sampler_from_dict
 
 SCHEMA = "modiff-trt/manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `sampling` is a `Sampler.to_dict()`
 MANIFEST_NAME = "manifest.json"
 
 
@@ -85,7 +86,7 @@ class Manifest:
 
     model: dict[str, Any]  # config name/path + sha256, checkpoint path + sha256, sample shape
     quant: dict[str, Any]  # QuantConfig as a dict
-    sampling: dict[str, Any]  # schedule the calibration assumed: steps, skip_type, eta, betas
+    sampling: dict[str, Any]  # Sampler.to_dict(): the calibration's sampler, or the config's defaults
     export: dict[str, Any]  # opset, float dtype, state dtype, batch (int or null), target
     graphs: dict[str, GraphSpec]
     layers: list[LayerSpec]
@@ -103,6 +104,10 @@ class Manifest:
     def batch_size(self) -> int | None:
         """The fixed batch size the graphs were exported for, or None for a dynamic batch."""
         return self.export.get("batch_size")
+
+    def sampler(self) -> Sampler:
+        """The sampler recorded at export: what `sample` and `compare` run unless told otherwise."""
+        return sampler_from_dict(self.sampling, "manifest.json `sampling`")
 
     def state_bytes_per_sample(self) -> int:
         """Bytes of `a_hat` + `o_hat` for one sample (times 2 under classifier-free guidance)."""

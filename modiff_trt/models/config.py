@@ -49,20 +49,10 @@ class ModelConfig(ABC):
         """Per-sample cross-attention input shape; None: the UNet takes no context."""
         return None
 
-    @property
     @abstractmethod
-    def timestep_convention(self) -> str:
-        """'ddim' (ermongroup runner) or 'ldm' (`range(0, T, T // S) + 1`): samplers pick by it."""
-
-    @property
-    @abstractmethod
-    def default_steps(self) -> int:
-        """Sampling steps used when the user gives none (the paper setting)."""
-
-    @abstractmethod
-    def timesteps(self, num_steps: int, skip_type: str = "uniform") -> list[int]:
-        """The increasing timestep sequence this family's sampler runs (each family has its own
-        default selection: ddim 'quad', latent diffusion 'uniform', the only one it has)."""
+    def sampler_defaults(self) -> dict[str, Any]:
+        """The paper's sampler settings as `sampling.make_sampler` options (`Sampler.to_dict()` keys)."""
 
     def betas(self) -> torch.Tensor:
-        return make_betas(self.beta_schedule, self.beta_start, self.beta_end, self.num_train_timesteps)
+        """float32 betas, as ddim's `Diffusion` holds them (the LDM samplers use float64)."""
+        return make_betas(self.beta_schedule, self.beta_start, self.beta_end, self.num_train_timesteps).float()

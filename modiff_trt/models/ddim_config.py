@@ -10,7 +10,6 @@ import torch
 from modiff_trt.errors import ConfigError
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.models.ddim_unet import DDIMUNet, DDIMUNetConfig
-from modiff_trt.sampling.schedules import ddim_timesteps
 
 
 @dataclass
@@ -30,16 +29,8 @@ class DDIMModelConfig(ModelConfig):
     def sample_shape(self) -> tuple[int, int, int]:
         return (self.unet.in_channels, self.unet.resolution, self.unet.resolution)
 
-    @property
-    def timestep_convention(self) -> str:
-        return "ddim"
-
-    @property
-    def default_steps(self) -> int:
-        return 100
-
-    def timesteps(self, num_steps: int, skip_type: str = "quad") -> list[int]:
-        return ddim_timesteps(num_steps, skip_type, self.num_train_timesteps)
+    def sampler_defaults(self) -> dict[str, Any]:
+        return {"sampler": "ddim", "steps": 100, "skip_type": "quad", "eta": 0.0}
 
 
 def parse_ddim_config(raw: dict[str, Any], source: str, sha: str) -> DDIMModelConfig:

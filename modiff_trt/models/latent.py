@@ -6,10 +6,10 @@ same code paths work; what differs from the ddim family is made explicit:
 
 - `sample_shape` is the latent shape (C, H, W), not an image shape;
 - `context_shape` is the cross-attention input per sample ([77, 768] for SD v1, None otherwise);
-- the schedule is LatentDiffusion's: its 'linear' is linear in sqrt(beta), which
-  `schedules.make_betas` calls 'sqrt_linear' (and LDM's 'sqrt_linear' is a plain linspace,
-  `make_betas`' 'linear'); `alphas_cumprod()` keeps upstream's float64 cumprod;
-- timesteps follow the LDM DDIM convention `range(0, T, T // S) + 1` (`timestep_convention`).
+- the schedule is LatentDiffusion's: its 'linear' is linear in sqrt(beta), which this project
+  calls 'scaled_linear' (and LDM's 'sqrt_linear' is a plain linspace, this project's 'linear');
+- `sampler_defaults()` names the LDM samplers (`ldm-ddim`, `plms`), whose timesteps follow the
+  LDM DDIM convention `range(0, T, T // S) + 1`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ from modiff_trt.errors import ConfigError
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.models.ldm_config import LDMConfig, parse_ldm_params, resolve_ldm_config
 from modiff_trt.models.openaimodel import UNetConfig, UNetModel
-from modiff_trt.sampling.ldm import ldm_alphas_cumprod, ldm_ddim_timesteps
 
 #: Token count of CLIP ViT-L/14 prompts (FrozenCLIPEmbedder pads to it): SD's context length.
 CONTEXT_TOKENS = 77
-#: LatentDiffusion schedule name -> the name `schedules.make_betas` uses for the same betas.
-LDM_TO_SCHEDULE = {"linear": "sqrt_linear", "sqrt_linear": "linear"}
-SCHEDULE_TO_LDM = {v: k for k, v in LDM_TO_SCHEDULE.items()}
+#: LatentDiffusion schedule name -> this project's name for the same betas (`schedules.make_betas`).
+LDM_TO_SCHEDULE = {"linear": "scaled_linear", "sqrt_linear": "linear"}
 
 
 @dataclass
@@ -56,15 +54,6 @@ class LatentModelConfig(ModelConfig):
     def build(self) -> torch.nn.Module:
         return UNetModel(self.unet)
 
-    def alphas_cumprod(self) -> torch.Tensor:
-        """LatentDiffusion's buffer: cumprod in float64 of its betas, cast to float32."""
-        return ldm_alphas_cumprod(self.beta_start, self.beta_end, self.num_train_timesteps,
-                                  SCHEDULE_TO_LDM[self.beta_schedule])
-
-    def timesteps(self, num_steps: int, skip_type: str = "uniform") -> list[int]:
-        """LDM DDIM timesteps `range(0, T, T // S) + 1` (only the uniform selection exists)."""
-        return [int(t) for t in ldm_ddim_timesteps(num_steps, self.num_train_timesteps)]
-
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return self.ldm.latent_shape
@@ -73,13 +62,12 @@ class LatentModelConfig(ModelConfig):
     def context_shape(self) -> tuple[int, int] | None:
         return self.context
 
-    @property
-    def timestep_convention(self) -> str:
-        return "ldm"
-
-    @property
-    def default_steps(self) -> int:
-        return self.ldm.steps
+    def sampler_defaults(self) -> dict[str, Any]:
+        """The paper's sampler settings; an official SD YAML names none, so SD gets PLMS with guidance 7.5."""
+        if self.family == "sd" and (self.ldm.sampler, self.ldm.guidance_scale) == ("ddim", 1.0):
+            return {"sampler": "plms", "steps": 50, "guidance_scale": 7.5}
+        return {"sampler": "ldm-ddim" if self.ldm.sampler == "ddim" else self.ldm.sampler, "steps": self.ldm.steps,
+                "eta": self.ldm.eta, "guidance_scale": self.ldm.guidance_scale}
 
 
 def latent_model_config(ldm: LDMConfig, source: str, sha256: str, raw: dict[str, Any] | None = None) -> LatentModelConfig:

@@ -37,7 +37,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for label, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
             if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
-                raise ConfigError(f"{label}={bits} is outside {MIN_BITS}..{MAX_BITS} (or None for float)")
+                raise ConfigError(f"{label}={bits} is outside {MIN_BITS}..{MAX_BITS} (0/None keeps it in float)")
         choices = {
             "act_scales": ("dynamic", "static"),
             "first_step": ("fp", "quantized"),

@@ -47,6 +47,15 @@ def quantizable_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
 
 
+def split_points(model: nn.Module, split: bool = True) -> dict[str, int]:
+    """Layer -> channels of its first input group, for layers whose input is a skip concatenation.
+
+    Q-Diffusion's split quantizes the two groups separately; only ddim UNets have such layers
+    (`split_points()`), so any other model, or `split=False`, gives {}.
+    """
+    return model.split_points() if split and hasattr(model, "split_points") else {}
+
+
 def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
     """Install static scales (and imported integer weights) on the quantized layers."""
     if scales.modulate != qmodel.config.modulate:
@@ -86,7 +95,7 @@ def quantize_unet(model: nn.Module, config: QuantConfig, calibration: ScaleSet |
     if config.act_scales == "static" and config.act_bits is not None and calibration is None:
         raise ConfigError("act_scales='static' needs a calibration: run `modiff-trt calibrate` first")
     unet = copy.deepcopy(model).eval()
-    splits = unet.split_points() if config.split and hasattr(unet, "split_points") else {}
+    splits = split_points(unet, config.split)
     for name in quantizable_layers(unet):
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from modiff_trt.errors import ConfigError
 from modiff_trt.sampling.noise import image_generator
 
 CONTEXT_STREAM = 2  # image_generator stream of random context (0: noise, 1: eta noise)
@@ -76,3 +78,34 @@ def read_prompts(prompt: str | None, from_file: str | None) -> list[str]:
     if not prompts:
         raise ValueError(f"{from_file} holds no prompts (one per line)")
     return prompts
+
+
+def make_conditioning(
+    context_shape: Sequence[int] | None,
+    source: str,
+    prompt: str | None = None,
+    from_file: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    random_context: bool = False,
+    seed: int = 0,
+) -> ContextSource | None:
+    """Context for a model taking `context_shape` (None: unconditional) from CLI-style options.
+
+    `source` names the model (config or export) in errors.
+    """
+    if context_shape is None:
+        if prompt or from_file or text_encoder or random_context:
+            raise ConfigError(f"{source} is unconditional: it takes no prompts or context")
+        return None
+    if random_context:
+        return RandomContext(tuple(context_shape), seed)
+    if text_encoder is None:
+        raise ConfigError(f"{source} is text-conditioned: give --text-encoder DIR (a local CLIP ViT-L/14 "
+                          "text model) with --prompt or --from-file, or --random-context for a smoke test")
+    try:
+        prompts = read_prompts(prompt, None if from_file is None else str(from_file))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+    from modiff_trt.sampling.text_encoder import ClipTextEncoder
+
+    return PromptContext(ClipTextEncoder(text_encoder), prompts)

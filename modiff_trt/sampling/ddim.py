@@ -2,7 +2,7 @@
 
 The loop knows nothing about quantization or runtimes: it calls `model.reset_state()` once
 (MoDiff state lives for one batch, never across batches and never reset inside a trajectory)
-and then `model(x, t, **kwargs)` once per step.
+and then `model(x, t)` once per step.
 """
 
 from __future__ import annotations
@@ -11,33 +11,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from modiff_trt.errors import ModiffError
-
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+from modiff_trt.sampling.step import StepCallback, check_finite, draw_noise, reset_state
 
 
 def alpha_bar(betas: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """cumprod(1 - beta) at index t + 1 of [0] + betas, so t = -1 gives 1 (ddim `compute_alpha`)."""
     betas = torch.cat([torch.zeros(1, device=betas.device, dtype=betas.dtype), betas])
     return (1 - betas).cumprod(dim=0).index_select(0, t + 1).view(-1, 1, 1, 1)
-
-
-def draw_noise(generator: torch.Generator | Sequence[torch.Generator] | None, like: torch.Tensor) -> torch.Tensor:
-    """Noise shaped like `like`: from one generator, or one CPU generator per image (batch-size independent)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype).to(like.device)
-    per_image = [torch.randn(like.shape[1:], generator=g, dtype=like.dtype) for g in generator]
-    return torch.stack(per_image).to(like.device)
-
-
-def check_finite(eps: torch.Tensor, step: int, t: int) -> torch.Tensor:
-    """`eps` unchanged, or a clear error if the UNet produced NaN/Inf (every backend, every sampler)."""
-    if not bool(torch.isfinite(eps).all()):
-        raise ModiffError(
-            f"the UNet returned NaN/Inf at step {step} (t={t}): check that the checkpoint matches the config "
-            "and, for quantized runs, that the calibration belongs to this checkpoint (or try more bits)"
-        )
-    return eps
 
 
 @torch.no_grad()
@@ -49,15 +29,13 @@ def ddim_sample(
     eta: float = 0.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     callback: StepCallback | None = None,
-    **model_kwargs,
 ) -> torch.Tensor:
     """Run DDIM from `noise` over the increasing `timesteps` and return the final sample.
 
-    `generator` (one, or one per image) feeds the eta noise; `callback(i, t, x)` sees every
+    `generator` (one, or one per image) feeds the eta noise; `callback(step, t, x)` sees every
     intermediate sample, which is how trajectories are compared across backends.
     """
-    if hasattr(model, "reset_state"):
-        model.reset_state()
+    reset_state(model)
     device = noise.device
     betas = betas.to(device)
     n = noise.shape[0]
@@ -68,7 +46,7 @@ def ddim_sample(
         t = torch.full((n,), float(i), device=device)
         a_t = alpha_bar(betas, t.long())
         a_next = alpha_bar(betas, torch.full((n,), j, device=device, dtype=torch.long))
-        eps = check_finite(model(x, t, **model_kwargs), step, i)
+        eps = check_finite(model(x, t), step, i)
         x0 = (x - eps * (1 - a_t).sqrt()) / a_t.sqrt()
         c1 = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
         c2 = ((1 - a_next) - c1**2).sqrt()
@@ -77,5 +55,5 @@ def ddim_sample(
             x = x + c1 * draw_noise(generator, x)
         x = x + c2 * eps
         if callback is not None:
-            callback(step, t, x)
+            callback(step, i, x)
     return x

@@ -1,11 +1,11 @@
-"""Latent-diffusion sampling: the LDM noise schedule, LDM DDIM, PLMS and classifier-free guidance.
+"""Latent-diffusion sampling: LDM DDIM, PLMS and classifier-free guidance.
 
 Arithmetic follows CompVis ``DDIMSampler`` / ``PLMSSampler`` (written anew here):
 
-* betas are linear in sqrt(beta) (``linspace(sqrt(start), sqrt(end), T) ** 2`` in float64), the
-  cumulative product is taken in float64 and then cast to float32 like LatentDiffusion's buffers;
+* the samplers take LatentDiffusion's ``alphas_cumprod`` (``schedules.alphas_cumprod``: the
+  cumulative product in float64, then float32);
 * DDIM timesteps are ``range(0, T, T // S) + 1``; when ``T % S != 0`` this yields *more* than S
-  steps (400 requested -> 500 run), exactly as upstream, and we log it;
+  steps (400 requested -> 500 run), exactly as upstream (the sampler logs it);
 * PLMS starts with one pseudo improved-Euler step (two model calls), then Adams-Bashforth of
   order 2, 3 and 4 over the stored eps history.
 
@@ -17,19 +17,14 @@ model has it (new noise = new trajectory), never inside a trajectory.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
-from modiff_trt.sampling.ddim import check_finite, draw_noise
-
-log = logging.getLogger(__name__)
-
-StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+from modiff_trt.sampling.step import StepCallback, check_finite, draw_noise, reset_state
 
 
 class EpsModel(Protocol):
@@ -38,38 +33,11 @@ class EpsModel(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, *context: torch.Tensor) -> torch.Tensor: ...
 
 
-def ldm_betas(
-    linear_start: float, linear_end: float, num_timesteps: int = 1000, schedule: str = "linear"
-) -> torch.Tensor:
-    """LatentDiffusion betas (float64). ``linear`` is linear in sqrt(beta), unlike ddim's."""
-    if schedule == "linear":
-        return torch.linspace(
-            math.sqrt(linear_start), math.sqrt(linear_end), num_timesteps, dtype=torch.float64
-        ) ** 2
-    if schedule == "sqrt_linear":
-        return torch.linspace(linear_start, linear_end, num_timesteps, dtype=torch.float64)
-    raise ValueError(f"unsupported LDM beta schedule {schedule!r} (linear, sqrt_linear)")
-
-
-def ldm_alphas_cumprod(
-    linear_start: float, linear_end: float, num_timesteps: int = 1000, schedule: str = "linear"
-) -> torch.Tensor:
-    """``prod(1 - beta)`` computed in float64, returned as float32 (LatentDiffusion's buffer)."""
-    betas = ldm_betas(linear_start, linear_end, num_timesteps, schedule)
-    return torch.cumprod(1.0 - betas, dim=0).float()
-
-
 def ldm_ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Uniform LDM DDIM timesteps ``range(0, T, T // S) + 1`` (ascending, int64)."""
     if not 0 < num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in 1..{num_train_timesteps}, got {num_steps}")
-    steps = torch.arange(0, num_train_timesteps, num_train_timesteps // num_steps) + 1
-    if len(steps) != num_steps:
-        log.warning(
-            "%d DDIM steps requested; the LDM discretisation range(0, %d, %d) gives %d steps",
-            num_steps, num_train_timesteps, num_train_timesteps // num_steps, len(steps),
-        )
-    return steps
+    return torch.arange(0, num_train_timesteps, num_train_timesteps // num_steps) + 1
 
 
 @dataclass(frozen=True)
@@ -145,12 +113,6 @@ def guided_eps(
     return e_uncond + guidance_scale * (e_cond - e_uncond)
 
 
-def _reset(model: EpsModel) -> None:
-    reset = getattr(model, "reset_state", None)
-    if callable(reset):
-        reset()
-
-
 def _t(step: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), int(step), device=x.device, dtype=torch.long)
 
@@ -172,7 +134,7 @@ def sample_ddim(
 
     ``generator`` (one, or one per image) drives the eta > 0 noise so runs are reproducible.
     """
-    _reset(model)
+    reset_state(model)
     sched = make_ddim_schedule(alphas_cumprod, num_steps, eta)
     x = x_T
     for i, index in enumerate(reversed(range(len(sched)))):
@@ -181,9 +143,9 @@ def sample_ddim(
         noise = None
         if sched.sigmas[index] > 0:
             noise = draw_noise(generator, x)
-        x, pred_x0 = ddim_update(x, eps, sched, index, noise)
+        x, _ = ddim_update(x, eps, sched, index, noise)
         if callback is not None:
-            callback(i, x, pred_x0)
+            callback(i, int(sched.timesteps[index]), x)
     return x
 
 
@@ -213,7 +175,7 @@ def sample_plms(
     next timestep and uses the mean of both (pseudo improved Euler): ``num_steps + 1`` model
     calls in total.
     """
-    _reset(model)
+    reset_state(model)
     sched = make_ddim_schedule(alphas_cumprod, num_steps, eta=0.0)
     order = list(reversed(range(len(sched))))  # indices, noisiest first
     history: list[torch.Tensor] = []
@@ -229,10 +191,10 @@ def sample_plms(
             eps_prime = (eps + eps_next) / 2
         else:
             eps_prime = plms_combine(eps, history)
-        x, pred_x0 = ddim_update(x, eps_prime, sched, index)
+        x, _ = ddim_update(x, eps_prime, sched, index)
         history.append(eps)
         if len(history) > 3:
             history.pop(0)
         if callback is not None:
-            callback(i, x, pred_x0)
+            callback(i, int(sched.timesteps[index]), x)
     return x

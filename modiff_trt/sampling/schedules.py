@@ -1,32 +1,34 @@
-"""Beta schedules and DDIM timestep selections, bit-for-bit as the official runners build them."""
+"""Beta schedules and timestep selections, bit-for-bit as the official runners build them.
+
+One name per schedule, whatever a config file calls it:
+
+- `linear`: beta linear in t (ddim's `linear`, LatentDiffusion's `sqrt_linear`);
+- `scaled_linear`: sqrt(beta) linear in t (LatentDiffusion's `linear`; diffusers' name too).
+
+Model configs translate their file's names into these when they are parsed.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-
-def linear_betas(beta_start: float = 1e-4, beta_end: float = 0.02, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """ddim's `linear` schedule: float64 linspace, then float32 (as `Diffusion.__init__` does)."""
-    betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
-    return torch.from_numpy(betas).float()
-
-
-def sqrt_linear_betas(
-    beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000
-) -> torch.Tensor:
-    """Latent diffusion's `linear` schedule, linear in sqrt(beta) (float64, then float32)."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    return betas.float()
+BETA_SCHEDULES = ("linear", "scaled_linear")
 
 
 def make_betas(schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Betas by the name a config uses: `linear` (ddim) or `sqrt_linear` (latent diffusion)."""
+    """Betas in float64; the DDIM sampler casts them to float32 first (ddim's `Diffusion.__init__`),
+    the LDM samplers take the cumulative product in float64 (LatentDiffusion's buffers)."""
     if schedule == "linear":
-        return linear_betas(beta_start, beta_end, num_train_timesteps)
-    if schedule == "sqrt_linear":
-        return sqrt_linear_betas(beta_start, beta_end, num_train_timesteps)
-    raise ValueError(f"unknown beta schedule {schedule!r}: use 'linear' or 'sqrt_linear'")
+        return torch.from_numpy(np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64))
+    if schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    raise ValueError(f"unknown beta schedule {schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
+
+
+def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
+    """`prod(1 - beta)` in the precision of `betas` (float64 for LDMs), returned as float32."""
+    return torch.cumprod(1.0 - betas, dim=0).float()
 
 
 def ddim_timesteps(num_steps: int, skip_type: str = "uniform", num_train_timesteps: int = 1000) -> list[int]:

@@ -12,9 +12,9 @@ from modiff_trt.export.exporter import export_model
 from modiff_trt.models.ddim_config import DDIMModelConfig
 from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, linear_betas
+from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas
 
-SEQ, BETAS, SHAPE = ddim_timesteps(10, "quad"), linear_betas(), (3, 16, 16)
+SEQ, BETAS, SHAPE = ddim_timesteps(10, "quad"), make_betas("linear", 1e-4, 0.02).float(), (3, 16, 16)
 
 
 def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10) -> ScaleSet:
@@ -40,7 +40,7 @@ def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10) -> Sc
     for name, layer in probe.layers.items():
         layer.register_forward_pre_hook(hook(name, layer))
     noise = torch.randn(n, *sample_shape, generator=torch.Generator().manual_seed(123))
-    ddim_sample(probe, noise, ddim_timesteps(steps, "quad"), linear_betas())
+    ddim_sample(probe, noise, ddim_timesteps(steps, "quad"), make_betas("linear", 1e-4, 0.02).float())
     qmax = 2 ** (bits - 1) - 1
     layers = {
         name: LayerScales(

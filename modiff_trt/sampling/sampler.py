@@ -1,0 +1,262 @@
+"""`Sampler`: how one trajectory is drawn, for every model family, as one object.
+
+A sampler owns the noise schedule (betas), the timestep selection, eta and guidance, and runs a
+batch of trajectories with `trajectory(model, noise, indices, ...)`. It is the one description of
+"how samples are drawn" that every stage shares: `sample`, `calibrate` (which must measure the
+trajectories `sample` will run), `compare`, the demo, the export manifest (`sampling`) and the
+calibration file (`sampler`) hold exactly `to_dict()`, and `sampler_from_dict` reads it back.
+
+Three samplers exist:
+
+- `DDIMSampler` (`ddim`): ddim's `generalized_steps` over `quad`/`uniform` timesteps, float32 betas;
+- `LDMDDIMSampler` (`ldm-ddim`): CompVis' DDIMSampler, timesteps `range(0, T, T // S) + 1`;
+- `PLMSSampler` (`plms`): CompVis' PLMSSampler (SD's default), one extra UNet call in its first step.
+
+`make_sampler(model_cfg_or_sampler, ...)` is the one factory: the paper settings of a model config
+(or the settings of a sampler read from a manifest) overridden by the options a user gave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from modiff_trt.errors import ArtifactError, ConfigError
+from modiff_trt.sampling.conditioning import ContextSource
+from modiff_trt.sampling.ddim import ddim_sample
+from modiff_trt.sampling.ldm import ldm_ddim_timesteps, sample_ddim, sample_plms
+from modiff_trt.sampling.noise import step_generators
+from modiff_trt.sampling.schedules import BETA_SCHEDULES, alphas_cumprod, ddim_timesteps, make_betas
+from modiff_trt.sampling.step import StepCallback
+
+if TYPE_CHECKING:
+    from modiff_trt.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The training betas: `beta_schedule` is `linear` or `scaled_linear` (see `schedules`)."""
+
+    beta_schedule: str
+    beta_start: float
+    beta_end: float
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"beta_schedule {self.beta_schedule!r}: choose one of {', '.join(BETA_SCHEDULES)}")
+
+    def betas(self) -> torch.Tensor:
+        """float64 betas (cast or cumulate them as the sampler's upstream does)."""
+        return make_betas(self.beta_schedule, self.beta_start, self.beta_end, self.num_train_timesteps)
+
+
+@dataclass(frozen=True)
+class Sampler(ABC):
+    """Settings of one sampler plus the schedule it runs on; immutable, serialisable with `to_dict`."""
+
+    name: ClassVar[str]
+    schedule: NoiseSchedule
+    steps: int
+
+    def __post_init__(self) -> None:
+        try:
+            self.timesteps()
+        except ValueError as exc:
+            raise ConfigError(f"{self.name} sampler: {exc}") from exc
+
+    @abstractmethod
+    def timesteps(self) -> list[int]:
+        """The increasing timesteps one trajectory visits (one sampler step each)."""
+
+    @abstractmethod
+    def trajectory(
+        self,
+        model: Callable[..., torch.Tensor],
+        noise: torch.Tensor,
+        indices: Sequence[int] | None = None,
+        *,
+        seed: int = 0,
+        conditioning: ContextSource | None = None,
+        callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """The final samples of one batch from `noise` (images `indices`, default 0..n-1).
+
+        Resets the model's MoDiff state once. eta noise comes from one generator per image
+        (seed, index), so image i is the same at any batch size. `conditioning` supplies the
+        cross-attention context of text-conditioned models; `callback(step, t, x)` runs after
+        every sampler step.
+        """
+
+    @property
+    def eta(self) -> float:
+        return 0.0
+
+    @property
+    def guidance_scale(self) -> float:
+        return 1.0
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance: the model sees [uncond; cond], 2N samples per batch of N."""
+        return self.guidance_scale != 1.0
+
+    def model_calls(self) -> int:
+        """UNet calls per trajectory: what a stateful MoDiff runner counts (calibration steps index them)."""
+        return len(self.timesteps())
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"sampler": name, "steps": ..., <sampler fields>, <schedule fields>}`, flat and JSON-ready."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "schedule"}
+        return {"sampler": self.name, **fields, **dataclasses.asdict(self.schedule)}
+
+
+@dataclass(frozen=True)
+class DDIMSampler(Sampler):
+    """ddim's DDIM (`generalized_steps`): float32 betas, `quad` or `uniform` timesteps."""
+
+    name: ClassVar[str] = "ddim"
+    skip_type: str = "quad"
+    eta: float = 0.0  # type: ignore[assignment]
+
+    def timesteps(self) -> list[int]:
+        return ddim_timesteps(self.steps, self.skip_type, self.schedule.num_train_timesteps)
+
+    def trajectory(self, model, noise, indices=None, *, seed=0, conditioning=None, callback=None) -> torch.Tensor:
+        if conditioning is not None:
+            raise ConfigError("the ddim sampler runs unconditional UNets: it takes no context")
+        indices = range(len(noise)) if indices is None else indices
+        generator = step_generators(seed, indices) if self.eta > 0 else None
+        return ddim_sample(model, noise, self.timesteps(), self.schedule.betas().float(), eta=self.eta,
+                           generator=generator, callback=callback)
+
+
+@dataclass(frozen=True)
+class _LatentSampler(Sampler):
+    """What the LDM samplers share: LDM timesteps, LatentDiffusion's alphas_cumprod, guidance."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        requested, got = self.steps, len(self.timesteps())
+        stride = self.schedule.num_train_timesteps // requested
+        if stride * (got - 1) + 1 >= self.schedule.num_train_timesteps:
+            raise ConfigError(f"{requested} steps: the LDM timesteps range(0, T, T // S) + 1 reach T; "
+                              "choose a step count that divides the training timesteps (e.g. 50, 100, 200, 250)")
+        if got != requested:
+            log.warning("%d %s steps requested; the LDM discretisation range(0, %d, %d) gives %d steps",
+                        requested, self.name, self.schedule.num_train_timesteps, stride, got)
+
+    def timesteps(self) -> list[int]:
+        return ldm_ddim_timesteps(self.steps, self.schedule.num_train_timesteps).tolist()
+
+    def _context(self, conditioning: ContextSource | None, indices: Sequence[int], device: torch.device) -> dict:
+        context = uncond = None
+        if conditioning is not None:
+            context = conditioning.context(indices).to(device)
+            if self.guided:
+                uncond = conditioning.uncond().to(device)
+        elif self.guided:
+            raise ConfigError("classifier-free guidance needs context: give prompts and a text encoder")
+        return {"context": context, "uncond": uncond, "guidance_scale": self.guidance_scale}
+
+
+@dataclass(frozen=True)
+class LDMDDIMSampler(_LatentSampler):
+    """CompVis' DDIMSampler: LDM timesteps, eta > 0 allowed (LSUN-Bedrooms uses 1)."""
+
+    name: ClassVar[str] = "ldm-ddim"
+    eta: float = 0.0  # type: ignore[assignment]
+    guidance_scale: float = 1.0  # type: ignore[assignment]
+
+    def trajectory(self, model, noise, indices=None, *, seed=0, conditioning=None, callback=None) -> torch.Tensor:
+        indices = list(range(len(noise)) if indices is None else indices)
+        generator = step_generators(seed, indices) if self.eta > 0 else None
+        return sample_ddim(model, noise, alphas_cumprod(self.schedule.betas()), self.steps, eta=self.eta,
+                           generator=generator, callback=callback, **self._context(conditioning, indices, noise.device))
+
+
+@dataclass(frozen=True)
+class PLMSSampler(_LatentSampler):
+    """CompVis' PLMSSampler (deterministic): its first step calls the UNet twice."""
+
+    name: ClassVar[str] = "plms"
+    guidance_scale: float = 1.0  # type: ignore[assignment]
+
+    def model_calls(self) -> int:
+        return len(self.timesteps()) + 1
+
+    def trajectory(self, model, noise, indices=None, *, seed=0, conditioning=None, callback=None) -> torch.Tensor:
+        indices = list(range(len(noise)) if indices is None else indices)
+        return sample_plms(model, noise, alphas_cumprod(self.schedule.betas()), self.steps, callback=callback,
+                           **self._context(conditioning, indices, noise.device))
+
+
+SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIMSampler, LDMDDIMSampler, PLMSSampler)}
+_SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(NoiseSchedule))
+
+
+def sampler_from_dict(data: dict[str, Any], source: str = "sampler settings") -> Sampler:
+    """The sampler `to_dict()` described; ArtifactError naming `source` when the dict is not one."""
+    cls = SAMPLERS.get(data.get("sampler"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ArtifactError(f"{source}: unknown sampler {data.get('sampler')!r} (known: {', '.join(SAMPLERS)})")
+    own = {f.name for f in dataclasses.fields(cls)} - {"schedule"}
+    unknown = set(data) - own - set(_SCHEDULE_FIELDS) - {"sampler"}
+    if unknown:
+        raise ArtifactError(f"{source}: unknown {cls.name} sampler settings {', '.join(sorted(unknown))}")
+    try:
+        schedule = NoiseSchedule(**{k: data[k] for k in _SCHEDULE_FIELDS})
+        return cls(schedule=schedule, **{k: v for k, v in data.items() if k in own})
+    except KeyError as exc:
+        raise ArtifactError(f"{source}: sampler settings lack {exc.args[0]!r}") from exc
+
+
+def make_sampler(
+    base: ModelConfig | Sampler,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    skip_type: str | None = None,
+    eta: float | None = None,
+    guidance_scale: float | None = None,
+) -> Sampler:
+    """The one sampler factory: `base`'s settings, overridden by the options that are not None.
+
+    `base` is a model config (its paper settings, `ModelConfig.sampler_defaults()`) or a
+    sampler (e.g. an export's, `sampler_from_dict(manifest.sampling)`). `sampler` is 'ddim' or
+    'plms'; for latent-diffusion models 'ddim' means the LDM DDIM sampler ('ldm-ddim').
+    """
+    if isinstance(base, Sampler):
+        defaults, conditional = base.to_dict(), None
+    else:
+        defaults = {**base.sampler_defaults(), "beta_schedule": base.beta_schedule, "beta_start": base.beta_start,
+                    "beta_end": base.beta_end, "num_train_timesteps": base.num_train_timesteps}
+        conditional = base.context_shape is not None
+    latent = defaults["sampler"] != DDIMSampler.name
+    name = defaults["sampler"] if sampler is None else sampler
+    if latent and name == "ddim":
+        name = LDMDDIMSampler.name
+    valid = (LDMDDIMSampler.name, PLMSSampler.name) if latent else (DDIMSampler.name,)
+    if name not in valid:
+        raise ConfigError(f"sampler {sampler!r}: choose one of {', '.join(('ddim', 'plms') if latent else ('ddim',))}"
+                          + ("" if latent else " (PLMS runs latent-diffusion models)"))
+    given = {"steps": steps, "skip_type": skip_type, "eta": eta, "guidance_scale": guidance_scale}
+    fields = {f.name for f in dataclasses.fields(SAMPLERS[name])}
+    for key, value in given.items():
+        if value is not None and key not in fields and not (key == "eta" and value == 0):
+            raise ConfigError(f"--{key.replace('_', '-')} does not apply to the {name} sampler"
+                              + (": PLMS is deterministic (use --sampler ddim for eta > 0)" if key == "eta" else ""))
+    settings = {k: v for k, v in {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()
+                if k in fields or k in _SCHEDULE_FIELDS}
+    chosen = sampler_from_dict({"sampler": name, **settings}, "sampler options")
+    if chosen.guided and conditional is False:
+        raise ConfigError(f"{base.source} is unconditional: classifier-free guidance needs a text-conditioned model")
+    return chosen
