@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": set(),
     "plugins": set(),
     "models": {"sampling.schedules"},
-    "sampling": {"atomic", "models"},
+    "sampling": {"atomic"},
     "training": {"atomic", "metrics", "models"},
     "export": {"atomic", "models", "quant", "sampling"},
     "calibrators": {"atomic", "export", "models", "quant", "sampling"},
