@@ -219,6 +219,29 @@ def test_file_round_trip_and_metadata(tmp_path, tiny_config, tiny_checkpoint):
                                     "calibration_steps": [1, 3, 5, 7, 9]}
     assert meta["layers"] == list(written.layers) and meta["report"]["peak_rss_mb"] > 0
     assert len(meta["checkpoint"]["sha256"]) == 64 and meta["config"]["sha256"] == load_config(tiny_config).sha256
+    assert loaded.sampler(load_config(tiny_config)) == make_sampler(load_config(tiny_config), steps=10)
+
+
+def test_version_1_files_still_load_and_give_their_sampler(tmp_path, tiny_config, tiny_checkpoint):
+    """Version 1 kept steps/skip_type/eta (no betas) with the trajectory budget in `schedule`."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    new = run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "v2.safetensors", steps=6)
+    meta = {k: v for k, v in new.meta.items() if k not in ("sampler", "trajectories")}
+    meta.update(version=1, schedule={"steps": 6, "skip_type": "uniform", "eta": 0.5, "cali_st": 5, "cali_n": 8,
+                                     "batch_size": 4, "seed": 0, "calibration_steps": [1, 2, 3, 4, 5]})
+    save_file(load_file(tmp_path / "v2.safetensors"), tmp_path / "v1.safetensors",
+              metadata={"modiff_trt": json.dumps(meta)})
+    old = load_calibration(tmp_path / "v1.safetensors")
+    cfg = load_config(tiny_config)
+    assert old.sampler(cfg) == make_sampler(cfg, steps=6, skip_type="uniform", eta=0.5)
+    assert old.layers.keys() == new.layers.keys() and old.to_scale_set(cfg, tiny_checkpoint).modulate
+    sd_schedule = {"steps": 50, "skip_type": "ldm-uniform", "eta": 0.0, "sampler": "plms", "guidance_scale": 5.0}
+    sd = load_config("sd-v1")
+    assert Calibration({"version": 1, "schedule": sd_schedule}, {}).sampler(sd) == make_sampler(sd, guidance_scale=5.0)
+    assert Calibration({"version": 1, "schedule": None}, {}).sampler(sd) is None  # a plain Q-Diffusion import
 
 
 def test_mismatched_checkpoint_config_and_layers_give_clear_errors(tmp_path, tiny_model, tiny_config, tiny_checkpoint):
