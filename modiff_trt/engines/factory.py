@@ -18,6 +18,7 @@ def open_runner(
     trust: bool = False,
     cuda_graph: bool = False,
     ort_provider: str = "auto",
+    device: str = "cuda",
 ) -> tuple[UNetRunner, Manifest]:
     """A runner over `export_dir` and its manifest; heavy runtimes are imported only when named."""
     if backend not in BACKENDS:
@@ -33,4 +34,4 @@ def open_runner(
         return OrtRunner(export_dir, manifest=manifest, provider=ort_provider), manifest
     from modiff_trt.engines.trt_runtime import TensorRTRunner
 
-    return TensorRTRunner(export_dir, manifest=manifest, cuda_graph=cuda_graph), manifest
+    return TensorRTRunner(export_dir, manifest=manifest, device=device, cuda_graph=cuda_graph), manifest

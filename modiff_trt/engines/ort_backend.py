@@ -1,21 +1,24 @@
 """The `ort` backend: the exported graphs on ONNX Runtime, state in runtime-bound buffers.
 
 State never round-trips through numpy: both state sets live in one torch allocation
-(`StateBuffers`), and IO binding hands ONNX Runtime raw pointers into it. Step k reads set
-(k-1) % 2 and writes set k % 2 (ping-pong), so no state is copied between steps. The CUDA
-execution provider is used when onnxruntime-gpu sees a GPU, with the buffers on the device.
+(`StateBuffers`), and IO binding hands ONNX Runtime raw pointers into it. Which graph runs and
+which set it reads and writes comes from `StatefulRunner` (engines/runner.py), as for every
+backend, so no state is copied between steps. The CUDA execution provider is used when
+onnxruntime-gpu sees a GPU, with the buffers on the device.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from modiff_trt.engines.runner import Arrangement, StatefulRunner
 from modiff_trt.engines.state_buffers import StateBuffers, layout_from_manifest, torch_dtype
-from modiff_trt.errors import ArtifactError, BackendUnavailableError, ConfigError, ModiffError
+from modiff_trt.errors import ArtifactError, BackendUnavailableError, ConfigError
 from modiff_trt.export import naming
 from modiff_trt.export.manifest import Manifest, load_manifest
 
@@ -55,7 +58,7 @@ def _providers(provider: str, export_dir: Path) -> tuple[list, torch.device]:
     return providers, torch.device("cuda")
 
 
-class OrtRunner:
+class OrtRunner(StatefulRunner):
     """A stateful UNet over an export directory, run by ONNX Runtime."""
 
     name = "ort"
@@ -69,9 +72,10 @@ class OrtRunner:
     ) -> None:
         import onnxruntime as ort
 
-        self.export_dir = Path(export_dir)
-        self.manifest = manifest or load_manifest(self.export_dir)
-        providers, self.device = _providers(provider, self.export_dir)
+        export_dir = Path(export_dir)
+        manifest = manifest or load_manifest(export_dir)
+        providers, device = _providers(provider, export_dir)
+        super().__init__(export_dir, manifest, device)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -79,38 +83,19 @@ class OrtRunner:
         self.sessions = {}
         for key, graph in self.manifest.graphs.items():
             try:
-                self.sessions[key] = ort.InferenceSession(str(self.export_dir / graph.file), options, providers=providers)
+                self.sessions[key] = ort.InferenceSession(str(export_dir / graph.file), options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own unexported exception types
                 raise ArtifactError(f"ONNX Runtime cannot load {self.export_dir / graph.file}: {exc}") from exc
         self.float_dtype = torch_dtype(self.manifest.export.get("float", "float32"))
-        self.sample_shape = tuple(self.manifest.model["sample_shape"])
         self._buffers: StateBuffers | None = None
-        self._calls = 0
-
-    def reset_state(self) -> None:
-        self._calls = 0
 
     def _state(self, batch: int) -> StateBuffers:
         if self._buffers is None or self._buffers.layout.batch_size != batch:
             self._buffers = StateBuffers(layout_from_manifest(self.manifest, batch), self.device)
         return self._buffers
 
-    def _check(self, x: torch.Tensor, t: torch.Tensor) -> None:
-        fixed = self.manifest.batch_size
-        if tuple(x.shape[1:]) != self.sample_shape:
-            raise ModiffError(
-                f"input x has shape {tuple(x.shape)}, but {self.export_dir} was exported for "
-                f"[batch, {', '.join(map(str, self.sample_shape))}]"
-            )
-        if fixed is not None and x.shape[0] > fixed:
-            raise ModiffError(
-                f"batch size {x.shape[0]} exceeds {self.export_dir}, exported for batch {fixed}: "
-                f"use --batch-size {fixed} or re-export with --dynamic-batch"
-            )
-        if t.shape != (x.shape[0],):
-            raise ModiffError(f"t must have shape [{x.shape[0]}], got {tuple(t.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ModiffError("input x contains NaN or Inf: the sampler diverged or the noise is corrupt")
+    def _state_set(self, index: int) -> Mapping[str, torch.Tensor]:
+        return self._state(self.batch).inputs(index)
 
     @staticmethod
     def _bind(binding, name: str, tensor: torch.Tensor, output: bool = False) -> None:
@@ -120,39 +105,25 @@ class OrtRunner:
         bind = binding.bind_output if output else binding.bind_input
         bind(name, kind, index, dtype, list(tensor.shape), tensor.data_ptr())
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(x, t)
-        fixed, batch = self.manifest.batch_size, x.shape[0]
-        if fixed is not None and batch < fixed:
-            # A short last batch on a fixed-batch export: pad with copies of the last sample. Every
-            # op is per sample (static scales, GroupNorm, attention), so padding changes nothing.
-            x, t = _pad(x, fixed), _pad(t, fixed)
-            context = None if context is None else _pad(context, fixed)
-            return self(x, t, context)[:batch]
-        key = "unet" if "unet" in self.sessions else ("warmup" if self._calls == 0 else "step")
-        session = self.sessions[key]
-        binding = session.io_binding()
-        x_in = x.to(self.device, self.float_dtype).contiguous()
-        t_in = t.to(self.device, torch.float32).contiguous()
-        self._bind(binding, naming.X, x_in)
-        self._bind(binding, naming.T, t_in)
+    def _run_impl(
+        self, arrangement: Arrangement, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        batch = x.shape[0]
+        binding = self.sessions[arrangement.graph].io_binding()
+        # IO binding keeps raw pointers only: `feeds` keeps the converted inputs alive until the run.
+        feeds = {naming.X: x.to(self.device, self.float_dtype).contiguous(),
+                 naming.T: t.to(self.device, torch.float32).contiguous()}
         if context is not None:
-            self._bind(binding, naming.CONTEXT, context.to(self.device, self.float_dtype).contiguous())
-        eps = torch.empty((batch, *self.sample_shape), dtype=self.float_dtype, device=self.device)
+            feeds[naming.CONTEXT] = context.to(self.device, self.float_dtype).contiguous()
+        for name, tensor in feeds.items():
+            self._bind(binding, name, tensor)
+        eps = torch.empty((batch, *self.inputs.sample_shape), dtype=self.float_dtype, device=self.device)
         self._bind(binding, naming.EPS, eps, output=True)
-        if key != "unet":
-            state = self._state(batch)
-            write = self._calls % 2
-            if key == "step":
-                for name, tensor in state.inputs(1 - write).items():
-                    self._bind(binding, name, tensor)
-            for name, tensor in state.outputs(write).items():
+        if arrangement.read is not None:
+            for name, tensor in self._state(batch).inputs(arrangement.read).items():
+                self._bind(binding, name, tensor)
+        if arrangement.write is not None:
+            for name, tensor in self._state(batch).outputs(arrangement.write).items():
                 self._bind(binding, name, tensor, output=True)
-        session.run_with_iobinding(binding)
-        self._calls += 1
-        return eps.float()
-
-
-def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """`tensor` grown to `size` rows along dim 0 by repeating its last row."""
-    return torch.cat([tensor, tensor[-1:].expand(size - tensor.shape[0], *tensor.shape[1:])])
+        self.sessions[arrangement.graph].run_with_iobinding(binding)
+        return eps

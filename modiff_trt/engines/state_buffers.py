@@ -16,8 +16,8 @@ Why 256-byte alignment: TensorRT requires I/O addresses aligned to 256 bytes (RE
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -41,6 +41,23 @@ def torch_dtype(name: str) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"unsupported state dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def aligned_empty(
+    shape: Sequence[int], dtype: torch.dtype, device: torch.device | str, alignment: int = ALIGNMENT
+) -> torch.Tensor:
+    """An uninitialised contiguous tensor whose first byte sits at a multiple of `alignment`.
+
+    Over-allocates by one alignment and shifts the view: the CUDA caching allocator returns
+    512-byte aligned blocks, but CPU allocators may not.
+    """
+    numel = 1
+    for dim in shape:
+        numel *= int(dim)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    storage = torch.empty(nbytes + alignment, dtype=torch.uint8, device=device)
+    shift = (-storage.data_ptr()) % alignment
+    return storage[shift : shift + nbytes].view(dtype).view(tuple(int(d) for d in shape))
 
 
 @dataclass(frozen=True)
@@ -117,11 +134,7 @@ class StateBuffers:
     def __init__(self, layout: StateLayout, device: torch.device | str = "cpu") -> None:
         self.layout = layout
         self.device = torch.device(device)
-        # Over-allocate by one alignment so the base can be moved to an aligned address: the CUDA
-        # caching allocator returns 512-byte aligned blocks, but CPU allocators may not.
-        self._storage = torch.empty(layout.total_bytes + layout.alignment, dtype=torch.uint8, device=self.device)
-        shift = (-self._storage.data_ptr()) % layout.alignment
-        self._block = self._storage[shift : shift + layout.total_bytes]
+        self._block = aligned_empty((layout.total_bytes,), torch.uint8, self.device, layout.alignment)
         self._sets: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = (
             self._carve(0),
             self._carve(layout.set_bytes),

@@ -1,49 +1,53 @@
 """The `trt` backend: TensorRT engines driven with torch CUDA tensors, MoDiff state kept on the GPU.
 
-Design (REFERENCE.md section 4, DESIGN.md "state never goes through the host"):
+Design:
 
 - I/O buffers are torch CUDA tensors; their `data_ptr()`s go to `set_tensor_address`. No
   pycuda: it ships no wheels and creates its own CUDA context that fights torch's. torch covers
   allocation, streams, events and CUDA graphs, so cuda-python is not needed here at all.
-- All state tensors of a batch are views into one allocation (`StateBuffers`), two sets:
-  the warm-up writes set 0, step k reads set (k-1) % 2 and writes set k % 2. Nothing is copied
-  between steps, and the only per-call copies are `x`/`t` (and `context`) into the fixed input
-  buffers and `eps` out of the fixed output buffer, all device-to-device.
-- Each (graph, ping-pong arrangement, batch size) gets its own execution context whose
-  addresses are set once. Costs one activation workspace per context, saves hundreds of
-  `set_tensor_address` calls per step, and is what CUDA graphs need anyway: a captured graph
-  bakes in every address, so each arrangement needs its own graph.
-- Work runs on a dedicated non-default stream, ordered against the caller's stream with
-  `wait_stream`, so the caller's torch code sees results without a device sync.
+- Warm-up vs step and the ping-pong state sets come from `StatefulRunner` (engines/runner.py);
+  all state tensors of a batch are views into one allocation (`StateBuffers`). Nothing is
+  copied between steps; the only per-call copies are `x`/`t` (and `context`) into the fixed
+  input buffers and `eps` out of the fixed output buffer, all device-to-device.
+- Each (arrangement, batch size) gets its own execution context whose addresses are set once:
+  one activation workspace per context, but no per-step `set_tensor_address` calls, and it is
+  what CUDA graphs need anyway (a captured graph bakes in every address). When a warm-up starts
+  a trajectory at a new batch size, the contexts and buffers of other batch sizes are released.
+- Every TensorRT call (deserialization, contexts, binding, execution) runs with the runner's GPU
+  current (`torch.cuda.device`), so `device="cuda:1"` works whatever device is current.
+- Work runs on the launcher's stream (a dedicated non-default CUDA stream), ordered against
+  the caller's stream, so the caller's torch code sees results without a device sync.
 - `cuda_graph=True`: the first call of an arrangement runs eagerly (TensorRT does lazy setup
-  on its first enqueue, which must not be captured), then it is captured with
-  `torch.cuda.graph` around `execute_async_v3`; later calls copy inputs and replay.
+  on its first enqueue, which must not be captured), then it is captured. A capture whose
+  `execute_async_v3` fails is ended and discarded, and that arrangement stays eager with a
+  warning (what trtexec does): replaying a partial graph would leave eps and the state stale.
 
-Written against the TensorRT 10.x/11.x name-based API; NOT run on a GPU in this session.
+Written against the TensorRT 10.x/11.x name-based API; NOT run on a GPU. CPU tests drive it
+with a double of the TensorRT runtime (tests/trt_double.py) whose "engines" run the same ONNX
+graphs with ONNX Runtime: that checks this module's logic, not TensorRT.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from modiff_trt.engines.runner import Arrangement, StatefulRunner
+from modiff_trt.engines.sidecar import check_sidecar, read_sidecar, sidecar_path
+from modiff_trt.engines.state_buffers import ALIGNMENT, StateBuffers, aligned_empty, layout_from_manifest
+from modiff_trt.engines.trt_build import plan_path
+from modiff_trt.engines.trt_env import cuda_device_info, cuda_index, import_tensorrt
 from modiff_trt.errors import ArtifactError, ModiffError
 from modiff_trt.export.manifest import Manifest, load_manifest
 from modiff_trt.export.naming import CONTEXT, EPS, T, X
-from modiff_trt.engines.sidecar import check_sidecar, read_sidecar, sidecar_path
-from modiff_trt.engines.state_buffers import StateBuffers, layout_from_manifest
-from modiff_trt.engines.trt_build import plan_path
-from modiff_trt.engines.trt_env import cuda_device_info, import_tensorrt
 
 log = logging.getLogger(__name__)
-
-# Arrangements: which graph runs and which state set it reads/writes.
-WARMUP, STEP_AB, STEP_BA, PLAIN = "warmup", "step_0to1", "step_1to0", "unet"
-_READ_WRITE = {WARMUP: (None, 0), STEP_AB: (0, 1), STEP_BA: (1, 0), PLAIN: (None, None)}
 
 
 def torch_dtype_for(trt: Any, dtype: Any) -> torch.dtype:
@@ -65,6 +69,60 @@ def torch_dtype_for(trt: Any, dtype: Any) -> torch.dtype:
     raise ArtifactError(f"engine tensor type {dtype} is not supported by the trt backend")
 
 
+class Launcher(Protocol):
+    """Where engines execute and their buffers live.
+
+    Production: `CudaLauncher`, a dedicated CUDA stream. The CPU tests pass a host launcher
+    from the runtime double instead, so the rest of the runner runs unchanged without a GPU.
+    """
+
+    device: torch.device  # where the runner allocates its buffers
+
+    def handle(self) -> int:
+        """The stream handle `execute_async_v3` enqueues on."""
+
+    def ordered(self) -> Any:
+        """Context manager: enclosed launches run on this stream, after the caller's pending work,
+        and the caller's later work waits for them."""
+
+    def capture(self, launch: Callable[[], bool]) -> Callable[[], None] | None:
+        """Capture `launch` (which returns False when TensorRT refused the enqueue) into a
+        replayable graph; None when the capture failed (it is ended and discarded)."""
+
+
+class CudaLauncher:
+    """A dedicated non-default CUDA stream on one GPU, with torch CUDA graphs for capture."""
+
+    def __init__(self, index: int) -> None:
+        self.device = torch.device("cuda", index)
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    def handle(self) -> int:
+        return self.stream.cuda_stream
+
+    @contextmanager
+    def ordered(self) -> Iterator[None]:
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+        caller.wait_stream(self.stream)
+
+    def capture(self, launch: Callable[[], bool]) -> Callable[[], None] | None:
+        graph = torch.cuda.CUDAGraph()
+        ok = False
+        try:
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                ok = bool(launch())
+        except RuntimeError as exc:  # cudaStreamEndCapture failed: the capture was invalidated
+            log.debug("CUDA graph capture ended with an error: %s", exc)
+            ok = False
+        if not ok:
+            graph.reset()
+            return None
+        return graph.replay
+
+
 @dataclass
 class _Bound:
     """Everything allocated for one batch size: fixed I/O buffers, state, contexts, graphs."""
@@ -73,12 +131,13 @@ class _Bound:
     inputs: dict[str, torch.Tensor]  # x, t, context
     eps: torch.Tensor
     state: StateBuffers | None
-    contexts: dict[str, Any] = field(default_factory=dict)  # arrangement -> IExecutionContext
-    graphs: dict[str, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    contexts: dict[str, Any] = field(default_factory=dict)  # arrangement name -> IExecutionContext
+    graphs: dict[str, Callable[[], None]] = field(default_factory=dict)  # arrangement name -> replay
+    eager: set[str] = field(default_factory=set)  # arrangements whose capture failed
 
 
-class TensorRTRunner:
-    """UNetRunner over `warmup.plan` + `step.plan` (or `unet.plan`) of an export directory."""
+class TensorRTRunner(StatefulRunner):
+    """`warmup.plan` + `step.plan` (or `unet.plan`) of an export directory, on one GPU."""
 
     name = "trt"
 
@@ -86,99 +145,97 @@ class TensorRTRunner:
         self,
         export_dir: str | Path,
         manifest: Manifest | None = None,
-        device: str | torch.device = "cuda",
+        device: str | torch.device | int = "cuda",
         cuda_graph: bool = False,
+        launcher: Launcher | None = None,
     ) -> None:
-        self.export_dir = Path(export_dir)
-        self.manifest: Manifest = manifest or load_manifest(self.export_dir, verify_files=False)
+        export_dir = Path(export_dir)
+        manifest = manifest or load_manifest(export_dir, verify_files=False)
         self.trt = import_tensorrt()
-        self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ModiffError(f"the trt backend runs on CUDA devices, got {self.device}")
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        self.device = torch.device("cuda", index)
-        gpu_name, capability = cuda_device_info(index)
+        self.gpu = cuda_index(device)
+        gpu_name, capability = cuda_device_info(self.gpu)
+        self.launcher = launcher or CudaLauncher(self.gpu)
+        super().__init__(export_dir, manifest, self.launcher.device)
         self.cuda_graph = cuda_graph
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
-        self._runtime = self.trt.Runtime(self._logger)
         self.engines: dict[str, Any] = {}
-        for key, graph in self.manifest.graphs.items():
-            plan = plan_path(self.export_dir, key)
-            if not plan.is_file():
-                raise ArtifactError(f"{plan} not found: build the engines with `modiff-trt build {self.export_dir}`")
-            sidecar = read_sidecar(sidecar_path(plan))
-            check_sidecar(sidecar, str(self.trt.__version__), gpu_name, capability, graph.sha256, source=str(plan))
-            if sidecar.version_compatible:
-                # Version-compatible plans embed a lean runtime that TensorRT must be allowed to load.
-                self._runtime.engine_host_code_allowed = True
-            engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
-            if engine is None:
-                raise ArtifactError(f"TensorRT could not deserialize {plan} (see its log); rebuild with `modiff-trt build`")
-            self.engines[key] = engine
-        self.stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.device(self.gpu):
+            self._runtime = self.trt.Runtime(self._logger)
+            for key, graph in self.manifest.graphs.items():
+                self.engines[key] = self._load(key, graph.sha256, gpu_name, capability)
         self._bound: dict[int, _Bound] = {}
-        self._calls = 0
 
-    # -- UNetRunner -------------------------------------------------------------------------
+    def _load(self, key: str, onnx_sha256: str, gpu_name: str, capability: str) -> Any:
+        plan = plan_path(self.export_dir, key)
+        if not plan.is_file():
+            raise ArtifactError(f"{plan} not found: build the engines with `modiff-trt build {self.export_dir}`")
+        sidecar = read_sidecar(sidecar_path(plan))
+        check_sidecar(sidecar, str(self.trt.__version__), gpu_name, capability, onnx_sha256, source=str(plan))
+        if sidecar.version_compatible:
+            # Version-compatible plans embed a lean runtime that TensorRT must be allowed to load.
+            self._runtime.engine_host_code_allowed = True
+        engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise ArtifactError(f"TensorRT could not deserialize {plan} (see its log); rebuild with `modiff-trt build`")
+        return engine
 
-    def reset_state(self) -> None:
-        """New batch: the next call runs the warm-up graph (the old state is simply overwritten)."""
-        self._calls = 0
+    # -- StatefulRunner ---------------------------------------------------------------------
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        bound = self._bind(int(x.shape[0]))
-        arrangement = self._arrangement()
-        caller = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(caller)
-        with torch.cuda.stream(self.stream):
+    def _run_impl(
+        self, arrangement: Arrangement, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        with torch.cuda.device(self.gpu):
+            bound = self._binding(x.shape[0], release_others=arrangement.read is None)
+            # Inputs are copied on the caller's stream; `ordered` then makes the engine wait for them.
             for name, value in ((X, x), (T, t), (CONTEXT, context)):
                 if name in bound.inputs:
-                    if value is None:
-                        raise ModiffError(f"the {self.manifest.model.get('name', 'model')} engine needs `{name}`")
-                    value = value.to(self.device, non_blocking=True)
-                    value.record_stream(self.stream)
-                    bound.inputs[name].copy_(value.reshape(bound.inputs[name].shape), non_blocking=True)
-            self._execute(bound, arrangement)
-            # A copy, so the next call cannot overwrite what the sampler holds; float32 like `ort`.
-            eps = bound.eps.to(dtype=torch.float32, copy=True)
-        eps.record_stream(caller)
-        caller.wait_stream(self.stream)
-        self._calls += 1
-        return eps
+                    bound.inputs[name].copy_(value.reshape(bound.inputs[name].shape))
+            with self.launcher.ordered():
+                self._execute(bound, arrangement)
+            # A copy on the caller's stream, so the next call cannot overwrite what the sampler holds.
+            return bound.eps.to(dtype=torch.float32, copy=True)
+
+    def _state_set(self, index: int) -> Mapping[str, torch.Tensor]:
+        return self._bound[self.batch].state.inputs(index)
 
     # -- internals --------------------------------------------------------------------------
 
-    def _arrangement(self) -> str:
-        if not self.manifest.modulated:
-            return PLAIN
-        if self._calls == 0:
-            return WARMUP
-        return STEP_AB if self._calls % 2 == 1 else STEP_BA
-
-    def _execute(self, bound: _Bound, arrangement: str) -> None:
-        graph = bound.graphs.get(arrangement)
-        if graph is not None:
-            graph.replay()
+    def _execute(self, bound: _Bound, arrangement: Arrangement) -> None:
+        key = arrangement.name
+        replay = bound.graphs.get(key)
+        if replay is not None:
+            replay()
             return
-        context = bound.contexts[arrangement]
-        if not context.execute_async_v3(self.stream.cuda_stream):
-            raise ModiffError(f"TensorRT execute_async_v3 failed for {arrangement} (see the TensorRT log)")
-        if self.cuda_graph:
-            # The eager run above produced this call's result and flushed TensorRT's deferred setup;
-            # capturing launches nothing, so the state is untouched by it.
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph, stream=self.stream, capture_error_mode="thread_local"):
-                context.execute_async_v3(self.stream.cuda_stream)
-            bound.graphs[arrangement] = cuda_graph
-            log.debug("captured a CUDA graph for %s at batch %d", arrangement, bound.batch)
+        context = bound.contexts[key]
 
-    def _engine_key(self, arrangement: str) -> str:
-        return {WARMUP: "warmup", STEP_AB: "step", STEP_BA: "step", PLAIN: "unet"}[arrangement]
+        def launch() -> bool:
+            return bool(context.execute_async_v3(self.launcher.handle()))
+
+        if not launch():
+            raise ModiffError(f"TensorRT execute_async_v3 failed for {key} (see the TensorRT log)")
+        if self.cuda_graph and key not in bound.eager:
+            # The eager run above produced this call's result and flushed TensorRT's deferred setup;
+            # a capture only records work, so the state is untouched by it.
+            replay = self.launcher.capture(launch)
+            if replay is None:
+                bound.eager.add(key)
+                log.warning("CUDA graph capture failed for %s at batch %d: the engine enqueues work that "
+                            "cannot be captured; that arrangement runs without a CUDA graph", key, bound.batch)
+            else:
+                bound.graphs[key] = replay
+                log.debug("captured a CUDA graph for %s at batch %d", key, bound.batch)
+
+    def _binding(self, batch: int, release_others: bool) -> _Bound:
+        """Buffers and contexts for `batch`, made once. A warm-up (`release_others`) frees those of
+        other batch sizes: only the current trajectory's batch is in use."""
+        if release_others:
+            for other in [b for b in self._bound if b != batch]:
+                del self._bound[other]
+        if batch not in self._bound:
+            self._bound[batch] = self._bind(batch)
+        return self._bound[batch]
 
     def _bind(self, batch: int) -> _Bound:
-        """Allocate buffers and contexts for `batch` once; later calls at this batch reuse them."""
-        if batch in self._bound:
-            return self._bound[batch]
         trt = self.trt
         first = next(iter(self.engines.values()))
         lo, _, hi = (shape[0] for shape in first.get_tensor_profile_shape(X, 0))
@@ -187,35 +244,38 @@ class TensorRTRunner:
                 f"batch {batch} is outside the engines' profile [{lo}, {hi}]: rebuild with "
                 f"`modiff-trt build {self.export_dir} --min-batch/--max-batch`"
             )
-        state = StateBuffers(layout_from_manifest(self.manifest, batch), self.device) if self.manifest.modulated else None
+        modulated = self.manifest.modulated
+        state = StateBuffers(layout_from_manifest(self.manifest, batch), self.device) if modulated else None
         inputs: dict[str, torch.Tensor] = {}
         for name in (X, T, CONTEXT):
             if _is_input(trt, first, name):
                 shape = _batch_shape(first.get_tensor_shape(name), batch)
-                inputs[name] = torch.zeros(shape, dtype=torch_dtype_for(trt, first.get_tensor_dtype(name)), device=self.device)
+                inputs[name] = aligned_empty(shape, torch_dtype_for(trt, first.get_tensor_dtype(name)), self.device)
         eps_shape = _batch_shape(first.get_tensor_shape(EPS), batch)
-        eps = torch.empty(eps_shape, dtype=torch_dtype_for(trt, first.get_tensor_dtype(EPS)), device=self.device)
+        eps = aligned_empty(eps_shape, torch_dtype_for(trt, first.get_tensor_dtype(EPS)), self.device)
         bound = _Bound(batch, inputs, eps, state)
-        arrangements = (WARMUP, STEP_AB, STEP_BA) if self.manifest.modulated else (PLAIN,)
-        for arrangement in arrangements:
-            bound.contexts[arrangement] = self._make_context(arrangement, bound)
-        self._bound[batch] = bound
+        for arrangement in self.arrangements.all:
+            bound.contexts[arrangement.name] = self._make_context(arrangement, bound)
         return bound
 
-    def _make_context(self, arrangement: str, bound: _Bound) -> Any:
+    def _make_context(self, arrangement: Arrangement, bound: _Bound) -> Any:
+        """An execution context for `arrangement` with every I/O address set by tensor name."""
         trt = self.trt
-        engine = self.engines[self._engine_key(arrangement)]
+        engine = self.engines[arrangement.graph]
         context = engine.create_execution_context()
-        read, write = _READ_WRITE[arrangement]
-        state_in = bound.state.inputs(read) if bound.state is not None and read is not None else {}
-        state_out = bound.state.outputs(write) if bound.state is not None and write is not None else {}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            tensor = (bound.inputs | state_in).get(name) if is_input else ({EPS: bound.eps} | state_out).get(name)
+        if context is None:
+            raise ModiffError(f"TensorRT could not create an execution context for {arrangement.name} "
+                              "(out of GPU memory?): use a smaller batch")
+        state_in = bound.state.inputs(arrangement.read) if arrangement.read is not None else {}
+        state_out = bound.state.outputs(arrangement.write) if arrangement.write is not None else {}
+        tensors = {"input": {**bound.inputs, **state_in}, "output": {EPS: bound.eps, **state_out}}
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        for name in names:
+            mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+            tensor = tensors[mode].get(name)
             if tensor is None:
                 raise ArtifactError(
-                    f"{arrangement} engine tensor {name!r} is not described by {self.export_dir}/manifest.json: "
+                    f"{arrangement.name} engine tensor {name!r} is not described by {self.export_dir}/manifest.json: "
                     "the plans and the manifest come from different exports; rebuild with `modiff-trt build`"
                 )
             expected = torch_dtype_for(trt, engine.get_tensor_dtype(name))
@@ -224,16 +284,20 @@ class TensorRTRunner:
                     f"{name}: the engine wants {expected}, the manifest says {tensor.dtype} (state_dtype): "
                     "re-export and rebuild"
                 )
-            if is_input and not context.set_input_shape(name, tuple(tensor.shape)):
+            if mode == "input" and not context.set_input_shape(name, tuple(tensor.shape)):
                 raise ModiffError(f"TensorRT rejected shape {tuple(tensor.shape)} for {name}")
-            if tensor.data_ptr() % 256:
-                raise ModiffError(f"{name} buffer is not 256-byte aligned")  # guarded by StateBuffers
-            context.set_tensor_address(name, tensor.data_ptr())
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
+            if tensor.data_ptr() % ALIGNMENT:
+                raise ModiffError(f"{name} buffer is not {ALIGNMENT}-byte aligned")
+            if not context.set_tensor_address(name, tensor.data_ptr()):
+                raise ModiffError(f"TensorRT rejected the buffer address of {name} for {arrangement.name}")
+        unbound = sorted(set(tensors["input"]) - set(names))
+        if unbound:
+            raise ArtifactError(f"the {arrangement.graph} plan lacks inputs {unbound[:5]} that the manifest lists: "
+                                "rebuild with `modiff-trt build`")
+        for name in names:
             if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
                 got = tuple(context.get_tensor_shape(name))
-                want = tuple((bound.inputs | state_in | {EPS: bound.eps} | state_out)[name].shape)
+                want = tuple(tensors["output"][name].shape)
                 if got != want:
                     raise ArtifactError(f"{name}: the engine produces {got} but the manifest's layer table says {want}")
         return context
