@@ -228,13 +228,19 @@ def test_sidecar_mismatch_is_refused_with_fix(running, gpu, cc, sha, needle) -> 
     assert "modiff-trt build" in str(info.value)
 
 
-def test_version_compatible_sidecar_accepts_newer_same_major() -> None:
+def test_version_compatible_plans_run_on_newer_releases_and_the_next_major() -> None:
+    """Bug 2: TensorRT documents that version-compatible 10.x plans run on 11.x; plain plans never cross."""
+    gpu = ("NVIDIA H100 80GB HBM3", "9.0")
     side = _sidecar(version_compatible=True)
-    check_sidecar(side, "10.14.1.48", "NVIDIA H100 80GB HBM3", "9.0")
-    with pytest.raises(ArtifactError, match="version-compatible"):
-        check_sidecar(side, "11.0.0.1", "NVIDIA H100 80GB HBM3", "9.0")
-    with pytest.raises(ArtifactError, match="version-compatible"):
-        check_sidecar(side, "10.12.0.1", "NVIDIA H100 80GB HBM3", "9.0")
+    check_sidecar(side, "10.14.1.48", *gpu)  # later release, same major
+    check_sidecar(side, "11.0.0.1", *gpu)  # next major
+    check_sidecar(side, "11.4.1.3", *gpu)
+    for running in ("12.0.0.1", "10.12.0.1", "9.3.0.1"):
+        with pytest.raises(ArtifactError, match="version-compatible") as info:
+            check_sidecar(side, running, *gpu)
+        assert "on 11.x" in str(info.value)
+    with pytest.raises(ArtifactError, match="TensorRT 10.13.0.35 but TensorRT 11.0.0.1"):
+        check_sidecar(_sidecar(), "11.0.0.1", *gpu)
 
 
 def test_read_sidecar_missing_or_corrupt(tmp_path: Path) -> None:

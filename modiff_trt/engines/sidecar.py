@@ -93,6 +93,24 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def version_problem(built: str, running: str, version_compatible: bool) -> str | None:
+    """Why a plan built by TensorRT `built` cannot run on TensorRT `running`, or None if it can.
+
+    Plain plans need the exact release. Version-compatible plans run on any later release of
+    the same major version and on the next major version (TensorRT documents that
+    version-compatible 10.x plans run on 11.x), never on an older release.
+    """
+    if not version_compatible:
+        return None if built == running else f"it was built with TensorRT {built} but TensorRT {running} is running"
+    same_major_newer = _major(built) == _major(running) and _version_tuple(running) >= _version_tuple(built)
+    if same_major_newer or _major(running) == _major(built) + 1:
+        return None
+    return (
+        f"it was built version-compatible with TensorRT {built}, which runs only on TensorRT "
+        f"{_major(built)}.x releases at least as new and on {_major(built) + 1}.x, but TensorRT {running} is running"
+    )
+
+
 def check_sidecar(
     sidecar: EngineSidecar,
     running_trt_version: str,
@@ -103,28 +121,17 @@ def check_sidecar(
 ) -> None:
     """Refuse a plan that was not built by this TensorRT, for this GPU, from this export.
 
-    TensorRT version: must match exactly, unless the plan was built `--version-compatible`, in
-    which case any later release of the same major version may run it (TensorRT's rule).
-    GPU: the compute capability must match (kernels are compiled per architecture), and so must
-    the GPU name (tactics are timed on the builder's GPU; another model of the same
-    architecture runs, but slower than a plan built for it). ONNX: the plan must come from the
-    graph the manifest describes, or it computes a different function.
+    TensorRT version: see `version_problem`. GPU: the compute capability must match (kernels
+    are compiled per architecture), and so must the GPU name (tactics are timed on the
+    builder's GPU; another model of the same architecture runs, but slower than a plan built for
+    it). ONNX: the plan must come from the graph the manifest describes, or it computes a
+    different function.
     """
     fix = "rebuild it on this machine with `modiff-trt build DIR`"
     problems: list[str] = []
-    if sidecar.version_compatible:
-        same_major = _major(sidecar.tensorrt_version) == _major(running_trt_version)
-        newer = _version_tuple(running_trt_version) >= _version_tuple(sidecar.tensorrt_version)
-        if not (same_major and newer):
-            problems.append(
-                f"it was built version-compatible with TensorRT {sidecar.tensorrt_version}, which runs only on "
-                f"TensorRT {_major(sidecar.tensorrt_version)}.x releases at least as new, but TensorRT "
-                f"{running_trt_version} is running"
-            )
-    elif sidecar.tensorrt_version != running_trt_version:
-        problems.append(
-            f"it was built with TensorRT {sidecar.tensorrt_version} but TensorRT {running_trt_version} is running"
-        )
+    version = version_problem(sidecar.tensorrt_version, running_trt_version, sidecar.version_compatible)
+    if version:
+        problems.append(version)
     if sidecar.compute_capability != compute_capability:
         problems.append(
             f"it was built for compute capability {sidecar.compute_capability} ({sidecar.gpu_name}) but this GPU "
