@@ -133,6 +133,7 @@ def sample(
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."),
     pngs: bool = typer.Option(True, "--pngs/--no-pngs", help="Write one PNG per image."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="trt backend: capture one CUDA graph per state arrangement."),
+    device: str = typer.Option("cuda", "--device", help="trt backend: CUDA device the plans were built on, e.g. cuda:1."),
     ort_provider: str = typer.Option("auto", "--ort-provider", help="ort backend: auto (CUDA if onnxruntime-gpu sees a GPU), cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider)."),
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
@@ -164,7 +165,7 @@ def sample(
         from modiff_trt.engines.factory import open_runner
 
         runner, manifest = open_runner(export_dir, backend, batch_size=batch_size, trust=trust_checkpoint,
-                                       cuda_graph=cuda_graph, ort_provider=ort_provider)
+                                       cuda_graph=cuda_graph, ort_provider=ort_provider, device=device)
         base, source, model = manifest.sampler(), str(export_dir), manifest.model
         sample_shape, context_shape, family = model["sample_shape"], model.get("context_shape"), model["family"]
         config, checkpoint = model["config"], model.get("checkpoint")
@@ -214,7 +215,10 @@ def build(
     workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", help="Scratch memory TensorRT may use while building (default: TensorRT's, the whole GPU)."),
     opt_level: int = typer.Option(3, "--opt-level", help="Builder optimization level 0-5: higher tries more kernels (slower build, maybe faster engine)."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Kernel timing cache file: read if present, updated after the build; makes rebuilds much faster."),
-    version_compatible: bool = typer.Option(False, "--version-compatible", help="Plans that later TensorRT releases of the same major version can run (slightly slower)."),
+    version_compatible: bool = typer.Option(False, "--version-compatible", help="Plans that later TensorRT releases (same major, or the next major) can run (slightly slower)."),
+    tf32: bool = typer.Option(False, "--tf32", help="Let fp32 matmuls/convs use TF32 (TensorRT's default; off here: its rounding flips int8 codes of x - a_hat)."),
+    detailed_profile: bool = typer.Option(False, "--detailed-profile", help="Build with DETAILED profiling verbosity (layer parameters in `profile --per-layer`; adds enqueue latency)."),
+    device: str = typer.Option("cuda", "--device", help="CUDA device to build on, e.g. cuda:1 (the sidecar records it)."),
 ) -> None:
     """Build TensorRT plans (warmup.plan + step.plan, or unet.plan) next to the ONNX graphs.
 
@@ -234,7 +238,8 @@ def build(
 
     plans = build_engines(
         export_dir, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_gb=workspace_gb,
-        opt_level=opt_level, timing_cache=timing_cache, version_compatible=version_compatible,
+        opt_level=opt_level, timing_cache=timing_cache, version_compatible=version_compatible, tf32=tf32,
+        detailed_profile=detailed_profile, device=device,
     )
     table = Table(title=f"TensorRT engines in {export_dir}")
     for column in ("plan", "size MB", "build s", "batch min/opt/max", "TensorRT", "GPU"):

@@ -2,9 +2,14 @@
 
 The engines are strongly typed: precision comes from the graph (fp16 float parts, explicit
 int8 Q/DQ), never from builder flags. TensorRT 11 has no other mode; on 10.x we set the
-STRONGLY_TYPED network flag and none of the deprecated INT8/FP16 flags or calibrators
-(REFERENCE.md section 4). Every state input gets the same batch range as `x` in the one
-optimization profile, because the state of a batch has the batch's size.
+STRONGLY_TYPED network flag and none of the deprecated INT8/FP16 flags or calibrators. Every
+state input gets the same batch range as `x` in the one optimization profile, because the
+state of a batch has the batch's size.
+
+Two builder defaults are overridden. TF32 (on by default) is cleared unless asked for: it
+rounds fp32 matmul inputs to 10-bit mantissas, which moves `x - a_hat` across int8 rounding
+boundaries. Profiling verbosity stays at TensorRT's default (layer names only) unless
+`detailed_profile`: DETAILED adds NVTX payload and enqueue latency to every run.
 
 Each plan is written to a temp name and renamed, then its sidecar (see `sidecar.py`) is
 written, so a crash never leaves a plan that looks valid.
@@ -19,12 +24,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
+
 from modiff_trt import __version__
-from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
-from modiff_trt.export.manifest import GraphSpec, Manifest, load_manifest
 from modiff_trt.atomic import atomic_write
 from modiff_trt.engines.sidecar import EngineSidecar, sidecar_path, write_sidecar
-from modiff_trt.engines.trt_env import cuda_device_info, import_tensorrt, trt_major
+from modiff_trt.engines.trt_env import cuda_device_info, cuda_index, import_tensorrt, trt_major
+from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
+from modiff_trt.export.manifest import GraphSpec, Manifest, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +140,8 @@ class _BuildOptions:
     opt_level: int
     timing_cache: Path | None
     version_compatible: bool
+    tf32: bool
+    detailed_profile: bool
 
 
 def build_engines(
@@ -144,16 +153,26 @@ def build_engines(
     opt_level: int = 3,
     timing_cache: str | Path | None = None,
     version_compatible: bool = False,
+    tf32: bool = False,
+    detailed_profile: bool = False,
+    device: str | int | None = None,
 ) -> list[Path]:
     """Build one plan per graph of the export (warm-up + step, or the plain UNet).
 
-    Returns the plan paths. The manifest and batch range are checked before TensorRT is
-    imported, so a wrong directory or range fails fast even on a machine without a GPU.
+    Returns the plan paths. The manifest, target and batch range are checked before TensorRT
+    is imported, so a wrong directory or range fails fast even on a machine without a GPU.
     `timing_cache` is read if it exists and written back after the builds: it makes rebuilds of
     the same layers (other batch ranges, other exports of the same model) much faster.
+    `device` ('cuda:1', 1; default the current GPU) is made current for the whole build, and
+    the sidecars record that GPU.
     """
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
+    if manifest.export.get("target") == "ort-cpu":
+        raise ConfigError(
+            f"{export_dir} was exported for target 'ort-cpu' (integer ONNX Runtime kernels TensorRT cannot parse): "
+            "re-export with `modiff-trt export --target trt --float fp16`"
+        )
     batch = resolve_batch_range(manifest, min_batch, opt_batch, max_batch)
     if not 0 <= opt_level <= 5:
         raise ConfigError(f"--opt-level must be 0..5 (TensorRT builder optimization level), got {opt_level}")
@@ -169,16 +188,19 @@ def build_engines(
         for key, graph in manifest.graphs.items()
     }
     trt = import_tensorrt()
-    gpu_name, capability = cuda_device_info()
-    options = _BuildOptions(workspace_gb, opt_level, Path(timing_cache) if timing_cache else None, version_compatible)
+    index = cuda_index(device)
+    gpu_name, capability = cuda_device_info(index)
+    options = _BuildOptions(workspace_gb, opt_level, Path(timing_cache) if timing_cache else None, version_compatible,
+                            tf32, detailed_profile)
     logger = trt.Logger(trt.Logger.WARNING)
     cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
     plans = []
-    for key, graph in manifest.graphs.items():
-        plan, cache_bytes = _build_one(
-            trt, logger, export_dir, key, graph, shapes[key], options, cache_bytes, gpu_name, capability
-        )
-        plans.append(plan)
+    with torch.cuda.device(index):
+        for key, graph in manifest.graphs.items():
+            plan, cache_bytes = _build_one(
+                trt, logger, export_dir, key, graph, shapes[key], options, cache_bytes, gpu_name, capability
+            )
+            plans.append(plan)
     if options.timing_cache and cache_bytes:
         atomic_write(options.timing_cache, cache_bytes)
         log.info("timing cache written to %s", options.timing_cache)
@@ -223,16 +245,22 @@ def _build_one(
     if options.workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gb * (1 << 30)))
     config.builder_optimization_level = options.opt_level
-    # Layer names in the plan, so `modiff-trt profile --per-layer` can say which layer is slow.
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    verbosity = "detailed" if options.detailed_profile else "layer_names_only"
+    config.profiling_verbosity = getattr(trt.ProfilingVerbosity, verbosity.upper())
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)  # by name: a release without the flag has no TF32 to clear
+    if tf32 is not None and not options.tf32:
+        config.clear_flag(tf32)
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     profile = builder.create_optimization_profile()
     for name, shape in shapes.items():
         profile.set_shape(name, shape.min, shape.opt, shape.max)
-    config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if config.add_optimization_profile(profile) < 0:
+        raise ArtifactError(
+            f"TensorRT rejected the optimization profile of {onnx_path} ({_profile_text(shapes)}): the batch range "
+            "does not fit the graph's inputs; check --min/--opt/--max-batch against the export"
+        )
+    _attach_timing_cache(config, cache_bytes, options.timing_cache)
 
     log.info("building %s.plan from %s (TensorRT %s, %s)", key, onnx_path.name, trt.__version__, gpu_name)
     start = time.perf_counter()
@@ -266,10 +294,31 @@ def _build_one(
                 "optimization_level": options.opt_level,
                 "timing_cache": str(options.timing_cache) if options.timing_cache else None,
                 "strongly_typed": True,
+                "tf32": bool(options.tf32 and tf32 is not None),
+                "profiling_verbosity": verbosity,
+                "device": torch.cuda.current_device(),
             },
         ),
         side,
     )
     log.info("wrote %s (%.1f s)", plan, seconds)
-    new_cache = bytes(memoryview(config.get_timing_cache().serialize()))
-    return plan, new_cache
+    cache = config.get_timing_cache()
+    return plan, (bytes(memoryview(cache.serialize())) if cache is not None else cache_bytes)
+
+
+def _attach_timing_cache(config: Any, cache_bytes: bytes, source: Path | None) -> None:
+    """Give the builder a timing cache: `cache_bytes`, or a fresh one when TensorRT refuses them
+    (a cache from another GPU or TensorRT release), with a warning naming the file."""
+    if config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
+        return
+    if cache_bytes:
+        log.warning("TensorRT refused the timing cache %s (made on another GPU or TensorRT release?): building "
+                    "with a fresh cache, which will replace it", source)
+        if config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            return
+    log.warning("TensorRT refused a timing cache: building without one")
+
+
+def _profile_text(shapes: dict[str, ProfileShape]) -> str:
+    x = shapes.get("x")
+    return "no x input" if x is None else f"x min {list(x.min)}, opt {list(x.opt)}, max {list(x.max)}"

@@ -108,7 +108,7 @@ def make_tiny_export(out: Path, dtype: str = "float32", batch_size: int | None =
         model={"name": "tiny"},
         quant={"weight_bits": 8, "act_bits": 8},
         sampling={},
-        export={"opset": OPSET, "float": dtype, "state_dtype": dtype, "batch_size": batch_size, "target": "tensorrt"},
+        export={"opset": OPSET, "float": dtype, "state_dtype": dtype, "batch_size": batch_size, "target": "trt"},
         graphs=graphs,
         layers=[LayerSpec(n, "conv2d", 8, 8, ACT_SCALE, None, [C, H, W], [C, H, W]) for n in LAYERS],
         tool_version="test",
@@ -117,4 +117,29 @@ def make_tiny_export(out: Path, dtype: str = "float32", batch_size: int | None =
     return manifest
 
 
-__all__ = ["make_tiny_export", "C", "H", "W", "LAYERS", "CONTEXT"]
+
+def digits_export(out: Path, workdir: Path, float_dtype: str = "float16", batch_size: int | None = None,
+                  modulate: bool = True) -> Path:
+    """The embedded digits model, W8A8 with static scales calibrated on 10-step trajectories, exported
+    to `out` with the real exporter (what users build): MoDiff warm-up + step, or the plain unet graph.
+
+    `workdir` holds the calibration file, reused between exports of the same kind."""
+    from modiff_trt.engines.torch_backend import load_reference
+    from modiff_trt.export.exporter import export_model
+    from modiff_trt.models import load_config
+    from modiff_trt.models.builtin import builtin_checkpoint
+    from modiff_trt.pipeline import Schedule, calibration_file
+    from modiff_trt.quant import QuantConfig
+
+    model_cfg, checkpoint = load_config("digits"), builtin_checkpoint("digits")
+    quant = QuantConfig(8, 8, modulate=modulate, act_scales="static")
+    workdir.mkdir(parents=True, exist_ok=True)
+    calibration = calibration_file(model_cfg, checkpoint, quant, Schedule(steps=10), workdir, cali_st=9, cali_n=8,
+                                   batch_size=8)
+    _, float_model, qmodel = load_reference(model_cfg, checkpoint, quant, calibration)
+    export_model(float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration,
+                 float_dtype=float_dtype, batch_size=batch_size)
+    return out
+
+
+__all__ = ["make_tiny_export", "digits_export", "C", "H", "W", "LAYERS", "CONTEXT"]
