@@ -7,9 +7,10 @@ their shapes, but a zero or random state can hit different Q/DQ saturation paths
 one, so by default the state files come from a real warm-up step (run with ONNX Runtime on
 the CPU, no GPU needed), with zeros as the fallback.
 
-Flags are version-aware (REFERENCE.md section 4): TensorRT 10.x takes `--stronglyTyped`
-(when building from ONNX), `--useCudaGraph` and `--noDataTransfers`; 11.x made them no-ops, so
-they are left out.
+Flags are version-aware: TensorRT 10.x takes `--stronglyTyped` (when building from ONNX),
+`--useCudaGraph` and `--noDataTransfers`; 11.x made them no-ops, so they are left out. A
+version-compatible plan needs `--versionCompatible`: trtexec only lets the runtime load the
+plan's embedded lean runtime (engine host code) with it.
 """
 
 from __future__ import annotations
@@ -17,21 +18,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from modiff_trt.errors import ArtifactError, BackendUnavailableError, ModiffError
-from modiff_trt.export.manifest import GraphSpec, load_manifest
-from modiff_trt.export.naming import T, X, output_for_input
 from modiff_trt.atomic import atomic_write
-from modiff_trt.engines.sidecar import read_sidecar, sidecar_path
+from modiff_trt.engines.sidecar import EngineSidecar, read_sidecar, sidecar_path, version_problem
 from modiff_trt.engines.trt_build import plan_path
+from modiff_trt.errors import ArtifactError, BackendUnavailableError, ModiffError
+from modiff_trt.export.manifest import GraphSpec, Manifest, load_manifest
+from modiff_trt.export.naming import CONTEXT, T, X
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,18 @@ def _quote(name: str) -> str:
     return f"'{name}'" if (":" in name or "," in name) else name
 
 
+def load_inputs_spec(files: Mapping[str, str | Path]) -> str:
+    """`--loadInputs` value `name:path,...`; paths with ',' or ':' are refused (trtexec splits on them
+    and only tensor names can be quoted)."""
+    for path in files.values():
+        if "," in str(path) or ":" in str(path):
+            raise ModiffError(
+                f"trtexec cannot load {path}: its --loadInputs splits on ',' and ':', and only tensor names "
+                "can be quoted; move the export directory to a path without ',' or ':'"
+            )
+    return ",".join(f"{_quote(n)}:{p}" for n, p in files.items())
+
+
 def build_trtexec_command(
     source: str | Path,
     trt_major: int,
@@ -61,11 +76,13 @@ def build_trtexec_command(
     trtexec: str = "trtexec",
     duration_s: float | None = None,
     warmup_ms: int | None = None,
+    version_compatible: bool = False,
 ) -> list[str]:
     """The argument list (no shell) that benchmarks `source` (a `.plan` or an `.onnx`).
 
     `per_layer` adds the per-layer profiling flags; the profile is then taken in a separate run
     (`--separateProfileRun`) so the summary numbers are not inflated by the profiler.
+    `version_compatible`: the plan was built so; trtexec then allows its embedded lean runtime.
     """
     source = Path(source)
     cmd = [trtexec]
@@ -75,10 +92,12 @@ def build_trtexec_command(
             cmd.append("--stronglyTyped")
     else:
         cmd.append(f"--loadEngine={source}")
+    if version_compatible:
+        cmd.append("--versionCompatible")
     if shapes:
         cmd.append(f"--shapes={shape_spec(shapes)}")
     if load_inputs:
-        cmd.append("--loadInputs=" + ",".join(f"{_quote(n)}:{p}" for n, p in load_inputs.items()))
+        cmd.append(f"--loadInputs={load_inputs_spec(load_inputs)}")
     if trt_major < 11:
         cmd += ["--useCudaGraph", "--noDataTransfers"]
     if warmup_ms is not None:
@@ -184,7 +203,7 @@ def summarize_layer_profile(profile: str | Path | list[dict[str, Any]], top: int
     """Top-`top` layers of a trtexec `--exportProfile` file: `[{"count": N}, {"name", "timeMs", ...}, ...]`."""
     if isinstance(profile, (str, Path)):
         try:
-            data = json.loads(Path(profile).read_text())
+            data = json.loads(_bare_non_finite(Path(profile).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"cannot read the layer profile {profile} ({exc}): re-run with --per-layer") from exc
     else:
@@ -195,16 +214,34 @@ def summarize_layer_profile(profile: str | Path | list[dict[str, Any]], top: int
     layers = [
         LayerTime(
             name=str(item["name"]),
-            total_ms=float(item.get("timeMs", 0.0)),
-            average_ms=float(item.get("averageMs", 0.0)),
-            median_ms=float(item["medianMs"]) if "medianMs" in item else None,
-            percentage=float(item.get("percentage", 0.0)),
+            total_ms=_finite(item.get("timeMs")) or 0.0,
+            average_ms=_finite(item.get("averageMs")) or 0.0,
+            median_ms=_finite(item.get("medianMs")),
+            percentage=_finite(item.get("percentage")) or 0.0,
         )
         for item in data
         if isinstance(item, dict) and "name" in item
     ]
     layers.sort(key=lambda layer: layer.average_ms, reverse=True)
     return LayerProfileSummary(runs, sum(layer.average_ms for layer in layers), layers[:top])
+
+
+_NON_FINITE = re.compile(r"([:\[,]\s*)(-?)(nan|inf)\b", re.IGNORECASE)
+
+
+def _bare_non_finite(text: str) -> str:
+    """trtexec writes C's `nan`/`-nan`/`inf` into --exportProfile JSON (a layer too fast to time):
+    turn them into the NaN/Infinity tokens Python's json reads."""
+    return _NON_FINITE.sub(lambda m: m.group(1) + ("NaN" if m.group(3).lower() == "nan" else m.group(2) + "Infinity"),
+                           text)
+
+
+def _finite(value: Any) -> float | None:
+    """A finite float, or None for missing/NaN/Inf entries."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
 
 
 def _batch_shape(dims: Sequence[int | str], batch: int) -> list[int]:
@@ -246,35 +283,24 @@ def write_input_files(
     return files
 
 
-def warmup_state(export_dir: str | Path, graph: GraphSpec, warmup: GraphSpec, batch: int) -> dict[str, np.ndarray]:
-    """Run the warm-up graph once on ONNX Runtime (CPU) and return x, t and the state it produced.
+def warmup_state(export_dir: str | Path, manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
+    """x, t (, context) and the state after one real warm-up step, keyed by step-graph input name.
 
-    The values are keyed by the step graph's input names, so they feed `write_input_files`.
+    The warm-up runs through the `ort` backend on the CPU (the same `StatefulRunner` every
+    backend uses, so the state files hold exactly what the step engine reads after a warm-up).
     """
-    import onnxruntime as ort
+    import torch
 
+    from modiff_trt.engines.ort_backend import OrtRunner
+
+    runner = OrtRunner(export_dir, manifest=manifest, provider="cpu")
     rng = np.random.default_rng(0)
-    feeds = {}
-    for tensor in warmup.inputs:
-        shape = _batch_shape(tensor.shape, batch)
-        if tensor.name == T:
-            feeds[T] = np.full(shape, 500.0, dtype=tensor.dtype)
-        elif tensor.name == X:
-            feeds[X] = rng.standard_normal(shape).astype(tensor.dtype)
-        else:
-            feeds[tensor.name] = np.zeros(shape, dtype=tensor.dtype)
-    session = ort.InferenceSession(str(Path(export_dir) / warmup.file), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    results = dict(zip(names, session.run(None, feeds)))
-    values: dict[str, np.ndarray] = {k: v for k, v in feeds.items()}
-    for tensor in graph.inputs:
-        if tensor.name in values:
-            continue
-        try:
-            values[tensor.name] = results[output_for_input(tensor.name)]
-        except (ValueError, KeyError):
-            continue
-    return values
+    values = {X: torch.from_numpy(rng.standard_normal((batch, *runner.inputs.sample_shape)).astype(np.float32)),
+              T: torch.full((batch,), 500.0)}
+    if runner.inputs.context_shape is not None:
+        values[CONTEXT] = torch.zeros(batch, *runner.inputs.context_shape)
+    runner(values[X], values[T], values.get(CONTEXT))
+    return {name: tensor.numpy() for name, tensor in {**values, **runner.state()}.items()}
 
 
 @dataclass
@@ -299,13 +325,53 @@ class ProfileResult:
         }
 
 
-def _trt_major_for(plan: Path) -> int:
-    """TensorRT major version for the flags: the plan's sidecar, else the installed tensorrt, else 10."""
-    side = sidecar_path(plan)
-    if side.is_file():
-        return int(read_sidecar(side).tensorrt_version.split(".")[0])
+_BANNER = re.compile(r"\[TensorRT v(\d+)\]")
+
+
+def trtexec_version(trtexec: str) -> str | None:
+    """The TensorRT release a trtexec binary belongs to ("10.3.0"), from the banner every run prints
+    (`&&&& RUNNING TensorRT.trtexec [TensorRT v100300] ...`); None when it cannot be read."""
     try:
-        import tensorrt  # noqa: PLC0415 - optional, only for its version
+        proc = subprocess.run([trtexec, "--help"], capture_output=True, text=True, check=False, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not run `%s --help` to read its TensorRT version: %s", trtexec, exc)
+        return None
+    match = _BANNER.search(proc.stdout + proc.stderr)
+    if match is None:
+        return None
+    number = int(match.group(1))  # major * 10000 + minor * 100 + patch (TensorRT 10 and later)
+    return f"{number // 10000}.{number // 100 % 100}.{number % 100}"
+
+
+def check_trtexec(trtexec: str, sidecar: EngineSidecar | None) -> None:
+    """Refuse a trtexec that cannot load the plan: not on PATH, or another TensorRT release."""
+    if shutil.which(trtexec) is None:
+        raise BackendUnavailableError(
+            f"`{trtexec}` not found on PATH: it ships with TensorRT (the tar/deb packages put it in "
+            "TensorRT-*/bin or /usr/src/tensorrt/bin; the pip wheels do not include it). Add it to PATH or "
+            "pass --trtexec /path/to/trtexec; use --dry-run to print the command"
+        )
+    if sidecar is None:
+        return
+    found = trtexec_version(trtexec)
+    if found is None:
+        log.warning("could not read the TensorRT version of %s; assuming it matches the plan", trtexec)
+        return
+    built = ".".join(sidecar.tensorrt_version.split(".")[:3])
+    problem = version_problem(built, found, sidecar.version_compatible)
+    if problem:
+        raise ArtifactError(
+            f"{trtexec} belongs to TensorRT {found} and cannot load {sidecar.plan_file}: {problem}. Fix: put the "
+            f"trtexec of TensorRT {built} first on PATH (or pass --trtexec PATH), or rebuild with `modiff-trt build`"
+        )
+
+
+def _trt_major_for(plan: Path, sidecar: EngineSidecar | None) -> int:
+    """TensorRT major version for the flags: the plan's sidecar, else the installed tensorrt, else 10."""
+    if sidecar is not None:
+        return int(sidecar.tensorrt_version.split(".")[0])
+    try:
+        import tensorrt
 
         return int(str(tensorrt.__version__).split(".")[0])
     except ImportError:
@@ -343,13 +409,21 @@ def profile_engine(
         log.warning("%s does not exist yet; the command assumes `modiff-trt build` will create it", plan)
     if batch < 1:
         raise ModiffError(f"--batch must be >= 1, got {batch}")
+    if manifest.batch_size is not None and batch != manifest.batch_size:
+        fixed = manifest.batch_size
+        raise ModiffError(f"{export_dir} was exported for batch {fixed}: use --batch {fixed}")
+    side = sidecar_path(plan)
+    sidecar = read_sidecar(side) if side.is_file() else None
+    if per_layer and sidecar is not None and sidecar.builder.get("profiling_verbosity") != "detailed":
+        log.warning("%s was built without --detailed-profile: per-layer times name fused layers only, without "
+                    "their parameters; rebuild with `modiff-trt build --detailed-profile` for the full detail", plan)
 
     work = export_dir / "profile"
     stem = f"{key}-b{batch}"
     values: dict[str, np.ndarray] = {}
     if real_state and key == "step" and "warmup" in manifest.graphs:
         try:
-            values = warmup_state(export_dir, graph, manifest.graphs["warmup"], batch)
+            values = warmup_state(export_dir, manifest, batch)
         except Exception as exc:  # noqa: BLE001 - zeros are a documented, logged fallback
             log.warning("could not compute a real warm-up state with ONNX Runtime (%s); using zeros", exc)
     files = write_input_files(graph, batch, work / f"inputs-{stem}", values)
@@ -357,7 +431,7 @@ def profile_engine(
     profile_json = work / f"{stem}.layers.json"
     command = build_trtexec_command(
         plan,
-        _trt_major_for(plan),
+        _trt_major_for(plan, sidecar),
         shapes,
         load_inputs=files,
         per_layer=per_layer,
@@ -365,17 +439,13 @@ def profile_engine(
         layer_info_json=work / f"{stem}.layerinfo.json",
         trtexec=trtexec,
         duration_s=duration_s,
+        version_compatible=bool(sidecar and sidecar.version_compatible),
     )
     result = ProfileResult(command, key, batch)
     if dry_run:
         return result
 
-    if shutil.which(trtexec) is None:
-        raise BackendUnavailableError(
-            f"`{trtexec}` not found on PATH: it ships with TensorRT (the tar/deb packages put it in "
-            "TensorRT-*/bin or /usr/src/tensorrt/bin; the pip wheels do not include it). Add it to PATH or "
-            "pass --trtexec /path/to/trtexec; use --dry-run to print the command"
-        )
+    check_trtexec(trtexec, sidecar)
     log.info("running %s", " ".join(command))
     proc = subprocess.run(command, capture_output=True, text=True, check=False)  # list args, no shell
     output = proc.stdout + proc.stderr
@@ -397,10 +467,13 @@ __all__ = [
     "ProfileResult",
     "TimingStats",
     "build_trtexec_command",
+    "check_trtexec",
+    "load_inputs_spec",
     "parse_performance_summary",
     "profile_engine",
     "shape_spec",
     "summarize_layer_profile",
+    "trtexec_version",
     "warmup_state",
     "write_input_files",
 ]
