@@ -366,3 +366,67 @@ def test_profile_zero_state_when_asked(tmp_path: Path) -> None:
     load = next(a for a in result.command if a.startswith("--loadInputs="))
     files = dict(item.split(":", 1) for item in load[len("--loadInputs="):].split(","))
     assert not np.fromfile(files[f"o_hat_in.{LAYERS[1]}"], dtype=np.float32).any()
+
+
+# -- trtexec: version-compatible plans, its own version, paths, profiles -------------------------
+
+
+def _write_sidecar_for(export_dir: Path, engine: str, **kw) -> None:
+    (export_dir / f"{engine}.plan").write_bytes(b"plan bytes")
+    write_sidecar(_sidecar(engine=engine, plan_file=f"{engine}.plan", **kw), export_dir / f"{engine}.plan.json")
+
+
+def test_profile_loads_version_compatible_plans_with_version_compatible_flag(tmp_path: Path) -> None:
+    """Bug 3: trtexec only lets a plan's embedded lean runtime load with --versionCompatible."""
+    make_tiny_export(tmp_path)
+    _write_sidecar_for(tmp_path, "step", version_compatible=True)
+    cmd = trtexec.profile_engine(tmp_path, engine="step", dry_run=True, real_state=False).command
+    assert "--versionCompatible" in cmd and f"--loadEngine={tmp_path / 'step.plan'}" in cmd
+    _write_sidecar_for(tmp_path, "step")
+    assert "--versionCompatible" not in trtexec.profile_engine(tmp_path, dry_run=True, real_state=False).command
+
+
+def test_load_inputs_paths_with_separators_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModiffError, match="move the export directory to a path without ',' or ':'"):
+        trtexec.load_inputs_spec({"x": tmp_path / "a,b" / "x.bin"})
+    with pytest.raises(ModiffError, match="splits on ','"):
+        trtexec.load_inputs_spec({"x": "C:/data/x.bin"})
+    assert trtexec.load_inputs_spec({"in:0": tmp_path / "x.bin"}) == f"'in:0':{tmp_path / 'x.bin'}"
+
+
+def test_layer_profile_with_bare_nan_and_inf(tmp_path: Path) -> None:
+    path = tmp_path / "profile.json"
+    path.write_text('[{ "count" : 10 }\n, { "name" : "fast", "timeMs" : 0.5, "averageMs" : 0.05, "medianMs" : nan, '
+                    '"percentage" : -nan }\n, { "name" : "slow", "timeMs" : 9, "averageMs" : inf, "percentage" : 90 }]')
+    summary = trtexec.summarize_layer_profile(path)
+    fast = next(layer for layer in summary.layers if layer.name == "fast")
+    assert summary.runs == 10 and fast.median_ms is None and fast.percentage == 0.0
+    assert next(layer for layer in summary.layers if layer.name == "slow").average_ms == 0.0
+
+
+def _fake_trtexec(tmp_path: Path, version_code: int) -> str:
+    """A script that prints trtexec's banner, to test version parsing (it is not trtexec)."""
+    script = tmp_path / f"trtexec-{version_code}"
+    script.write_text(f"#!/bin/sh\necho '&&&& RUNNING TensorRT.trtexec [TensorRT v{version_code}] [b11] # trtexec $*'\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_trtexec_must_belong_to_the_plans_tensorrt_release(tmp_path: Path) -> None:
+    assert trtexec.trtexec_version(_fake_trtexec(tmp_path, 101300)) == "10.13.0"
+    trtexec.check_trtexec(_fake_trtexec(tmp_path, 101300), _sidecar())  # 10.13.0.35 plan
+    with pytest.raises(ArtifactError, match="TensorRT 10.14.1 and cannot load step.plan.*trtexec of TensorRT 10.13.0"):
+        trtexec.check_trtexec(_fake_trtexec(tmp_path, 101401), _sidecar())
+    trtexec.check_trtexec(_fake_trtexec(tmp_path, 110100), _sidecar(version_compatible=True))
+    with pytest.raises(BackendUnavailableError, match="--trtexec"):
+        trtexec.check_trtexec(str(tmp_path / "missing-trtexec"), _sidecar())
+
+
+def test_per_layer_warns_without_detailed_profile_and_fixed_batch_is_checked(tmp_path: Path, caplog) -> None:
+    make_tiny_export(tmp_path, batch_size=2)
+    _write_sidecar_for(tmp_path, "warmup", builder={"profiling_verbosity": "layer_names_only"})
+    with caplog.at_level("WARNING", logger="modiff_trt.engines.trtexec"):
+        trtexec.profile_engine(tmp_path, engine="warmup", batch=2, per_layer=True, dry_run=True)
+    assert any("--detailed-profile" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ModiffError, match="exported for batch 2: use --batch 2"):
+        trtexec.profile_engine(tmp_path, engine="warmup", batch=3, dry_run=True)
