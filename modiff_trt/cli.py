@@ -388,10 +388,14 @@ def inspect(
         table = Table("layer", "kind", "bits", "act scale", "a_hat", "o_hat", "state KiB/sample")
         item = 2 if manifest.export["state_dtype"] == "float16" else 4
         for layer in manifest.layers:
-            n = sum(int(np.prod(s)) for s in (layer.a_hat_shape, layer.o_hat_shape)) if manifest.modulated else 0
+            kinds = layer.state_kinds if manifest.modulated else ()
+            n = sum(int(np.prod(layer.state_shape(kind))) for kind in kinds)
             scale = ", ".join(f"{v:.3g}" for v in layer.act_scale) if layer.act_scale else "-"
+            if layer.constant_input:
+                scale = "constant input: o_hat passed through"
             table.add_row(layer.name, layer.kind, f"w{layer.weight_bits}a{layer.act_bits}", scale,
-                          str(layer.a_hat_shape), str(layer.o_hat_shape), f"{n * item / 1024:.1f}")
+                          str(layer.a_hat_shape) if "a_hat" in kinds else "-", str(layer.o_hat_shape),
+                          f"{n * item / 1024:.1f}")
         out.print(table)
     per_sample = manifest.state_bytes_per_sample() if manifest.modulated else 0
     mult = manifest.export.get("state_batch_multiplier", 1)

@@ -15,13 +15,22 @@ from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
 from modiff_trt.export import exporter
 from modiff_trt.export.exporter import export_model
-from modiff_trt.export.lint import lint_export, lint_graph
+from modiff_trt.export.lint import LintIssue, lint_export, lint_graph
 from modiff_trt.export.manifest import Manifest, load_manifest
+from modiff_trt.export.qdq import FP16_MIN_NORMAL
 from modiff_trt.export.sites import find_sites
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
 from tests.helpers.models import rel_err
-from tests.helpers.export import SEQ, SHAPE, check_step_layers, export, tiny_model_config, trajectory
+from tests.helpers.export import (
+    SEQ,
+    SHAPE,
+    absmax_scales,
+    check_step_layers,
+    export,
+    tiny_model_config,
+    trajectory,
+)
 
 
 @pytest.fixture
@@ -114,6 +123,52 @@ def test_lint_catches_seeded_violations(broken, rule):
     assert lint_graph(_tiny_qdq_graph()) == []
     issues = lint_graph(_tiny_qdq_graph(**broken))
     assert rule in {i.rule for i in issues}
+
+
+def test_lint_flags_subnormal_fp16_scales():
+    model = _tiny_qdq_graph()
+    for init in model.graph.initializer:
+        if init.name == "s":
+            init.CopyFrom(numpy_helper.from_array(np.array(1e-5, np.float16), "s"))
+    model.opset_import[0].version = 19
+    issues = lint_graph(model)
+    assert [i.rule for i in issues] == ["scale", "scale"] and "smallest normal" in issues[0].message
+
+
+def test_fp16_export_floors_tiny_scales_and_records_them(tmp_path, tiny_model):
+    """A 1e-8 scale (the calibrators' floor for an all-zero residual) is 0 in fp16, which TensorRT's
+    parser rejects; fp16 exports raise every scale to fp16's smallest normal and say which."""
+    config = QuantConfig(8, 8, act_scales="static")
+    scales = absmax_scales(tiny_model, config, SHAPE)
+    scales.layers["conv_in"].act = [1e-8]
+    qmodel = quantize_unet(tiny_model, config, scales)
+    out = tmp_path / "fp16"
+    manifest = export_model(tiny_model, qmodel, tiny_model_config(tiny_model), out, float_dtype="float16")
+    assert manifest.export["scale_floor"] == FP16_MIN_NORMAL == 2.0**-14
+    assert manifest.export["floored_scales"] == ["conv_in/act"]
+    step = onnx.load(str(out / "step.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in step.graph.initializer}
+    q_scales = [inits[n.input[1]] for n in step.graph.node if n.op_type == "QuantizeLinear"]
+    assert min(float(v.min()) for v in q_scales) == np.float16(FP16_MIN_NORMAL)
+    assert lint_export(out) == []
+    fp32 = export_model(tiny_model, qmodel, tiny_model_config(tiny_model), tmp_path / "fp32")
+    assert fp32.export["scale_floor"] is None and fp32.export["floored_scales"] == []
+
+
+def test_export_refuses_a_graph_that_fails_lint_and_writes_nothing(tmp_path, tiny_model, monkeypatch):
+    qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, None))
+    before = (out / "manifest.json").read_text()
+    seeded = [LintIssue("step", "scale", f"/layer{i}/QuantizeLinear", "scale must be finite and > 0") for i in range(25)]
+    monkeypatch.setattr(exporter, "lint_export", lambda directory: seeded)
+    with pytest.raises(ArtifactError) as info:
+        export_model(tiny_model, qmodel, tiny_model_config(tiny_model), out)
+    message = str(info.value)
+    assert "25 TensorRT explicit-quantization rule(s)" in message and "nothing was written" in message
+    assert "step: [scale] /layer0/QuantizeLinear: scale must be finite and > 0" in message and "5 more" in message
+    assert (out / "manifest.json").read_text() == before  # the earlier export is untouched
+    with pytest.raises(ArtifactError):
+        export_model(tiny_model, qmodel, tiny_model_config(tiny_model), tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]  # no temp or partial directory left
 
 
 def test_lint_catches_unpaired_state_and_versions():

@@ -8,22 +8,26 @@ exporter's value-based MatMul matching cannot confuse them.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 import torch
 from typer.testing import CliRunner
 
-from modiff_trt.calibrators import CalibrationOptions, calibrate
+from modiff_trt.calibrators import CalibrationOptions, calibrate, load_calibration
 from modiff_trt.cli import app
 from modiff_trt.engines.compare import compare_backends
 from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.errors import BackendUnavailableError, CheckpointError, ConfigError
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import lint_export
+from modiff_trt.engines.state_buffers import layout_from_manifest
 from modiff_trt.export.manifest import load_manifest
 from modiff_trt.models import load_config, load_unet
 from modiff_trt.models.autoencoder import FirstStageConfig, build_first_stage
 from modiff_trt.models.ldm_loading import load_first_stage
 from modiff_trt.quant import QuantConfig, quantize_unet
+from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.sampling import make_betas, make_sampler
 from modiff_trt.sampling.conditioning import RandomContext, make_conditioning
 from modiff_trt.sampling.run import write_samples
@@ -125,6 +129,44 @@ def test_sd_calibrate_export_and_every_layer_follows_modiff(tmp_path):
     checked = check_step_layers(tmp_path / "exp", qmodel, noise,
                                 run=lambda m: _trajectory(m, sampler, noise, context))
     assert checked == len(qmodel.layers) * (sampler.model_calls() - 1)
+
+
+def test_sd_constant_input_layers_pass_o_hat_through_and_fp16_export_lints_clean(tmp_path):
+    """Bug 6: SD's cross-attention to_k/to_v read the text context, constant over a trajectory, so
+    their residual is exactly 0 and their scale the calibrators' 1e-8 floor, which is 0 in fp16:
+    every fp16 SD export failed its own lint. Calibration now marks them, the file and the manifest
+    record them, and the step graph passes their o_hat through (no Q/DQ, no matmul, no a_hat)."""
+    path, ckpt, unet = _small(tmp_path, "sd", seed=2)
+    cfg = load_config(path)
+    context = RandomContext(cfg.context_shape)
+    cal = calibrate(cfg, ckpt, tmp_path / "sd.safetensors", make_sampler(cfg, steps=6),
+                    CalibrationOptions(cali_st=5, cali_n=2, batch_size=2), conditioning=context, progress=False)
+    expected = {name for name in quantizable_layers(unet) if name.endswith(("attn2.to_k", "attn2.to_v"))}
+    assert expected and set(cal.meta["constant_input"]) == expected
+    loaded = load_calibration(tmp_path / "sd.safetensors")
+    assert {name for name, entry in loaded.layers.items() if entry.constant_input} == expected
+    cfg, unet, qmodel = load_reference(path, ckpt, QuantConfig(8, 8, act_scales="static"), tmp_path / "sd.safetensors")
+    out = tmp_path / "fp16"
+    manifest = export_model(unet, qmodel, cfg, out, checkpoint=ckpt, guidance=True, float_dtype="float16",
+                            sampler=cal.sampler(cfg))
+    assert lint_export(out) == []
+    assert {layer.name for layer in manifest.layers if layer.constant_input} == expected
+    step = onnx.load(str(out / "step.onnx"))
+    inputs = {value.name for value in step.graph.input}
+    for name in expected:
+        assert f"o_hat_in.{name}" in inputs and f"a_hat_in.{name}" not in inputs
+        assert {n.op_type for n in step.graph.node if n.name.startswith(f"{name}/")} == {"Identity", "Cast"}
+    warm_outputs = {value.name for value in onnx.load(str(out / "warmup.onnx")).graph.output}
+    assert not {f"a_hat_out.{name}" for name in expected} & warm_outputs
+    inits = {i.name: numpy_helper.to_array(i) for i in step.graph.initializer}
+    scales = [inits[n.input[1]] for n in step.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert scales and min(float(v.min()) for v in scales) > 0
+    # The state memory counts no a_hat for them, and the CPU runner lays out exactly the graph's I/O.
+    elements = sum(int(np.prod(layer.o_hat_shape)) + (0 if layer.constant_input else int(np.prod(layer.a_hat_shape)))
+                   for layer in manifest.layers)
+    assert manifest.state_bytes_per_sample() == elements * 4 * 2  # fp32 state, cond + uncond
+    layout = layout_from_manifest(manifest, 2)
+    assert {slot.input_name for slot in layout.slots} == {n for n in inputs if "_hat_in." in n}
 
 
 def test_churches_export_parity_and_cli_sample_decodes(tmp_path):

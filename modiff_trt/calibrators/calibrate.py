@@ -150,8 +150,11 @@ def measure_activations(
         return [activation_scale(s.values(), s.absmax, options.act_bits, options.method, options.percentile)
                 for s in group_stats]
 
+    # A residual that is exactly 0 at every calibrated step (SD's to_k/to_v read the unchanging text
+    # context) has no scale to find: such layers pass o_hat through instead of quantizing zeros.
     return {
-        name: LayerScales(act=scales(s.act), warmup=None if s.warmup is None else scales(s.warmup))
+        name: LayerScales(act=scales(s.act), warmup=None if s.warmup is None else scales(s.warmup),
+                          constant_input=modulate and all(g.count > 0 and g.absmax == 0.0 for g in s.act))
         for name, s in stats.items()
     }
 

@@ -16,7 +16,8 @@ Layout (format `modiff-trt/calibration`, version 2):
   `sampler` (the `Sampler.to_dict()` the trajectories were drawn with; null for a plain
   Q-Diffusion import), `trajectories` {cali_st, cali_n, batch_size, seed, calibration_steps},
   `checkpoint` {path, sha256}, `config` {source, sha256}, `layers` (names, in model order),
-  `groups` {layer: count}, `origin`, `report` (time, memory, import notes).
+  `groups` {layer: count}, `constant_input` (layers whose residual was exactly 0 at every
+  calibrated step; absent in older files), `origin`, `report` (time, memory, import notes).
 
 Version 1 files held the sampler settings and the trajectory budget together in `schedule`
 (without the betas, which came from the config); they still load, and `sampler(model_cfg)`
@@ -169,7 +170,8 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
 
     path = Path(path)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "layers": list(layers),
-            "groups": {n: len(e.act or e.warmup or [0]) for n, e in layers.items()}}
+            "groups": {n: len(e.act or e.warmup or [0]) for n, e in layers.items()},
+            "constant_input": [n for n, e in layers.items() if e.constant_input]}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         save_file(_tensors(layers), tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
@@ -202,6 +204,7 @@ def load_calibration(path: str | Path) -> Calibration:
             f"{FORMAT_VERSION}: recalibrate or use the modiff-trt release that wrote it"
         )
     layers = {}
+    constant = set(meta.get("constant_input", []))
     for name in meta["layers"]:
         fields = {key: tensors[f"{name}.{key}"].tolist() for key in SCALE_FIELDS if f"{name}.{key}" in tensors}
         codes = tensors.get(f"{name}.weight_codes")
@@ -209,5 +212,6 @@ def load_calibration(path: str | Path) -> Calibration:
             **fields,
             weight_codes=None if codes is None else codes.float(),
             weight_scale=tensors.get(f"{name}.weight_scale"),
+            constant_input=name in constant,
         )
     return Calibration(meta=meta, layers=layers, path=path)

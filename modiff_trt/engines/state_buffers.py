@@ -11,7 +11,7 @@ need TensorRT to guarantee that no kernel reads `a_hat_in.L` after another kerne
 `a_hat_out.L`, which it does not. So step k reads set A and writes set B, step k+1 reads B and
 writes A (ping-pong); nothing is copied between steps.
 
-Why 256-byte alignment: TensorRT requires I/O addresses aligned to 256 bytes (REFERENCE.md 4).
+Why 256-byte alignment: TensorRT requires I/O addresses aligned to 256 bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from modiff_trt.export.manifest import LayerSpec, Manifest
-from modiff_trt.export.naming import STATE_KINDS, state_input, state_output
+from modiff_trt.export.naming import state_input, state_output
 
 ALIGNMENT = 256
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -93,7 +93,8 @@ def state_layout(
     dtype: torch.dtype,
     alignment: int = ALIGNMENT,
 ) -> StateLayout:
-    """Lay out `a_hat` then `o_hat` of every layer, in table order, each slot aligned.
+    """Lay out `a_hat` then `o_hat` of every layer (only `o_hat` for constant-input layers), in
+    table order, each slot aligned.
 
     `batch_size` is the batch the engine sees (under classifier-free guidance that is already
     the doubled cond+uncond batch): every state tensor's batch dim follows `x`'s.
@@ -104,9 +105,8 @@ def state_layout(
     slots: list[StateSlot] = []
     offset = 0
     for layer in layers:
-        for kind in STATE_KINDS:
-            per_sample = layer.a_hat_shape if kind == "a_hat" else layer.o_hat_shape
-            shape = (batch_size, *(int(d) for d in per_sample))
+        for kind in layer.state_kinds:
+            shape = (batch_size, *(int(d) for d in layer.state_shape(kind)))
             numel = 1
             for dim in shape:
                 numel *= dim

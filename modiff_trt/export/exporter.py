@@ -2,8 +2,9 @@
 
 MoDiff exports two graphs: `warmup.onnx` (first step of a batch: creates every layer's
 `a_hat`/`o_hat`) and `step.onnx` (every later step: consumes and returns them). A plain
-Q-Diffusion export has one stateless `unet.onnx`. Everything is written to a temp directory
-and renamed into place, so an interrupted export leaves nothing half-written.
+Q-Diffusion export has one stateless `unet.onnx`. Everything is written to a temp directory,
+linted (`inspect --lint`'s rules) and only then renamed into place, so an interrupted export
+leaves nothing half-written and a graph that breaks TensorRT's rules is never written at all.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from modiff_trt import __version__
 from modiff_trt.atomic import atomic_directory
-from modiff_trt.errors import ConfigError
+from modiff_trt.errors import ArtifactError, ConfigError
 from modiff_trt.export.manifest import (
     MANIFEST_NAME,
     GraphSpec,
@@ -29,7 +30,8 @@ from modiff_trt.export.manifest import (
 )
 from modiff_trt.export.onnx_float import export_float_onnx
 from modiff_trt.export.fp16 import convert_to_fp16
-from modiff_trt.export.qdq import insert_quantization, layer_weights, qdq_kernel
+from modiff_trt.export.lint import lint_export
+from modiff_trt.export.qdq import floored_scales, insert_quantization, layer_weights, qdq_kernel, scale_floor
 from modiff_trt.export.ort_cpu import integer_kernel
 from modiff_trt.export.sites import find_sites
 from modiff_trt.models.config import ModelConfig
@@ -104,6 +106,7 @@ def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]
             a_hat_shape=shapes[name][0],
             o_hat_shape=shapes[name][1],
             act_zero_point=None if s.act_zero_point is None else [float(v) for v in s.act_zero_point],
+            constant_input=s.constant_input,
         ))
     return table
 
@@ -200,6 +203,8 @@ def export_model(
                 "batch_size": batch_size,
                 "target": target,
                 "state_batch_multiplier": 2 if guidance else 1,
+                "scale_floor": scale_floor(float_dtype) or None,
+                "floored_scales": floored_scales(qmodel, float_dtype),
                 "seconds": round(time.perf_counter() - started, 2),
             },
             graphs=graphs,
@@ -211,6 +216,18 @@ def export_model(
             tool_version=__version__,
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+        issues = lint_export(tmp)
+        if issues:
+            shown = "\n  ".join(str(issue) for issue in issues[:20])
+            more = f"\n  ... and {len(issues) - 20} more" if len(issues) > 20 else ""
+            raise ArtifactError(
+                f"refusing to write {out}: its graphs break {len(issues)} TensorRT explicit-quantization rule(s) "
+                f"(nothing was written):\n  {shown}{more}\nRecalibrate, or change the quantization settings named above"
+            )
+    if manifest.export["floored_scales"]:
+        log.warning("%d scale(s) raised to fp16's smallest normal %.3g (recorded in the manifest): %s",
+                    len(manifest.export["floored_scales"]), scale_floor(float_dtype),
+                    ", ".join(manifest.export["floored_scales"][:5]))
     log.info("export written to %s in %.1f s", out, time.perf_counter() - started)
     return manifest
 

@@ -1,15 +1,17 @@
 """TensorRT-readiness lint: the explicit-quantization rules, checked on the ONNX files alone.
 
 It reads graphs, not our exporter's intentions, so it also catches hand-edited or foreign
-graphs. Rules (TensorRT's explicit-quantization requirements, docs/export.md):
+graphs; `export` runs it on every export before writing it. Rules (TensorRT's
+explicit-quantization requirements, docs/export.md):
 
 - `forbidden-op`: no QLinear*/ConvInteger/MatMulInteger/DynamicQuantizeLinear in TensorRT graphs
   (skipped for target `ort-cpu`, whose integer kernels are the point; there a uint8 zero point
   of 128 also passes `zero-point`: it is the same symmetric int8 grid stored unsigned)
 - `opset` / `ir-version`: default-domain opset 17..20 (fp16 Q/DQ needs >= 19), IR version <= 10
 - `zero-point`: every Q/DQ has an explicit int8 constant zero point equal to 0
-- `scale`: scales are constant, finite and > 0; scalar for activations; 1-D per-channel scales
-  (axis 0) only on a DequantizeLinear of a constant weight
+- `scale`: scales are constant, finite and > 0 (fp16 scales at least fp16's smallest normal,
+  2^-14: smaller ones are subnormal, and TensorRT's parser rejects those that round to 0); scalar
+  for activations; 1-D per-channel scales (axis 0) only on a DequantizeLinear of a constant weight
 - `qdq-inputs`: a Conv/Gemm/MatMul fed by any DequantizeLinear has DQ on both inputs
 - `state-pairs`: every `*_in.L` state input has its `*_out.L` output with the same dtype/shape
 """
@@ -25,6 +27,7 @@ from onnx import numpy_helper
 
 from modiff_trt.export import naming
 from modiff_trt.export.manifest import load_manifest
+from modiff_trt.export.qdq import FP16_MIN_NORMAL
 
 FORBIDDEN = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
              "QLinearAdd", "QLinearMul", "QLinearConcat", "MatMulIntegerToFloat", "QGemm"}
@@ -86,6 +89,9 @@ def _check_qdq(g: _Graph, node: onnx.NodeProto, name: str, opset: int, target: s
         return issues
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
         issues.append(LintIssue(name, "scale", label, "scale must be finite and > 0"))
+    elif scale.dtype == np.float16 and np.any(scale < FP16_MIN_NORMAL):
+        issues.append(LintIssue(name, "scale", label, f"fp16 scale {float(scale.min()):.3g} is below fp16's smallest "
+                                f"normal {FP16_MIN_NORMAL:.3g} (subnormal): re-export, the exporter floors it"))
     if scale.dtype == np.float16 and opset < 19:
         issues.append(LintIssue(name, "opset", label, f"fp16 Q/DQ scales need opset >= 19 (graph has {opset})"))
     if scale.size > 1:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from modiff_trt.errors import ArtifactError
+from modiff_trt.export.naming import state_kinds
 from modiff_trt.sampling.sampler import Sampler, sampler_from_dict
 
 SCHEMA = "modiff-trt/manifest"
@@ -78,6 +79,16 @@ class LayerSpec:
     a_hat_shape: list[int]  # per sample (no batch dim)
     o_hat_shape: list[int]
     act_zero_point: list[float] | None = None  # imported asymmetric grids (run as clipped symmetric int8)
+    constant_input: bool = False  # input constant over the trajectory: steps pass o_hat through, no a_hat
+
+    @property
+    def state_kinds(self) -> tuple[str, ...]:
+        """The state tensors this layer carries between steps (see `naming.state_kinds`)."""
+        return state_kinds(self.constant_input)
+
+    def state_shape(self, kind: str) -> list[int]:
+        """Per-sample shape of this layer's `kind` ('a_hat' | 'o_hat')."""
+        return self.a_hat_shape if kind == "a_hat" else self.o_hat_shape
 
 
 @dataclass
@@ -114,9 +125,9 @@ class Manifest:
         item = 2 if self.export.get("state_dtype") == "float16" else 4
         total = 0
         for layer in self.layers:
-            for shape in (layer.a_hat_shape, layer.o_hat_shape):
+            for kind in layer.state_kinds:
                 n = 1
-                for dim in shape:
+                for dim in layer.state_shape(kind):
                     n *= int(dim)
                 total += n
         return total * item * int(self.export.get("state_batch_multiplier", 1))

@@ -11,6 +11,12 @@ X, T, CONTEXT, EPS = "x", "t", "context", "eps"
 STATE_KINDS = ("a_hat", "o_hat")
 
 
+def state_kinds(constant_input: bool = False) -> tuple[str, ...]:
+    """The state a layer carries: `a_hat` and `o_hat`, or only `o_hat` when its input is constant
+    over the trajectory (its step passes `o_hat` through and never needs `a_hat`)."""
+    return ("o_hat",) if constant_input else STATE_KINDS
+
+
 def state_input(kind: str, layer: str) -> str:
     """Name of the step-graph input that carries `kind` ('a_hat'|'o_hat') of `layer`."""
     return f"{kind}_in.{layer}"

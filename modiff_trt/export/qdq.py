@@ -8,11 +8,15 @@ For layer L (input x, output y) the pass emits, in the float type F of the graph
 - step:                 rq = DQ(Q(Clip(x - a_hat_in))); y = o_hat_in + Op(rq, DQ(W_int8))
                         a_hat_out = a_hat_in + rq,   o_hat_out = y
 
+- step, constant input:  y = o_hat_in; o_hat_out = o_hat_in   (no a_hat: see LayerScales.constant_input)
+
 Q/DQ are symmetric int8 with a constant zero point 0 and a constant positive scale; b-bit grids
 (b < 8) are exact on int8 through the Clip to [-2^(b-1), 2^(b-1)-1] * scale. Weights are int8
 initializers with a per-output-channel DequantizeLinear on axis 0. Split layers (skip concats)
 quantize their two channel groups separately and sum two convolutions. State tensors travel in
-the state dtype S; Casts bridge S and F when they differ.
+the state dtype S; Casts bridge S and F when they differ. In fp16 graphs every Q/DQ scale is
+floored at fp16's smallest normal (2^-14): below it a scale is subnormal, and the calibrators'
+1e-8 floor rounds to 0, which TensorRT's ONNX parser rejects.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ from modiff_trt.quant.quantizers import int_range
 
 GraphKind = Literal["plain", "warmup", "step"]
 ONNX_TYPE = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("float16"): TensorProto.FLOAT16}
+FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 2^-14 = 6.103515625e-05
+
+
+def scale_floor(float_dtype: str | np.dtype) -> float:
+    """The smallest Q/DQ scale a graph of `float_dtype` may hold (0: no floor beyond the calibrators')."""
+    return FP16_MIN_NORMAL if np.dtype(float_dtype) == np.float16 else 0.0
 
 
 @dataclass
@@ -45,6 +55,11 @@ class Emitter:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
+        self.scale_floor = scale_floor(self.float_dtype)
+
+    def floor(self, scale):
+        """`scale` raised to this graph's scale floor (see `scale_floor`)."""
+        return np.maximum(scale, self.scale_floor)
 
     def fresh(self, hint: str) -> str:
         self._count += 1
@@ -132,7 +147,7 @@ def _weight(em: Emitter, layer: QuantLayer, group: int, quantized: bool) -> str:
     codes, scale = weight_codes(layer, group)
     w = em.const("w_int8", codes)
     zp = em.const("w_zero_point", np.zeros(codes.shape[0], dtype=np.int8))
-    return em.op("DequantizeLinear", [w, em.float_const("w_scale", scale), zp], axis=0)
+    return em.op("DequantizeLinear", [w, em.float_const("w_scale", em.floor(scale)), zp], axis=0)
 
 
 def op_attributes(site: LayerSite) -> dict:
@@ -177,7 +192,8 @@ def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scale
         return x, _apply(em, site, x, _weight(em, layer, 0, quantized=False), bias, output)
     if scales is None:
         raise ArtifactError(f"layer {layer.name} has no static activation scale: export needs a calibration")
-    grids = [act_grid(layer, scale, None if zero_points is None else zero_points[i]) for i, scale in enumerate(scales)]
+    grids = [act_grid(layer, float(em.floor(scale)), None if zero_points is None else zero_points[i])
+             for i, scale in enumerate(scales)]
     if len(layer.groups) == 1:
         return kernel(em, site, layer, x, 0, grids[0], bias, output)
     if site.op != "Conv":
@@ -205,6 +221,15 @@ def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind
         else:
             a_hat, _ = _quantized_op(em, site, layer, site.x, s.warmup, s.warmup_zero_point, bias, output=site.y,
                                      kernel=kernel)
+    elif layer.scales.constant_input:
+        # The input never changes, so the residual is exactly 0 and f(0) = 0: o_hat passes through.
+        o_in = naming.state_input("o_hat", layer.name)
+        em.op("Identity", [o_in], o_out)
+        if state_dtype != em.float_dtype:
+            em.op("Cast", [o_in], site.y, to=ONNX_TYPE[em.float_dtype])
+        else:
+            em.op("Identity", [o_in], site.y)
+        return
     else:
         a_in, o_in = naming.state_input("a_hat", layer.name), naming.state_input("o_hat", layer.name)
         if state_dtype != em.float_dtype:
@@ -214,18 +239,36 @@ def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind
         rq, f = _quantized_op(em, site, layer, residual, s.act, s.act_zero_point, None, kernel=kernel)
         a_hat = em.op("Add", [a_in, rq])
         em.op("Add", [o_in, f], site.y)
-    em.convert(a_hat, state_dtype, a_out)
+    if not layer.scales.constant_input:
+        em.convert(a_hat, state_dtype, a_out)
     em.convert(site.y, state_dtype, o_out)
 
 
 def _state_value_infos(layers: dict[str, QuantLayer], shapes: dict[str, tuple[list[int], list[int]]],
                        direction: str, state_dtype: np.dtype, batch: int | str) -> list[onnx.ValueInfoProto]:
     infos = []
-    for name in layers:
+    for name, layer in layers.items():
         for kind, shape in zip(naming.STATE_KINDS, shapes[name]):
+            if kind not in naming.state_kinds(layer.scales.constant_input):
+                continue
             tensor = naming.state_input(kind, name) if direction == "in" else naming.state_output(kind, name)
             infos.append(helper.make_tensor_value_info(tensor, ONNX_TYPE[state_dtype], [batch, *shape]))
     return infos
+
+
+def floored_scales(qmodel: QuantUNet, float_dtype: str) -> list[str]:
+    """`layer/act`, `layer/warmup`, `layer/weight` for every scale a `float_dtype` graph raises to its floor."""
+    floor, found = scale_floor(float_dtype), []
+    for name, layer in qmodel.layers.items():
+        s, config = layer.scales, layer.config
+        used = {
+            "act": s.act if config.act_bits and not s.constant_input else None,
+            "warmup": s.warmup if config.act_bits and config.modulate and config.first_step == "quantized" else None,
+            "weight": layer.weight_scale if layer.weight_codes is not None else None,
+        }
+        found += [f"{name}/{kind}" for kind, values in used.items()
+                  if values is not None and bool((np.asarray(values, dtype=np.float64) < floor).any())]
+    return found
 
 
 def layer_weights(qmodel: QuantUNet) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:

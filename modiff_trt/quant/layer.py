@@ -6,6 +6,7 @@ of docs/architecture.md literally:
 - plain (Q-Diffusion):   out = f(Q(x), Wq) + b
 - MoDiff warm-up:        a_hat = x (fp) or Q0(x) (quantized); o_hat = f(a_hat, Wq) + b
 - MoDiff later steps:    rq = Q(x - a_hat); a_hat += rq; o_hat += f(rq, Wq)   (no bias)
+- constant-input layers: o_hat unchanged (their residual is exactly 0); no a_hat is kept
 
 The state lives for one batch; `reset_state()` starts the next one.
 """
@@ -133,15 +134,18 @@ class QuantLayer(nn.Module):
         s = self.scales
         if not self.config.modulate:
             return self.apply_weight(self._quantize_act(x, s.act, s.act_zero_point), bias=True)
-        if self.a_hat is None:
+        if self.o_hat is None:
             a_hat = x if self.config.first_step == "fp" else self._quantize_act(x, s.warmup, s.warmup_zero_point)
             o_hat = self.apply_weight(a_hat, bias=True)
+        elif s.constant_input:
+            return self.o_hat.to(x.dtype)
         else:
             prev_a, prev_o = self.a_hat.to(x.dtype), self.o_hat.to(x.dtype)
             rq = self._quantize_act(x - prev_a, s.act, s.act_zero_point)
             a_hat = prev_a + rq
             o_hat = prev_o + self.apply_weight(rq, bias=False)
-        self.a_hat, self.o_hat = a_hat.detach().to(self.state_dtype), o_hat.detach().to(self.state_dtype)
+        self.a_hat = None if s.constant_input else a_hat.detach().to(self.state_dtype)
+        self.o_hat = o_hat.detach().to(self.state_dtype)
         return o_hat
 
     def extra_repr(self) -> str:

@@ -20,6 +20,11 @@ class LayerScales:
     first_step='quantized'). Zero points are None for symmetric quantizers. `weight_codes` are
     integer weights centred on their zero point (W_int - z) and `weight_scale` their per-output
     channel scales [O, groups]: imported rounded weights replace the layer's own rounding.
+
+    `constant_input`: the layer's input never changed between calibration steps (residual absmax
+    exactly 0 at every step), like Stable Diffusion's cross-attention `to_k`/`to_v` reading the
+    text context. Its residual is then exactly 0, so MoDiff steps pass `o_hat` through: no
+    quantizer, no matmul, and no `a_hat` to carry.
     """
 
     act: list[float] | None = None
@@ -28,6 +33,7 @@ class LayerScales:
     warmup_zero_point: list[float] | None = None
     weight_codes: torch.Tensor | None = None
     weight_scale: torch.Tensor | None = None
+    constant_input: bool = False
 
 
 @dataclass

@@ -76,7 +76,7 @@ def _expose_layer_inputs(step_path, layers):
     """Add each layer's input x (what the Sub node reads) as an extra graph output."""
     model = onnx.load(str(step_path))
     subs = {n.name.split("/")[0]: n.input[0] for n in model.graph.node if n.op_type == "Sub" and "/" in n.name}
-    for layer in layers:
+    for layer in (name for name in layers if name in subs):  # constant-input layers have no residual
         model.graph.output.append(helper.make_tensor_value_info(f"x_of.{layer}", onnx.TensorProto.FLOAT, None))
         model.graph.node.append(helper.make_node("Identity", [subs[layer]], [f"x_of.{layer}"]))
     return model
@@ -102,7 +102,8 @@ def reference_feeds(qmodel, run) -> list[dict[str, np.ndarray]]:
 def check_step_layers(out, qmodel, noise, run=None) -> int:
     """Run `out`'s warm-up then step graphs on ONNX Runtime along the reference's own sampler
     states and assert, per layer and step, on ORT's own tensors: rq = Q(x - a_hat_in) exactly (but
-    at rounding ties), a_hat_out = a_hat_in + rq, o_hat_out = o_hat_in + f(rq, Wq). `run(model)`
+    at rounding ties), a_hat_out = a_hat_in + rq, o_hat_out = o_hat_in + f(rq, Wq); constant-input
+    layers carry no a_hat and pass o_hat through exactly. `run(model)`
     samples (default: DDIM over SEQ from `noise`). Returns the number of (layer, step) pairs checked."""
     import onnxruntime as ort
 
@@ -118,6 +119,11 @@ def check_step_layers(out, qmodel, noise, run=None) -> int:
     for feed in feeds[1:]:
         result = dict(zip([o.name for o in step.get_outputs()], step.run(None, {**feed, **state})))
         for name, layer in layers.items():
+            if layer.scales.constant_input:
+                assert f"a_hat_out.{name}" not in result
+                assert np.array_equal(result[f"o_hat_out.{name}"], state[f"o_hat_in.{name}"])
+                checked += 1
+                continue
             a_in, o_in = (torch.from_numpy(state[f"{k}_in.{name}"]) for k in ("a_hat", "o_hat"))
             a_out, o_out = (torch.from_numpy(result[f"{k}_out.{name}"]) for k in ("a_hat", "o_hat"))
             residual = torch.from_numpy(result[f"x_of.{name}"]) - a_in
