@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from trt_double import install_double
+from trt_fixtures import Recorder, digits_export, make_tiny_export, sample_recorded
 
 from modiff_trt.engines import trt_build
 from modiff_trt.engines.ort_backend import OrtRunner
@@ -21,10 +23,6 @@ from modiff_trt.engines.runner import PLAIN, STEP_0TO1, STEP_1TO0, WARMUP, Arran
 from modiff_trt.engines.sidecar import read_sidecar
 from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
 from modiff_trt.export.manifest import load_manifest
-from modiff_trt.export.schedule import manifest_betas
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, image_noise
-from trt_double import install_double
-from trt_fixtures import digits_export, make_tiny_export
 
 STEPS, THREADS = 10, 2
 
@@ -54,30 +52,8 @@ def _runner(export_dir: Path, double, **kwargs):
     return TensorRTRunner(export_dir, launcher=double.host_launcher(), **kwargs)
 
 
-class Recorder:
-    """Wraps a runner: keeps every call's eps and the state the next call will read (copies)."""
-
-    def __init__(self, runner) -> None:
-        self.runner, self.eps, self.states = runner, [], []
-        self.device = runner.device
-
-    def reset_state(self) -> None:
-        self.runner.reset_state()
-
-    def __call__(self, x, t, context=None):
-        eps = self.runner(x, t, context)
-        self.eps.append(eps.clone())
-        modulated = self.runner.manifest.modulated
-        self.states.append({k: v.clone() for k, v in self.runner.state().items()} if modulated else {})
-        return eps
-
-
-def _trajectory(runner, export_dir: Path, n: int = 3, seed: int = 0) -> Recorder:
-    manifest = load_manifest(export_dir)
-    recorder = Recorder(runner)
-    noise = image_noise(seed, range(n), manifest.model["sample_shape"])
-    ddim_sample(recorder, noise, ddim_timesteps(STEPS, "quad"), manifest_betas(manifest))
-    return recorder
+def _trajectory(runner, export_dir: Path, n: int = 3):
+    return sample_recorded(runner, export_dir, n, STEPS)[0]
 
 
 def _assert_same(got: Recorder, want: Recorder) -> None:

@@ -142,4 +142,35 @@ def digits_export(out: Path, workdir: Path, float_dtype: str = "float16", batch_
     return out
 
 
-__all__ = ["make_tiny_export", "digits_export", "C", "H", "W", "LAYERS", "CONTEXT"]
+
+class Recorder:
+    """Wraps a runner: keeps every call's eps and a copy of the state the next call reads (CPU float32)."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.device, self.eps, self.states = runner, runner.device, [], []
+
+    def reset_state(self) -> None:
+        self.runner.reset_state()
+
+    def __call__(self, x, t, context=None):
+        eps = self.runner(x, t, context)
+        self.eps.append(eps.float().cpu().clone())
+        if self.runner.manifest.modulated:
+            self.states.append({k: v.float().cpu().clone() for k, v in self.runner.state().items()})
+        return eps
+
+
+def sample_recorded(runner, export_dir: Path, n: int = 3, steps: int = 10):
+    """(Recorder, final x on the CPU) of one DDIM trajectory from per-image noise (seed 0)."""
+    from modiff_trt.export.manifest import load_manifest
+    from modiff_trt.export.schedule import manifest_betas
+    from modiff_trt.sampling import ddim_sample, ddim_timesteps, image_noise
+
+    manifest = load_manifest(export_dir)
+    recorder = Recorder(runner)
+    noise = image_noise(0, range(n), manifest.model["sample_shape"]).to(runner.device)
+    x = ddim_sample(recorder, noise, ddim_timesteps(steps, "quad"), manifest_betas(manifest))
+    return recorder, x.float().cpu()
+
+
+__all__ = ["make_tiny_export", "digits_export", "Recorder", "sample_recorded", "C", "H", "W", "LAYERS", "CONTEXT"]
