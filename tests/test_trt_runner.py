@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trt_double import install_double
-from trt_fixtures import Recorder, digits_export, make_tiny_export, sample_recorded
+from tests.helpers.trt_double import install_double
+from tests.helpers.trt import Recorder, digits_export, make_tiny_export, sample_recorded
 
 from modiff_trt.engines import trt_build
 from modiff_trt.engines.ort_backend import OrtRunner

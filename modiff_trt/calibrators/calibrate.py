@@ -154,7 +154,7 @@ def measure_activations(
     # context) has no scale to find: such layers pass o_hat through instead of quantizing zeros.
     return {
         name: LayerScales(act=scales(s.act), warmup=None if s.warmup is None else scales(s.warmup),
-                          constant_input=modulate and all(g.count > 0 and g.absmax == 0.0 for g in s.act))
+                          constant_input=options.modulate and all(g.count > 0 and g.absmax == 0.0 for g in s.act))
         for name, s in stats.items()
     }
 

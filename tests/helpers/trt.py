@@ -117,7 +117,6 @@ def make_tiny_export(out: Path, dtype: str = "float32", batch_size: int | None =
     return manifest
 
 
-
 def digits_export(out: Path, workdir: Path, float_dtype: str = "float16", batch_size: int | None = None,
                   modulate: bool = True) -> Path:
     """The embedded digits model, W8A8 with static scales calibrated on 10-step trajectories, exported
@@ -128,19 +127,19 @@ def digits_export(out: Path, workdir: Path, float_dtype: str = "float16", batch_
     from modiff_trt.export.exporter import export_model
     from modiff_trt.models import load_config
     from modiff_trt.models.builtin import builtin_checkpoint
-    from modiff_trt.pipeline import Schedule, calibration_file
+    from modiff_trt.pipeline import calibration_file
     from modiff_trt.quant import QuantConfig
+    from modiff_trt.sampling import make_sampler
 
     model_cfg, checkpoint = load_config("digits"), builtin_checkpoint("digits")
     quant = QuantConfig(8, 8, modulate=modulate, act_scales="static")
+    sampler = make_sampler(model_cfg, steps=10)
     workdir.mkdir(parents=True, exist_ok=True)
-    calibration = calibration_file(model_cfg, checkpoint, quant, Schedule(steps=10), workdir, cali_st=9, cali_n=8,
-                                   batch_size=8)
+    calibration = calibration_file(model_cfg, checkpoint, quant, sampler, workdir, cali_st=9, cali_n=8, batch_size=8)
     _, float_model, qmodel = load_reference(model_cfg, checkpoint, quant, calibration)
     export_model(float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration,
-                 float_dtype=float_dtype, batch_size=batch_size)
+                 sampler=sampler, float_dtype=float_dtype, batch_size=batch_size)
     return out
-
 
 
 class Recorder:
@@ -161,15 +160,14 @@ class Recorder:
 
 
 def sample_recorded(runner, export_dir: Path, n: int = 3, steps: int = 10):
-    """(Recorder, final x on the CPU) of one DDIM trajectory from per-image noise (seed 0)."""
+    """(Recorder, final x on the CPU) of one trajectory of the export's sampler from per-image noise (seed 0)."""
     from modiff_trt.export.manifest import load_manifest
-    from modiff_trt.export.schedule import manifest_betas
-    from modiff_trt.sampling import ddim_sample, ddim_timesteps, image_noise
+    from modiff_trt.sampling import image_noise, make_sampler
 
     manifest = load_manifest(export_dir)
     recorder = Recorder(runner)
     noise = image_noise(0, range(n), manifest.model["sample_shape"]).to(runner.device)
-    x = ddim_sample(recorder, noise, ddim_timesteps(steps, "quad"), manifest_betas(manifest))
+    x = make_sampler(manifest.sampler(), steps=steps).trajectory(recorder, noise)
     return recorder, x.float().cpu()
 
 
