@@ -1,7 +1,7 @@
 """The shared stateful runner and the whole `trt` backend on the CPU, through a runtime double.
 
-The double (tests/trt_double.py) is NOT TensorRT: its engines run the same ONNX graphs with
-ONNX Runtime on the memory the runner binds. Passing here shows that modiff-trt builds,
+The double (tests/helpers/trt_double.py) is NOT TensorRT: its engines run the same ONNX graphs
+with ONNX Runtime on the memory the runner binds. Passing here shows that modiff-trt builds,
 binds, schedules and replays correctly against the TensorRT API as written; whether TensorRT
 itself parses and computes the graphs is only shown by `pytest -m gpu` (test_trt_gpu.py).
 """

@@ -23,8 +23,8 @@ Design:
   warning (what trtexec does): replaying a partial graph would leave eps and the state stale.
 
 Written against the TensorRT 10.x/11.x name-based API; NOT run on a GPU. CPU tests drive it
-with a double of the TensorRT runtime (tests/trt_double.py) whose "engines" run the same ONNX
-graphs with ONNX Runtime: that checks this module's logic, not TensorRT.
+with a double of the TensorRT runtime (tests/helpers/trt_double.py) whose "engines" run the
+same ONNX graphs with ONNX Runtime: that checks this module's logic, not TensorRT.
 """
 
 from __future__ import annotations
