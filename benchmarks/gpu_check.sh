@@ -16,6 +16,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-gpu-check}")
+if [ -e "$out" ] && [ -n "$(ls -A "$out")" ] && [ ! -f "$out/pytest.log" ]; then
+    echo "error: $out exists and is not an earlier gpu_check output: choose another OUT" >&2
+    exit 2
+fi
 rm -rf "$out"
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
