@@ -50,12 +50,13 @@ def _providers(provider: str, export_dir: Path) -> tuple[list, torch.device]:
             "(and TensorRT for the tensorrt provider) on a machine with an NVIDIA GPU and a CUDA build of torch, "
             "or use --ort-provider cpu"
         )
-    providers: list = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    index = torch.cuda.current_device()  # cuda:LOCAL_RANK in a distributed run (torch.cuda.set_device)
+    providers: list = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     if provider == "tensorrt":
-        options = {"trt_int8_enable": True, "trt_fp16_enable": True, "trt_engine_cache_enable": True,
-                   "trt_engine_cache_path": str(export_dir / "ort-trt-cache")}
+        options = {"device_id": index, "trt_int8_enable": True, "trt_fp16_enable": True,
+                   "trt_engine_cache_enable": True, "trt_engine_cache_path": str(export_dir / "ort-trt-cache")}
         providers.insert(0, ("TensorrtExecutionProvider", options))
-    return providers, torch.device("cuda")
+    return providers, torch.device("cuda", index)
 
 
 class OrtRunner(StatefulRunner):
