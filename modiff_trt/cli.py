@@ -64,6 +64,23 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def every_rank(func: F) -> F:
+    """Run a command on each process of a torchrun job (its `--dist-timeout` bounds every wait).
+
+    The process joins the job the environment describes (nothing happens in a single-process
+    run); an error on any rank ends the command on every rank, each with that rank's message.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from modiff_trt.sampling.distributed import process_group, together
+
+        with process_group(kwargs["dist_timeout"]) as world, together(world):
+            return func(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
@@ -111,6 +128,7 @@ RANDOM_CONTEXT = typer.Option(False, "--random-context", help="SD: random contex
 
 @app.command()
 @user_errors
+@every_rank
 def sample(
     export_dir: Optional[Path] = typer.Argument(None, help="Export directory (from `modiff-trt export`). Omit to sample a config + checkpoint with the torch reference."),
     backend: str = typer.Option("torch", "--backend", "-b", help="torch (PyTorch reference), ort (ONNX Runtime) or trt (TensorRT engines)."),
@@ -144,6 +162,7 @@ def sample(
     from_file: Optional[Path] = FROM_FILE,
     text_encoder: Optional[Path] = TEXT_ENCODER,
     random_context: bool = RANDOM_CONTEXT,
+    dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="torchrun runs: seconds a process waits for the others (longer than one batch takes)."),
 ) -> None:
     """Sample images: one PNG per image, grid.png and samples.npz (arr_0 uint8 NHWC, x0 float32 NCHW).
 
@@ -153,13 +172,22 @@ def sample(
     Examples:\n
       modiff-trt sample --config ddim-cifar10 --checkpoint model-790000.ckpt --act-bits 4 -n 64\n
       modiff-trt sample exports/cifar --backend ort -n 64\n
-      modiff-trt sample exports/sd --backend ort --text-encoder clip-vit-large-patch14 --prompt "a church" -n 4
+      modiff-trt sample exports/sd --backend ort --text-encoder clip-vit-large-patch14 --prompt "a church" -n 4\n
+      torchrun --standalone --nproc-per-node 8 -m modiff_trt sample exports/cifar16 --backend trt -n 50000 --batch-size 64
+
+    Under torchrun (or any launcher setting RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)
+    each process samples whole batches of the one-process run on cuda:LOCAL_RANK or the CPU and
+    rank 0 writes the files: the same pixels at any process count for one --batch-size (a
+    different --batch-size changes quantized pixels slightly). See docs/distributed.md.
     """
     import time
 
     from modiff_trt.sampling.conditioning import make_conditioning
+    from modiff_trt.sampling.distributed import current_world
     from modiff_trt.sampling.run import write_samples
     from modiff_trt.sampling.sampler import make_sampler
+
+    world = current_world()
 
     if export_dir is not None:
         from modiff_trt.engines.factory import open_runner
@@ -188,8 +216,11 @@ def sample(
     conditioning = make_conditioning(context_shape, source, prompt, from_file, text_encoder, random_context, seed)
     decoder = _first_stage(config, family, checkpoint, trust_checkpoint)
     start = time.perf_counter()
-    write_samples(runner, chosen, sample_shape, out, num_images, batch_size, seed, conditioning, decoder, pngs)
-    console.print(f"wrote {num_images} samples to [bold]{out}[/] in {time.perf_counter() - start:.1f} s")
+    write_samples(runner, chosen, sample_shape, out, num_images, batch_size, seed, conditioning, decoder, pngs,
+                  world=world)
+    if world.main:
+        processes = f" with {world.size} processes" if world.distributed else ""
+        console.print(f"wrote {num_images} samples to [bold]{out}[/]{processes} in {time.perf_counter() - start:.1f} s")
 
 
 def _first_stage(config: str, family: str, checkpoint: str | Path | None, trust: bool):
@@ -507,6 +538,7 @@ def calibrate_command(
 
     MoDiff quantizes the residual between steps, so by default the scales are measured on
     residuals, not raw activations. Calibrate with the schedule you will sample with.
+    Runs in one process (do not start it with torchrun; only `sample` is data-parallel).
     Details: docs/calibration.md.
 
     Examples:\n

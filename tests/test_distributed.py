@@ -10,12 +10,8 @@ from modiff_trt.errors import ConfigError
 from modiff_trt.sampling.distributed import World, world_from_env
 from modiff_trt.sampling.images import to_uint8
 from modiff_trt.sampling.writer import sample_writer
-from tests.helpers.distributed import (
-    collect_batches,
-    fail_on_rank_1,
-    loopback_env,
-    run_in_processes,
-)
+from tests.helpers.distributed import (collect_batches, fail_on_rank_1, launch_ranks, loopback_env, run_cli,
+                                       run_in_processes, torchrun_cli)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
@@ -79,3 +75,54 @@ def test_writer_interrupted_leaves_only_complete_pngs(tmp_path):
         writer.add(0, _batch(0, 3))
         writer.finish()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.png", "000001.png", "000002.png"]
+
+
+def _npz_bytes(path):
+    with np.load(path) as npz:
+        return {name: npz[name].tobytes() for name in ("arr_0", "x0")}
+
+
+def _check_same_samples_with_two_processes(tmp_path, args):
+    single = run_cli([*args, "-o", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr
+    both = torchrun_cli([*args, "-o", str(tmp_path / "two")])
+    assert both.returncode == 0, both.stderr
+    assert _npz_bytes(tmp_path / "two" / "samples.npz") == _npz_bytes(tmp_path / "one" / "samples.npz")
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files == [f"{i:06d}.png" for i in range(5)] + [
+        "grid.png", "samples.npz"]
+
+
+# 5 images at batch 2: neither the batch size nor the world size divides the image count
+COMMON = ["-n", "5", "--batch-size", "2", "--steps", "3"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_the_single_process_samples_torch_dynamic(tmp_path, tiny_config, tiny_checkpoint):
+    _check_same_samples_with_two_processes(
+        tmp_path, ["sample", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), *COMMON])
+
+
+@pytest.fixture
+def static_export(tmp_path, tiny_config, tiny_checkpoint):
+    cal, out = tmp_path / "cal.safetensors", tmp_path / "export"
+    base = ["-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint)]
+    for args in (["calibrate", *base, "--steps", "3", "--cali-n", "4", "--cali-st", "3", "-o", str(cal)],
+                 ["export", *base, "--calibration", str(cal), "-o", str(out)]):
+        result = run_cli(args)
+        assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_write_the_single_process_samples_ort_static(tmp_path, static_export):
+    _check_same_samples_with_two_processes(tmp_path, ["sample", str(static_export), "--backend", "ort", *COMMON])
+
+
+@pytest.mark.slow
+def test_a_rank_missing_its_export_ends_the_whole_run_with_its_message(tmp_path, static_export):
+    args = ["--backend", "ort", *COMMON, "-o", str(tmp_path / "out")]
+    rank0, rank1 = launch_ranks([["sample", str(static_export), *args], ["sample", str(tmp_path / "missing"), *args]])
+    assert rank1.returncode != 0 and "missing" in rank1.stderr.read()
+    assert rank0.returncode != 0 and "rank 1 of 2 failed" in rank0.stderr.read()
+    assert not (tmp_path / "out" / "samples.npz").exists()

@@ -101,6 +101,9 @@ class World:
         return received
 
 
+SINGLE_PROCESS = World()
+
+
 def world_from_env(environ: dict[str, str] | None = None) -> World:
     """The World a launcher describes through RANK/WORLD_SIZE/LOCAL_RANK; World() without them."""
     env = os.environ if environ is None else environ
@@ -118,6 +121,13 @@ def world_from_env(environ: dict[str, str] | None = None) -> World:
             raise ConfigError(f"WORLD_SIZE={size} but {', '.join(missing)} is not set: launch with torchrun, "
                               "or set MASTER_ADDR and MASTER_PORT to rank 0's address and a free port")
     return World(rank=rank, size=size, local_rank=local_rank)
+
+
+def current_world() -> World:
+    """The World of the process group `process_group` joined, or a single process outside one."""
+    import torch.distributed as dist
+
+    return world_from_env() if dist.is_available() and dist.is_initialized() else SINGLE_PROCESS
 
 
 @contextlib.contextmanager

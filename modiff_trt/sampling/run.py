@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,9 +11,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from modiff_trt.sampling.conditioning import ContextSource
-from modiff_trt.sampling.images import make_grid, save_image, save_npz, save_samples, to_uint8
+from modiff_trt.sampling.distributed import SINGLE_PROCESS, World, run_batches
 from modiff_trt.sampling.noise import image_noise
 from modiff_trt.sampling.sampler import Sampler
+from modiff_trt.sampling.writer import sample_writer
 
 log = logging.getLogger(__name__)
 BatchCallback = Callable[[int, torch.Tensor], None]
@@ -49,29 +51,35 @@ def sample_batches(
     on_batch: BatchCallback | None = None,
     progress: bool = True,
     description: str | None = None,
-) -> torch.Tensor:
+    world: World = SINGLE_PROCESS,
+) -> torch.Tensor | None:
     """Final samples [num_images, *sample_shape] of `sampler` on `model`, batch by batch, on the CPU.
 
     Image i's noise (and context, and eta noise) depends only on (seed, i), so any batch size
-    gives the same images. `on_batch(first_index, x0)` sees each batch as it finishes. Every
-    caller (sample, calibrate, the demo) goes through this one loop.
+    gives the same images. Every caller (sample, calibrate, the demo) goes through this one loop.
+    In a distributed run (`world`, see `distributed`) this process runs its share of the batches
+    and only rank 0 sees results. With `on_batch`, rank 0's `on_batch(first_index, x0)` gets every
+    batch of the run in order and nothing is kept (None is returned, so a large run never sits in
+    memory); without it the samples are returned, concatenated (single-process runs only).
     """
-    if num_images < 1 or batch_size < 1:
-        raise ValueError("num_images and batch_size must be >= 1")
+    if on_batch is None and world.distributed:
+        raise ValueError("a distributed run hands its samples to rank 0 batch by batch: pass on_batch")
     device = model_device(model)
     steps = len(sampler.timesteps())
-    outputs = []
-    with progress_bar(disable=not progress) as bar:
-        task = bar.add_task(description or f"sampling ({sampler.name})", total=num_images * steps)
-        for start in range(0, num_images, batch_size):
-            indices = list(range(start, min(start + batch_size, num_images)))
+    outputs: list[torch.Tensor] = []
+    own = sum(min(batch_size, num_images - start) for start in world.batch_starts(num_images, batch_size))
+    description = description or f"sampling ({sampler.name})"
+    with progress_bar(disable=not (progress and world.main)) as bar:
+        task = bar.add_task(f"{description} (rank 0 of {world.size})" if world.distributed else description,
+                            total=own * steps)
+
+        def run(indices: list[int]) -> torch.Tensor:
             noise = image_noise(seed, indices, sample_shape).to(device)
-            x0 = sampler.trajectory(model, noise, indices, seed=seed, conditioning=conditioning,
-                                    callback=lambda *_, n=len(indices): bar.advance(task, n)).float().cpu()
-            if on_batch is not None:
-                on_batch(start, x0)
-            outputs.append(x0)
-    return torch.cat(outputs)
+            return sampler.trajectory(model, noise, indices, seed=seed, conditioning=conditioning,
+                                      callback=lambda *_: bar.advance(task, len(indices))).float().cpu()
+
+        run_batches(world, num_images, batch_size, run, on_batch or (lambda _, x0: outputs.append(x0)))
+    return torch.cat(outputs) if outputs else None
 
 
 @torch.no_grad()
@@ -93,29 +101,28 @@ def write_samples(
     decoder: torch.nn.Module | None = None,
     pngs: bool = True,
     progress: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample and write `out/NNNNNN.png`, `out/grid.png`, `out/samples.npz`; return (images, latents).
+    world: World = SINGLE_PROCESS,
+) -> Path | None:
+    """Sample and write `out/NNNNNN.png`, `out/grid.png`, `out/samples.npz`; return the npz path.
 
     With a `decoder` (latent diffusion) each batch of latents is decoded into images as it
-    finishes and `samples.npz` adds `z0` (the float32 latents); without one, the samples are
-    the images and latents is None.
+    arrives and `samples.npz` adds `z0` (the float32 latents). Batches stream to disk
+    (`SampleWriter`), so memory does not grow with `num_images`. In a distributed run every rank
+    samples its share and rank 0 alone decodes and writes (the other ranks return None).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    images: list[torch.Tensor] = []
+    grid_images = 64 if decoder is not None else 256  # decoded images are large: a smaller grid
 
     def write(start: int, batch: torch.Tensor) -> None:
-        x0 = batch if decoder is None else decode_latents(decoder, batch)
-        save_samples(x0, out, first_index=start, pngs=pngs)
-        images.append(x0)
+        if decoder is None:
+            writer.add(start, batch)
+        else:
+            writer.add(start, decode_latents(decoder, batch), z0=batch)
 
-    samples = sample_batches(sampler, runner, sample_shape, num_images, batch_size, seed, conditioning,
-                             on_batch=write, progress=progress)
-    x0 = torch.cat(images)
-    uint8 = to_uint8(x0)
-    grid = uint8[:64] if decoder is not None else uint8[:256]  # decoded images are large: a smaller grid
-    save_image(make_grid(grid), out / "grid.png", upscale=max(1, 128 // uint8.shape[1]))
-    latents = None if decoder is None else samples
-    save_npz(uint8, x0, out / "samples.npz", **({} if latents is None else {"z0": latents.numpy()}))
-    if latents is not None:
-        log.info("decoded %d latents %s -> images %s", len(latents), tuple(latents.shape[1:]), tuple(x0.shape[1:]))
-    return x0, latents
+    with sample_writer(out, num_images, pngs, grid_images) if world.main else contextlib.nullcontext() as writer:
+        sample_batches(sampler, runner, sample_shape, num_images, batch_size, seed, conditioning,
+                       on_batch=write if writer else lambda *_: None, progress=progress, world=world)
+        if writer is None:
+            return None
+        if decoder is not None:
+            log.info("decoded %d latents %s into images", num_images, tuple(sample_shape))
+        return writer.finish()

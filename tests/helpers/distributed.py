@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -12,6 +15,7 @@ import torch.multiprocessing as mp
 from modiff_trt.sampling.distributed import World, process_group, run_batches
 
 JOIN_TIMEOUT_S = 120
+CLI_TIMEOUT_S = 600  # generous: the test machine's 2 cores are shared
 
 
 def free_port() -> int:
@@ -70,3 +74,42 @@ def fail_on_rank_1(world: World) -> None:
         return indices
 
     run_batches(world, 11, 2, run)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a `modiff_trt` subprocess: this checkout first, one intra-op thread."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_cli(args: list[str], timeout: float = CLI_TIMEOUT_S, **env: str) -> subprocess.CompletedProcess:
+    """`python -m modiff_trt ARGS` in one process."""
+    return subprocess.run([sys.executable, "-m", "modiff_trt", *args], env=cli_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def torchrun_cli(args: list[str], nproc: int = 2, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node NPROC -m modiff_trt ARGS` on 127.0.0.1 (gloo: no GPU here)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    return subprocess.run([*launcher, "-m", "modiff_trt", *args], env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def launch_ranks(args_per_rank: list[list[str]], timeout: float = CLI_TIMEOUT_S) -> list[subprocess.Popen]:
+    """One `python -m modiff_trt` per rank with torchrun's variables set by hand (any launcher does this)."""
+    port = free_port()
+    processes = [subprocess.Popen([sys.executable, "-m", "modiff_trt", *args],
+                                  env=cli_env(**loopback_env(rank, len(args_per_rank), port)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank, args in enumerate(args_per_rank)]
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise
+    return processes
