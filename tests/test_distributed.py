@@ -10,8 +10,15 @@ from modiff_trt.errors import ConfigError
 from modiff_trt.sampling.distributed import World, world_from_env
 from modiff_trt.sampling.images import to_uint8
 from modiff_trt.sampling.writer import sample_writer
-from tests.helpers.distributed import (collect_batches, fail_on_rank_1, launch_ranks, loopback_env, run_cli,
-                                       run_in_processes, torchrun_cli)
+from tests.helpers.distributed import (
+    collect_batches,
+    fail_on_rank_1,
+    launch_ranks,
+    loopback_env,
+    run_cli,
+    run_in_processes,
+    torchrun_cli,
+)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])

@@ -86,7 +86,7 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def run_cli(args: list[str], timeout: float = CLI_TIMEOUT_S, **env: str) -> subprocess.CompletedProcess:
     """`python -m modiff_trt ARGS` in one process."""
-    return subprocess.run([sys.executable, "-m", "modiff_trt", *args], env=cli_env(**env), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "modiff_trt", *args], env=cli_env(**env), capture_output=True, check=False,
                           text=True, timeout=timeout)
 
 
@@ -94,7 +94,7 @@ def torchrun_cli(args: list[str], nproc: int = 2, timeout: float = CLI_TIMEOUT_S
     """`torchrun --nproc-per-node NPROC -m modiff_trt ARGS` on 127.0.0.1 (gloo: no GPU here)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
                 "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    return subprocess.run([*launcher, "-m", "modiff_trt", *args], env=cli_env(), capture_output=True, text=True,
+    return subprocess.run([*launcher, "-m", "modiff_trt", *args], env=cli_env(), capture_output=True, text=True, check=False,
                           timeout=timeout)
 
 
