@@ -15,6 +15,7 @@ from modiff_trt.errors import ArtifactError, CheckpointError, ConfigError
 from modiff_trt.models import load_config
 from modiff_trt.quant import QuantConfig, quantize_unet, quantizable_layers
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas, make_sampler
+from tests.helpers.export import BETAS
 from tests.helpers.models import ddim_yaml, rel_err
 
 FAST = dict(cali_st=5, cali_n=8, batch_size=4, reservoir=4096)
@@ -346,9 +347,9 @@ def test_step_group_calibration_round_trips_pins_the_schedule_and_runs_the_refer
     config = load_config(tiny_config)
     qmodel = quantize_unet(tiny_model, QuantConfig(8, 4, act_scales="static"), loaded.to_scale_set(config, tiny_checkpoint))
     noise = torch.randn(2, *config.sample_shape, generator=torch.Generator().manual_seed(0))
-    ddim_sample(qmodel, noise, ddim_timesteps(10, "quad"), linear_betas())
+    ddim_sample(qmodel, noise, ddim_timesteps(10, "quad"), BETAS)
     with pytest.raises(ConfigError, match="--steps 10 --skip-type quad, or recalibrate"):
-        ddim_sample(qmodel, noise, ddim_timesteps(10, "uniform"), linear_betas())
+        ddim_sample(qmodel, noise, ddim_timesteps(10, "uniform"), BETAS)
     with pytest.raises(ConfigError, match="--step-groups applies to MoDiff"):
         run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", act_bits=4, modulate=False, step_groups=2)
     with pytest.raises(ConfigError, match="without a calibration step: raise --cali-st"):

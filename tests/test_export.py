@@ -21,9 +21,10 @@ from modiff_trt.export.qdq import FP16_MIN_NORMAL
 from modiff_trt.export.sites import find_sites
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, linear_betas
+from modiff_trt.sampling import ddim_sample, ddim_timesteps
 from tests.helpers.models import rel_err
 from tests.helpers.export import (
+    BETAS,
     SEQ,
     SHAPE,
     absmax_scales,
@@ -374,4 +375,4 @@ def test_step_group_graph_follows_the_reference_per_layer_and_step(tmp_path, tin
     assert manifest.step_groups["ratios"][0] == [[1.0] * width] * 2
     assert rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise)) < 5e-3
     with pytest.raises(ConfigError, match="--steps 10 --skip-type quad"):
-        ddim_sample(OrtRunner(out), noise, ddim_timesteps(12, "quad"), linear_betas())
+        ddim_sample(OrtRunner(out), noise, ddim_timesteps(12, "quad"), BETAS)
