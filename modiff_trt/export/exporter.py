@@ -31,8 +31,14 @@ from modiff_trt.export.manifest import (
 from modiff_trt.export.onnx_float import export_float_onnx
 from modiff_trt.export.fp16 import convert_to_fp16
 from modiff_trt.export.lint import lint_export
-from modiff_trt.export.qdq import floored_scales, insert_quantization, layer_weights, qdq_kernel, scale_floor,
-                                  step_ratio_table
+from modiff_trt.export.qdq import (
+    floored_scales,
+    insert_quantization,
+    layer_weights,
+    qdq_kernel,
+    scale_floor,
+    step_ratio_table,
+)
 from modiff_trt.export.ort_cpu import integer_kernel
 from modiff_trt.export.sites import find_sites
 from modiff_trt.models.config import ModelConfig
