@@ -8,6 +8,7 @@ on ONNX Runtime from the exported graphs, from the same per-image noise.
     python benchmarks/quality.py            # full table (about 15 minutes on a quiet 2-core machine)
     python benchmarks/quality.py --quick    # smoke run
     python benchmarks/quality.py --method mse --bits W4A8 W4A4 --section quality-mse   # MSE scales
+    python benchmarks/quality.py --step-groups 1 2 4 --bits W8A8 W8A6 W8A4 W8A3 --section quality-step-groups
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ from modiff_trt.sampling.sampler import make_sampler  # noqa: E402
 BITS = [(8, 8), (8, 6), (8, 4), (4, 8), (4, 4), (8, 3)]
 
 
-def variants(w: int, a: int) -> list[tuple[str, QuantConfig, bool]]:
-    """(mode, config, exportable) for one bit width."""
-    return [
+def variants(w: int, a: int, step_groups: list[int] | None = None) -> list[tuple[str, QuantConfig, bool, int]]:
+    """(mode, config, exportable, step groups) for one bit width; with `step_groups`, only MoDiff
+    static with that many groups of per-step residual scales."""
+    if step_groups:
+        return [(f"MoDiff static, {g} step group{'s' if g > 1 else ''}", QuantConfig(w, a), True, g) for g in step_groups]
+    return [(mode, quant, exportable, 1) for mode, quant, exportable in [
         ("Q-Diffusion static", QuantConfig(w, a, modulate=False), True),
         ("MoDiff static", QuantConfig(w, a), True),
         ("MoDiff dynamic", QuantConfig(w, a), False),
         ("MoDiff static, quantized warm-up", QuantConfig(w, a, first_step="quantized"), True),
         ("MoDiff static, fp16 state", QuantConfig(w, a, state_dtype="float16"), True),
-    ]
+    ]]
 
 
 def main() -> None:
@@ -58,6 +62,7 @@ def main() -> None:
                         help="calibration scale search (mse also searches per-channel weight scales)")
     parser.add_argument("--bits", nargs="+", help="subset of bit widths, e.g. W4A8 W4A4")
     parser.add_argument("--section", default="quality", help="BENCHMARKS.md section to write")
+    parser.add_argument("--step-groups", type=int, nargs="+", help="only MoDiff static rows, per step-group count")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     num_images, steps, bits = args.num_images, args.steps, BITS
@@ -77,10 +82,11 @@ def main() -> None:
         fp = score_digits(reference, None)
         results.append({"bits": "fp32", "mode": "full precision", "torch": {**fp, "psnr_db": None}, "ort": None})
         for w, a in bits:
-            for mode, quant, exportable in variants(w, a):
+            for mode, quant, exportable, groups in variants(w, a, args.step_groups):
                 row = {"bits": f"W{w}A{a}", "mode": mode}
                 static = exportable
-                cal = calibration_file(cfg, ckpt, quant, sampler, work, method=args.method) if static else None
+                cal = calibration_file(cfg, ckpt, quant, sampler, work, method=args.method,
+                                       step_groups=groups) if static else None
                 q = QuantConfig(**{**quant.to_dict(), "act_scales": "static" if static else "dynamic"})
                 qmodel = load_reference(cfg, ckpt, q, cal)[2]
                 x0, _ = timed_samples(qmodel, cfg, num_images, batch, sampler)

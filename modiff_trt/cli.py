@@ -533,6 +533,7 @@ def calibrate_command(
     from_file: Optional[Path] = FROM_FILE,
     text_encoder: Optional[Path] = TEXT_ENCODER,
     random_context: bool = RANDOM_CONTEXT,
+    step_groups: str = typer.Option("1", "--step-groups", help="MoDiff residual scales per G contiguous groups of sampling steps (4-bit activations gain most; the schedule is pinned: sample with the same --steps/--skip-type). 'auto' picks G from the measured scale spread."),
 ) -> None:
     """Measure static activation scales (what TensorRT needs) on full-precision sampler trajectories.
 
@@ -556,7 +557,7 @@ def calibrate_command(
                           guidance_scale=guidance_scale)
     options = CalibrationOptions(weight_bits=_bits(weight_bits), act_bits=_bits(act_bits), modulate=modulate,
                                  first_step=first_step, split=split, method=method, cali_st=cali_st, cali_n=cali_n,
-                                 batch_size=batch_size, seed=seed)
+                                 batch_size=batch_size, seed=seed, step_groups=step_groups)
     if from_qdiffusion is not None:
         if checkpoint is not None:
             raise typer.BadParameter("give --checkpoint or --from-qdiffusion, not both: the Q-Diffusion file holds the fp32 weights")
@@ -569,6 +570,10 @@ def calibrate_command(
         result = calibrate(model_cfg, checkpoint, out, chosen, options, conditioning=conditioning,
                            trust=trust_checkpoint, ema=ema)
     report = result.meta.get("report") or {}
+    if result.step_groups is not None:
+        g = result.step_groups
+        console.print(f"{g.count} step groups (steps {', '.join(f'{b}-{e - 1}' for b, e in zip(g.bounds, g.bounds[1:]))}) "
+                      f"for the {g.steps}-step {g.skip_type} schedule: sample with exactly that schedule")
     console.print(f"wrote {len(result.layers)} layers of {result.kind} scales to [bold]{out}[/]"
                   + (f" in {report['seconds']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB" if report else ""))
 

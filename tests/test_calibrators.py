@@ -15,6 +15,7 @@ from modiff_trt.errors import ArtifactError, CheckpointError, ConfigError
 from modiff_trt.models import load_config
 from modiff_trt.quant import QuantConfig, quantize_unet, quantizable_layers
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas, make_sampler
+from tests.helpers.export import BETAS
 from tests.helpers.models import ddim_yaml, rel_err
 
 FAST = dict(cali_st=5, cali_n=8, batch_size=4, reservoir=4096)
@@ -210,7 +211,7 @@ def test_file_round_trip_and_metadata(tmp_path, tiny_config, tiny_checkpoint):
         assert torch.equal(got.weight_codes, entry.weight_codes) and torch.equal(got.weight_scale, entry.weight_scale)
         assert got.weight_codes.abs().max() <= 32
     meta = loaded.meta
-    assert meta["format"] == "modiff-trt/calibration" and meta["version"] == 2
+    assert meta["format"] == "modiff-trt/calibration" and meta["version"] == 3 and meta["step_groups"] is None
     assert meta["kind"] == "residual" and meta["modulate"] is True and meta["first_step"] == "fp"
     assert meta["weight_bits"] == 6 and meta["act_bits"] == 8 and meta["method"] == "percentile"
     assert meta["sampler"] == {"sampler": "ddim", "steps": 10, "skip_type": "quad", "eta": 0.0, "beta_schedule": "linear",
@@ -328,3 +329,38 @@ def test_cli_calibrate_then_sample_static_and_refuse_other_checkpoint(tmp_path, 
                                  "--act-bits", "8", "--no-modulate", "-o", str(tmp_path / "q.safetensors")])
     assert result.exit_code == 0, result.output
     assert load_calibration(tmp_path / "q.safetensors").kind == "raw"
+
+
+# -- step groups ---------------------------------------------------------------------------
+def test_step_group_calibration_round_trips_pins_the_schedule_and_runs_the_reference(
+        tmp_path, tiny_model, tiny_config, tiny_checkpoint):
+    """Residual scales per step group: the file holds [G, channel groups] scales and the schedule;
+    the reference switches groups per call, and sampling another schedule is refused with the fix."""
+    out = tmp_path / "g.safetensors"
+    written = run_calibrate(tiny_config, tiny_checkpoint, out, act_bits=4, step_groups=3, cali_st=9)
+    loaded = load_calibration(out)
+    groups = loaded.step_groups
+    assert groups.bounds == (1, 4, 7, 10) and groups.timesteps == tuple(sorted(ddim_timesteps(10, "quad"), reverse=True))
+    for name, entry in loaded.layers.items():
+        assert len(entry.act_groups) == 3 and entry.act == entry.act_groups[0]
+        assert torch.allclose(torch.tensor(entry.act_groups), torch.tensor(written.layers[name].act_groups), rtol=1e-7)
+    config = load_config(tiny_config)
+    qmodel = quantize_unet(tiny_model, QuantConfig(8, 4, act_scales="static"), loaded.to_scale_set(config, tiny_checkpoint))
+    noise = torch.randn(2, *config.sample_shape, generator=torch.Generator().manual_seed(0))
+    ddim_sample(qmodel, noise, ddim_timesteps(10, "quad"), BETAS)
+    with pytest.raises(ConfigError, match="--steps 10 --skip-type quad, or recalibrate"):
+        ddim_sample(qmodel, noise, ddim_timesteps(10, "uniform"), BETAS)
+    with pytest.raises(ConfigError, match="--step-groups applies to MoDiff"):
+        run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", act_bits=4, modulate=False, step_groups=2)
+    with pytest.raises(ConfigError, match="without a calibration step: raise --cali-st"):
+        run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", step_groups=9, cali_st=2)
+
+
+def test_auto_step_groups_pick_a_pooling_of_the_measured_groups(tmp_path, tiny_config, tiny_checkpoint, caplog):
+    """'auto' measures the finest power-of-two groups and keeps the fewest whose scales agree."""
+    with caplog.at_level("INFO"):
+        cal = run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "auto.safetensors", act_bits=4,
+                            step_groups="auto", cali_st=9)
+    assert "--step-groups auto picked" in caplog.text
+    count = 1 if cal.step_groups is None else cal.step_groups.count
+    assert count in (1, 2, 4, 8) and load_calibration(tmp_path / "auto.safetensors").meta["version"] == 3

@@ -21,8 +21,10 @@ from modiff_trt.export.qdq import FP16_MIN_NORMAL
 from modiff_trt.export.sites import find_sites
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
+from modiff_trt.sampling import ddim_sample, ddim_timesteps
 from tests.helpers.models import rel_err
 from tests.helpers.export import (
+    BETAS,
     SEQ,
     SHAPE,
     absmax_scales,
@@ -354,3 +356,23 @@ def test_graphs_over_the_protobuf_limit_keep_weights_beside_them(tmp_path, tiny_
     data.write_bytes(data.read_bytes()[:-4] + b"\\0\\0\\0\\0")  # the manifest hash covers the weights too
     with pytest.raises(ArtifactError, match="mixes two exports"):
         load_manifest(out)
+
+
+def test_step_group_graph_follows_the_reference_per_layer_and_step(tmp_path, tiny_model, noise):
+    """Scales per step group, folded around one constant quantizer by the `step_scale_ratio`
+    input: per layer and step on ORT's own tensors, rq = Q_g(x - a_hat_in) on the grid and
+    o_hat_out = o_hat_in + f(rq, Wq); the runner fills the ratios (trajectory tracks the reference)."""
+    qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, 3, split=True), step_groups=3)
+    assert qmodel.step_groups.count == 3
+    assert check_step_layers(out, qmodel, noise) == len(qmodel.layers) * (len(SEQ) - 1)
+    step = onnx.load(str(out / "step.onnx"))
+    ratio = next(i for i in step.graph.input if i.name == "step_scale_ratio")
+    width = sum(len(layer.groups) for layer in qmodel.layers.values())
+    assert [d.dim_value for d in ratio.type.tensor_type.shape.dim] == [2, width]
+    assert lint_export(out) == []
+    manifest = load_manifest(out)
+    assert manifest.step_groups["count"] == 3 and len(manifest.step_groups["ratios"]) == 3
+    assert manifest.step_groups["ratios"][0] == [[1.0] * width] * 2
+    assert rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise)) < 5e-3
+    with pytest.raises(ConfigError, match="--steps 10 --skip-type quad"):
+        ddim_sample(OrtRunner(out), noise, ddim_timesteps(12, "quad"), BETAS)

@@ -36,6 +36,7 @@ def digits_dirs(tmp_path_factory) -> dict[str, Path]:
         "modiff": digits_export(root / "modiff", root / "cal"),
         "fixed4": digits_export(root / "fixed4", root / "cal", batch_size=4),
         "plain": digits_export(root / "plain", root / "cal", modulate=False),
+        "groups": digits_export(root / "groups", root / "cal", step_groups=3),
     }
 
 
@@ -136,6 +137,16 @@ def test_trt_runner_on_the_double_equals_ort_over_a_10_step_trajectory(digits_di
     _assert_same(_trajectory(runner, export_dir), want)  # second trajectory: contexts (and graphs) reused
     assert double.state.executions - executions == STEPS  # one launch per call, captured or eager
     assert len(want.states[0]) == 2 * len(load_manifest(export_dir).layers)
+
+
+def test_step_scale_ratio_is_filled_per_step_group_like_ort(digits_dirs, monkeypatch) -> None:
+    """An export with 3 step groups: the trt runner binds the one `step_scale_ratio` buffer (not
+    batched) and refills it per group exactly as the ort runner does (bit-identical eps and state)."""
+    export_dir = digits_dirs["groups"]
+    assert load_manifest(export_dir).step_groups["count"] == 3
+    double = _build(export_dir, monkeypatch, min_batch=1, opt_batch=3, max_batch=8)
+    want = _trajectory(OrtRunner(export_dir, provider="cpu", threads=THREADS), export_dir)
+    _assert_same(_trajectory(_runner(export_dir, double), export_dir), want)
 
 
 def test_plain_unet_graph_on_the_double_equals_ort(digits_dirs, monkeypatch) -> None:

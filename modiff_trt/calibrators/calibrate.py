@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from modiff_trt import __version__
 from modiff_trt.calibrators.collect import (
     DEFAULT_RESERVOIR,
+    LayerStats,
+    StreamStats,
     TrajectoryCollector,
     calibration_steps,
     input_channels,
@@ -40,7 +43,7 @@ from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant.config import QuantConfig
 from modiff_trt.quant.layer import channel_groups
 from modiff_trt.quant.model import quantizable_layers, split_points
-from modiff_trt.quant.scales import LayerScales
+from modiff_trt.quant.scales import LayerScales, StepGroups
 from modiff_trt.sampling.conditioning import ContextSource
 from modiff_trt.sampling.sampler import Sampler
 
@@ -78,6 +81,7 @@ class CalibrationOptions:
     seed: int = 0
     percentile: float = DEFAULT_PERCENTILE
     reservoir: int = DEFAULT_RESERVOIR
+    step_groups: int | str = 1  # MoDiff residual scales per G groups of steps, or 'auto' (choose_step_groups)
 
     def __post_init__(self) -> None:
         _ = self.quant  # QuantConfig validates the bits and first_step
@@ -133,30 +137,114 @@ def measure_activations(
     splits: dict[str, int],
     conditioning: ContextSource | None = None,
     progress: bool = True,
-) -> dict[str, LayerScales]:
+    step_groups: StepGroups | None = None,
+) -> tuple[dict[str, LayerScales], StepGroups | None]:
     """Static activation scales per layer: residual (+ warm-up) scales for MoDiff, raw for plain.
 
     Steps index UNet calls, not sampler steps: PLMS calls the UNet once more than it has steps.
+    `step_groups` measures residual scales per group of steps (`LayerScales.act_groups`); with
+    `options.step_groups == 'auto'` those are the finest candidates, merged by
+    `choose_step_groups`. Returns the scales and the step groups they hold (None: one group).
     """
     steps = calibration_steps(sampler.model_calls(), options.cali_st, options.modulate)
     log.info("calibrating %s at UNet calls %s of %d (%d trajectories)",
              "residuals" if options.modulate else "raw inputs", steps, sampler.model_calls(), options.cali_n)
+    if step_groups is not None:
+        for g in range(step_groups.count):
+            if not set(step_groups.steps_of(g)) & set(steps):
+                raise ConfigError(f"--cali-st {options.cali_st} leaves step group {g} (steps {step_groups.steps_of(g)}) "
+                                  f"without a calibration step: raise --cali-st (up to {sampler.model_calls() - 1}) "
+                                  "or use fewer groups")
     n_batches = -(-options.cali_n // options.batch_size)
-    collector = TrajectoryCollector(model, steps, options.modulate, n_batches, splits, options.reservoir, options.seed)
+    collector = TrajectoryCollector(model, steps, options.modulate, n_batches, splits, options.reservoir, options.seed,
+                                    step_group=None if step_groups is None else step_groups.group_of)
     stats = collector.run(sampler, model_cfg.sample_shape, options.cali_n, options.batch_size, options.seed,
                           conditioning, progress)
+    fine = step_groups.count if step_groups is not None else 1
+    if step_groups is not None and options.step_groups == "auto":
+        step_groups = choose_step_groups(stats, step_groups)
 
     def scales(group_stats):
         return [activation_scale(s.values(), s.absmax, options.act_bits, options.method, options.percentile)
                 for s in group_stats]
 
-    # A residual that is exactly 0 at every calibrated step (SD's to_k/to_v read the unchanging text
-    # context) has no scale to find: such layers pass o_hat through instead of quantizing zeros.
-    return {
-        name: LayerScales(act=scales(s.act), warmup=None if s.warmup is None else scales(s.warmup),
-                          constant_input=options.modulate and all(g.count > 0 and g.absmax == 0.0 for g in s.act))
-        for name, s in stats.items()
-    }
+    out = {}
+    for name, s in stats.items():
+        if step_groups is None:
+            per_group = [scales(s.act)]
+        else:  # the fine (measured) groups pooled per chosen group
+            per_group = [scales([pool(s.act_by_group[f][c] for f in members) for c in range(len(s.groups))])
+                         for members in _fine_members(fine, step_groups)]
+        # A residual that is exactly 0 at every calibrated step (SD's to_k/to_v read the unchanging text
+        # context) has no scale to find: such layers pass o_hat through instead of quantizing zeros.
+        constant = options.modulate and all(g.count > 0 and g.absmax == 0.0 for step in s.act_by_group for g in step)
+        out[name] = LayerScales(act=per_group[0], warmup=None if s.warmup is None else scales(s.warmup),
+                                act_groups=per_group if step_groups is not None and step_groups.count > 1 else None,
+                                constant_input=constant)
+    return out, step_groups if step_groups is not None and step_groups.count > 1 else None
+
+
+AUTO_MAX_GROUPS = 8
+AUTO_SPREAD_BITS = 0.5  # a pooled group may lose at most this many bits to its largest member
+
+
+def _fine_members(fine_count: int, chosen: StepGroups) -> list[list[int]]:
+    """The fine (measured) groups each chosen group pools: contiguous runs of equal length."""
+    per = fine_count // chosen.count
+    return [list(range(g * per, (g + 1) * per)) for g in range(chosen.count)]
+
+
+def pool(parts) -> StreamStats:
+    """One statistic over several groups' values (exact absmax; the subsamples concatenated)."""
+    parts = list(parts)
+    merged = StreamStats(parts[0].per_chunk, max(p.absmax for p in parts), sum(p.count for p in parts))
+    merged.chunks = [c for p in parts for c in p.chunks]
+    return merged
+
+
+def choose_step_groups(stats: dict[str, LayerStats], fine: StepGroups) -> StepGroups:
+    """The fewest step groups (1, 2, 4, ... pooling the `fine` ones) whose residual absmax spread
+    stays within AUTO_SPREAD_BITS: per candidate, the mean over layers of the largest
+    log2(max/min absmax) among the fine groups one of its groups pools."""
+    count = 1
+    while True:
+        per = fine.count // count
+        spreads = []
+        for s in stats.values():
+            worst = 0.0
+            for c in range(len(s.groups)):
+                amax = np.array([max(s.act_by_group[f][c].absmax, 1e-12) for f in range(fine.count)])
+                for g in range(count):
+                    chunk = amax[g * per:(g + 1) * per]
+                    worst = max(worst, float(np.log2(chunk.max() / chunk.min())))
+            spreads.append(worst)
+        spread = float(np.mean(spreads))
+        log.info("step groups %d: mean residual scale spread within a group %.2f bits", count, spread)
+        if spread <= AUTO_SPREAD_BITS or count * 2 > fine.count:
+            chosen = StepGroups(fine.bounds[::per], fine.timesteps, fine.skip_type)
+            log.info("--step-groups auto picked %d group(s) (spread %.2f bits; limit %.2f)",
+                     chosen.count, spread, AUTO_SPREAD_BITS)
+            return chosen
+        count *= 2
+
+
+def requested_groups(options: CalibrationOptions, sampler: Sampler) -> StepGroups | None:
+    """The step groups to measure (the finest candidates for 'auto'), or None for one group."""
+    calls = sampler.model_calls()
+    if options.step_groups == "auto":
+        count = min(AUTO_MAX_GROUPS, calls - 1)
+        count = 1 << (count.bit_length() - 1)  # a power of two, so 1, 2, 4, ... pool it evenly
+    else:
+        try:
+            count = int(options.step_groups)
+        except ValueError:
+            raise ConfigError(f"--step-groups {options.step_groups!r}: give a number of groups or 'auto'") from None
+        if count == 1:
+            return None
+    if not options.modulate or options.act_bits is None or sampler.name != "ddim":
+        raise ConfigError("--step-groups applies to MoDiff residual scales (--modulate, activation bits) with the "
+                          "ddim sampler: use --step-groups 1 here")
+    return StepGroups.even(count, sampler.timesteps(), sampler.skip_type)
 
 
 def mse_weights(
@@ -206,12 +294,15 @@ def calibrate(
         steps = calibration_steps(sampler.model_calls(), options.cali_st, options.modulate)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    requested = requested_groups(options, sampler)
+    groups = None
     model = load_unet(model_cfg, checkpoint, trust=trust, ema=ema).to(device)
     splits = imported.splits if imported is not None else split_points(model, options.split)
     layers = {name: LayerScales() for name in quantizable_layers(model)}
     if options.act_bits is not None:
         with torch.no_grad():
-            layers = measure_activations(model, model_cfg, sampler, options, splits, conditioning, progress)
+            layers, groups = measure_activations(model, model_cfg, sampler, options, splits, conditioning, progress,
+                                                 step_groups=requested)
     weight_method = options.resolved_weight_method
     if imported is not None:
         weight_method = imported.origin
@@ -232,6 +323,7 @@ def calibrate(
         reservoir=options.reservoir, origin="calibration" if imported is None else f"{imported.origin}+calibration",
         weights=imported.notes if imported is not None else None,
         sampler=sampler.to_dict(),
+        step_groups=None if groups is None else groups.to_dict(),
         trajectories={"cali_st": options.cali_st, "cali_n": options.cali_n, "batch_size": options.batch_size,
                       "seed": options.seed, "calibration_steps": steps},
         report={"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1),

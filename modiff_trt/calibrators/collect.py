@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,11 +64,16 @@ class StreamStats:
 
 @dataclass
 class LayerStats:
-    """Statistics of one layer: per channel group, the step quantizer's input and the warm-up's."""
+    """Statistics of one layer: per channel group, the step quantizer's input and the warm-up's;
+    `act_by_group` holds the step quantizer's per group of sampling steps (one group by default)."""
 
     groups: list[slice]
-    act: list[StreamStats]
+    act_by_group: list[list[StreamStats]]
     warmup: list[StreamStats] | None
+
+    @property
+    def act(self) -> list[StreamStats]:
+        return self.act_by_group[0]
 
 
 def calibration_steps(num_steps: int, cali_st: int, modulate: bool) -> list[int]:
@@ -104,17 +109,25 @@ class TrajectoryCollector:
         splits: dict[str, int],
         reservoir: int,
         seed: int,
+        step_group: Callable[[int], int] | None = None,
     ):
+        """`step_group(step)` (default: all 0) sorts the calibration steps into groups with their
+        own statistics; each group keeps a full `reservoir`."""
         self.model, self.steps, self.modulate = model, set(steps), modulate
+        self.step_group = step_group or (lambda step: 0)
         self.generator = torch.Generator().manual_seed(int(seed) + 7919)
-        act_chunk = max(1, math.ceil(reservoir / (len(self.steps) * n_batches)))
+        per_group: dict[int, int] = {}
+        for step in self.steps:
+            per_group[self.step_group(step)] = per_group.get(self.step_group(step), 0) + 1
+        act_chunks = [max(1, math.ceil(reservoir / (per_group.get(g, 1) * n_batches)))
+                      for g in range(max(per_group) + 1)]
         warm_chunk = max(1, math.ceil(reservoir / n_batches))
         self.stats: dict[str, LayerStats] = {}
         for name in quantizable_layers(model):
             groups = channel_groups(input_channels(model.get_submodule(name)), splits.get(name, 0))
             self.stats[name] = LayerStats(
                 groups=groups,
-                act=[StreamStats(act_chunk) for _ in groups],
+                act_by_group=[[StreamStats(chunk) for _ in groups] for chunk in act_chunks],
                 warmup=[StreamStats(warm_chunk) for _ in groups] if modulate else None,
             )
         self.step = self.calls = 0
@@ -129,7 +142,7 @@ class TrajectoryCollector:
                     s.update(x[..., group] if linear else x[:, group], self.generator)
             if step in self.steps:
                 value = x - self.previous.pop(name) if self.modulate else x
-                for group, s in zip(stats.groups, stats.act):
+                for group, s in zip(stats.groups, stats.act_by_group[self.step_group(step)]):
                     s.update(value[..., group] if linear else value[:, group], self.generator)
             if self.modulate and step + 1 in self.steps:
                 self.previous[name] = x.detach().clone()

@@ -3,25 +3,28 @@
 Why safetensors: it loads without pickle (no code execution), memory-maps, and its header has a
 string metadata map, so one file carries scales, integer weights and their provenance.
 
-Layout (format `modiff-trt/calibration`, version 2):
+Layout (format `modiff-trt/calibration`, version 3):
 
 - tensors, per quantized layer `P` (module path in the float UNet):
   `P.act` float32 [groups] (residual scales for MoDiff, raw-input scales for plain),
   `P.act_zero_point` float32 [groups] (only imported asymmetric Q-Diffusion scales),
   `P.warmup` / `P.warmup_zero_point` (first-step raw-input scales, MoDiff only),
   `P.weight_codes` int8 shaped like the weight (W_int - zero_point) and `P.weight_scale`
-  float32 [O, groups] (only when the file carries its own rounded weights: MSE or imported).
+  float32 [O, groups] (only when the file carries its own rounded weights: MSE or imported),
+  `P.act_groups` float32 [step groups, groups] (only with step groups; `P.act` is its row 0).
 - metadata key `modiff_trt`: JSON with `format`, `version`, `kind` ('residual'|'raw'),
   `modulate`, `first_step`, `split`, `weight_bits`, `act_bits`, `method`, `weight_method`,
   `sampler` (the `Sampler.to_dict()` the trajectories were drawn with; null for a plain
   Q-Diffusion import), `trajectories` {cali_st, cali_n, batch_size, seed, calibration_steps},
   `checkpoint` {path, sha256}, `config` {source, sha256}, `layers` (names, in model order),
   `groups` {layer: count}, `constant_input` (layers whose residual was exactly 0 at every
-  calibrated step; absent in older files), `origin`, `report` (time, memory, import notes).
+  calibrated step; absent in older files), `origin`, `report` (time, memory, import notes), `step_groups`
+  (null, or `StepGroups.to_dict()`: the step groups' bounds and the timesteps they are pinned to).
 
 Version 1 files held the sampler settings and the trajectory budget together in `schedule`
 (without the betas, which came from the config); they still load, and `sampler(model_cfg)`
-rebuilds their sampler from the config.
+rebuilds their sampler from the config. Version 3 added step groups; version 1 and 2 files
+have none, which is exactly `--step-groups 1`, so they load unchanged.
 
 The file is tied to the checkpoint and config it was measured on (sha256 of both): loading it
 for anything else raises `ArtifactError` naming both sides and the command that fixes it.
@@ -43,13 +46,13 @@ from modiff_trt.errors import ArtifactError
 from modiff_trt.export.manifest import sha256_file
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant.model import quantizable_layers
-from modiff_trt.quant.scales import LayerScales, ScaleSet
+from modiff_trt.quant.scales import LayerScales, ScaleSet, StepGroups
 from modiff_trt.sampling.sampler import Sampler, make_sampler, sampler_from_dict
 
 log = logging.getLogger(__name__)
 FORMAT = "modiff-trt/calibration"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 META_KEY = "modiff_trt"
 SCALE_FIELDS = ("act", "act_zero_point", "warmup", "warmup_zero_point")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -75,6 +78,12 @@ class Calibration:
     def kind(self) -> str:
         """'residual' (MoDiff step residual scales) or 'raw' (raw input scales, plain Q-Diffusion)."""
         return str(self.meta["kind"])
+
+    @property
+    def step_groups(self) -> StepGroups | None:
+        """The groups of sampling steps with their own residual scales (None: one for all steps)."""
+        data = self.meta.get("step_groups")
+        return None if data is None else StepGroups.from_dict(data)
 
     def sampler(self, model_cfg: ModelConfig) -> Sampler | None:
         """The sampler the trajectories were drawn with; None for an import that sampled nothing.
@@ -135,7 +144,8 @@ class Calibration:
     def to_scale_set(self, config: ModelConfig | str | None, checkpoint: str | Path | None) -> ScaleSet:
         """The scales for `quantize_unet`, after checking they belong to this config and checkpoint."""
         self.check_matches(config, checkpoint)
-        return ScaleSet(modulate=self.modulate, layers=dict(self.layers), source=self.source)
+        return ScaleSet(modulate=self.modulate, layers=dict(self.layers), source=self.source,
+                        step_groups=self.step_groups)
 
 
 def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:
@@ -155,6 +165,8 @@ def _tensors(layers: dict[str, LayerScales]) -> dict[str, torch.Tensor]:
             values = getattr(entry, key)
             if values is not None:
                 out[f"{name}.{key}"] = torch.tensor(values, dtype=torch.float32)
+        if entry.act_groups is not None:
+            out[f"{name}.act_groups"] = torch.tensor(entry.act_groups, dtype=torch.float32)
         if entry.weight_codes is not None:
             codes = entry.weight_codes
             if codes.min() < -128 or codes.max() > 127 or not torch.equal(codes, codes.round()):
@@ -208,8 +220,10 @@ def load_calibration(path: str | Path) -> Calibration:
     for name in meta["layers"]:
         fields = {key: tensors[f"{name}.{key}"].tolist() for key in SCALE_FIELDS if f"{name}.{key}" in tensors}
         codes = tensors.get(f"{name}.weight_codes")
+        grouped = tensors.get(f"{name}.act_groups")
         layers[name] = LayerScales(
             **fields,
+            act_groups=None if grouped is None else grouped.tolist(),
             weight_codes=None if codes is None else codes.float(),
             weight_scale=tensors.get(f"{name}.weight_scale"),
             constant_input=name in constant,

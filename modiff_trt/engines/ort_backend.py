@@ -123,6 +123,8 @@ class OrtRunner(StatefulRunner):
         if arrangement.read is not None:
             for name, tensor in self._state(batch).inputs(arrangement.read).items():
                 self._bind(binding, name, tensor)
+            if self.step_scales is not None:
+                self._bind(binding, self.step_scales.name, self.step_scales.buffer)
         if arrangement.write is not None:
             for name, tensor in self._state(batch).outputs(arrangement.write).items():
                 self._bind(binding, name, tensor, output=True)

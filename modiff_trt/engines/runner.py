@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from modiff_trt.engines.state_buffers import torch_dtype
+from modiff_trt.engines.step_scales import StepScaleInput
 from modiff_trt.errors import ModiffError
 from modiff_trt.export.manifest import Manifest, TensorSpec
 from modiff_trt.export.naming import CONTEXT, X
@@ -142,6 +144,11 @@ class StatefulRunner(ABC):
         self.inputs = InputContract.from_manifest(manifest)
         self.calls = 0
         self.batch: int | None = None  # the (padded) batch of the current trajectory
+        self.source = str(self.export_dir)
+        # Step groups: the `step_scale_ratio` buffer the step graph reads, refilled per call below.
+        self.step_scales = StepScaleInput.from_manifest(
+            manifest, self.device, torch_dtype(manifest.export.get("float", "float32")), self.source)
+        self.step_groups = None if self.step_scales is None else self.step_scales.groups  # read by the samplers
 
     def reset_state(self) -> None:
         """New batch: the next call runs the warm-up graph (the old state is simply overwritten)."""
@@ -161,6 +168,8 @@ class StatefulRunner(ABC):
                 "the first batch; call reset_state() before sampling a new batch"
             )
         self.batch = x.shape[0]
+        if self.step_scales is not None and arrangement.graph == "step":
+            self.step_scales.fill(self.calls)  # on the caller's stream, like the other inputs
         eps = self._run_impl(arrangement, x, t, context)
         self.calls += 1
         return eps[:batch].float()

@@ -32,6 +32,7 @@ from modiff_trt.engines.sidecar import EngineSidecar, sidecar_path, write_sideca
 from modiff_trt.engines.trt_env import cuda_device_info, cuda_index, import_tensorrt, trt_major
 from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
 from modiff_trt.export.manifest import GraphSpec, Manifest, load_manifest
+from modiff_trt.export.naming import UNBATCHED
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,15 @@ def profile_shapes(graph: GraphSpec, batch: BatchRange, source: str = "graph") -
     """The optimization-profile shape of every input of `graph` (x, t, context, state inputs).
 
     Dim 0 of every input is the batch (`'batch'` or an int in the manifest) and follows `x`;
-    all other dims must be static ints, which is what the exporter writes.
+    all other dims must be static ints, which is what the exporter writes. `step_scale_ratio`
+    (step groups) is not batched: its shape is fixed.
     """
     shapes: dict[str, ProfileShape] = {}
     for tensor in graph.inputs:
+        if tensor.name in UNBATCHED:
+            fixed = tuple(int(d) for d in tensor.shape)
+            shapes[tensor.name] = ProfileShape(fixed, fixed, fixed)
+            continue
         if not tensor.shape:
             raise ArtifactError(f"{source}: input {tensor.name} is a scalar; every input needs a batch dim")
         rest = tensor.shape[1:]

@@ -253,6 +253,8 @@ class TensorRTRunner(StatefulRunner):
                 inputs[name] = aligned_empty(shape, torch_dtype_for(trt, first.get_tensor_dtype(name)), self.device)
         eps_shape = _batch_shape(first.get_tensor_shape(EPS), batch)
         eps = aligned_empty(eps_shape, torch_dtype_for(trt, first.get_tensor_dtype(EPS)), self.device)
+        if self.step_scales is not None:  # one buffer for every batch: not batched, refilled per call
+            inputs[self.step_scales.name] = self.step_scales.buffer
         bound = _Bound(batch, inputs, eps, state)
         for arrangement in self.arrangements.all:
             bound.contexts[arrangement.name] = self._make_context(arrangement, bound)

@@ -34,7 +34,7 @@ from modiff_trt.engines.sidecar import EngineSidecar, read_sidecar, sidecar_path
 from modiff_trt.engines.trt_build import plan_path
 from modiff_trt.errors import ArtifactError, BackendUnavailableError, ModiffError
 from modiff_trt.export.manifest import GraphSpec, Manifest, load_manifest
-from modiff_trt.export.naming import CONTEXT, T, X
+from modiff_trt.export.naming import CONTEXT, STEP_SCALE_RATIO, UNBATCHED, T, X
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,9 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _batch_shape(dims: Sequence[int | str], batch: int) -> list[int]:
+def _batch_shape(dims: Sequence[int | str], batch: int, name: str = "") -> list[int]:
+    if name in UNBATCHED:
+        return [int(d) for d in dims]
     return [batch, *(int(d) for d in dims[1:])]
 
 
@@ -265,7 +267,7 @@ def write_input_files(
     rng = np.random.default_rng(0)
     files = {}
     for tensor in graph.inputs:
-        shape = _batch_shape(tensor.shape, batch)
+        shape = _batch_shape(tensor.shape, batch, tensor.name)
         dtype = np.dtype(tensor.dtype)
         if tensor.name in values:
             array = np.asarray(values[tensor.name])
@@ -426,8 +428,10 @@ def profile_engine(
             values = warmup_state(export_dir, manifest, batch)
         except Exception as exc:  # noqa: BLE001 - zeros are a documented, logged fallback
             log.warning("could not compute a real warm-up state with ONNX Runtime (%s); using zeros", exc)
+    if manifest.step_groups is not None:  # the ratios of step 1's group: the step the warm-up state leads to
+        values[STEP_SCALE_RATIO] = np.asarray(manifest.step_groups["ratios"][0], dtype=np.float32)
     files = write_input_files(graph, batch, work / f"inputs-{stem}", values)
-    shapes = {t.name: _batch_shape(t.shape, batch) for t in graph.inputs}
+    shapes = {t.name: _batch_shape(t.shape, batch, t.name) for t in graph.inputs}
     profile_json = work / f"{stem}.layers.json"
     command = build_trtexec_command(
         plan,

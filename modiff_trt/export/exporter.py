@@ -31,7 +31,14 @@ from modiff_trt.export.manifest import (
 from modiff_trt.export.onnx_float import export_float_onnx
 from modiff_trt.export.fp16 import convert_to_fp16
 from modiff_trt.export.lint import lint_export
-from modiff_trt.export.qdq import floored_scales, insert_quantization, layer_weights, qdq_kernel, scale_floor
+from modiff_trt.export.qdq import (
+    floored_scales,
+    insert_quantization,
+    layer_weights,
+    qdq_kernel,
+    scale_floor,
+    step_ratio_table,
+)
 from modiff_trt.export.ort_cpu import integer_kernel
 from modiff_trt.export.sites import find_sites
 from modiff_trt.models.config import ModelConfig
@@ -214,6 +221,8 @@ def export_model(
                 "sha256": sha256_file(calibration),
             },
             tool_version=__version__,
+            step_groups=None if qmodel.step_groups is None else {
+                **qmodel.step_groups.to_dict(), "ratios": step_ratio_table(qmodel)},
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         issues = lint_export(tmp)

@@ -106,6 +106,9 @@ class Manifest:
     schema: str = SCHEMA
     version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Residual scales per group of sampling steps: the pinned schedule (`StepGroups.to_dict`) and
+    #: `ratios` [G][2][quantizers], the `step_scale_ratio` value of each group. None: one scale.
+    step_groups: dict[str, Any] | None = None
 
     @property
     def modulated(self) -> bool:
@@ -165,6 +168,7 @@ class Manifest:
                 calibration=data.get("calibration"),
                 tool_version=data.get("tool_version", ""),
                 extra=data.get("extra", {}),
+                step_groups=data.get("step_groups"),
             )
         except (KeyError, TypeError) as exc:
             raise ArtifactError(f"{source} is malformed ({exc}): re-run `modiff-trt export`") from exc

@@ -8,6 +8,10 @@ its state tensors are `a_hat_in.<path>`, `o_hat_in.<path>` (step graph inputs) a
 from __future__ import annotations
 
 X, T, CONTEXT, EPS = "x", "t", "context", "eps"
+#: Step-graph input [2, quantizers] with step groups: row 0 multiplies each residual before its
+#: constant-scale quantizer (s_0/s_g), row 1 the dequantized residual and the layer output (s_g/s_0).
+STEP_SCALE_RATIO = "step_scale_ratio"
+UNBATCHED = frozenset({STEP_SCALE_RATIO})  # inputs whose dim 0 is not the batch
 STATE_KINDS = ("a_hat", "o_hat")
 
 

@@ -9,6 +9,10 @@ For layer L (input x, output y) the pass emits, in the float type F of the graph
                         a_hat_out = a_hat_in + rq,   o_hat_out = y
 
 - step, constant input:  y = o_hat_in; o_hat_out = o_hat_in   (no a_hat: see LayerScales.constant_input)
+With step groups (scales calibrated per group of sampling steps) the step graph keeps the
+constant scale s_0 and reads this step's ratios from the `step_scale_ratio` input [2, Q] (one
+column per quantizer, in layer order): rq = DQ(Q(Clip(r * s_0/s_g))) * s_g/s_0 and, by linearity,
+y = o_hat_in + Op(DQ(...), DQ(W_int8)) * s_g/s_0, so the Q/DQ pair still feeds the Op directly.
 
 Q/DQ are symmetric int8 with a constant zero point 0 and a constant positive scale; b-bit grids
 (b < 8) are exact on int8 through the Clip to [-2^(b-1), 2^(b-1)-1] * scale. Weights are int8
@@ -183,10 +187,22 @@ def qdq_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: i
     return xq, _apply(em, site, xq, _weight(em, layer, group, True), bias, output)
 
 
+Ratios = list[tuple[str, str]]  # per channel group: (pre, post) scalar tensor names in the graph
+
+
+def _ratio_scalars(em: Emitter, first: int, count: int) -> Ratios:
+    """This layer's (pre, post) multipliers: columns first..first+count-1 of `step_scale_ratio`."""
+    def pick(row: int, column: int) -> str:
+        return em.op("GatherND", [naming.STEP_SCALE_RATIO, em.const("ratio_index", np.array([row, column]))])
+
+    return [(pick(0, first + i), pick(1, first + i)) for i in range(count)]
+
+
 def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scales: list[float] | None,
                   zero_points: list[float] | None, bias: np.ndarray | None, output: str | None = None,
-                  kernel: GroupKernel = qdq_kernel) -> tuple[str, str]:
-    """(fake-quantized input, Op output): per channel group when the layer is split."""
+                  kernel: GroupKernel = qdq_kernel, ratios: Ratios | None = None) -> tuple[str, str]:
+    """(fake-quantized input, Op output): per channel group when the layer is split; `ratios`
+    fold a step group's scale around each group's constant quantizer (no bias then)."""
     bits = layer.config.act_bits
     if bits is None:  # weight-only: float activations, so the (exact) dequantized weight stays float too
         return x, _apply(em, site, x, _weight(em, layer, 0, quantized=False), bias, output)
@@ -194,20 +210,29 @@ def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scale
         raise ArtifactError(f"layer {layer.name} has no static activation scale: export needs a calibration")
     grids = [act_grid(layer, float(em.floor(scale)), None if zero_points is None else zero_points[i])
              for i, scale in enumerate(scales)]
+
+    def run(group: int, part: str, b: np.ndarray | None, out: str | None) -> tuple[str, str]:
+        if ratios is None:
+            return kernel(em, site, layer, part, group, grids[group], b, out)
+        pre, post = ratios[group]
+        xq, y = kernel(em, site, layer, em.op("Mul", [part, pre]), group, grids[group], None)
+        return em.op("Mul", [xq, post]), em.op("Mul", [y, post], out)
+
     if len(layer.groups) == 1:
-        return kernel(em, site, layer, x, 0, grids[0], bias, output)
+        return run(0, x, bias, output)
     if site.op != "Conv":
         raise ArtifactError(f"layer {layer.name}: split quantization is only supported for convolutions")
     sizes = em.const("split", np.array([g.stop - g.start for g in layer.groups], dtype=np.int64))
     parts = [em.fresh("group") for _ in layer.groups]
     em.nodes.append(helper.make_node("Split", [x, sizes], parts, name=em.fresh("Split"), axis=1))
     # The bias rides on the first group's Conv; the second group's Conv adds on top.
-    pairs = [kernel(em, site, layer, p, i, grids[i], bias if i == 0 else None) for i, p in enumerate(parts)]
+    pairs = [run(i, p, bias if i == 0 else None, None) for i, p in enumerate(parts)]
     return em.op("Concat", [q for q, _ in pairs], axis=1), em.op("Add", [y for _, y in pairs], output)
 
 
 def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind, state_dtype: np.dtype,
-                kernel: GroupKernel) -> None:
+                kernel: GroupKernel, ratio_column: int | None = None) -> None:
+    """Rewrite one layer; `ratio_column`: its first column of `step_scale_ratio` (step groups)."""
     bias = None if layer.module.bias is None else layer.module.bias.detach().numpy()
     s = layer.scales
     if kind == "plain":
@@ -236,7 +261,8 @@ def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind
             a_in = em.op("Cast", [a_in], to=ONNX_TYPE[em.float_dtype])
             o_in = em.op("Cast", [o_in], to=ONNX_TYPE[em.float_dtype])
         residual = em.op("Sub", [site.x, a_in])
-        rq, f = _quantized_op(em, site, layer, residual, s.act, s.act_zero_point, None, kernel=kernel)
+        ratios = None if ratio_column is None else _ratio_scalars(em, ratio_column, len(layer.groups))
+        rq, f = _quantized_op(em, site, layer, residual, s.act, s.act_zero_point, None, kernel=kernel, ratios=ratios)
         a_hat = em.op("Add", [a_in, rq])
         em.op("Add", [o_in, f], site.y)
     if not layer.scales.constant_input:
@@ -291,6 +317,32 @@ def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto
     return keep[::-1]
 
 
+def ratio_columns(qmodel: QuantUNet) -> dict[str, int] | None:
+    """Each layer's first column of `step_scale_ratio` (one column per channel group, layer
+    order), or None when the model has no step groups (then the graph has no ratio input)."""
+    if qmodel.step_groups is None or qmodel.config.act_bits is None:
+        return None
+    columns, first = {}, 0
+    for name, layer in qmodel.layers.items():
+        columns[name], first = first, first + len(layer.groups)
+    return columns
+
+
+def step_ratio_table(qmodel: QuantUNet) -> list[list[list[float]]] | None:
+    """The `step_scale_ratio` value of every step group [G][2][quantizers], in `ratio_columns` order."""
+    if ratio_columns(qmodel) is None:
+        return None
+    table = []
+    for group in range(qmodel.step_groups.count):
+        rows: list[list[float]] = [[], []]
+        for layer in qmodel.layers.values():
+            pre, post = layer.ratios[group]
+            rows[0].extend(pre)
+            rows[1].extend(post)
+        table.append(rows)
+    return table
+
+
 def insert_quantization(
     model: onnx.ModelProto,
     qmodel: QuantUNet,
@@ -316,9 +368,10 @@ def insert_quantization(
     layers = qmodel.layers
     replacements: dict[int, Emitter] = {}
     removed: set[int] = set()
+    columns = ratio_columns(qmodel) if kind == "step" else None
     for name, site in sites.items():
         em = Emitter(name, fdt)
-        _emit_layer(em, site, layers[name], kind, sdt, kernel)
+        _emit_layer(em, site, layers[name], kind, sdt, kernel, None if columns is None else columns[name])
         replacements[site.position] = em
         removed.update(site.removed)
         graph.initializer.extend(em.initializers)
@@ -333,6 +386,9 @@ def insert_quantization(
     if kind != "plain":
         if kind == "step":
             graph.input.extend(_state_value_infos(layers, state_shapes, "in", sdt, batch_dim))
+            if columns is not None:
+                width = sum(len(layer.groups) for layer in layers.values())
+                graph.input.append(helper.make_tensor_value_info(naming.STEP_SCALE_RATIO, ONNX_TYPE[fdt], [2, width]))
         graph.output.extend(_state_value_infos(layers, state_shapes, "out", sdt, batch_dim))
     del graph.node[:]
     graph.node.extend(_live(nodes, {o.name for o in graph.output}))

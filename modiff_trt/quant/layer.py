@@ -8,6 +8,9 @@ of docs/architecture.md literally:
 - MoDiff later steps:    rq = Q(x - a_hat); a_hat += rq; o_hat += f(rq, Wq)   (no bias)
 - constant-input layers: o_hat unchanged (their residual is exactly 0); no a_hat is kept
 
+With step groups, Q of step group g is the group-0 quantizer folded by the float32 ratios of
+`scale_ratios`: Q_g(r) = Q(r * s_0/s_g) * s_g/s_0, exactly what the deployed graphs compute.
+
 The state lives for one batch; `reset_state()` starts the next one.
 """
 
@@ -53,6 +56,8 @@ class QuantLayer(nn.Module):
         self.split = split if len(self.groups) == 2 else 0
         self.state_dtype = STATE_DTYPES[config.state_dtype]
         self.scales = LayerScales()
+        self.ratios: list[tuple[list[float], list[float]]] | None = None  # per step group (scale_ratios)
+        self.step_ratio: tuple[list[float], list[float]] | None = None  # this step's (pre, post); None: 1
         self.a_hat: torch.Tensor | None = None
         self.o_hat: torch.Tensor | None = None
         self.set_weight_codes(*self._round_weight())
@@ -89,7 +94,8 @@ class QuantLayer(nn.Module):
         self.register_buffer("w_deq", deq, persistent=False)
 
     # -- activations ------------------------------------------------------------------------
-    def _quantize_act(self, x: torch.Tensor, scales: list[float] | None, zero_points: list[float] | None) -> torch.Tensor:
+    def _quantize_act(self, x: torch.Tensor, scales: list[float] | None, zero_points: list[float] | None,
+                      ratio: tuple[list[float], list[float]] | None = None) -> torch.Tensor:
         bits = self.config.act_bits
         if bits is None:
             return x
@@ -109,7 +115,11 @@ class QuantLayer(nn.Module):
                 scale, zp = symmetric_scale(part.abs().amax(), bits), None
             else:
                 scale, zp = asymmetric_params(part.amin(), part.amax(), bits)
-            parts.append(fake_quantize(part, scale, bits, zp))
+            if ratio is None:
+                parts.append(fake_quantize(part, scale, bits, zp))
+            else:
+                pre, post = (torch.tensor(r[i], dtype=x.dtype, device=x.device) for r in ratio)
+                parts.append(fake_quantize(part * pre, scale, bits, zp) * post)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1 if self.kind == "linear" else 1)
 
     def _channels(self, x: torch.Tensor, group: slice) -> torch.Tensor:
@@ -141,7 +151,7 @@ class QuantLayer(nn.Module):
             return self.o_hat.to(x.dtype)
         else:
             prev_a, prev_o = self.a_hat.to(x.dtype), self.o_hat.to(x.dtype)
-            rq = self._quantize_act(x - prev_a, s.act, s.act_zero_point)
+            rq = self._quantize_act(x - prev_a, s.act, s.act_zero_point, self.step_ratio)
             a_hat = prev_a + rq
             o_hat = prev_o + self.apply_weight(rq, bias=False)
         self.a_hat = None if s.constant_input else a_hat.detach().to(self.state_dtype)

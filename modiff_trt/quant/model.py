@@ -10,17 +10,21 @@ from torch import nn
 from modiff_trt.errors import ConfigError
 from modiff_trt.quant.config import QuantConfig
 from modiff_trt.quant.layer import QUANTIZABLE, QuantLayer
-from modiff_trt.quant.scales import ScaleSet
+from modiff_trt.quant.scales import ScaleSet, StepGroups, scale_ratios
 
 
 class QuantUNet(nn.Module):
     """A quantized UNet with MoDiff state: the PyTorch reference backend (`name == 'torch'`)."""
 
     name = "torch"
+    source = "the quantized reference"
 
     def __init__(self, unet: nn.Module, config: QuantConfig):
         super().__init__()
         self.unet, self.config = unet, config
+        self.step_groups: StepGroups | None = None
+        self.calls = 0
+        self._group: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -35,8 +39,21 @@ class QuantUNet(nn.Module):
         """Drop every layer's `a_hat`/`o_hat`: the next call is a warm-up step."""
         for layer in self.layers.values():
             layer.reset_state()
+        self.calls = 0
+
+    def _select_step_group(self) -> None:
+        """Switch every layer to the scale ratios of this call's step group (pinned schedule)."""
+        self.step_groups.check_call(self.calls, self.source)
+        group = self.step_groups.group_of(self.calls) if self.calls >= 1 else None
+        if group != self._group:
+            for layer in self.layers.values():
+                layer.step_ratio = None if group is None else layer.ratios[group]
+            self._group = group
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.step_groups is not None:
+            self._select_step_group()
+        self.calls += 1
         if context is None:
             return self.unet(x, t)
         return self.unet(x, t, context=context)
@@ -81,9 +98,14 @@ def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
                     f"{scales.source}: layer {name} has {len(values)} {label} scale(s) but {len(layer.groups)} "
                     "channel group(s): the calibration and --split setting disagree"
                 )
+        if scales.step_groups is not None and len(entry.act_groups or []) != scales.step_groups.count:
+            raise ConfigError(f"{scales.source}: layer {name} lacks scales for {scales.step_groups.count} step groups; "
+                              "recalibrate with `modiff-trt calibrate --step-groups`")
         layer.scales = entry
+        layer.ratios = None if scales.step_groups is None else scale_ratios(entry.act_groups)
         if entry.weight_codes is not None:
             layer.set_weight_codes(entry.weight_codes, entry.weight_scale)
+    qmodel.step_groups = scales.step_groups
 
 
 def quantize_unet(model: nn.Module, config: QuantConfig, calibration: ScaleSet | None = None) -> QuantUNet:

@@ -6,9 +6,13 @@ found (MSE search, a Q-Diffusion checkpoint import, a file).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+
+from modiff_trt.errors import ConfigError
 
 
 @dataclass
@@ -34,6 +38,87 @@ class LayerScales:
     weight_codes: torch.Tensor | None = None
     weight_scale: torch.Tensor | None = None
     constant_input: bool = False
+    act_groups: list[list[float]] | None = None  # residual scales per step group [G][channel groups]; act = [0]
+
+
+def scale_ratios(act_groups: Sequence[Sequence[float]]) -> list[tuple[list[float], list[float]]]:
+    """(pre, post) float32 multipliers per step group and channel group: s_0/s_g and s_g/s_0.
+
+    A deployed graph keeps ONE constant quantizer scale s_0 (group 0's) and folds step group g
+    around it: rq = DQ(Q(r * pre, s_0)) * post. Both the reference and the graphs use these
+    float32 numbers, so they compute the same codes; group 0 is exactly 1.0 (the plain quantizer).
+    """
+    base = np.asarray(act_groups[0], dtype=np.float64)
+    out = []
+    for scales in act_groups:
+        s = np.asarray(scales, dtype=np.float64)
+        out.append(((base / s).astype(np.float32).tolist(), (s / base).astype(np.float32).tolist()))
+    return out
+
+
+@dataclass(frozen=True)
+class StepGroups:
+    """Contiguous groups of sampling steps with their own residual scales, and the schedule they
+    were measured on.
+
+    Step k (the k-th model call of a trajectory, 0 = warm-up) belongs to group g when
+    bounds[g] <= k < bounds[g + 1]; bounds[0] == 1 and bounds[-1] == len(timesteps). The groups
+    are tied to step indices, so the schedule is pinned: `timesteps` in call order (highest t
+    first), `steps` and `skip_type` for the messages that tell the user how to sample.
+    """
+
+    bounds: tuple[int, ...]
+    timesteps: tuple[int, ...]
+    skip_type: str
+
+    @property
+    def count(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @classmethod
+    def even(cls, count: int, timesteps: Sequence[int], skip_type: str) -> StepGroups:
+        """`count` contiguous groups of (nearly) equal length over steps 1..S-1 (call order)."""
+        steps = len(timesteps)
+        if not 1 <= count <= steps - 1:
+            raise ConfigError(f"--step-groups {count}: a {steps}-step schedule has {steps - 1} modulated steps; "
+                              f"choose 1..{steps - 1}")
+        bounds = tuple(int(b) for b in np.linspace(1, steps, count + 1).round().astype(int))
+        return cls(bounds, tuple(int(t) for t in sorted(timesteps, reverse=True)), skip_type)
+
+    def group_of(self, call: int) -> int:
+        """Step group of model call `call` (>= 1)."""
+        return int(np.searchsorted(self.bounds, call, side="right")) - 1
+
+    def steps_of(self, group: int) -> range:
+        return range(self.bounds[group], self.bounds[group + 1])
+
+    def check_timesteps(self, timesteps: Sequence[int], source: str) -> None:
+        """Refuse a sampling schedule other than the pinned one: a group's scales belong to its steps."""
+        got = tuple(int(t) for t in sorted(timesteps, reverse=True))
+        if got != self.timesteps:
+            raise ConfigError(self._refusal(source, f"a {len(got)}-step schedule (t = {_head(got)})"))
+
+    def check_call(self, call: int, source: str) -> None:
+        """Refuse a trajectory longer than the pinned schedule (a check that needs no device sync)."""
+        if call >= self.steps:
+            raise ConfigError(self._refusal(source, f"step {call} (the schedule ends at step {self.steps - 1})"))
+
+    def _refusal(self, source: str, got: str) -> str:
+        return (f"{source} has {self.count} step groups calibrated for the {self.steps}-step {self.skip_type} "
+                f"schedule (t = {_head(self.timesteps)}), but sampling ran {got}: sample with --steps {self.steps} "
+                f"--skip-type {self.skip_type}, or recalibrate for this schedule (or with --step-groups 1)")
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "bounds": list(self.bounds), "steps": self.steps,
+                "skip_type": self.skip_type, "timesteps": list(self.timesteps)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StepGroups:
+        return cls(tuple(data["bounds"]), tuple(data["timesteps"]), data["skip_type"])
 
 
 @dataclass
@@ -43,3 +128,8 @@ class ScaleSet:
     modulate: bool  # True: `act` are residual scales (MoDiff); False: raw-activation scales
     layers: dict[str, LayerScales] = field(default_factory=dict)
     source: str = "calibration"
+    step_groups: StepGroups | None = None  # None: one residual scale for every step
+
+
+def _head(timesteps: Sequence[int]) -> str:
+    return ", ".join(map(str, timesteps[:3])) + (", ..." if len(timesteps) > 3 else "")

@@ -35,6 +35,9 @@ def ddim_sample(
     `generator` (one, or one per image) feeds the eta noise; `callback(step, t, x)` sees every
     intermediate sample, which is how trajectories are compared across backends.
     """
+    pinned = getattr(model, "step_groups", None)
+    if pinned is not None:  # scales calibrated per group of steps hold only for their schedule
+        pinned.check_timesteps(timesteps, getattr(model, "source", "the model"))
     reset_state(model)
     device = noise.device
     betas = betas.to(device)

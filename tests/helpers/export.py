@@ -9,20 +9,26 @@ import torch
 from onnx import helper
 
 from modiff_trt.export.exporter import export_model
+from modiff_trt.export.naming import STEP_SCALE_RATIO
+from modiff_trt.export.qdq import step_ratio_table
 from modiff_trt.models.ddim_config import DDIMModelConfig
 from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet
+from modiff_trt.quant.scales import StepGroups
 from modiff_trt.quant.quantizers import fake_quantize
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas
 
 SEQ, BETAS, SHAPE = ddim_timesteps(10, "quad"), make_betas("linear", 1e-4, 0.02).float(), (3, 16, 16)
 
 
-def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10) -> ScaleSet:
-    """Static scales: absmax of the residual (MoDiff) or raw input (plain), first-step raw absmax."""
+def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10, step_groups: int = 1) -> ScaleSet:
+    """Static scales: absmax of the residual (MoDiff) or raw input (plain), first-step raw absmax;
+    with `step_groups` > 1, residual scales per group of steps (`StepGroups.even`)."""
+    groups = StepGroups.even(step_groups, ddim_timesteps(steps, "quad"), "quad") if step_groups > 1 else None
     probe = quantize_unet(model, QuantConfig(None, None, split=config.split))
     bits = config.act_bits
     stats: dict[str, dict[str, list[torch.Tensor]]] = {}
     prev: dict[str, torch.Tensor] = {}
+    calls: dict[str, int] = {}
 
     def hook(name, layer):
         def record(mod, args):
@@ -32,8 +38,11 @@ def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10) -> Sc
             key = "warmup" if name not in prev else "act"
             if not config.modulate:
                 key = "act"
+            calls[name] = calls.get(name, -1) + 1
+            if key == "act" and groups is not None:
+                key = f"act{groups.group_of(calls[name])}"
             amax = torch.stack([value[:, g].abs().amax() for g in layer.groups])
-            entry[key] = amax if entry[key] is None else torch.maximum(entry[key], amax)
+            entry[key] = amax if entry.get(key) is None else torch.maximum(entry[key], amax)
             prev[name] = x.clone()
         return record
 
@@ -42,23 +51,27 @@ def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10) -> Sc
     noise = torch.randn(n, *sample_shape, generator=torch.Generator().manual_seed(123))
     ddim_sample(probe, noise, ddim_timesteps(steps, "quad"), make_betas("linear", 1e-4, 0.02).float())
     qmax = 2 ** (bits - 1) - 1
+    count = 1 if groups is None else groups.count
+    per_group = {name: [[float(v) / qmax for v in s[f"act{g}" if groups else "act"]] for g in range(count)]
+                 for name, s in stats.items()}
     layers = {
         name: LayerScales(
-            act=[float(v) / qmax for v in s["act"]],
+            act=per_group[name][0],
             warmup=None if s["warmup"] is None else [float(v) / qmax for v in s["warmup"]],
+            act_groups=None if groups is None else per_group[name],
         )
         for name, s in stats.items()
     }
-    return ScaleSet(modulate=config.modulate, layers=layers, source="test-absmax")
+    return ScaleSet(modulate=config.modulate, layers=layers, source="test-absmax", step_groups=groups)
 
 
 def tiny_model_config(model) -> DDIMModelConfig:
     return DDIMModelConfig("linear", 1e-4, 0.02, 1000, "tiny-test", "0" * 64, unet=model.config)
 
 
-def export(tmp_path, model, config: QuantConfig, name="exp", **kwargs):
+def export(tmp_path, model, config: QuantConfig, name="exp", step_groups: int = 1, **kwargs):
     """Export `model` with absmax scales from float trajectories; (reference qmodel, export dir)."""
-    scales = absmax_scales(model, config, SHAPE) if config.act_bits else None
+    scales = absmax_scales(model, config, SHAPE, step_groups=step_groups) if config.act_bits else None
     static = QuantConfig(**{**config.to_dict(), "act_scales": "static" if config.act_bits else "dynamic"})
     qmodel = quantize_unet(model, static, scales)
     out = tmp_path / name
@@ -115,9 +128,12 @@ def check_step_layers(out, qmodel, noise, run=None) -> int:
     names = [o.name for o in warm.get_outputs()]
     outs = warm.run(None, feeds[0])
     state = {n.replace("_out.", "_in.", 1): v for n, v in zip(names[1:], outs[1:])}
+    groups, table = qmodel.step_groups, step_ratio_table(qmodel)
     checked = 0
-    for feed in feeds[1:]:
-        result = dict(zip([o.name for o in step.get_outputs()], step.run(None, {**feed, **state})))
+    for call, feed in enumerate(feeds[1:], start=1):
+        group = None if groups is None else groups.group_of(call)
+        extra = {} if group is None else {STEP_SCALE_RATIO: np.asarray(table[group], dtype=np.float32)}
+        result = dict(zip([o.name for o in step.get_outputs()], step.run(None, {**feed, **state, **extra})))
         for name, layer in layers.items():
             if layer.scales.constant_input:
                 assert f"a_hat_out.{name}" not in result
@@ -130,12 +146,16 @@ def check_step_layers(out, qmodel, noise, run=None) -> int:
             rq = a_out - a_in
             for i, g in enumerate(layer.groups if len(layer.groups) > 1 else [slice(None)]):
                 scale = torch.tensor(layer.scales.act[i])
-                want = fake_quantize(residual[:, g], scale, config.act_bits)
-                ratio = residual[:, g] / scale
+                pre, post = (1.0, 1.0) if group is None else (torch.tensor(r[i]) for r in layer.ratios[group])
+                want = fake_quantize(residual[:, g] * pre, scale, config.act_bits) * post
+                ratio = residual[:, g] * pre / scale
                 tie = (ratio - ratio.floor() - 0.5).abs() < 1e-3
                 # rq is read back as a_out - a_in: float32 rounding of a_hat bounds its precision
                 ulp = 2 * torch.finfo(torch.float32).eps * float(a_out.abs().max())
-                assert torch.allclose(rq[:, g][~tie], want[~tie], atol=1e-5 * float(scale) * 128 + ulp)
+                assert torch.allclose(rq[:, g][~tie], want[~tie], atol=1e-5 * float(scale) * float(post) * 128 + ulp)
+                # codes on the b-bit grid of the constant scale
+                codes = (rq[:, g] / post / scale).round()
+                assert codes.abs().max() <= 2 ** (config.act_bits - 1)
             f = layer.apply_weight(rq, bias=False)
             assert torch.allclose(o_out - o_in, f, rtol=1e-4, atol=1e-5 * float(o_in.abs().max()))
             checked += 1
