@@ -253,8 +253,6 @@ class TensorRTRunner(StatefulRunner):
                 inputs[name] = aligned_empty(shape, torch_dtype_for(trt, first.get_tensor_dtype(name)), self.device)
         eps_shape = _batch_shape(first.get_tensor_shape(EPS), batch)
         eps = aligned_empty(eps_shape, torch_dtype_for(trt, first.get_tensor_dtype(EPS)), self.device)
-        if self.step_scales is not None:  # one buffer for every batch: not batched, refilled per call
-            inputs[self.step_scales.name] = self.step_scales.buffer
         bound = _Bound(batch, inputs, eps, state)
         for arrangement in self.arrangements.all:
             bound.contexts[arrangement.name] = self._make_context(arrangement, bound)
@@ -270,7 +268,10 @@ class TensorRTRunner(StatefulRunner):
                               "(out of GPU memory?): use a smaller batch")
         state_in = bound.state.inputs(arrangement.read) if arrangement.read is not None else {}
         state_out = bound.state.outputs(arrangement.write) if arrangement.write is not None else {}
-        tensors = {"input": {**bound.inputs, **state_in}, "output": {EPS: bound.eps, **state_out}}
+        # Step groups: the step graph also reads the one `step_scale_ratio` buffer (any batch, refilled per call).
+        ratios = {self.step_scales.name: self.step_scales.buffer} if (
+            self.step_scales is not None and arrangement.graph == "step") else {}
+        tensors = {"input": {**bound.inputs, **state_in, **ratios}, "output": {EPS: bound.eps, **state_out}}
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         for name in names:
             mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
