@@ -429,7 +429,7 @@ def inspect(
               f"| first step {q['first_step']} | float {manifest.export['float']} "
               f"| state {manifest.export['state_dtype']} | opset {manifest.export['opset']} | batch {manifest.batch_size or 'dynamic'}")
     if layers:
-        table = Table("layer", "kind", "bits", "act scale", "a_hat", "o_hat", "state KiB/sample")
+        table = Table("layer", "kind", "bits", "act format", "act scale", "a_hat", "o_hat", "state KiB/sample")
         item = 2 if manifest.export["state_dtype"] == "float16" else 4
         for layer in manifest.layers:
             kinds = layer.state_kinds if manifest.modulated else ()
@@ -437,10 +437,11 @@ def inspect(
             scale = ", ".join(f"{v:.3g}" for v in layer.act_scale) if layer.act_scale else "-"
             if layer.constant_input:
                 scale = "constant input: o_hat passed through"
-            table.add_row(layer.name, layer.kind, f"w{layer.weight_bits}a{layer.act_bits}", scale,
+            table.add_row(layer.name, layer.kind, f"w{layer.weight_bits}a{layer.act_bits}", _format_name(layer), scale,
                           str(layer.a_hat_shape) if "a_hat" in kinds else "-", str(layer.o_hat_shape),
                           f"{n * item / 1024:.1f}")
         out.print(table)
+    _print_formats(out, manifest)
     per_sample = manifest.state_bytes_per_sample() if manifest.modulated else 0
     mult = manifest.export.get("state_batch_multiplier", 1)
     out.print(f"{len(manifest.layers)} quantized layers; MoDiff state {per_sample / 2**20:.2f} MiB per sample"
@@ -456,6 +457,29 @@ def inspect(
             console.print(Text(f"lint: {len(issues)} violation(s)", style="bold red"))
             raise typer.Exit(code=1)
         out.print(Text("lint: all TensorRT explicit-quantization rules hold", style="green"))
+
+
+def _format_name(layer) -> str:
+    """A layer's activation format as inspect shows it: int8, int4, fp8, nvfp4 (- when float)."""
+    if not layer.act_bits:
+        return "-"
+    return f"int{layer.act_bits}" if layer.act_format == "int" else layer.act_format
+
+
+def _print_formats(out: Console, manifest) -> None:
+    """Count of layers per activation format, each fallback and why, and what the float formats need."""
+    from collections import Counter
+
+    from modiff_trt.quant.formats import FORMAT_REQUIREMENTS
+
+    counts = Counter(_format_name(layer) for layer in manifest.layers)
+    out.print("activation formats: " + ", ".join(f"{n} {name}" for name, n in counts.most_common()))
+    for layer in manifest.layers:
+        if layer.format_note:
+            out.print(f"  {layer.name}: {_format_name(layer)} ({layer.format_note})")
+    for fmt, needs in FORMAT_REQUIREMENTS.items():
+        if fmt in counts:
+            out.print(f"{fmt} on TensorRT needs {needs}")
 
 
 @app.command()

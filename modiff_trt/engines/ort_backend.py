@@ -75,6 +75,12 @@ class OrtRunner(StatefulRunner):
 
         export_dir = Path(export_dir)
         manifest = manifest or load_manifest(export_dir)
+        nvfp4 = sum(layer.act_format == "nvfp4" for layer in manifest.layers)
+        if nvfp4 and manifest.export.get("target", "trt") == "trt":
+            raise ArtifactError(
+                f"{export_dir} quantizes {nvfp4} layer(s) to NVFP4 with TensorRT's own op, which ONNX Runtime "
+                "cannot run: export with --target ort-cpu for ONNX Runtime, or build it with `modiff-trt build`"
+            )
         providers, device = _providers(provider, export_dir)
         super().__init__(export_dir, manifest, device)
         options = ort.SessionOptions()

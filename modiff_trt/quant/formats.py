@@ -32,6 +32,11 @@ FP8_MAX = 448.0
 FP4_MAX = 6.0
 NVFP4_BLOCK = 16
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+#: what TensorRT needs to build each float format (docs/formats.md gives the sources)
+FORMAT_REQUIREMENTS = {
+    "fp8": "TensorRT 10 (strongly typed) on compute capability >= 8.9 (Ada) for GEMMs, >= 9.0 (Hopper) for convs",
+    "nvfp4": "TensorRT >= 10.8 on compute capability >= 10.0 (Blackwell)",
+}
 FP8_MIN_CONV_CHANNELS = 16  # TensorRT has no FP8 kernels for narrower convolutions
 FP8_MAX_CONV_KERNEL = 32  # ... nor for filters of more than 32 taps (kernel h * w)
 
