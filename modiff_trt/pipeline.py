@@ -62,6 +62,12 @@ def export_config(
     return out
 
 
+def ort_target(quant: QuantConfig) -> str:
+    """The export target whose graphs ONNX Runtime runs: TensorRT's form, except that NVFP4 needs
+    the ort-cpu target's emulation (ONNX Runtime has no FP4 kernels)."""
+    return "ort-cpu" if quant.act_bits is not None and quant.act_format == "nvfp4" else "trt"
+
+
 def timed_samples(runner, model_cfg: ModelConfig, num_images: int, batch_size: int, sampler: Sampler,
                   seed: int = 0, progress: bool = False, description: str = "sampling") -> tuple[torch.Tensor, float]:
     """Final samples from per-image noise (seed, i) and the wall-clock seconds they took."""
