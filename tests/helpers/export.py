@@ -9,6 +9,7 @@ import torch
 from onnx import helper
 
 from modiff_trt.calibrators.search import activation_scale
+from modiff_trt.engines.ort_backend import session_options
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.naming import STEP_SCALE_RATIO
 from modiff_trt.export.qdq import step_ratio_table
@@ -121,9 +122,10 @@ def check_step_layers(out, qmodel, noise, run=None) -> int:
     import onnxruntime as ort
 
     layers = qmodel.layers
-    step = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(),
+    options = session_options()
+    step = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
-    warm = ort.InferenceSession(str(out / "warmup.onnx"), providers=["CPUExecutionProvider"])
+    warm = ort.InferenceSession(str(out / "warmup.onnx"), options, providers=["CPUExecutionProvider"])
     feeds = reference_feeds(qmodel, run or (lambda m: ddim_sample(m, noise, SEQ, BETAS)))
     names = [o.name for o in warm.get_outputs()]
     outs = warm.run(None, feeds[0])
