@@ -142,8 +142,8 @@ def test_dynamic_fp8_and_nvfp4_modiff_track_the_float_model(tiny_model):
     """MoDiff quantizes residuals in the float formats as in int: the state bookkeeping holds and
     both stay close to the float trajectory on the tiny UNet."""
     from modiff_trt.sampling import ddim_sample
-    from tests.conftest import rel_err
-    from tests.test_quant import BETAS, SEQ, trajectory
+    from tests.helpers.export import BETAS, SEQ, trajectory
+    from tests.helpers.models import rel_err
 
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     ref = trajectory(tiny_model, noise)

@@ -12,8 +12,8 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
-from modiff_trt.calibrators import calibrate, load_calibration
-from modiff_trt.engines.ort_backend import OrtRunner
+from modiff_trt.calibrators import CalibrationOptions, calibrate, load_calibration
+from modiff_trt.engines.ort_backend import OrtRunner, session_options
 from modiff_trt.engines.torch_backend import load_reference
 from modiff_trt.errors import ArtifactError, ConfigError
 from modiff_trt.export.exporter import export_model
@@ -21,10 +21,10 @@ from modiff_trt.export.lint import lint_export, lint_graph
 from modiff_trt.export.manifest import load_manifest
 from modiff_trt.models import load_config
 from modiff_trt.quant import QuantConfig
+from modiff_trt.sampling import make_sampler
 from modiff_trt.sampling.conditioning import RandomContext
-from modiff_trt.sampling.ldm_run import sampling_for
-from tests.export_helpers import SEQ, SHAPE, check_step_layers, export
-from tests.test_ldm_pipeline import _small, _trajectory
+from tests.helpers.export import BETAS, SEQ, SHAPE, check_step_layers, export
+from tests.helpers.ldm import ldm_states, small_ldm
 
 
 @pytest.fixture
@@ -55,37 +55,42 @@ def test_fp8_step_graph_follows_modiff_per_layer_and_passes_lint(tmp_path, tiny_
     assert len(fp8_q) == sum(len(qmodel.layers[n].groups) for n, s in formats.items() if s.act_format == "fp8")
 
 
-def test_nvfp4_exports_of_an_sd_shaped_model(tmp_path):
-    """SD-shaped UNet, calibrated for NVFP4: the Linears (attention projections, feed-forward,
-    time embedding) go NVFP4, the convs FP8/INT8. The ort-cpu graph runs the same arithmetic and
-    passes the per-layer check along PLMS with guidance; both targets pass the lint; ORT refuses the
-    TensorRT graph with a clear error."""
-    path, ckpt, _ = _small(tmp_path, "sd", seed=1)
-    context = RandomContext(load_config(path).context_shape)
-    cal = tmp_path / "sd-nvfp4.safetensors"
-    calibrate(path, ckpt, cal, steps=2, cali_st=3, cali_n=2, batch_size=2, conditioning=context, progress=False,
-              act_bits=4, act_format="nvfp4")
-    assert load_calibration(cal).meta["act_format"] == "nvfp4"
-    cfg, unet, qmodel = load_reference(path, ckpt, QuantConfig(8, 4, act_scales="static", act_format="nvfp4"), cal)
+@pytest.mark.parametrize("fmt", ["nvfp4", "fp8"])
+def test_float_format_exports_of_an_sd_shaped_model(tmp_path, fmt):
+    """SD-shaped UNet calibrated for the format. NVFP4: the Linears (attention projections,
+    feed-forward, time embedding) go NVFP4, convs FP8/INT8; its ort-cpu graph runs the same
+    arithmetic. FP8: TensorRT's graph runs on ORT as it is. Either passes the per-layer check
+    along PLMS with guidance (3-D MatMul sites included) and the lint; ORT refuses TensorRT's
+    NVFP4 graph with a clear error."""
+    bits = 4 if fmt == "nvfp4" else 8
+    path, ckpt, _ = small_ldm(tmp_path, "sd", seed=1)
+    cfg = load_config(path)
+    context, sampler = RandomContext(cfg.context_shape), make_sampler(cfg, steps=2)
+    cal = tmp_path / f"sd-{fmt}.safetensors"
+    calibrate(cfg, ckpt, cal, sampler, CalibrationOptions(act_bits=bits, act_format=fmt, cali_st=3, cali_n=2,
+                                                          batch_size=2), conditioning=context, progress=False)
+    assert load_calibration(cal).meta["act_format"] == fmt
+    cfg, unet, qmodel = load_reference(path, ckpt, QuantConfig(8, bits, act_scales="static", act_format=fmt), cal)
     kinds = {(layer.kind, layer.format.format) for layer in qmodel.layers.values()}
-    assert kinds == {("linear", "nvfp4"), ("conv2d", "fp8"), ("conv2d", "int")}
-    for target in ("ort-cpu", "trt"):
+    assert kinds == {("linear", fmt), ("conv2d", "fp8"), ("conv2d", "int")}
+    targets = ("ort-cpu", "trt") if fmt == "nvfp4" else ("trt",)
+    for target in targets:
         export_model(unet, qmodel, cfg, tmp_path / target, checkpoint=ckpt, calibration=cal, guidance=True,
-                     target=target)
+                     sampler=sampler, target=target)
         assert lint_export(tmp_path / target) == []
-    sampling = sampling_for(cfg, steps=2)
     noise = torch.randn(1, *cfg.sample_shape, generator=torch.Generator().manual_seed(5))
-    checked = check_step_layers(tmp_path / "ort-cpu", qmodel, noise,
-                                run=lambda m: _trajectory(m, cfg, sampling, noise, context))
-    assert checked == len(qmodel.layers) * (sampling.model_calls(2) - 1)
-    trt_step = onnx.load(str(tmp_path / "trt" / "step.onnx"))
-    quantizers = [n for n in trt_step.graph.node if n.op_type == "TRT_FP4DynamicQuantize"]
-    assert len(quantizers) == sum(layer.format.format == "nvfp4" for layer in qmodel.layers.values())
-    with pytest.raises(ArtifactError, match="--target ort-cpu"):
-        OrtRunner(tmp_path / "trt")
+    checked = check_step_layers(tmp_path / targets[0], qmodel, noise,
+                                run=lambda m: ldm_states(m, sampler, noise, context))
+    assert checked == len(qmodel.layers) * (sampler.model_calls() - 1)
+    if fmt == "nvfp4":
+        trt_step = onnx.load(str(tmp_path / "trt" / "step.onnx"))
+        quantizers = [n for n in trt_step.graph.node if n.op_type == "TRT_FP4DynamicQuantize"]
+        assert len(quantizers) == sum(layer.format.format == "nvfp4" for layer in qmodel.layers.values())
+        with pytest.raises(ArtifactError, match="--target ort-cpu"):
+            OrtRunner(tmp_path / "trt")
 
 
-class TRT_FP4DynamicQuantize(OpRun):  # noqa: N801 - named after the op it stands in for
+class TRT_FP4DynamicQuantize(OpRun):  # named after the op it stands in for
     """TensorRT's dynamic NVFP4 quantization as its operator documentation describes it, through
     ml_dtypes' own E4M3/E2M1 casts (16-element blocks along the last dim; a zero block stays zero)."""
 
@@ -100,50 +105,80 @@ class TRT_FP4DynamicQuantize(OpRun):  # noqa: N801 - named after the op it stand
         return q.reshape(x.shape), b.reshape(*x.shape[:-1], -1)
 
 
-class DequantizeLinear(OpRun):
-    """TensorRT's blocked DequantizeLinear (domain trt): each scale covers `block_size` elements."""
+class _DequantizeLinear(OpRun):
+    """DequantizeLinear for both domains (a custom op of that name replaces the evaluator's own):
+    per tensor, per axis, or blocked, each scale covering `block_size` elements along `axis`."""
 
-    op_domain = "trt"
+    def _run(self, x, scale, zero_point=None, axis=1, block_size=0, output_dtype=None):
+        def spread(v):  # a per-axis or blocked parameter, broadcast against x
+            if block_size:
+                return np.repeat(v, block_size, axis=axis)
+            return v.reshape([-1 if d == axis % x.ndim else 1 for d in range(x.ndim)]) if v.size > 1 else v
 
-    def _run(self, x, scale, axis=-1, block_size=16):
-        return (x.astype(np.float32) * np.repeat(scale, block_size, axis=axis)).astype(np.float32)
+        zero = 0 if zero_point is None else spread(zero_point.astype(np.float32))
+        return (((x.astype(np.float32) - zero) * spread(scale)).astype(np.float32),)
+
+
+DEQUANTIZE = [type("DequantizeLinear", (_DequantizeLinear,), {"op_domain": domain}) for domain in ("", "trt")]
 
 
 def _layer_subgraph(path, layer: str) -> onnx.ModelProto:
-    """The step graph of `path` from layer's residual (its Sub) to its GEMM output."""
+    """The step graph of `path` from layer's residual (its Sub) to its GEMM output: the nodes
+    that output depends on, walked back to the residual and the initializers."""
     model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
     nodes = [n for n in model.graph.node if n.name.startswith(f"{layer}/")]
     residual = next(n.output[0] for n in nodes if n.op_type == "Sub")
     gemm = next(n.output[0] for n in nodes if n.op_type in ("Gemm", "MatMul"))
-    return onnx.utils.Extractor(model).extract_model([residual], [gemm])
+    keep, used, todo = set(), set(), [gemm]
+    while todo:
+        tensor = todo.pop()
+        if tensor == residual or not tensor:
+            continue
+        if tensor in inits:
+            used.add(tensor)
+            continue
+        node = producer[tensor]
+        if id(node) not in keep:
+            keep.add(id(node))
+            todo.extend(node.input)
+    graph = helper.make_graph(
+        [n for n in model.graph.node if id(n) in keep], "layer",
+        [helper.make_tensor_value_info(residual, onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(gemm, onnx.TensorProto.FLOAT, None)], [inits[n] for n in sorted(used)])
+    sub = helper.make_model(graph, opset_imports=list(model.opset_import))
+    sub.ir_version = model.ir_version
+    return sub
 
 
 def test_tensorrt_nvfp4_form_computes_the_emulated_arithmetic(tmp_path, tiny_model, noise):
-    """Per NVFP4 layer, TensorRT's form (its op as documented, the ONNX reference for the rest) and
-    the ort-cpu emulation on ONNX Runtime give the reference's f(Q(r), Wq), on real residuals."""
+    """Per NVFP4 layer, TensorRT's form (ONNX's reference evaluator, with TensorRT's quantizer and
+    DequantizeLinear written from their documentation) and the ort-cpu emulation on ONNX Runtime
+    give the reference's f(Q(r), Wq), on real residuals."""
     import onnxruntime as ort
+
+    from modiff_trt.sampling import ddim_sample
 
     config = QuantConfig(8, 4, act_format="nvfp4")
     qmodel, trt_dir = export(tmp_path, tiny_model, config, name="trt")
     _, ort_dir = export(tmp_path, tiny_model, config, name="ort", target="ort-cpu")
     residuals = {}
-    for name, layer in qmodel.layers.items():
-        if layer.format.format == "nvfp4":
-            layer.register_forward_pre_hook(lambda m, args, name=name: residuals.setdefault(
-                name, []).append(args[0] - m.a_hat if m.a_hat is not None else None))
-    from tests.export_helpers import BETAS
-    from modiff_trt.sampling import ddim_sample
-
+    nvfp4 = [name for name, layer in qmodel.layers.items() if layer.format.format == "nvfp4"]
+    for name in nvfp4:
+        qmodel.layers[name].register_forward_pre_hook(lambda m, args, name=name: residuals.setdefault(
+            name, []).append(args[0] - m.a_hat if m.a_hat is not None else None))
     ddim_sample(qmodel, noise, SEQ[:3], BETAS)
-    assert len(residuals) == 5  # temb.dense.0/1 and the three temb_proj Linears
+    assert len(nvfp4) == 10 and set(residuals) == set(nvfp4)  # the time-embedding Linears
     for name, seen in residuals.items():
         layer, r = qmodel.layers[name], seen[-1]
         want = layer.apply_weight(layer.quantize_step_input(r), bias=False).numpy()
         trt_graph = _layer_subgraph(trt_dir / "step.onnx", name)
-        evaluator = ReferenceEvaluator(trt_graph, new_ops=[TRT_FP4DynamicQuantize, DequantizeLinear])
+        evaluator = ReferenceEvaluator(trt_graph, new_ops=[TRT_FP4DynamicQuantize, *DEQUANTIZE])
         got_trt = evaluator.run(None, {trt_graph.graph.input[0].name: r.numpy()})[0]
         ort_graph = _layer_subgraph(ort_dir / "step.onnx", name)
-        session = ort.InferenceSession(ort_graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(ort_graph.SerializeToString(), session_options(),
+                                       providers=["CPUExecutionProvider"])
         got_ort = session.run(None, {ort_graph.graph.input[0].name: r.numpy()})[0]
         assert np.allclose(got_trt, want, rtol=1e-5, atol=1e-6) and np.allclose(got_ort, want, rtol=1e-5, atol=1e-6)
         assert np.abs(r.numpy()).max() > 0
@@ -198,9 +233,12 @@ def test_lint_catches_float_format_violations(tmp_path, tiny_model):
 def test_float_format_calibration_and_export_errors(tmp_path, tiny_config, tiny_checkpoint, tiny_model):
     """Scales are stored in each layer's format (FP8: absmax / 448), checked on load, and the
     settings that cannot hold are refused with the option that fixes them."""
-    common = dict(steps=4, cali_st=2, cali_n=2, batch_size=2, progress=False)
-    fp8 = calibrate(tiny_config, tiny_checkpoint, tmp_path / "fp8.safetensors", act_format="fp8", **common)
-    int8 = calibrate(tiny_config, tiny_checkpoint, tmp_path / "int8.safetensors", **common)
+    cfg = load_config(tiny_config)
+    sampler, common = make_sampler(cfg, steps=4), {"cali_st": 2, "cali_n": 2, "batch_size": 2}
+    fp8 = calibrate(cfg, tiny_checkpoint, tmp_path / "fp8.safetensors", sampler,
+                    CalibrationOptions(act_format="fp8", **common), progress=False)
+    int8 = calibrate(cfg, tiny_checkpoint, tmp_path / "int8.safetensors", sampler, CalibrationOptions(**common),
+                     progress=False)
     loaded = load_calibration(tmp_path / "fp8.safetensors")
     assert loaded.meta["act_format"] == "fp8" and loaded.layers["conv_in"].act_format == "int"
     layer = "down.0.block.0.conv1"
@@ -209,8 +247,7 @@ def test_float_format_calibration_and_export_errors(tmp_path, tiny_config, tiny_
     with pytest.raises(ConfigError, match="--act-format fp8"):
         load_reference(tiny_config, tiny_checkpoint, QuantConfig(8, 8, act_scales="static"), tmp_path / "fp8.safetensors")
     with pytest.raises(ConfigError, match="method mse"):
-        calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", act_bits=4, act_format="nvfp4",
-                  method="mse", **common)
+        CalibrationOptions(act_bits=4, act_format="nvfp4", method="mse")
     _, float_model, every = load_reference(tiny_config, tiny_checkpoint,
                                            QuantConfig(8, 8, act_format="fp8", format_layers="all"))
     with pytest.raises(ConfigError, match="format_layers='all'"):
