@@ -147,7 +147,7 @@ class Calibration:
         """The scales for `quantize_unet`, after checking they belong to this config and checkpoint."""
         self.check_matches(config, checkpoint)
         return ScaleSet(modulate=self.modulate, layers=dict(self.layers), source=self.source,
-                        step_groups=self.step_groups)
+                        step_groups=self.step_groups, act_format=self.meta.get("act_format", "int"))
 
 
 def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:

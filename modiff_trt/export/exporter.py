@@ -123,6 +123,11 @@ def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]
 
 def check_exportable(config: QuantConfig) -> None:
     """TensorRT's explicit quantization rules that a QuantConfig must meet before export."""
+    if config.format_layers == "all" and config.act_bits is not None and config.act_format != "int":
+        raise ConfigError(
+            f"format_layers='all' puts {config.act_format} on layers TensorRT cannot run it on (a reference-only "
+            "study): export with format_layers='tensorrt', where those layers fall back per docs/formats.md"
+        )
     if config.act_bits is not None and config.act_scales != "static":
         raise ConfigError(
             "export needs static activation scales (TensorRT scales are build-time constants): "
@@ -130,11 +135,6 @@ def check_exportable(config: QuantConfig) -> None:
         )
     if not config.act_symmetric:
         raise ConfigError("TensorRT needs symmetric activation quantization (zero point 0): drop asymmetric activations")
-    if config.format_layers == "all" and config.act_bits is not None and config.act_format != "int":
-        raise ConfigError(
-            f"format_layers='all' puts {config.act_format} on layers TensorRT cannot run it on (a reference-only "
-            "study): export with format_layers='tensorrt', where those layers fall back per docs/formats.md"
-        )
 
 
 def export_model(

@@ -104,7 +104,8 @@ def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
         if entry.act is not None and layer.act_bits is not None and entry.act_format != layer.format.format:
             raise ConfigError(
                 f"{scales.source}: layer {name} holds {entry.act_format} scales, but the model quantizes it as "
-                f"{layer.format.format}: calibrate with --act-format {qmodel.config.act_format}"
+                f"{layer.format.format}: run with --act-format {scales.act_format}, or calibrate again with "
+                f"--act-format {qmodel.config.act_format}"
             )
         layer.scales = entry
         layer.ratios = None if scales.step_groups is None else scale_ratios(entry.act_groups)

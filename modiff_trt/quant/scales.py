@@ -133,6 +133,7 @@ class ScaleSet:
     layers: dict[str, LayerScales] = field(default_factory=dict)
     source: str = "calibration"
     step_groups: StepGroups | None = None  # None: one residual scale for every step
+    act_format: str = "int"  # the --act-format the scales were calibrated for
 
 
 def _head(timesteps: Sequence[int]) -> str:
