@@ -9,6 +9,12 @@ on ONNX Runtime from the exported graphs, from the same per-image noise.
     python benchmarks/quality.py --quick    # smoke run
     python benchmarks/quality.py --method mse --bits W4A8 W4A4 --section quality-mse   # MSE scales
     python benchmarks/quality.py --step-groups 1 2 4 --bits W8A8 W8A6 W8A4 W8A3 --section quality-step-groups
+    python benchmarks/quality.py --formats --num-images 256 --section quality-formats   # FP8 / NVFP4
+
+`--formats` measures the activation formats instead: weight-only W8, then INT4, NVFP4 and FP8
+activations with per-tensor dynamic scales on every layer (plain vs MoDiff, torch), next to the
+numbers of the independent reference the formats issue quotes; then the deployable forms (each
+layer in the format TensorRT runs it in, static scales), in torch and exported on ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -30,25 +37,69 @@ from modiff_trt.engines.ort_backend import OrtRunner  # noqa: E402
 from modiff_trt.engines.torch_backend import load_reference  # noqa: E402
 from modiff_trt.models import load_config  # noqa: E402
 from modiff_trt.models.builtin import builtin_checkpoint  # noqa: E402
-from modiff_trt.pipeline import calibration_file, export_config, score_digits, timed_samples  # noqa: E402
+from modiff_trt.pipeline import (  # noqa: E402
+    calibration_file,
+    export_config,
+    ort_target,
+    score_digits,
+    timed_samples,
+)
 from modiff_trt.quant import QuantConfig  # noqa: E402
 from modiff_trt.sampling.sampler import make_sampler  # noqa: E402
 
 BITS = [(8, 8), (8, 6), (8, 4), (4, 8), (4, 4), (8, 3)]
 
 
-def variants(w: int, a: int, step_groups: list[int] | None = None) -> list[tuple[str, QuantConfig, bool, int]]:
-    """(mode, config, exportable, step groups) for one bit width; with `step_groups`, only MoDiff
-    static with that many groups of per-step residual scales."""
+class Row(NamedTuple):
+    """One configuration: static rows are calibrated, exported and run on ORT too."""
+
+    bits: str
+    mode: str
+    quant: QuantConfig
+    static: bool
+    step_groups: int = 1
+    independent_db: float | None = None  # the formats issue's independent reference, same setting
+
+
+def variants(w: int, a: int, step_groups: list[int] | None = None) -> list[Row]:
+    """The integer rows of one bit width; with `step_groups`, only MoDiff static with that many
+    groups of per-step residual scales."""
+    bits = f"W{w}A{a}"
     if step_groups:
-        return [(f"MoDiff static, {g} step group{'s' if g > 1 else ''}", QuantConfig(w, a), True, g) for g in step_groups]
-    return [(mode, quant, exportable, 1) for mode, quant, exportable in [
-        ("Q-Diffusion static", QuantConfig(w, a, modulate=False), True),
-        ("MoDiff static", QuantConfig(w, a), True),
-        ("MoDiff dynamic", QuantConfig(w, a), False),
-        ("MoDiff static, quantized warm-up", QuantConfig(w, a, first_step="quantized"), True),
-        ("MoDiff static, fp16 state", QuantConfig(w, a, state_dtype="float16"), True),
-    ]]
+        return [Row(bits, f"MoDiff static, {g} step group{'s' if g > 1 else ''}", QuantConfig(w, a), True, g)
+                for g in step_groups]
+    return [
+        Row(bits, "Q-Diffusion static", QuantConfig(w, a, modulate=False), True),
+        Row(bits, "MoDiff static", QuantConfig(w, a), True),
+        Row(bits, "MoDiff dynamic", QuantConfig(w, a), False),
+        Row(bits, "MoDiff static, quantized warm-up", QuantConfig(w, a, first_step="quantized"), True),
+        Row(bits, "MoDiff static, fp16 state", QuantConfig(w, a, state_dtype="float16"), True),
+    ]
+
+
+def format_rows() -> list[Row]:
+    """The activation-format study: the formats issue's table, then the deployable forms.
+
+    Dynamic rows put the format on every layer (`format_layers='all'`), as the issue's reference
+    did; the static rows run each layer in the format TensorRT takes for it (NVFP4 only on
+    Linears; convs FP8, or INT8 where TensorRT has no FP8 kernel) and are exported: FP8 in
+    TensorRT's Q/DQ form (ORT runs FP8 Q/DQ), NVFP4 through the ort-cpu target's emulation.
+    """
+    rows = [Row("W8", "weight-only", QuantConfig(8, None, modulate=False), False, independent_db=38.5)]
+    for label, fmt, bits, plain_db, modiff_db in (("INT4 per-tensor", "int", 4, -1.2, 33.6),
+                                                  ("NVFP4", "nvfp4", 4, 24.7, 37.5),
+                                                  ("FP8 E4M3", "fp8", 8, 31.8, 38.5)):
+        every = "all" if fmt != "int" else "tensorrt"
+        for modulate, db in ((False, plain_db), (True, modiff_db)):
+            quant = QuantConfig(8, bits, modulate=modulate, act_format=fmt, format_layers=every)
+            rows.append(Row(f"W8 {label}", f"{'MoDiff' if modulate else 'plain'} dynamic, every layer", quant, False,
+                            independent_db=db))
+    for label, fmt, bits in (("NVFP4", "nvfp4", 4), ("FP8 E4M3", "fp8", 8)):
+        for modulate in (False, True):
+            quant = QuantConfig(8, bits, modulate=modulate, act_format=fmt)
+            rows.append(Row(f"W8 {label}", f"{'MoDiff' if modulate else 'plain'} static, TensorRT layer formats",
+                            quant, True))
+    return rows
 
 
 def main() -> None:
@@ -63,6 +114,7 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", help="subset of bit widths, e.g. W4A8 W4A4")
     parser.add_argument("--section", default="quality", help="BENCHMARKS.md section to write")
     parser.add_argument("--step-groups", type=int, nargs="+", help="only MoDiff static rows, per step-group count")
+    parser.add_argument("--formats", action="store_true", help="the FP8/NVFP4 activation-format study instead")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     num_images, steps, bits = args.num_images, args.steps, BITS
@@ -70,6 +122,7 @@ def main() -> None:
         bits = [b for b in BITS if f"W{b[0]}A{b[1]}" in args.bits]
     if args.quick:
         num_images, steps, bits = 64, 10, [(8, 8), (8, 4)]
+    rows = format_rows() if args.formats else [row for w, a in bits for row in variants(w, a, args.step_groups)]
     cfg, ckpt = load_config("digits"), builtin_checkpoint("digits")
     sampler = make_sampler(cfg, steps=steps)
     batch = min(num_images, 256)
@@ -81,31 +134,32 @@ def main() -> None:
         reference, fp_seconds = timed_samples(fp_model, cfg, num_images, batch, sampler)
         fp = score_digits(reference, None)
         results.append({"bits": "fp32", "mode": "full precision", "torch": {**fp, "psnr_db": None}, "ort": None})
-        for w, a in bits:
-            for mode, quant, exportable, groups in variants(w, a, args.step_groups):
-                row = {"bits": f"W{w}A{a}", "mode": mode}
-                static = exportable
-                cal = calibration_file(cfg, ckpt, quant, sampler, work, method=args.method,
-                                       step_groups=groups) if static else None
-                q = QuantConfig(**{**quant.to_dict(), "act_scales": "static" if static else "dynamic"})
-                qmodel = load_reference(cfg, ckpt, q, cal)[2]
-                x0, _ = timed_samples(qmodel, cfg, num_images, batch, sampler)
-                row["torch"] = score_digits(x0, reference)
-                row["ort"] = None
-                if exportable:
-                    out = export_config(cfg, ckpt, quant, cal, work / f"w{w}a{a}-{len(results)}", sampler)
-                    x_ort, _ = timed_samples(OrtRunner(out), cfg, num_images, batch, sampler)
-                    row["ort"] = score_digits(x_ort, reference)
-                    row["ort_vs_torch_rel_err"] = float((x_ort - x0).norm() / x0.norm())
-                results.append(row)
-                print(f"{row['bits']:6s} {mode:34s} torch {row['torch']['psnr_db']:6.2f} dB"
-                      + (f"  ort {row['ort']['psnr_db']:6.2f} dB" if row["ort"] else ""), flush=True)
+        for spec in rows:
+            row = {"bits": spec.bits, "mode": spec.mode, "independent_db": spec.independent_db}
+            cal = calibration_file(cfg, ckpt, spec.quant, sampler, work, method=args.method,
+                                   step_groups=spec.step_groups) if spec.static else None
+            q = QuantConfig(**{**spec.quant.to_dict(), "act_scales": "static" if cal else "dynamic"})
+            qmodel = load_reference(cfg, ckpt, q, cal)[2]
+            x0, _ = timed_samples(qmodel, cfg, num_images, batch, sampler)
+            row["torch"] = score_digits(x0, reference)
+            row["ort"] = None
+            if spec.static:
+                out = export_config(cfg, ckpt, spec.quant, cal, work / f"export-{len(results)}", sampler,
+                                    target=ort_target(spec.quant))
+                x_ort, _ = timed_samples(OrtRunner(out), cfg, num_images, batch, sampler)
+                row["ort"] = score_digits(x_ort, reference)
+                row["ort_vs_torch_rel_err"] = float((x_ort - x0).norm() / x0.norm())
+            results.append(row)
+            print(f"{row['bits']:16s} {spec.mode:44s} torch {row['torch']['psnr_db']:6.2f} dB"
+                  + (f"  ort {row['ort']['psnr_db']:6.2f} dB" if row["ort"] else ""), flush=True)
     elapsed = time.perf_counter() - started
     json_path = args.json or Path(__file__).parent / "results" / f"{args.section}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"num_images": num_images, "steps": steps, "rows": results}, indent=2))
     if not args.no_write:
-        write_section(args.section, render(results, num_images, steps, elapsed, args.method))
+        body = render_formats(results, num_images, steps, elapsed) if args.formats else render(
+            results, num_images, steps, elapsed, args.method)
+        write_section(args.section, body)
 
 
 def _fmt(scores: dict | None, key: str, spec: str) -> str:
@@ -129,6 +183,31 @@ def render(results: list[dict], num_images: int, steps: int, elapsed: float, met
         f"classifier's mean max-softmax. Static scales: {method} calibration on 64 other trajectories "
         "(residuals for MoDiff, raw inputs for Q-Diffusion; mse also sets per-channel weight scales, dynamic rows "
         "keep absmax weights). ORT = the exported graphs on ONNX Runtime (CPU).\n\n"
+        + markdown_table(header, rows)
+    )
+
+
+def render_formats(results: list[dict], num_images: int, steps: int, elapsed: float) -> str:
+    header = ["weights / activations", "mode", "PSNR torch (dB)", "PSNR ORT (dB)", "independent ref. (dB)",
+              "torch - independent (dB)", "digits FID torch", "confidence torch"]
+    rows = []
+    for r in results:
+        ours, theirs = r["torch"].get("psnr_db"), r.get("independent_db")
+        delta = "-" if ours is None or theirs is None else f"{ours - theirs:+.2f}"
+        rows.append([r["bits"], r["mode"], _fmt(r["torch"], "psnr_db", ".2f"), _fmt(r["ort"], "psnr_db", ".2f"),
+                     "-" if theirs is None else f"{theirs:.1f}", delta, _fmt(r["torch"], "digits_fid", ".2f"),
+                     _fmt(r["torch"], "confidence", ".3f")])
+    return (
+        "## Activation formats on the embedded digits model: INT4, NVFP4, FP8\n\n"
+        f"Command: `{command_line()}` ({elapsed / 60:.1f} min). Machine: {machine()}.\n\n"
+        f"{num_images} samples per row (one batch), {steps} quad DDIM steps, eta 0, seed 0 (the same per-image "
+        "noise for every row); weights W8 per output channel (int8, absmax); PSNR of the final samples against "
+        "full precision on [-1, 1]. Dynamic rows recompute one per-tensor scale per call over the whole batch "
+        "(NVFP4: the fp32 tensor scale; block scales are always dynamic) and put the format on every layer; "
+        "the independent column is the table the formats issue quotes, measured with another reference on "
+        "another digits model. Static rows: each layer in the format TensorRT runs it in (docs/formats.md), "
+        "minmax scales from 64 other trajectories, exported (FP8: TensorRT's Q/DQ graph; NVFP4: the ort-cpu "
+        "target's standard-op emulation of TensorRT's NVFP4) and sampled on ONNX Runtime (CPU).\n\n"
         + markdown_table(header, rows)
     )
 

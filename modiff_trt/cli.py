@@ -91,24 +91,34 @@ def _bits(value: int) -> int | None:
     return None if value == 0 else value
 
 
+def _act_bits(value: int | None, act_format: str) -> int | None:
+    """--act-bits, defaulting to the format's width (8, or 4 for nvfp4); 0 keeps activations in float."""
+    from modiff_trt.quant.formats import FORMAT_BITS
+
+    return FORMAT_BITS.get(act_format, 8) if value is None else _bits(value)
+
+
 def quant_config_from_options(
-    weight_bits: int, act_bits: int, modulate: bool, act_scales: str, first_step: str, split: bool, state_dtype: str
+    weight_bits: int, act_bits: int | None, modulate: bool, act_scales: str, first_step: str, split: bool,
+    state_dtype: str, act_format: str = "int",
 ):
     from modiff_trt.quant import QuantConfig
 
     return QuantConfig(
         weight_bits=_bits(weight_bits),
-        act_bits=_bits(act_bits),
+        act_bits=_act_bits(act_bits, act_format),
         modulate=modulate,
         act_scales=act_scales,
         first_step=first_step,
         split=split,
         state_dtype=state_dtype,
+        act_format=act_format,
     )
 
 
 WEIGHT_BITS = typer.Option(8, "--weight-bits", help="Weight bits (2..8; 0 keeps weights in float).")
-ACT_BITS = typer.Option(8, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float).")
+ACT_BITS = typer.Option(None, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float; default 8, 4 for nvfp4).")
+ACT_FORMAT = typer.Option("int", "--act-format", help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md).")
 MODULATE = typer.Option(True, "--modulate/--no-modulate", help="MoDiff modulation, or plain Q-Diffusion.")
 FIRST_STEP = typer.Option("fp", "--first-step", help="Warm-up step: 'fp' (float activations) or 'quantized'.")
 SPLIT = typer.Option(False, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion).")
@@ -136,7 +146,8 @@ def sample(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="UNet checkpoint (flat state_dict, ddim training list, Q-Diffusion, safetensors)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration file for --act-scales static."),
     weight_bits: int = WEIGHT_BITS,
-    act_bits: int = ACT_BITS,
+    act_bits: Optional[int] = ACT_BITS,
+    act_format: str = ACT_FORMAT,
     modulate: bool = MODULATE,
     act_scales: Optional[str] = typer.Option(None, "--act-scales", help="'dynamic' (per call) or 'static' (from --calibration). Default: static with --calibration, else dynamic."),
     first_step: str = FIRST_STEP,
@@ -208,7 +219,8 @@ def sample(
         base = load_config(config)
         checkpoint = checkpoint_for(config, checkpoint, random_weights)
         act_scales = act_scales or ("static" if calibration is not None else "dynamic")
-        quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype)
+        quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype,
+                                          act_format)
         runner = load_reference(base, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)[2]
         source, sample_shape, context_shape, family = base.source, base.sample_shape, base.context_shape, base.family
     chosen = make_sampler(base, sampler=sampler, steps=steps, skip_type=skip_type, eta=eta,
@@ -346,7 +358,8 @@ def export_cmd(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration file (static scales; required unless --act-bits 0)."),
     out: Path = typer.Option(..., "--out", "-o", help="Export directory to write (replaced atomically if it is an earlier export)."),
     weight_bits: int = WEIGHT_BITS,
-    act_bits: int = ACT_BITS,
+    act_bits: Optional[int] = ACT_BITS,
+    act_format: str = ACT_FORMAT,
     modulate: bool = MODULATE,
     first_step: str = FIRST_STEP,
     split: bool = SPLIT,
@@ -375,7 +388,7 @@ def export_cmd(
     if dtype is None:
         raise typer.BadParameter(f"--float {float_dtype}: choose fp32 or fp16")
     scales = "static" if calibration is not None else "dynamic"
-    quant = quant_config_from_options(weight_bits, act_bits, modulate, scales, first_step, split, state_dtype)
+    quant = quant_config_from_options(weight_bits, act_bits, modulate, scales, first_step, split, state_dtype, act_format)
     checkpoint = checkpoint_for(config, checkpoint, random_weights)
     model_cfg, float_model, qmodel = load_reference(config, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
     if guidance is None:
@@ -416,7 +429,7 @@ def inspect(
               f"| first step {q['first_step']} | float {manifest.export['float']} "
               f"| state {manifest.export['state_dtype']} | opset {manifest.export['opset']} | batch {manifest.batch_size or 'dynamic'}")
     if layers:
-        table = Table("layer", "kind", "bits", "act scale", "a_hat", "o_hat", "state KiB/sample")
+        table = Table("layer", "kind", "bits", "act format", "act scale", "a_hat", "o_hat", "state KiB/sample")
         item = 2 if manifest.export["state_dtype"] == "float16" else 4
         for layer in manifest.layers:
             kinds = layer.state_kinds if manifest.modulated else ()
@@ -424,10 +437,11 @@ def inspect(
             scale = ", ".join(f"{v:.3g}" for v in layer.act_scale) if layer.act_scale else "-"
             if layer.constant_input:
                 scale = "constant input: o_hat passed through"
-            table.add_row(layer.name, layer.kind, f"w{layer.weight_bits}a{layer.act_bits}", scale,
+            table.add_row(layer.name, layer.kind, f"w{layer.weight_bits}a{layer.act_bits}", _format_name(layer), scale,
                           str(layer.a_hat_shape) if "a_hat" in kinds else "-", str(layer.o_hat_shape),
                           f"{n * item / 1024:.1f}")
         out.print(table)
+    _print_formats(out, manifest)
     per_sample = manifest.state_bytes_per_sample() if manifest.modulated else 0
     mult = manifest.export.get("state_batch_multiplier", 1)
     out.print(f"{len(manifest.layers)} quantized layers; MoDiff state {per_sample / 2**20:.2f} MiB per sample"
@@ -443,6 +457,29 @@ def inspect(
             console.print(Text(f"lint: {len(issues)} violation(s)", style="bold red"))
             raise typer.Exit(code=1)
         out.print(Text("lint: all TensorRT explicit-quantization rules hold", style="green"))
+
+
+def _format_name(layer) -> str:
+    """A layer's activation format as inspect shows it: int8, int4, fp8, nvfp4 (- when float)."""
+    if not layer.act_bits:
+        return "-"
+    return f"int{layer.act_bits}" if layer.act_format == "int" else layer.act_format
+
+
+def _print_formats(out: Console, manifest) -> None:
+    """Count of layers per activation format, each fallback and why, and what the float formats need."""
+    from collections import Counter
+
+    from modiff_trt.quant.formats import FORMAT_REQUIREMENTS
+
+    counts = Counter(_format_name(layer) for layer in manifest.layers)
+    out.print("activation formats: " + ", ".join(f"{n} {name}" for name, n in counts.most_common()))
+    for layer in manifest.layers:
+        if layer.format_note:
+            out.print(f"  {layer.name}: {_format_name(layer)} ({layer.format_note})")
+    for fmt, needs in FORMAT_REQUIREMENTS.items():
+        if fmt in counts:
+            out.print(f"{fmt} on TensorRT needs {needs}")
 
 
 @app.command()
@@ -518,7 +555,8 @@ def calibrate_command(
     cali_n: int = typer.Option(256, "--cali-n", help="How many full-precision trajectories to sample. Memory does not grow with it; time does."),
     batch_size: int = typer.Option(32, "--batch-size", help="Trajectories per batch: sets peak memory (CIFAR-10: about 15 MB per sample)."),
     weight_bits: int = WEIGHT_BITS,
-    act_bits: int = ACT_BITS,
+    act_bits: Optional[int] = ACT_BITS,
+    act_format: str = ACT_FORMAT,
     method: str = typer.Option("minmax", "--method", help="Scale search: minmax (absmax, safe at 8 bits), mse (Q-Diffusion: 80 shrinking ranges, |x-Q(x)|^2.4; also searches weight scales; best at 4 bits), percentile (99.99th of |x|)."),
     modulate: bool = typer.Option(True, "--modulate/--no-modulate", help="MoDiff: measure step-to-step residuals of each layer input. --no-modulate: raw inputs, for plain Q-Diffusion."),
     first_step: str = typer.Option("fp", "--first-step", help="Intended warm-up: 'fp' or 'quantized'. MoDiff files always hold warm-up scales, so either works at sampling time."),
@@ -555,12 +593,15 @@ def calibrate_command(
     model_cfg = load_config(config)
     chosen = make_sampler(model_cfg, sampler=sampler, steps=steps, skip_type=skip_type, eta=eta,
                           guidance_scale=guidance_scale)
-    options = CalibrationOptions(weight_bits=_bits(weight_bits), act_bits=_bits(act_bits), modulate=modulate,
-                                 first_step=first_step, split=split, method=method, cali_st=cali_st, cali_n=cali_n,
-                                 batch_size=batch_size, seed=seed, step_groups=step_groups)
+    options = CalibrationOptions(weight_bits=_bits(weight_bits), act_bits=_act_bits(act_bits, act_format),
+                                 modulate=modulate, first_step=first_step, split=split, method=method, cali_st=cali_st,
+                                 cali_n=cali_n, batch_size=batch_size, seed=seed, step_groups=step_groups,
+                                 act_format=act_format)
     if from_qdiffusion is not None:
         if checkpoint is not None:
             raise typer.BadParameter("give --checkpoint or --from-qdiffusion, not both: the Q-Diffusion file holds the fp32 weights")
+        if act_format != "int":
+            raise typer.BadParameter("--from-qdiffusion imports integer grids: drop --act-format")
         result = import_qdiffusion(model_cfg, from_qdiffusion, out, options, chosen if modulate else None,
                                    trust=trust_checkpoint)
     else:

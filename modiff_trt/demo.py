@@ -3,7 +3,8 @@
 Calibrates, exports and samples through ONNX Runtime in full precision, as plain Q-Diffusion
 and as MoDiff, from the same noise, then writes a side-by-side grid and a report. The rows
 at 4-bit activations show the project's central claim on a real trained model: plain
-quantization falls apart, MoDiff does not.
+quantization falls apart, MoDiff does not; the NVFP4 row runs MoDiff's 4-bit residuals in
+NVFP4 where TensorRT would (Linears; convolutions FP8/INT8, docs/formats.md).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from PIL import Image, ImageDraw
 from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.models import load_config
 from modiff_trt.models.builtin import builtin_checkpoint
-from modiff_trt.pipeline import calibration_file, export_config, score_digits, timed_samples
+from modiff_trt.pipeline import calibration_file, export_config, ort_target, score_digits, timed_samples
 from modiff_trt.quant import QuantConfig
 from modiff_trt.sampling.images import make_grid, to_uint8
 from modiff_trt.sampling.sampler import make_sampler
@@ -33,6 +34,7 @@ DEMO_ROWS: dict[str, QuantConfig] = {
     "modiff-w8a8": QuantConfig(8, 8, modulate=True),
     "qdiff-w8a4": QuantConfig(8, 4, modulate=False),
     "modiff-w8a4": QuantConfig(8, 4, modulate=True),
+    "modiff-w8-nvfp4": QuantConfig(8, 4, modulate=True, act_format="nvfp4"),
 }
 
 
@@ -77,7 +79,8 @@ def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, steps: int
         for name, quant in rows.items():
             log.info("%s: calibrate, export, sample %d images through ONNX Runtime", name, num_images)
             calibration = calibration_file(model_cfg, checkpoint, quant, sampler, work, seed=seed + 1)
-            export_dir = export_config(model_cfg, checkpoint, quant, calibration, out / "exports" / name, sampler)
+            export_dir = export_config(model_cfg, checkpoint, quant, calibration, out / "exports" / name, sampler,
+                                       target=ort_target(quant))
             x0, seconds = timed_samples(OrtRunner(export_dir), model_cfg, num_images, batch_size, sampler, seed,
                                         progress=progress, description=name)
             reference = x0 if reference is None else reference

@@ -28,8 +28,8 @@ def calibration_file(
     cali_st: int = 10, cali_n: int = 64, batch_size: int = 64, method: str = "minmax", seed: int = 1,
     step_groups: int | str = 1,
 ) -> Path | None:
-    """Calibrate once per (act bits, modulate, method, step groups) into `workdir`; None when
-    nothing needs scales.
+    """Calibrate once per (act bits and format, modulate, method, step groups) into `workdir`;
+    None when nothing needs scales.
 
     `seed` seeds the calibration noise: keep it apart from the sampling seed, so the scales are
     not measured on the very trajectories they are then scored on.
@@ -38,12 +38,13 @@ def calibration_file(
         return None
     kind = "residual" if quant.modulate else "raw"
     groups = "" if str(step_groups) == "1" else f"-g{step_groups}"
-    path = workdir / f"{kind}-a{quant.act_bits}-{method}{'-split' if quant.split else ''}{groups}.cal.safetensors"
+    grid = f"a{quant.act_bits}" if quant.act_format == "int" else quant.act_format
+    path = workdir / f"{kind}-{grid}-{method}{'-split' if quant.split else ''}{groups}.cal.safetensors"
     if not path.is_file():
         options = CalibrationOptions(
             weight_bits=quant.weight_bits, act_bits=quant.act_bits, modulate=quant.modulate,
             first_step=quant.first_step, split=quant.split, method=method, cali_st=cali_st, cali_n=cali_n,
-            batch_size=batch_size, seed=seed, step_groups=step_groups,
+            batch_size=batch_size, seed=seed, step_groups=step_groups, act_format=quant.act_format,
         )
         calibrate(model_cfg, checkpoint, path, sampler, options, progress=False)
     return path
@@ -59,6 +60,12 @@ def export_config(
     export_model(float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration,
                  sampler=sampler, float_dtype=float_dtype, target=target)
     return out
+
+
+def ort_target(quant: QuantConfig) -> str:
+    """The export target whose graphs ONNX Runtime runs: TensorRT's form, except that NVFP4 needs
+    the ort-cpu target's emulation (ONNX Runtime has no FP4 kernels)."""
+    return "ort-cpu" if quant.act_bits is not None and quant.act_format == "nvfp4" else "trt"
 
 
 def timed_samples(runner, model_cfg: ModelConfig, num_images: int, batch_size: int, sampler: Sampler,

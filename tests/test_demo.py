@@ -17,11 +17,13 @@ def test_demo_writes_grid_and_report_and_shows_modiff_beating_plain_at_4_bits(tm
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     rows = {row["name"]: row for row in report["rows"]}
-    assert list(rows) == ["fp32", "qdiff-w8a8", "modiff-w8a8", "qdiff-w8a4", "modiff-w8a4"] == list(DEMO_ROWS)
+    assert list(rows) == ["fp32", "qdiff-w8a8", "modiff-w8a8", "qdiff-w8a4", "modiff-w8a4", "modiff-w8-nvfp4"] \
+        == list(DEMO_ROWS)
     assert set(rows["fp32"]) == {"name", "psnr_db", "digits_fid", "confidence", "seconds"}
     assert rows["fp32"]["psnr_db"] is None
     assert rows["modiff-w8a8"]["psnr_db"] > 30
     assert rows["modiff-w8a4"]["psnr_db"] > rows["qdiff-w8a4"]["psnr_db"] + 6
+    assert rows["modiff-w8-nvfp4"]["psnr_db"] > rows["qdiff-w8a4"]["psnr_db"] + 6
     grid = Image.open(out / "grid.png")
     assert grid.height == len(DEMO_ROWS) * (8 + 2) * 4  # one 8x8 strip (1 px padding) per row, upscaled 4x
     for name in DEMO_ROWS:

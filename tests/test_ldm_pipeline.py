@@ -24,7 +24,6 @@ from modiff_trt.export.lint import lint_export
 from modiff_trt.engines.state_buffers import layout_from_manifest
 from modiff_trt.export.manifest import load_manifest
 from modiff_trt.models import load_config, load_unet
-from modiff_trt.models.autoencoder import FirstStageConfig, build_first_stage
 from modiff_trt.models.ldm_loading import load_first_stage
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.quant.model import quantizable_layers
@@ -34,22 +33,8 @@ from modiff_trt.sampling.run import write_samples
 from modiff_trt.engines.torch_backend import load_reference
 from tests.helpers.models import rel_err
 from tests.helpers.export import check_step_layers
+from tests.helpers.ldm import ldm_states, small_ldm
 from tests.helpers.models import SMALL, lightning_ckpt, randomize, write_yaml
-
-
-def _small(tmp_path, name: str, seed: int = 0):
-    """(config path, checkpoint path, float UNet) of a shrunk paper config, decoder included."""
-    path = write_yaml(tmp_path, name, SMALL[name])
-    cfg = load_config(path)
-    unet = randomize(cfg.build(), seed).eval()
-    decoder = randomize(build_first_stage(FirstStageConfig.from_yaml(SMALL[name]["first_stage_config"])), seed + 1)
-    return path, lightning_ckpt(tmp_path, name, unet, decoder), unet
-
-
-def _trajectory(runner, sampler, noise, context):
-    xs = []
-    sampler.trajectory(runner, noise, conditioning=context, callback=lambda step, t, x: xs.append(x.clone()))
-    return torch.stack(xs)
 
 
 def test_load_config_gives_latent_model_configs():
@@ -64,7 +49,7 @@ def test_load_config_gives_latent_model_configs():
 
 
 def test_load_unet_reads_lightning_files_and_names_mismatches(tmp_path):
-    path, ckpt, unet = _small(tmp_path, "churches")
+    path, ckpt, unet = small_ldm(tmp_path, "churches")
     loaded = load_unet(path, ckpt)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([10])
     assert torch.equal(loaded(x, t), unet(x, t))
@@ -78,7 +63,7 @@ def test_load_unet_reads_lightning_files_and_names_mismatches(tmp_path):
 def test_sd_weight_only_ort_follows_torch_under_guidance_and_compare_runs_it(tmp_path):
     """Context input, CFG multiplier 2 in the manifest, runner sees 2N, PLMS trajectory < 1e-4;
     `compare` runs the export's own sampler (PLMS, guidance, random context) on both backends."""
-    path, ckpt, unet = _small(tmp_path, "sd")
+    path, ckpt, unet = small_ldm(tmp_path, "sd")
     cfg = load_config(path)
     qmodel = quantize_unet(unet, QuantConfig(8, None))
     manifest = export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt, guidance=True)
@@ -97,9 +82,9 @@ def test_sd_weight_only_ort_follows_torch_under_guidance_and_compare_runs_it(tmp
     sampler = make_sampler(cfg, steps=2)
     noise = torch.randn(2, *cfg.sample_shape, generator=torch.Generator().manual_seed(3))
     context = RandomContext(cfg.context_shape)
-    got = _trajectory(counting, sampler, noise, context)
+    got = ldm_states(counting, sampler, noise, context)
     assert sampler.name == "plms" and set(seen) == {4} and len(seen) == 3
-    assert rel_err(got, _trajectory(qmodel, sampler, noise, context)) < 1e-4
+    assert rel_err(got, ldm_states(qmodel, sampler, noise, context)) < 1e-4
     assert manifest.sampler() == make_sampler(cfg)  # no calibration: the config's PLMS, guidance 7.5
     rows = compare_backends(tmp_path / "exp", ["torch", "ort"], num_images=2, steps=2)
     assert [(r.step, r.t, r.backend) for r in rows] == [(0, 501, "ort"), (1, 1, "ort")]  # LDM timesteps of 2 steps
@@ -110,7 +95,7 @@ def test_sd_weight_only_ort_follows_torch_under_guidance_and_compare_runs_it(tmp
 
 
 def test_sd_calibrate_export_and_every_layer_follows_modiff(tmp_path):
-    path, ckpt, _ = _small(tmp_path, "sd", seed=1)
+    path, ckpt, _ = small_ldm(tmp_path, "sd", seed=1)
     cfg = load_config(path)
     context, sampler = RandomContext(cfg.context_shape), make_sampler(cfg, steps=2)
     with pytest.raises(ConfigError, match="text-conditioned"):
@@ -127,7 +112,7 @@ def test_sd_calibrate_export_and_every_layer_follows_modiff(tmp_path):
     assert load_manifest(tmp_path / "exp").sampler() == sampler
     noise = torch.randn(1, *cfg.sample_shape, generator=torch.Generator().manual_seed(5))
     checked = check_step_layers(tmp_path / "exp", qmodel, noise,
-                                run=lambda m: _trajectory(m, sampler, noise, context))
+                                run=lambda m: ldm_states(m, sampler, noise, context))
     assert checked == len(qmodel.layers) * (sampler.model_calls() - 1)
 
 
@@ -136,7 +121,7 @@ def test_sd_constant_input_layers_pass_o_hat_through_and_fp16_export_lints_clean
     their residual is exactly 0 and their scale the calibrators' 1e-8 floor, which is 0 in fp16:
     every fp16 SD export failed its own lint. Calibration now marks them, the file and the manifest
     record them, and the step graph passes their o_hat through (no Q/DQ, no matmul, no a_hat)."""
-    path, ckpt, unet = _small(tmp_path, "sd", seed=2)
+    path, ckpt, unet = small_ldm(tmp_path, "sd", seed=2)
     cfg = load_config(path)
     context = RandomContext(cfg.context_shape)
     cal = calibrate(cfg, ckpt, tmp_path / "sd.safetensors", make_sampler(cfg, steps=6),
@@ -170,7 +155,7 @@ def test_sd_constant_input_layers_pass_o_hat_through_and_fp16_export_lints_clean
 
 
 def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
-    path, ckpt, unet = _small(tmp_path, "churches")
+    path, ckpt, unet = small_ldm(tmp_path, "churches")
     cfg = load_config(path)
     qmodel = quantize_unet(unet, QuantConfig(8, None))
     export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt)
@@ -179,8 +164,8 @@ def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
     sampler = make_sampler(cfg, steps=5)
     assert (sampler.name, sampler.guided) == ("ldm-ddim", False)
     noise = torch.randn(2, *cfg.sample_shape, generator=torch.Generator().manual_seed(4))
-    assert rel_err(_trajectory(OrtRunner(tmp_path / "exp"), sampler, noise, None),
-                   _trajectory(qmodel, sampler, noise, None)) < 1e-4
+    assert rel_err(ldm_states(OrtRunner(tmp_path / "exp"), sampler, noise, None),
+                   ldm_states(qmodel, sampler, noise, None)) < 1e-4
     result = CliRunner().invoke(app, ["sample", str(tmp_path / "exp"), "--backend", "ort", "-n", "3",
                                       "--batch-size", "2", "--steps", "4", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
@@ -190,7 +175,7 @@ def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
 
 
 def test_bedrooms_vq_decoder_and_eta_sampling(tmp_path):
-    path, ckpt, _ = _small(tmp_path, "bedrooms")
+    path, ckpt, _ = small_ldm(tmp_path, "bedrooms")
     cfg = load_config(path)
     runner = load_reference(cfg, ckpt, QuantConfig(8, None))[2]
     decoder = load_first_stage(cfg.ldm, ckpt)
@@ -219,7 +204,7 @@ def test_text_conditioning_errors_are_clear(tmp_path):
 
 
 def test_ema_export_is_recorded_and_the_torch_backend_rebuilds_ema_weights(tmp_path):
-    path, _, unet = _small(tmp_path, "churches")
+    path, _, unet = small_ldm(tmp_path, "churches")
     ema = randomize(load_config(path).build(), seed=5).eval()
     ckpt = lightning_ckpt(tmp_path, "with_ema", unet, ema=ema)
     result = CliRunner().invoke(app, ["export", "-c", str(path), "--checkpoint", str(ckpt), "--ema", "--act-bits", "0",

@@ -33,6 +33,7 @@ from modiff_trt.calibrators.search import (
     DEFAULT_PERCENTILE,
     WEIGHT_METHODS,
     activation_scale,
+    check_format_method,
     check_method,
     mse_weight,
 )
@@ -41,6 +42,7 @@ from modiff_trt.export.manifest import sha256_file
 from modiff_trt.models import load_unet
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant.config import QuantConfig
+from modiff_trt.quant.formats import LayerFormat, layer_format
 from modiff_trt.quant.layer import channel_groups
 from modiff_trt.quant.model import quantizable_layers, split_points
 from modiff_trt.quant.scales import LayerScales, StepGroups
@@ -65,7 +67,9 @@ class CalibrationOptions:
     per-output-channel weight scales. `cali_n` float trajectories are sampled in batches of
     `batch_size` from noise seeded by `seed`; statistics are taken at `cali_st` evenly spaced
     UNet calls. MoDiff files also hold first-step (warm-up) scales, so one file serves both
-    `first_step` modes; `first_step` records the intended one.
+    `first_step` modes; `first_step` records the intended one. `act_format` (int | fp8 | nvfp4)
+    stores each layer's scale in the format TensorRT runs that layer in
+    (`quant.formats.layer_format`), and the format with it.
     """
 
     weight_bits: int | None = 8
@@ -82,19 +86,21 @@ class CalibrationOptions:
     percentile: float = DEFAULT_PERCENTILE
     reservoir: int = DEFAULT_RESERVOIR
     step_groups: int | str = 1  # MoDiff residual scales per G groups of steps, or 'auto' (choose_step_groups)
+    act_format: str = "int"
 
     def __post_init__(self) -> None:
         _ = self.quant  # QuantConfig validates the bits and first_step
         check_method(self.method)
         check_method(self.resolved_weight_method, WEIGHT_METHODS)
+        check_format_method(self.act_format, self.method)
         if self.cali_n < 1 or self.batch_size < 1:
             raise ConfigError(f"cali_n ({self.cali_n}) and batch_size ({self.batch_size}) must be >= 1")
 
     @property
     def quant(self) -> QuantConfig:
         """The quantization these scales are for."""
-        return QuantConfig(self.weight_bits, self.act_bits, modulate=self.modulate,
-                           first_step=self.first_step, split=self.split)  # type: ignore[arg-type]
+        return QuantConfig(self.weight_bits, self.act_bits, modulate=self.modulate, first_step=self.first_step,
+                           split=self.split, act_format=self.act_format)  # type: ignore[arg-type]
 
     @property
     def resolved_weight_method(self) -> str:
@@ -164,23 +170,24 @@ def measure_activations(
     if step_groups is not None and options.step_groups == "auto":
         step_groups = choose_step_groups(stats, step_groups)
 
-    def scales(group_stats):
-        return [activation_scale(s.values(), s.absmax, options.act_bits, options.method, options.percentile)
+    def scales(group_stats, fmt: LayerFormat):
+        return [activation_scale(s.values(), s.absmax, fmt.bits, options.method, options.percentile, fmt.format)
                 for s in group_stats]
 
     out = {}
     for name, s in stats.items():
+        fmt = layer_format(model.get_submodule(name), options.act_format, options.act_bits)
         if step_groups is None:
-            per_group = [scales(s.act)]
+            per_group = [scales(s.act, fmt)]
         else:  # the fine (measured) groups pooled per chosen group
-            per_group = [scales([pool(s.act_by_group[f][c] for f in members) for c in range(len(s.groups))])
+            per_group = [scales([pool(s.act_by_group[f][c] for f in members) for c in range(len(s.groups))], fmt)
                          for members in _fine_members(fine, step_groups)]
         # A residual that is exactly 0 at every calibrated step (SD's to_k/to_v read the unchanging text
         # context) has no scale to find: such layers pass o_hat through instead of quantizing zeros.
         constant = options.modulate and all(g.count > 0 and g.absmax == 0.0 for step in s.act_by_group for g in step)
-        out[name] = LayerScales(act=per_group[0], warmup=None if s.warmup is None else scales(s.warmup),
+        out[name] = LayerScales(act=per_group[0], warmup=None if s.warmup is None else scales(s.warmup, fmt),
                                 act_groups=per_group if step_groups is not None and step_groups.count > 1 else None,
-                                constant_input=constant)
+                                constant_input=constant, act_format=fmt.format)
     return out, step_groups if step_groups is not None and step_groups.count > 1 else None
 
 
@@ -318,7 +325,8 @@ def calibrate(
     meta = base_meta(
         model_cfg, checkpoint,
         kind="residual" if options.modulate else "raw", modulate=options.modulate, first_step=options.first_step,
-        split=bool(splits), weight_bits=options.weight_bits, act_bits=options.act_bits, method=options.method,
+        split=bool(splits), weight_bits=options.weight_bits, act_bits=options.act_bits, act_format=options.act_format,
+        method=options.method,
         weight_method=weight_method, percentile=options.percentile if options.method == "percentile" else None,
         reservoir=options.reservoir, origin="calibration" if imported is None else f"{imported.origin}+calibration",
         weights=imported.notes if imported is not None else None,

@@ -13,13 +13,15 @@ Layout (format `modiff-trt/calibration`, version 3):
   float32 [O, groups] (only when the file carries its own rounded weights: MSE or imported),
   `P.act_groups` float32 [step groups, groups] (only with step groups; `P.act` is its row 0).
 - metadata key `modiff_trt`: JSON with `format`, `version`, `kind` ('residual'|'raw'),
-  `modulate`, `first_step`, `split`, `weight_bits`, `act_bits`, `method`, `weight_method`,
-  `sampler` (the `Sampler.to_dict()` the trajectories were drawn with; null for a plain
-  Q-Diffusion import), `trajectories` {cali_st, cali_n, batch_size, seed, calibration_steps},
-  `checkpoint` {path, sha256}, `config` {source, sha256}, `layers` (names, in model order),
-  `groups` {layer: count}, `constant_input` (layers whose residual was exactly 0 at every
-  calibrated step; absent in older files), `origin`, `report` (time, memory, import notes), `step_groups`
-  (null, or `StepGroups.to_dict()`: the step groups' bounds and the timesteps they are pinned to).
+  `modulate`, `first_step`, `split`, `weight_bits`, `act_bits`, `act_format`, `method`,
+  `weight_method`, `sampler` (the `Sampler.to_dict()` the trajectories were drawn with; null for
+  a plain Q-Diffusion import), `trajectories` {cali_st, cali_n, batch_size, seed,
+  calibration_steps}, `checkpoint` {path, sha256}, `config` {source, sha256}, `layers` (names, in
+  model order), `groups` {layer: count}, `formats` {layer: int|fp8|nvfp4} (the format each
+  layer's activation scales are in; absent in older files, which are all `int`),
+  `constant_input` (layers whose residual was exactly 0 at every calibrated step; absent in older
+  files), `origin`, `report` (time, memory, import notes), `step_groups` (null, or
+  `StepGroups.to_dict()`: the step groups' bounds and the timesteps they are pinned to).
 
 Version 1 files held the sampler settings and the trajectory budget together in `schedule`
 (without the betas, which came from the config); they still load, and `sampler(model_cfg)`
@@ -145,7 +147,7 @@ class Calibration:
         """The scales for `quantize_unet`, after checking they belong to this config and checkpoint."""
         self.check_matches(config, checkpoint)
         return ScaleSet(modulate=self.modulate, layers=dict(self.layers), source=self.source,
-                        step_groups=self.step_groups)
+                        step_groups=self.step_groups, act_format=self.meta.get("act_format", "int"))
 
 
 def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:
@@ -183,7 +185,8 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
     path = Path(path)
     meta = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "layers": list(layers),
             "groups": {n: len(e.act or e.warmup or [0]) for n, e in layers.items()},
-            "constant_input": [n for n, e in layers.items() if e.constant_input]}
+            "constant_input": [n for n, e in layers.items() if e.constant_input],
+            "formats": {n: e.act_format for n, e in layers.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         save_file(_tensors(layers), tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
@@ -217,6 +220,7 @@ def load_calibration(path: str | Path) -> Calibration:
         )
     layers = {}
     constant = set(meta.get("constant_input", []))
+    formats = meta.get("formats", {})
     for name in meta["layers"]:
         fields = {key: tensors[f"{name}.{key}"].tolist() for key in SCALE_FIELDS if f"{name}.{key}" in tensors}
         codes = tensors.get(f"{name}.weight_codes")
@@ -227,5 +231,6 @@ def load_calibration(path: str | Path) -> Calibration:
             weight_codes=None if codes is None else codes.float(),
             weight_scale=tensors.get(f"{name}.weight_scale"),
             constant_input=name in constant,
+            act_format=formats.get(name, "int"),
         )
     return Calibration(meta=meta, layers=layers, path=path)

@@ -12,6 +12,10 @@ Three activation methods, all symmetric because TensorRT accepts only zero point
 
 Weights are searched per output channel with the same MSE rule (or plain absmax, which the
 reference model already applies itself, so `minmax` weights need nothing stored).
+
+Float formats (`fp8`, `nvfp4`) get the same three methods on their own grids, except that NVFP4
+has no `mse`: its block scales follow each tensor's 16-channel blocks at run time, which a flat
+value subsample cannot replay, so only its tensor scale (an absmax) is calibrated.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from modiff_trt.errors import ConfigError
+from modiff_trt.quant.formats import fake_quantize_fp8, float_scale
 from modiff_trt.quant.quantizers import fake_quantize, quantize, symmetric_scale
 
 METHODS = ("minmax", "mse", "percentile")
@@ -36,36 +41,53 @@ def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> str:
     return method
 
 
-def _mse_loss(x: torch.Tensor, scale: torch.Tensor, bits: int, dim: int | None = None) -> torch.Tensor:
-    err = (x - fake_quantize(x, scale, bits)).abs().pow(MSE_POWER)
+def _mse_loss(x: torch.Tensor, scale: torch.Tensor, bits: int, dim: int | None = None,
+              fmt: str = "int") -> torch.Tensor:
+    fq = fake_quantize(x, scale, bits) if fmt == "int" else fake_quantize_fp8(x, scale)
+    err = (x - fq).abs().pow(MSE_POWER)
     return err.mean() if dim is None else err.mean(dim=dim)
 
 
-def mse_scale(values: torch.Tensor, absmax: float, bits: int) -> float:
+def _scale(absmax: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
+    """The symmetric scale that maps `absmax` onto the top of format `fmt`'s grid."""
+    return symmetric_scale(absmax, bits) if fmt == "int" else float_scale(fmt, absmax)
+
+
+def mse_scale(values: torch.Tensor, absmax: float, bits: int, fmt: str = "int") -> float:
     """Q-Diffusion MSE search over one tensor's values: the best of 80 shrinking symmetric ranges."""
     values = values.float()
     best_scale, best_loss = None, None
     for i in range(MSE_CANDIDATES):
-        scale = symmetric_scale(torch.tensor(absmax * (1 - MSE_SHRINK * i)), bits)
-        loss = float(_mse_loss(values, scale, bits))
+        scale = _scale(torch.tensor(absmax * (1 - MSE_SHRINK * i)), bits, fmt)
+        loss = float(_mse_loss(values, scale, bits, fmt=fmt))
         if best_loss is None or loss < best_loss:  # strict: ties keep the wider range
             best_scale, best_loss = scale, loss
     return float(best_scale)
 
 
 def activation_scale(
-    values: torch.Tensor, absmax: float, bits: int, method: str, percentile: float = DEFAULT_PERCENTILE
+    values: torch.Tensor, absmax: float, bits: int, method: str, percentile: float = DEFAULT_PERCENTILE,
+    fmt: str = "int",
 ) -> float:
-    """One symmetric activation scale from a value subsample and the exact absmax."""
+    """One symmetric activation scale of format `fmt` from a value subsample and the exact absmax
+    (for NVFP4: its fp32 tensor scale)."""
     check_method(method)
+    check_format_method(fmt, method)
     if method == "minmax" or values.numel() == 0:
-        return float(symmetric_scale(torch.tensor(absmax), bits))
+        return float(_scale(torch.tensor(absmax), bits, fmt))
     if method == "mse":
-        return mse_scale(values, absmax, bits)
+        return mse_scale(values, absmax, bits, fmt)
     if not 0.0 < percentile <= 100.0:
         raise ConfigError(f"percentile {percentile} must lie in (0, 100]")
     clip = float(torch.quantile(values.abs().float(), percentile / 100.0))
-    return float(symmetric_scale(torch.tensor(min(clip, absmax)), bits))
+    return float(_scale(torch.tensor(min(clip, absmax)), bits, fmt))
+
+
+def check_format_method(fmt: str, method: str) -> None:
+    """NVFP4 has no MSE search (see the module docstring): refuse it before trajectories are sampled."""
+    if fmt == "nvfp4" and method == "mse":
+        raise ConfigError("--method mse cannot search NVFP4 scales (its block scales are set per tensor at run "
+                          "time): use --method minmax or percentile for --act-format nvfp4")
 
 
 def mse_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,24 @@ def _providers(provider: str, export_dir: Path) -> tuple[list, torch.device]:
     return providers, torch.device("cuda", index)
 
 
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options that keep quantized graphs exact.
+
+    ORT fuses a MatMul whose weight comes through DequantizeLinear into MatMulNBits, and by
+    default (accuracy level 4) that kernel re-quantizes the float activation to int8 on the fly.
+    FP8 and NVFP4 layers on 3-D inputs (SD's attention and feed-forward) have exactly that shape,
+    and MoDiff's o_hat would accumulate the extra error; accuracy level 1 computes in fp32.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    return options
+
+
 class OrtRunner(StatefulRunner):
     """A stateful UNet over an export directory, run by ONNX Runtime."""
 
@@ -75,12 +93,15 @@ class OrtRunner(StatefulRunner):
 
         export_dir = Path(export_dir)
         manifest = manifest or load_manifest(export_dir)
+        nvfp4 = sum(layer.act_format == "nvfp4" for layer in manifest.layers)
+        if nvfp4 and manifest.export.get("target", "trt") == "trt":
+            raise ArtifactError(
+                f"{export_dir} quantizes {nvfp4} layer(s) to NVFP4 with TensorRT's own op, which ONNX Runtime "
+                "cannot run: export with --target ort-cpu for ONNX Runtime, or build it with `modiff-trt build`"
+            )
         providers, device = _providers(provider, export_dir)
         super().__init__(export_dir, manifest, device)
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options = session_options(threads)
         self.sessions = {}
         for key, graph in self.manifest.graphs.items():
             try:

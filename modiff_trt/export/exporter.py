@@ -48,6 +48,7 @@ from modiff_trt.sampling.sampler import Sampler, make_sampler
 
 log = logging.getLogger(__name__)
 DEFAULT_OPSET = {"float32": 17, "float16": 19}
+FLOAT_FORMAT_OPSET = 19  # QuantizeLinear/DequantizeLinear to FLOAT8E4M3FN (FP8, NVFP4 block scales)
 KERNELS = {"trt": qdq_kernel, "ort-cpu": integer_kernel}  # how each target emits a quantized Op
 MAX_IR_VERSION = 10  # TensorRT 10 and onnxruntime read IR <= 10
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger graphs keep weights beside
@@ -107,19 +108,26 @@ def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]
             name=name,
             kind=layer.kind,
             weight_bits=layer.config.weight_bits or 0,
-            act_bits=layer.config.act_bits or 0,
+            act_bits=layer.act_bits or 0,
             act_scale=None if s.act is None else [float(v) for v in s.act],
             warmup_act_scale=None if s.warmup is None else [float(v) for v in s.warmup],
             a_hat_shape=shapes[name][0],
             o_hat_shape=shapes[name][1],
             act_zero_point=None if s.act_zero_point is None else [float(v) for v in s.act_zero_point],
             constant_input=s.constant_input,
+            act_format=layer.format.format,
+            format_note=layer.format.note,
         ))
     return table
 
 
 def check_exportable(config: QuantConfig) -> None:
     """TensorRT's explicit quantization rules that a QuantConfig must meet before export."""
+    if config.format_layers == "all" and config.act_bits is not None and config.act_format != "int":
+        raise ConfigError(
+            f"format_layers='all' puts {config.act_format} on layers TensorRT cannot run it on (a reference-only "
+            "study): export with format_layers='tensorrt', where those layers fall back per docs/formats.md"
+        )
     if config.act_bits is not None and config.act_scales != "static":
         raise ConfigError(
             "export needs static activation scales (TensorRT scales are build-time constants): "
@@ -162,9 +170,13 @@ def export_model(
         raise ConfigError(f"target {target!r}: choose one of {', '.join(KERNELS)}")
     if float_dtype not in DEFAULT_OPSET:
         raise ConfigError(f"float dtype {float_dtype!r}: choose float32 or float16")
-    opset = opset or DEFAULT_OPSET[float_dtype]
+    float_formats = sorted({layer.format.format for layer in qmodel.layers.values() if layer.act_bits} - {"int"})
+    opset = opset or max(DEFAULT_OPSET[float_dtype], FLOAT_FORMAT_OPSET if float_formats else 0)
     if not 17 <= opset <= 20:
         raise ConfigError(f"opset {opset} is outside 17..20, the range TensorRT 10 and onnxruntime both parse")
+    if float_formats and opset < FLOAT_FORMAT_OPSET:
+        raise ConfigError(f"{'/'.join(float_formats)} activations need FP8 Q/DQ, opset >= {FLOAT_FORMAT_OPSET} "
+                          f"(got --opset {opset})")
     started = time.perf_counter()
     sample_shape = tuple(model_cfg.sample_shape)
     context_shape = model_cfg.context_shape

@@ -12,8 +12,17 @@ explicit-quantization requirements, docs/export.md):
 - `scale`: scales are constant, finite and > 0 (fp16 scales at least fp16's smallest normal,
   2^-14: smaller ones are subnormal, and TensorRT's parser rejects those that round to 0); scalar
   for activations; 1-D per-channel scales (axis 0) only on a DequantizeLinear of a constant weight
-- `qdq-inputs`: a Conv/Gemm/MatMul fed by any DequantizeLinear has DQ on both inputs
+- `qdq-inputs`: a Conv/Gemm/MatMul fed by any DequantizeLinear has DQ on both inputs (TensorRT
+  targets: it is how TensorRT fuses them into quantized kernels)
 - `state-pairs`: every `*_in.L` state input has its `*_out.L` output with the same dtype/shape
+
+Float formats (docs/formats.md): FP8 Q/DQ carry an FP8 E4M3 zero point of 0 and need opset >= 19;
+- `fp8-conv`: a Conv fed by FP8 Q/DQ must be one TensorRT has FP8 kernels for (groups 1, >= 16
+  input and output channels, <= 32 filter taps); other convs stay INT8
+- `nvfp4`: TensorRT's dynamic block quantization (`trt::TRT_FP4DynamicQuantize`) takes a 2-D/3-D
+  input whose blocked (last) dim is a static multiple of 16, blocks of 16 with FP8 block scales, a
+  constant positive scalar tensor scale, and feeds a GEMM (MatMul/Gemm) through its two
+  DequantizeLinear nodes, never a Conv; ONNX Runtime cannot run it (`forbidden-op` for ort-cpu)
 """
 
 from __future__ import annotations
@@ -26,14 +35,17 @@ import onnx
 from onnx import numpy_helper
 
 from modiff_trt.export import naming
+from modiff_trt.export.float_formats import TRT_DOMAIN, TRT_FP4_QUANTIZE
 from modiff_trt.export.manifest import load_manifest
 from modiff_trt.export.qdq import FP16_MIN_NORMAL
+from modiff_trt.quant.formats import NVFP4_BLOCK, conv_fp8_blocker
 
 FORBIDDEN = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
              "QLinearAdd", "QLinearMul", "QLinearConcat", "MatMulIntegerToFloat", "QGemm"}
 OPSET_RANGE = (17, 20)
 MAX_IR = 10
 PASS_THROUGH = {"Transpose", "Reshape", "Identity", "Cast"}
+FP8_OPSET = 19
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,11 @@ class _Graph:
             if node.op_type == "Constant" and node.attribute:
                 self.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
         self.producer = {o: n for n in g.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in g.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.shapes = _inferred_shapes(model)
 
     def source(self, tensor: str) -> onnx.NodeProto | None:
         """The node producing `tensor`, looking through layout-only ops."""
@@ -62,6 +79,21 @@ class _Graph:
         while node is not None and node.op_type in PASS_THROUGH:
             node = self.producer.get(node.input[0])
         return node
+
+
+def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Tensor shapes ONNX shape inference can tell (unknown dims as names or 0); {} if it fails."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - a graph that cannot be inferred is linted without shapes
+        return {}
+    values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values
+            if v.type.tensor_type.HasField("shape")}
+
+
+def _is_fp8(array: np.ndarray) -> bool:
+    return array.dtype.name == "float8_e4m3fn"
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -79,8 +111,13 @@ def _check_qdq(g: _Graph, node: onnx.NodeProto, name: str, opset: int, target: s
         zp = g.consts[node.input[2]]
         if target == "ort-cpu" and zp.dtype == np.uint8 and np.all(zp == 128):
             pass  # symmetric int8 grid shifted onto uint8 for ONNX Runtime's u8 kernels
+        elif _is_fp8(zp):
+            if opset < FP8_OPSET:
+                issues.append(LintIssue(name, "opset", label, f"FP8 Q/DQ need opset >= {FP8_OPSET} (graph has {opset})"))
+            if np.any(zp.astype(np.float32) != 0):
+                issues.append(LintIssue(name, "zero-point", label, "non-zero FP8 zero point: TensorRT needs 0"))
         elif zp.dtype != np.int8:
-            issues.append(LintIssue(name, "zero-point", label, f"zero point is {zp.dtype}, TensorRT needs int8"))
+            issues.append(LintIssue(name, "zero-point", label, f"zero point is {zp.dtype}, TensorRT needs int8 or FP8 E4M3"))
         elif np.any(zp != 0):
             issues.append(LintIssue(name, "zero-point", label, "non-zero zero point: TensorRT needs symmetric Q/DQ"))
     scale = g.consts.get(node.input[1])
@@ -117,14 +154,106 @@ def lint_graph(model: onnx.ModelProto, name: str = "graph", target: str = "trt")
         label = node.name or node.output[0]
         if node.op_type in FORBIDDEN and target == "trt":
             issues.append(LintIssue(name, "forbidden-op", label, f"{node.op_type} is not allowed in a TensorRT graph"))
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+        if node.domain == TRT_DOMAIN:
+            if target != "trt":
+                issues.append(LintIssue(name, "forbidden-op", label, f"TensorRT's {node.op_type} cannot run on ONNX Runtime"))
+            if node.op_type == TRT_FP4_QUANTIZE:
+                issues.extend(_check_nvfp4(g, node, name))
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             issues.extend(_check_qdq(g, node, name, opset, target))
-        if node.op_type in ("Conv", "Gemm", "MatMul"):
+        if node.op_type == "Conv":
+            issues.extend(_check_fp8_conv(g, node, name))
+        if node.op_type in ("Conv", "Gemm", "MatMul") and target == "trt":
             fed = [(src := g.source(i)) is not None and src.op_type == "DequantizeLinear" for i in node.input[:2]]
             if any(fed) and not all(fed):
                 which = "activation" if not fed[0] else "weight"
                 issues.append(LintIssue(name, "qdq-inputs", label, f"quantized {node.op_type} without Q/DQ on its {which} input"))
     issues.extend(_state_pairs(model, name))
+    return issues
+
+
+def _attr(node: onnx.NodeProto, key: str, default=None):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == key), default)
+
+
+def _fp8_dq(g: _Graph, tensor: str) -> bool:
+    """Whether `tensor` comes (through layout ops) from a DequantizeLinear of FP8 codes."""
+    src = g.source(tensor)
+    return (src is not None and src.op_type == "DequantizeLinear" and src.domain != TRT_DOMAIN and len(src.input) > 2
+            and src.input[2] in g.consts and _is_fp8(g.consts[src.input[2]]))
+
+
+def _conv_weight_shape(g: _Graph, tensor: str) -> tuple[int, ...] | None:
+    """Shape of a Conv's constant weight, read through its DequantizeLinear."""
+    if tensor in g.consts:
+        return g.consts[tensor].shape
+    src = g.source(tensor)
+    if src is not None and src.op_type == "DequantizeLinear" and src.input[0] in g.consts:
+        return g.consts[src.input[0]].shape
+    return None
+
+
+def _check_fp8_conv(g: _Graph, node: onnx.NodeProto, name: str) -> list[LintIssue]:
+    if not _fp8_dq(g, node.input[0]):
+        return []
+    shape = _conv_weight_shape(g, node.input[1])
+    if shape is None:
+        return [LintIssue(name, "fp8-conv", node.name or node.output[0], "FP8 conv without a constant weight")]
+    groups = _attr(node, "group", 1)
+    blocker = conv_fp8_blocker(shape[1] * groups, shape[0], groups, tuple(shape[2:]))
+    if blocker is None:
+        return []
+    return [LintIssue(name, "fp8-conv", node.name or node.output[0], f"{blocker}: keep this layer INT8")]
+
+
+def _consumer_ops(g: _Graph, tensor: str) -> set[str]:
+    """Op types that read `tensor`, looking through layout-only ops."""
+    found: set[str] = set()
+    for node in g.consumers.get(tensor, []):
+        if node.op_type in PASS_THROUGH:
+            found |= _consumer_ops(g, node.output[0])
+        else:
+            found.add(node.op_type)
+    return found
+
+
+def _check_nvfp4(g: _Graph, node: onnx.NodeProto, name: str) -> list[LintIssue]:
+    label = node.name or node.output[0]
+
+    def issue(message: str) -> LintIssue:
+        return LintIssue(name, "nvfp4", label, message)
+
+    issues = []
+    if _attr(node, "block_size") != NVFP4_BLOCK:
+        issues.append(issue(f"block_size {_attr(node, 'block_size')}: TensorRT's NVFP4 blocks are {NVFP4_BLOCK}"))
+    if _attr(node, "scale_type") != onnx.TensorProto.FLOAT8E4M3FN:
+        issues.append(issue("scale_type must be FLOAT8E4M3FN (NVFP4 block scales are E4M3)"))
+    scale = g.consts.get(node.input[1]) if len(node.input) > 1 else None
+    if scale is None or scale.size != 1 or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        issues.append(issue("the tensor scale must be a constant, finite, positive scalar"))
+    shape = g.shapes.get(node.input[0])
+    axis = _attr(node, "axis", -1)
+    if shape is not None:
+        if len(shape) not in (2, 3):
+            issues.append(issue(f"input has rank {len(shape)}: TensorRT quantizes 2-D/3-D GEMM inputs"))
+        elif axis not in (-1, -2, len(shape) - 1, len(shape) - 2):
+            issues.append(issue(f"axis {axis}: TensorRT blocks the last or second-to-last dim"))
+        else:
+            extent = shape[axis]
+            if not isinstance(extent, int) or extent <= 0 or extent % NVFP4_BLOCK:
+                issues.append(issue(f"blocked dim {extent!r} must be a static multiple of {NVFP4_BLOCK}"))
+    block_dq = [c for c in g.consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+    scale_dq = [c for c in g.consumers.get(node.output[1], []) if c.op_type == "DequantizeLinear"] \
+        if len(node.output) > 1 else []
+    if len(block_dq) != 1 or len(scale_dq) != 1 or block_dq[0].input[1] != scale_dq[0].output[0]:
+        issues.append(issue("outputs must feed DQ(x_fp4, DQ(block_scales, tensor_scale)), TensorRT's double quantization"))
+        return issues
+    if _attr(block_dq[0], "block_size") != NVFP4_BLOCK or _attr(block_dq[0], "axis", 1) != axis:
+        issues.append(issue("the FP4 DequantizeLinear must block like the quantizer (block_size 16, same axis)"))
+    users = _consumer_ops(g, block_dq[0].output[0]) & {"MatMul", "Gemm", "Conv", "ConvTranspose"}
+    if users != {"MatMul"} and users != {"Gemm"}:  # element-wise readers (MoDiff's a_hat Add) are fine
+        issues.append(issue(f"dequantized NVFP4 feeds {sorted(users) or 'no GEMM'}: "
+                            "TensorRT runs NVFP4 activations only into GEMMs"))
     return issues
 
 

@@ -80,6 +80,8 @@ class LayerSpec:
     o_hat_shape: list[int]
     act_zero_point: list[float] | None = None  # imported asymmetric grids (run as clipped symmetric int8)
     constant_input: bool = False  # input constant over the trajectory: steps pass o_hat through, no a_hat
+    act_format: str = "int"  # int | fp8 | nvfp4 (act_scale is then the FP8 scale / NVFP4 fp32 tensor scale)
+    format_note: str | None = None  # why the layer runs in another format than the config asks
 
     @property
     def state_kinds(self) -> tuple[str, ...]:

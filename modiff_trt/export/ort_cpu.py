@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from modiff_trt.export.qdq import ONNX_TYPE, ActGrid, Emitter, op_attributes, quantize_codes, weight_codes
+from modiff_trt.export.qdq import ONNX_TYPE, ActGrid, Emitter, dequantized_op, op_attributes, quantize_codes, weight_codes
 from modiff_trt.export.sites import LayerSite
 from modiff_trt.quant import QuantLayer
 
@@ -41,8 +41,11 @@ def integer_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, grou
 
     Conv -> ConvInteger with the node's own attributes; Gemm(transB)/MatMul -> MatMulInteger on
     the transposed weight. Both accumulate in int32; one float Mul by `s * w_scale` per output
-    channel rescales, so MoDiff's state sees the same values as with DQ -> Op.
+    channel rescales, so MoDiff's state sees the same values as with DQ -> Op. Float formats have no
+    integer kernel: FP8 runs as FP8 Q/DQ into the float op, NVFP4 as its standard-op emulation.
     """
+    if grid.format != "int":
+        return dequantized_op(em, site, layer, x, group, grid, bias, output, emulate_nvfp4=True)
     q, s, zp = quantize_codes(em, x, grid, ZERO_POINT)
     xq = em.op("DequantizeLinear", [q, s, zp])
     codes, w_scale = weight_codes(layer, group)

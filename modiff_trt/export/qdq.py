@@ -15,7 +15,8 @@ column per quantizer, in layer order): rq = DQ(Q(Clip(r * s_0/s_g))) * s_g/s_0 a
 y = o_hat_in + Op(DQ(...), DQ(W_int8)) * s_g/s_0, so the Q/DQ pair still feeds the Op directly.
 
 Q/DQ are symmetric int8 with a constant zero point 0 and a constant positive scale; b-bit grids
-(b < 8) are exact on int8 through the Clip to [-2^(b-1), 2^(b-1)-1] * scale. Weights are int8
+(b < 8) are exact on int8 through the Clip to [-2^(b-1), 2^(b-1)-1] * scale. Layers in a float
+activation format (FP8, NVFP4) take that format's form instead (`float_formats.py`). Weights are int8
 initializers with a per-output-channel DequantizeLinear on axis 0. Split layers (skip concats)
 quantize their two channel groups separately and sum two convolutions. State tensors travel in
 the state dtype S; Casts bridge S and F when they differ. In fp16 graphs every Q/DQ scale is
@@ -34,6 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from modiff_trt.errors import ArtifactError
 from modiff_trt.export import naming
+from modiff_trt.export.float_formats import TRT_DOMAIN, fp8_fake_quant, nvfp4_emulated, nvfp4_trt
 from modiff_trt.export.sites import LayerSite
 from modiff_trt.quant import QuantLayer, QuantUNet
 from modiff_trt.quant.quantizers import int_range
@@ -90,22 +92,26 @@ class Emitter:
 
 
 class ActGrid(NamedTuple):
-    """An activation quantizer as int8 kernels see it: scale and the integer range of its codes."""
+    """An activation quantizer as kernels see it: scale, the integer range of its int8 codes, and
+    its format (`int`, or a float format whose scale is all it needs)."""
 
     scale: float
     lo: int
     hi: int
+    format: str = "int"
 
 
 def act_grid(layer: QuantLayer, scale: float, zero_point: float | None = None) -> ActGrid:
-    """The int8 view of a layer's b-bit activation quantizer.
+    """The int8 view of a layer's b-bit activation quantizer (or its float format's scale).
 
     An asymmetric grid with zero point z has codes x_int - z in [-z, 2^b - 1 - z]: the values of
     a symmetric int8 quantizer clipped to that range, exact whenever the range fits int8.
     """
     if scale <= 0 or not np.isfinite(scale):
         raise ArtifactError(f"layer {layer.name}: activation scale {scale} is not a positive number; recalibrate")
-    bits = layer.config.act_bits
+    if layer.format.format != "int":
+        return ActGrid(float(scale), 0, 0, layer.format.format)
+    bits = layer.act_bits
     lo, hi = int_range(bits) if zero_point is None else (-int(zero_point), 2**bits - 1 - int(zero_point))
     if lo < -128 or hi > 127:
         raise ArtifactError(
@@ -128,8 +134,13 @@ def quantize_codes(em: Emitter, x: str, grid: ActGrid, zero_point: np.ndarray | 
     return em.op("QuantizeLinear", [x, s, zp]), s, zp
 
 
-def _fake_quant(em: Emitter, x: str, grid: ActGrid) -> str:
-    """Clip to the grid, then int8 QuantizeLinear/DequantizeLinear with zero point 0."""
+def _fake_quant(em: Emitter, x: str, grid: ActGrid, emulate_nvfp4: bool = False) -> str:
+    """DQ(Q(x)) on the grid: int8 Q/DQ with zero point 0 after a Clip to the grid, FP8 Q/DQ, or NVFP4
+    in TensorRT's form (or its standard-op emulation for ONNX Runtime)."""
+    if grid.format == "fp8":
+        return fp8_fake_quant(em, x, grid.scale)
+    if grid.format == "nvfp4":
+        return (nvfp4_emulated if emulate_nvfp4 else nvfp4_trt)(em, x, grid.scale)
     return em.op("DequantizeLinear", list(quantize_codes(em, x, grid)))
 
 
@@ -180,11 +191,17 @@ class GroupKernel(Protocol):
                  bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]: ...
 
 
+def dequantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, grid: ActGrid,
+                   bias: np.ndarray | None, output: str | None = None, emulate_nvfp4: bool = False) -> tuple[str, str]:
+    """Op(DQ(Q(x)), DQ(W_int8)) (+ bias), float output: the Q/DQ form of any activation format."""
+    xq = _fake_quant(em, x, grid, emulate_nvfp4)
+    return xq, _apply(em, site, xq, _weight(em, layer, group, True), bias, output)
+
+
 def qdq_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, grid: ActGrid,
                bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]:
-    """TensorRT form: Op(DQ(Q(Clip(x))), DQ(W_int8)) (+ bias), float output."""
-    xq = _fake_quant(em, x, grid)
-    return xq, _apply(em, site, xq, _weight(em, layer, group, True), bias, output)
+    """TensorRT form: Op(DQ(Q(Clip(x))), DQ(W_int8)) (+ bias), float output; NVFP4 through TensorRT's op."""
+    return dequantized_op(em, site, layer, x, group, grid, bias, output)
 
 
 Ratios = list[tuple[str, str]]  # per channel group: (pre, post) scalar tensor names in the graph
@@ -203,13 +220,13 @@ def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scale
                   kernel: GroupKernel = qdq_kernel, ratios: Ratios | None = None) -> tuple[str, str]:
     """(fake-quantized input, Op output): per channel group when the layer is split; `ratios`
     fold a step group's scale around each group's constant quantizer (no bias then)."""
-    bits = layer.config.act_bits
-    if bits is None:  # weight-only: float activations, so the (exact) dequantized weight stays float too
+    if layer.act_bits is None:  # weight-only: float activations, so the (exact) dequantized weight stays float too
         return x, _apply(em, site, x, _weight(em, layer, 0, quantized=False), bias, output)
     if scales is None:
         raise ArtifactError(f"layer {layer.name} has no static activation scale: export needs a calibration")
-    grids = [act_grid(layer, float(em.floor(scale)), None if zero_points is None else zero_points[i])
-             for i, scale in enumerate(scales)]
+    # NVFP4's tensor scale stays an fp32 constant in every graph (TensorRT takes it so), so no fp16 floor
+    grids = [act_grid(layer, float(scale if layer.format.format == "nvfp4" else em.floor(scale)),
+                      None if zero_points is None else zero_points[i]) for i, scale in enumerate(scales)]
 
     def run(group: int, part: str, b: np.ndarray | None, out: str | None) -> tuple[str, str]:
         if ratios is None:
@@ -240,7 +257,7 @@ def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind
         return
     a_out, o_out = naming.state_output("a_hat", layer.name), naming.state_output("o_hat", layer.name)
     if kind == "warmup":
-        if layer.config.first_step == "fp" or layer.config.act_bits is None:
+        if layer.config.first_step == "fp" or layer.act_bits is None:
             a_hat = site.x
             _apply(em, site, site.x, _weight(em, layer, 0, quantized=False), bias, output=site.y)
         else:
@@ -287,9 +304,10 @@ def floored_scales(qmodel: QuantUNet, float_dtype: str) -> list[str]:
     floor, found = scale_floor(float_dtype), []
     for name, layer in qmodel.layers.items():
         s, config = layer.scales, layer.config
+        floored = layer.act_bits is not None and layer.format.format != "nvfp4"  # NVFP4's tensor scale stays fp32
         used = {
-            "act": s.act if config.act_bits and not s.constant_input else None,
-            "warmup": s.warmup if config.act_bits and config.modulate and config.first_step == "quantized" else None,
+            "act": s.act if floored and not s.constant_input else None,
+            "warmup": s.warmup if floored and config.modulate and config.first_step == "quantized" else None,
             "weight": layer.weight_scale if layer.weight_codes is not None else None,
         }
         found += [f"{name}/{kind}" for kind, values in used.items()
@@ -396,4 +414,6 @@ def insert_quantization(
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    if any(n.domain == TRT_DOMAIN for n in graph.node) and all(o.domain != TRT_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(TRT_DOMAIN, 1))
     return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from modiff_trt.errors import ConfigError
+from modiff_trt.quant.formats import ACT_FORMATS, FORMAT_BITS
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -21,7 +22,10 @@ class QuantConfig:
     `first_step='fp'` runs the first step with float activations (upstream); `'quantized'`
     quantizes the first input with its own scale. `split` quantizes the two channel groups of a
     skip concatenation separately (Q-Diffusion). `state_dtype` is the precision `a_hat`/`o_hat`
-    are carried in between steps.
+    are carried in between steps. `act_format` picks the activation grid: `int` (b-bit integers),
+    `fp8` (E4M3, 8 bits) or `nvfp4` (E2M1 in 16-channel blocks, 4 bits); with `format_layers`
+    'tensorrt' each layer falls back to the format TensorRT can run it in (`formats.layer_format`),
+    with 'all' every layer takes the requested format (a reference-only study).
     """
 
     weight_bits: int | None = 8
@@ -33,6 +37,8 @@ class QuantConfig:
     act_symmetric: bool = True
     split: bool = False
     state_dtype: Literal["float32", "float16"] = "float32"
+    act_format: Literal["int", "fp8", "nvfp4"] = "int"
+    format_layers: Literal["tensorrt", "all"] = "tensorrt"
 
     def __post_init__(self) -> None:
         for label, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
@@ -42,18 +48,28 @@ class QuantConfig:
             "act_scales": ("dynamic", "static"),
             "first_step": ("fp", "quantized"),
             "state_dtype": ("float32", "float16"),
+            "act_format": ACT_FORMATS,
+            "format_layers": ("tensorrt", "all"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
+        width = FORMAT_BITS.get(self.act_format)
+        if width is not None and self.act_bits not in (None, width):
+            raise ConfigError(f"act_format={self.act_format!r} is a {width}-bit format: set act_bits to {width} "
+                              f"(--act-bits {width}), not {self.act_bits}")
+        if width is not None and not self.act_symmetric:
+            raise ConfigError(f"act_format={self.act_format!r} is symmetric by construction: drop asymmetric activations")
 
     @property
     def label(self) -> str:
-        """Short name used in reports: `modiff-w8a4`, `qdiff-w8a8`, `fp32`."""
+        """Short name used in reports: `modiff-w8a4`, `qdiff-w8a8`, `modiff-w8-nvfp4`, `fp32`."""
         if self.weight_bits is None and self.act_bits is None:
             return "fp32"
         w = f"w{self.weight_bits}" if self.weight_bits else "wfp"
         a = f"a{self.act_bits}" if self.act_bits else "afp"
+        if self.act_bits and self.act_format != "int":
+            a = f"-{self.act_format}" + ("-all" if self.format_layers == "all" else "")
         return f"{'modiff' if self.modulate else 'qdiff'}-{w}{a}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from modiff_trt.errors import ConfigError
 from modiff_trt.quant.config import QuantConfig
+from modiff_trt.quant.formats import fake_quantize_float, float_scale, layer_format
 from modiff_trt.quant.quantizers import asymmetric_params, fake_quantize, per_channel_weight, symmetric_scale
 from modiff_trt.quant.scales import LayerScales
 
@@ -51,6 +52,8 @@ class QuantLayer(nn.Module):
         super().__init__()
         self.name, self.kind, self.config = name, layer_kind(module), config
         self.module = module
+        self.format = layer_format(module, config.act_format, config.act_bits, config.format_layers == "all")
+        self.act_bits = self.format.bits or None
         in_channels = module.weight.shape[1] * (module.groups if self.kind != "linear" else 1)
         self.groups = channel_groups(in_channels, split)
         self.split = split if len(self.groups) == 2 else 0
@@ -96,7 +99,7 @@ class QuantLayer(nn.Module):
     # -- activations ------------------------------------------------------------------------
     def _quantize_act(self, x: torch.Tensor, scales: list[float] | None, zero_points: list[float] | None,
                       ratio: tuple[list[float], list[float]] | None = None) -> torch.Tensor:
-        bits = self.config.act_bits
+        bits, fmt = self.act_bits, self.format.format
         if bits is None:
             return x
         static = self.config.act_scales == "static"
@@ -111,20 +114,33 @@ class QuantLayer(nn.Module):
             if static:
                 scale = torch.tensor(scales[i], dtype=x.dtype, device=x.device)
                 zp = None if zero_points is None else torch.tensor(zero_points[i], dtype=x.dtype, device=x.device)
+            elif fmt != "int":
+                scale, zp = float_scale(fmt, part.abs().amax()), None
             elif self.config.act_symmetric:
                 scale, zp = symmetric_scale(part.abs().amax(), bits), None
             else:
                 scale, zp = asymmetric_params(part.amin(), part.amax(), bits)
-            if ratio is None:
-                parts.append(fake_quantize(part, scale, bits, zp))
-            else:
+            if ratio is not None:  # step group g: Q(r * s_0/s_g) * s_g/s_0 around group 0's scale
                 pre, post = (torch.tensor(r[i], dtype=x.dtype, device=x.device) for r in ratio)
-                parts.append(fake_quantize(part * pre, scale, bits, zp) * post)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1 if self.kind == "linear" else 1)
+                part = part * pre
+            fq = (fake_quantize(part, scale, bits, zp) if fmt == "int"
+                  else fake_quantize_float(fmt, part, scale, self.channel_dim))
+            parts.append(fq if ratio is None else fq * post)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.channel_dim)
+
+    def quantize_step_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Q(x) with the layer's step scales and this step's step-group ratio: what a later step's
+        residual becomes."""
+        return self._quantize_act(x, self.scales.act, self.scales.act_zero_point, self.step_ratio)
+
+    @property
+    def channel_dim(self) -> int:
+        """The input's channel dim: the last for a Linear (SpatialTransformer Linears see
+        [B, tokens, C]), 1 for a conv. NVFP4 blocks run along it."""
+        return -1 if self.kind == "linear" else 1
 
     def _channels(self, x: torch.Tensor, group: slice) -> torch.Tensor:
-        """Input channels `group` of x: the last dim for a Linear (SpatialTransformer Linears see
-        [B, tokens, C]), dim 1 for a conv."""
+        """Input channels `group` of x."""
         return x[..., group] if self.kind == "linear" else x[:, group]
 
     def apply_weight(self, x: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -151,7 +167,7 @@ class QuantLayer(nn.Module):
             return self.o_hat.to(x.dtype)
         else:
             prev_a, prev_o = self.a_hat.to(x.dtype), self.o_hat.to(x.dtype)
-            rq = self._quantize_act(x - prev_a, s.act, s.act_zero_point, self.step_ratio)
+            rq = self.quantize_step_input(x - prev_a)
             a_hat = prev_a + rq
             o_hat = prev_o + self.apply_weight(rq, bias=False)
         self.a_hat = None if s.constant_input else a_hat.detach().to(self.state_dtype)
@@ -160,4 +176,5 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"{self.name}, {self.kind}, w{c.weight_bits}a{c.act_bits}, modulate={c.modulate}, split={self.split}"
+        return (f"{self.name}, {self.kind}, w{c.weight_bits}a{self.act_bits} {self.format.format}, "
+                f"modulate={c.modulate}, split={self.split}")

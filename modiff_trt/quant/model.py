@@ -101,6 +101,12 @@ def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
         if scales.step_groups is not None and len(entry.act_groups or []) != scales.step_groups.count:
             raise ConfigError(f"{scales.source}: layer {name} lacks scales for {scales.step_groups.count} step groups; "
                               "recalibrate with `modiff-trt calibrate --step-groups`")
+        if entry.act is not None and layer.act_bits is not None and entry.act_format != layer.format.format:
+            raise ConfigError(
+                f"{scales.source}: layer {name} holds {entry.act_format} scales, but the model quantizes it as "
+                f"{layer.format.format}: run with --act-format {scales.act_format}, or calibrate again with "
+                f"--act-format {qmodel.config.act_format}"
+            )
         layer.scales = entry
         layer.ratios = None if scales.step_groups is None else scale_ratios(entry.act_groups)
         if entry.weight_codes is not None:

@@ -29,6 +29,9 @@ class LayerScales:
     exactly 0 at every step), like Stable Diffusion's cross-attention `to_k`/`to_v` reading the
     text context. Its residual is then exactly 0, so MoDiff steps pass `o_hat` through: no
     quantizer, no matmul, and no `a_hat` to carry.
+
+    `act_format` is the activation format the scales belong to (`int`, `fp8`, or `nvfp4`, whose
+    scale is the fp32 tensor scale).
     """
 
     act: list[float] | None = None
@@ -39,6 +42,7 @@ class LayerScales:
     weight_scale: torch.Tensor | None = None
     constant_input: bool = False
     act_groups: list[list[float]] | None = None  # residual scales per step group [G][channel groups]; act = [0]
+    act_format: str = "int"
 
 
 def scale_ratios(act_groups: Sequence[Sequence[float]]) -> list[tuple[list[float], list[float]]]:
@@ -129,6 +133,7 @@ class ScaleSet:
     layers: dict[str, LayerScales] = field(default_factory=dict)
     source: str = "calibration"
     step_groups: StepGroups | None = None  # None: one residual scale for every step
+    act_format: str = "int"  # the --act-format the scales were calibrated for
 
 
 def _head(timesteps: Sequence[int]) -> str:

@@ -8,24 +8,26 @@ import onnx
 import torch
 from onnx import helper
 
+from modiff_trt.calibrators.search import activation_scale
+from modiff_trt.engines.ort_backend import session_options
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.naming import STEP_SCALE_RATIO
 from modiff_trt.export.qdq import step_ratio_table
 from modiff_trt.models.ddim_config import DDIMModelConfig
 from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet
+from modiff_trt.quant.formats import layer_format
 from modiff_trt.quant.scales import StepGroups
-from modiff_trt.quant.quantizers import fake_quantize
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas
 
 SEQ, BETAS, SHAPE = ddim_timesteps(10, "quad"), make_betas("linear", 1e-4, 0.02).float(), (3, 16, 16)
 
 
 def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10, step_groups: int = 1) -> ScaleSet:
-    """Static scales: absmax of the residual (MoDiff) or raw input (plain), first-step raw absmax;
-    with `step_groups` > 1, residual scales per group of steps (`StepGroups.even`)."""
+    """Static scales: absmax of the residual (MoDiff) or raw input (plain), first-step raw absmax,
+    in each layer's activation format; with `step_groups` > 1, residual scales per group of steps
+    (`StepGroups.even`)."""
     groups = StepGroups.even(step_groups, ddim_timesteps(steps, "quad"), "quad") if step_groups > 1 else None
     probe = quantize_unet(model, QuantConfig(None, None, split=config.split))
-    bits = config.act_bits
     stats: dict[str, dict[str, list[torch.Tensor]]] = {}
     prev: dict[str, torch.Tensor] = {}
     calls: dict[str, int] = {}
@@ -50,18 +52,17 @@ def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10, step_
         layer.register_forward_pre_hook(hook(name, layer))
     noise = torch.randn(n, *sample_shape, generator=torch.Generator().manual_seed(123))
     ddim_sample(probe, noise, ddim_timesteps(steps, "quad"), make_betas("linear", 1e-4, 0.02).float())
-    qmax = 2 ** (bits - 1) - 1
     count = 1 if groups is None else groups.count
-    per_group = {name: [[float(v) / qmax for v in s[f"act{g}" if groups else "act"]] for g in range(count)]
-                 for name, s in stats.items()}
-    layers = {
-        name: LayerScales(
-            act=per_group[name][0],
-            warmup=None if s["warmup"] is None else [float(v) / qmax for v in s["warmup"]],
-            act_groups=None if groups is None else per_group[name],
-        )
-        for name, s in stats.items()
-    }
+    layers = {}
+    for name, s in stats.items():
+        fmt = layer_format(model.get_submodule(name), config.act_format, config.act_bits)
+
+        def scales(amax, fmt=fmt):
+            return [activation_scale(torch.empty(0), float(v), fmt.bits, "minmax", fmt=fmt.format) for v in amax]
+
+        per_group = [scales(s[f"act{g}" if groups else "act"]) for g in range(count)]
+        layers[name] = LayerScales(act=per_group[0], warmup=None if s["warmup"] is None else scales(s["warmup"]),
+                                   act_groups=None if groups is None else per_group, act_format=fmt.format)
     return ScaleSet(modulate=config.modulate, layers=layers, source="test-absmax", step_groups=groups)
 
 
@@ -114,16 +115,17 @@ def reference_feeds(qmodel, run) -> list[dict[str, np.ndarray]]:
 
 def check_step_layers(out, qmodel, noise, run=None) -> int:
     """Run `out`'s warm-up then step graphs on ONNX Runtime along the reference's own sampler
-    states and assert, per layer and step, on ORT's own tensors: rq = Q(x - a_hat_in) exactly (but
-    at rounding ties), a_hat_out = a_hat_in + rq, o_hat_out = o_hat_in + f(rq, Wq); constant-input
-    layers carry no a_hat and pass o_hat through exactly. `run(model)`
+    states and assert, per layer and step, on ORT's own tensors: rq = Q(x - a_hat_in) exactly in the
+    layer's own format (int8 grids: but at rounding ties), a_hat_out = a_hat_in + rq, o_hat_out =
+    o_hat_in + f(rq, Wq); constant-input layers carry no a_hat and pass o_hat through exactly. `run(model)`
     samples (default: DDIM over SEQ from `noise`). Returns the number of (layer, step) pairs checked."""
     import onnxruntime as ort
 
-    config, layers = qmodel.config, qmodel.layers
-    step = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(),
+    layers = qmodel.layers
+    options = session_options()
+    step = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(), options,
                                 providers=["CPUExecutionProvider"])
-    warm = ort.InferenceSession(str(out / "warmup.onnx"), providers=["CPUExecutionProvider"])
+    warm = ort.InferenceSession(str(out / "warmup.onnx"), options, providers=["CPUExecutionProvider"])
     feeds = reference_feeds(qmodel, run or (lambda m: ddim_sample(m, noise, SEQ, BETAS)))
     names = [o.name for o in warm.get_outputs()]
     outs = warm.run(None, feeds[0])
@@ -144,18 +146,24 @@ def check_step_layers(out, qmodel, noise, run=None) -> int:
             a_out, o_out = (torch.from_numpy(result[f"{k}_out.{name}"]) for k in ("a_hat", "o_hat"))
             residual = torch.from_numpy(result[f"x_of.{name}"]) - a_in
             rq = a_out - a_in
+            layer.step_ratio = None if group is None else layer.ratios[group]
+            want = layer.quantize_step_input(residual)
+            # rq is read back as a_out - a_in: float32 rounding of a_hat bounds its precision
+            ulp = 2 * torch.finfo(torch.float32).eps * float(a_out.abs().max())
+            tie = torch.zeros_like(want, dtype=torch.bool)  # FP8 / NVFP4 Q/DQ run bit-exact on ORT
+            slack = 0.0
             for i, g in enumerate(layer.groups if len(layer.groups) > 1 else [slice(None)]):
+                if layer.format.format != "int":
+                    continue
                 scale = torch.tensor(layer.scales.act[i])
                 pre, post = (1.0, 1.0) if group is None else (torch.tensor(r[i]) for r in layer.ratios[group])
-                want = fake_quantize(residual[:, g] * pre, scale, config.act_bits) * post
-                ratio = residual[:, g] * pre / scale
-                tie = (ratio - ratio.floor() - 0.5).abs() < 1e-3
-                # rq is read back as a_out - a_in: float32 rounding of a_hat bounds its precision
-                ulp = 2 * torch.finfo(torch.float32).eps * float(a_out.abs().max())
-                assert torch.allclose(rq[:, g][~tie], want[~tie], atol=1e-5 * float(scale) * float(post) * 128 + ulp)
+                ratio = residual[:, g] * pre / scale  # ORT's int8 QuantizeLinear may break ties the other way
+                tie[:, g] = (ratio - ratio.floor() - 0.5).abs() < 1e-3
+                slack = max(slack, 1e-5 * float(scale) * float(post) * 128)
                 # codes on the b-bit grid of the constant scale
                 codes = (rq[:, g] / post / scale).round()
-                assert codes.abs().max() <= 2 ** (config.act_bits - 1)
+                assert codes.abs().max() <= 2 ** (layer.act_bits - 1)
+            assert torch.allclose(rq[~tie], want[~tie], atol=ulp + slack, rtol=0)
             f = layer.apply_weight(rq, bias=False)
             assert torch.allclose(o_out - o_in, f, rtol=1e-4, atol=1e-5 * float(o_in.abs().max()))
             checked += 1
