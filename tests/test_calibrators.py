@@ -323,7 +323,7 @@ def test_cli_calibrate_then_sample_static_and_refuse_other_checkpoint(tmp_path, 
     result = runner.invoke(app, sample + ["--checkpoint", str(tiny_checkpoint)])
     assert result.exit_code == 0, result.output
     other = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
-    result = runner.invoke(app, sample + ["--checkpoint", str(other)])
+    result = runner.invoke(app, sample + ["--checkpoint", str(other), "--overwrite"])
     assert result.exit_code == 2 and "scales do not carry over between checkpoints" in result.output
     result = runner.invoke(app, ["calibrate", "-c", str(tiny_config), "--from-qdiffusion", str(other), "--weight-bits", "4",
                                  "--act-bits", "8", "--no-modulate", "-o", str(tmp_path / "q.safetensors")])

@@ -19,6 +19,8 @@ PACKAGE = Path(modiff_trt.__file__).parent
 #: docs/architecture.md. `errors` and the root `__init__` (`__version__`) are allowed everywhere.
 ALLOWED: dict[str, set[str]] = {
     "atomic": set(),
+    "choices": set(),
+    "validate": set(),
     "quant": set(),
     "metrics": set(),
     "plugins": set(),
@@ -29,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "calibrators": {"atomic", "export", "models", "quant", "sampling"},
     "engines": {"atomic", "calibrators", "export", "models", "quant", "sampling"},
     "pipeline": {"calibrators", "engines", "export", "metrics", "models", "quant", "sampling"},
-    "demo": {"engines", "models", "pipeline", "quant", "sampling"},
+    "demo": {"atomic", "engines", "metrics", "models", "pipeline", "quant", "sampling"},
     "cli": {"*"},
     "__main__": {"cli"},
 }

@@ -177,7 +177,7 @@ def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
 def test_bedrooms_vq_decoder_and_eta_sampling(tmp_path):
     path, ckpt, _ = small_ldm(tmp_path, "bedrooms")
     cfg = load_config(path)
-    runner = load_reference(cfg, ckpt, QuantConfig(8, None))[2]
+    runner = load_reference(cfg, ckpt, QuantConfig(8, None)).qmodel
     decoder = load_first_stage(cfg.ldm, ckpt)
     sampler = make_sampler(cfg, steps=2, eta=1.0)
     first, second = (np.load(write_samples(runner, sampler, cfg.sample_shape, tmp_path / name, 3, 2, seed=1,

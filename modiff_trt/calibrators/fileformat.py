@@ -43,10 +43,11 @@ from typing import Any
 
 import torch
 
-from modiff_trt.atomic import atomic_file
+from modiff_trt.atomic import atomic_file, writable_file
 from modiff_trt.errors import ArtifactError
 from modiff_trt.export.manifest import sha256_file
 from modiff_trt.models.config import ModelConfig
+from modiff_trt.quant.config import QuantConfig
 from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.quant.scales import LayerScales, ScaleSet, StepGroups
 from modiff_trt.sampling.sampler import Sampler, make_sampler, sampler_from_dict
@@ -130,6 +131,22 @@ class Calibration:
                 f"uses {show(checkpoint, have)}: scales do not carry over between checkpoints; run "
                 "`modiff-trt calibrate` with this --checkpoint"
             )
+
+    def check_settings(self, quant: QuantConfig) -> None:
+        """Refuse quantization settings other than those the scales were measured for.
+
+        Scales measured for 4-bit activations used at 8 bits (or residual scales used on raw
+        inputs) run without error and silently cost tens of dB, so every mismatch is named.
+        """
+        recorded = {"--weight-bits": self.meta.get("weight_bits"), "--act-bits": self.meta.get("act_bits"),
+                    "--modulate": self.meta.get("modulate"), "--first-step": self.meta.get("first_step")}
+        wanted = {"--weight-bits": quant.weight_bits, "--act-bits": quant.act_bits, "--modulate": quant.modulate,
+                  "--first-step": quant.first_step}
+        differ = [f"{flag} {_show(wanted[flag])} (file: {_show(value)})" for flag, value in recorded.items()
+                  if value is not None and value != wanted[flag]]
+        if differ:
+            raise ArtifactError(f"{self.source} was calibrated for other settings: {'; '.join(differ)}; use the "
+                                "calibration's settings or run `modiff-trt calibrate` with these")
 
     def _check_layers(self, config: ModelConfig) -> None:
         with torch.device("meta"):
@@ -234,3 +251,40 @@ def load_calibration(path: str | Path) -> Calibration:
             act_format=formats.get(name, "int"),
         )
     return Calibration(meta=meta, layers=layers, path=path)
+
+
+def _holds_calibration(path: Path) -> bool:
+    """Whether `path` is a modiff-trt calibration file (its header is read, not its tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get(META_KEY, "{}")).get("format") == FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def check_calibration_out(out: str | Path, inputs: dict[str, str | Path | None]) -> Path:
+    """Refuse an --out that would destroy a file calibrate did not write, before any sampling.
+
+    `inputs` maps each input option (--checkpoint, --from-qdiffusion) to its path: --out may not
+    be one of them, and an existing --out is replaced only when it is an earlier calibration.
+    """
+    out = Path(out)
+    for option, path in inputs.items():
+        if path is not None and out.exists() and Path(path).exists() and out.samefile(path):
+            raise ArtifactError(f"--out {out} is the {option} file: calibrating would replace it; choose another --out")
+    if out.is_file() and not _holds_calibration(out):
+        raise ArtifactError(f"--out {out} exists and is not a calibration file: calibrate never replaces other "
+                            "files; choose another --out")
+    writable_file(out, "--out")
+    return out
+
+
+def _show(value: Any) -> str:
+    """An option value as the user types it: 0 for float (None), on/off for switches."""
+    if value is None:
+        return "0"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)

@@ -33,31 +33,44 @@ class DDIMModelConfig(ModelConfig):
         return {"sampler": "ddim", "steps": 100, "skip_type": "quad", "eta": 0.0}
 
 
+def positive_int(source: str, field: str, value: Any) -> int:
+    """A YAML integer field: refused when fractional (32.5 would be truncated), non-numeric or < 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ConfigError(f"{source}: {field} is {value!r}; it must be a positive integer")
+    return int(value)
+
+
 def parse_ddim_config(raw: dict[str, Any], source: str, sha: str) -> DDIMModelConfig:
     """A mapping in the official ddim layout (`data`, `model`, `diffusion`) -> `DDIMModelConfig`."""
     try:
         model, data, diffusion = raw["model"], raw["data"], raw["diffusion"]
         unet = DDIMUNetConfig(
-            ch=int(model["ch"]),
-            out_ch=int(model["out_ch"]),
-            ch_mult=tuple(int(m) for m in model["ch_mult"]),
-            num_res_blocks=int(model["num_res_blocks"]),
-            attn_resolutions=tuple(int(r) for r in model["attn_resolutions"]),
+            ch=positive_int(source, "model.ch", model["ch"]),
+            out_ch=positive_int(source, "model.out_ch", model["out_ch"]),
+            ch_mult=tuple(positive_int(source, "model.ch_mult", m) for m in model["ch_mult"]),
+            num_res_blocks=positive_int(source, "model.num_res_blocks", model["num_res_blocks"]),
+            attn_resolutions=tuple(positive_int(source, "model.attn_resolutions", r)
+                                   for r in model["attn_resolutions"]),
             dropout=float(model.get("dropout", 0.0)),
-            in_channels=int(model["in_channels"]),
-            resolution=int(data["image_size"]),
+            in_channels=positive_int(source, "model.in_channels", model["in_channels"]),
+            resolution=positive_int(source, "data.image_size", data["image_size"]),
             resamp_with_conv=bool(model.get("resamp_with_conv", True)),
             model_type=str(model.get("type", "simple")),
         )
         schedule = str(diffusion["beta_schedule"])
         if schedule != "linear":
             raise ConfigError(f"{source}: beta_schedule {schedule!r} is not supported; modiff-trt reads 'linear'")
+        beta_start, beta_end = float(diffusion["beta_start"]), float(diffusion["beta_end"])
+        if not 0 < beta_start < beta_end < 1:
+            raise ConfigError(f"{source}: diffusion.beta_start {beta_start} and beta_end {beta_end} must satisfy "
+                              "0 < beta_start < beta_end < 1")
         return DDIMModelConfig(
             unet=unet,
             beta_schedule=schedule,
-            beta_start=float(diffusion["beta_start"]),
-            beta_end=float(diffusion["beta_end"]),
-            num_train_timesteps=int(diffusion["num_diffusion_timesteps"]),
+            beta_start=beta_start,
+            beta_end=beta_end,
+            num_train_timesteps=positive_int(source, "diffusion.num_diffusion_timesteps",
+                                             diffusion["num_diffusion_timesteps"]),
             source=source,
             sha256=sha,
             raw=raw,
