@@ -210,7 +210,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, tiny_model, monkeypatch):
 def test_export_does_not_clobber_unrelated_directory(tmp_path, tiny_model):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.png").write_bytes(b"x")
-    with pytest.raises(ArtifactError, match="not an export directory"):
+    with pytest.raises(ArtifactError, match="not a complete earlier export"):
         export(tmp_path, tiny_model, QuantConfig(8, None), "photos")
     assert (tmp_path / "photos" / "cat.png").exists()
 

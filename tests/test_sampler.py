@@ -73,7 +73,7 @@ def test_bad_options_and_dicts_name_the_problem():
         make_sampler(churches, sampler="plms", eta=1.0)
     with pytest.raises(ConfigError, match="unconditional"):
         make_sampler(churches, guidance_scale=7.5)
-    with pytest.raises(ConfigError, match="num_steps must be in 1..1000"):
+    with pytest.raises(ConfigError, match="--steps 0 is invalid: choose 1..1000"):
         make_sampler(ddim, steps=0)
     with pytest.raises(ArtifactError, match="manifest: unknown sampler 'euler'"):
         sampler_from_dict({"sampler": "euler"}, "manifest")

@@ -19,7 +19,7 @@ def test_uniform_and_quad_timesteps_match_ddim_runner():
     assert len(quad) == 100 and len(set(quad)) == 96
     assert quad[:4] == [0, 0, 0, 0] and quad[-1] == int(np.linspace(0, np.sqrt(800), 100)[-1] ** 2) == 800
     assert ddim_timesteps(20, "quad")[10] == int((10 * math.sqrt(800) / 19) ** 2)
-    with pytest.raises(ValueError, match="skip_type"):
+    with pytest.raises(ValueError, match="--skip-type"):
         ddim_timesteps(10, "cosine")
 
 

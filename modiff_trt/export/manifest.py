@@ -207,9 +207,13 @@ def check_graph_io(manifest: Manifest, export_dir: Path, source: str) -> None:
             if recorded != tensor_specs(list(actual)):
                 raise ArtifactError(f"{source}: the {key} graph's {side} differ from what the manifest lists; {fix}")
         if manifest.modulated:
-            prefix = naming.state_output("a_hat", "")
-            layers = {o.name.removeprefix(prefix) for o in model.graph.output if o.name.startswith(prefix)}
-            if layers != {layer.name for layer in manifest.layers}:
+            outputs = {o.name for o in model.graph.output}
+            expected = {naming.state_output(kind, layer.name) for layer in manifest.layers for kind in layer.state_kinds}
+            prefixes = tuple(naming.state_output(kind, "") for kind in naming.STATE_KINDS)
+            carried = {name for name in outputs if name.startswith(prefixes)}
+            o_prefix = naming.state_output("o_hat", "")
+            layers = {name.removeprefix(o_prefix) for name in carried if name.startswith(o_prefix)}
+            if carried != expected:
                 raise ArtifactError(f"{source}: the {key} graph carries state for {len(layers)} layers, the manifest "
                                     f"lists {len(manifest.layers)}; {fix}")
     bits = (manifest.quant.get("weight_bits") or 0, manifest.quant.get("act_bits") or 0)
