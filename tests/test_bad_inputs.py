@@ -158,6 +158,8 @@ CASES: dict[str, Case] = {
     "inspect-manifest-schema": case("inspect {skeletal}", "not a modiff-trt manifest"),
     "inspect-manifest-edited-bits": case("inspect {edited_bits}", "other bits"),
     "inspect-manifest-edited-io": case("inspect {edited_io} --lint", "inputs differ"),
+    "inspect-manifest-dropped-layer": case("inspect {dropped_layer}",
+                                           "carries state for 51 layers, the manifest lists 50"),
     "sample-manifest-edited-io": case("sample {edited_io} -b ort -n 1 --steps 2 -o {tmp}/s", "inputs differ"),
     # --- compare ---------------------------------------------------------------------------
     "compare-n-0": case(f"{COMPARE} -n 0", "--num-images 0"),
@@ -231,6 +233,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
                                           lambda m: m["quant"].update(act_bits=4))
     paths["edited_io"] = _edited_export(paths["export"], root / "exp-io",
                                         lambda m: m["graphs"]["step"]["inputs"][0].update(name="image"))
+    paths["dropped_layer"] = _edited_export(paths["export"], root / "exp-layers", lambda m: m["layers"].pop())
     return paths
 
 

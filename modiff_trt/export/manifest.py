@@ -207,14 +207,14 @@ def check_graph_io(manifest: Manifest, export_dir: Path, source: str) -> None:
             if recorded != tensor_specs(list(actual)):
                 raise ArtifactError(f"{source}: the {key} graph's {side} differ from what the manifest lists; {fix}")
         if manifest.modulated:
-            outputs = {o.name for o in model.graph.output}
-            expected = {naming.state_output(kind, layer.name) for layer in manifest.layers for kind in layer.state_kinds}
+            # per kind: a layer with a constant input carries o_hat only
             prefixes = tuple(naming.state_output(kind, "") for kind in naming.STATE_KINDS)
-            carried = {name for name in outputs if name.startswith(prefixes)}
-            o_prefix = naming.state_output("o_hat", "")
-            layers = {name.removeprefix(o_prefix) for name in carried if name.startswith(o_prefix)}
-            if carried != expected:
-                raise ArtifactError(f"{source}: the {key} graph carries state for {len(layers)} layers, the manifest "
+            carried = {o.name for o in model.graph.output if o.name.startswith(prefixes)}
+            listed = {naming.state_output(kind, layer.name) for layer in manifest.layers for kind in layer.state_kinds}
+            if carried != listed:
+                o_hat = naming.state_output("o_hat", "")
+                layers = sum(name.startswith(o_hat) for name in carried)
+                raise ArtifactError(f"{source}: the {key} graph carries state for {layers} layers, the manifest "
                                     f"lists {len(manifest.layers)}; {fix}")
     bits = (manifest.quant.get("weight_bits") or 0, manifest.quant.get("act_bits") or 0)
     odd = [layer.name for layer in manifest.layers if (layer.weight_bits, layer.act_bits) != bits]
