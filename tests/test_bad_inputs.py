@@ -55,6 +55,9 @@ CASES: dict[str, Case] = {
     "sample-eta-nan": case(f"{SAMPLE} --eta nan", "--eta nan"),
     "sample-eta-inf": case(f"{SAMPLE} --eta inf", "--eta inf"),
     "sample-eta-negative": case(f"{SAMPLE} --eta -0.5", "--eta -0.5"),
+    "sample-eta-above-1-diverges": case(f"{SAMPLE} --eta 20", "--eta 20.0"),
+    "export-sample-eta-above-1-diverges": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --eta 20",
+                                               "--eta 20.0"),
     "sample-weight-bits-1": case(f"{SAMPLE} --weight-bits 1", "weight"),
     "sample-act-bits-9": case(f"{SAMPLE} --act-bits 9", "act"),
     # --- sample: choices -------------------------------------------------------------------

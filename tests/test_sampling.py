@@ -104,3 +104,14 @@ def test_nan_from_the_model_stops_sampling_with_a_clear_error():
 
     with pytest.raises(ModiffError, match=r"NaN/Inf at step \d+ \(t=\d+\)"):
         ddim_sample(broken, torch.randn(1, 1, 2, 2), ddim_timesteps(10, "uniform"), make_betas("linear", 1e-4, 0.02).float())
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ldm-ddim"])
+def test_nan_from_an_eta_above_1_names_eta_not_the_checkpoint(sampler):
+    from modiff_trt.errors import OptionError
+    from modiff_trt.sampling.sampler import LDMDDIMSampler
+
+    schedule = NoiseSchedule("linear", 1e-4, 0.02)
+    chosen = {"ddim": DDIMSampler(schedule, 5, eta=3.0), "ldm-ddim": LDMDDIMSampler(schedule, 5, eta=3.0)}[sampler]
+    with pytest.raises(OptionError, match=r"step 0 \(t=\d+\) with --eta 3.0: .* choose --eta in \[0, 1\]"):
+        chosen.trajectory(lambda x, t: torch.zeros_like(x), torch.randn(2, 1, 2, 2))

@@ -77,7 +77,8 @@ def ddim_update(
     a_prev = sched.alphas_prev[index].item()
     sigma = sched.sigmas[index].item()
     pred_x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
-    x_prev = math.sqrt(a_prev) * pred_x0 + math.sqrt(1.0 - a_prev - sigma**2) * eps
+    rest = 1.0 - a_prev - sigma**2  # < 0 for some eta > 1: NaN, as torch's sqrt gives ddim's sampler
+    x_prev = math.sqrt(a_prev) * pred_x0 + (math.sqrt(rest) if rest >= 0 else math.nan) * eps
     if sigma > 0:
         if noise is None:
             raise ValueError("eta > 0 needs noise")
@@ -139,11 +140,12 @@ def sample_ddim(
     x = x_T
     for i, index in enumerate(reversed(range(len(sched)))):
         eps = guided_eps(model, x, _t(sched.timesteps[index], x), context, uncond, guidance_scale)
-        check_finite(eps, i, int(sched.timesteps[index]))
+        check_finite(eps, i, int(sched.timesteps[index]), eta)
         noise = None
         if sched.sigmas[index] > 0:
             noise = draw_noise(generator, x)
         x, _ = ddim_update(x, eps, sched, index, noise)
+        check_finite(x, i, int(sched.timesteps[index]), eta, source="the DDIM update")
         if callback is not None:
             callback(i, int(sched.timesteps[index]), x)
     return x
