@@ -1,14 +1,16 @@
-"""Checks every command runs on its options before any compute is spent (output paths: `atomic`).
+"""Checks every command runs on its options and config fields before any compute is spent (output paths: `atomic`).
 
-They raise `OptionError`/`ArtifactError` naming the CLI flag, so a library caller and a CLI
-user get the same one-line refusal; nothing here touches a model.
+They raise `OptionError` naming the CLI flag, or `ConfigError` naming the file and field, so a
+library caller and a CLI user get the same one-line refusal; nothing here touches a model.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
-from modiff_trt.errors import OptionError
+from modiff_trt.errors import ConfigError, OptionError
 
 
 def at_least(option: str, value: int | None, minimum: int) -> int | None:
@@ -30,3 +32,17 @@ def sample_counts(num_images: int, batch_size: int | None, seed: int) -> None:
     at_least("--num-images", num_images, 1)
     at_least("--batch-size", batch_size, 1)
     at_least("--seed", seed, 0)
+
+
+def positive_int(source: str, field: str, value: Any) -> int:
+    """A YAML integer field: refused when fractional (32.5 would be truncated), non-numeric or < 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ConfigError(f"{source}: {field} is {value!r}; it must be a positive integer")
+    return int(value)
+
+
+def positive_ints(source: str, field: str, values: Any) -> tuple[int, ...]:
+    """A YAML list of positive integers (channel multipliers, attention resolutions)."""
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise ConfigError(f"{source}: {field} is {values!r}; it must be a list of positive integers")
+    return tuple(positive_int(source, field, value) for value in values)

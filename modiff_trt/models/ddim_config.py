@@ -10,6 +10,7 @@ import torch
 from modiff_trt.errors import ConfigError
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.models.ddim_unet import DDIMUNet, DDIMUNetConfig
+from modiff_trt.validate import positive_int, positive_ints
 
 
 @dataclass
@@ -33,13 +34,6 @@ class DDIMModelConfig(ModelConfig):
         return {"sampler": "ddim", "steps": 100, "skip_type": "quad", "eta": 0.0}
 
 
-def positive_int(source: str, field: str, value: Any) -> int:
-    """A YAML integer field: refused when fractional (32.5 would be truncated), non-numeric or < 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
-        raise ConfigError(f"{source}: {field} is {value!r}; it must be a positive integer")
-    return int(value)
-
-
 def parse_ddim_config(raw: dict[str, Any], source: str, sha: str) -> DDIMModelConfig:
     """A mapping in the official ddim layout (`data`, `model`, `diffusion`) -> `DDIMModelConfig`."""
     try:
@@ -47,10 +41,9 @@ def parse_ddim_config(raw: dict[str, Any], source: str, sha: str) -> DDIMModelCo
         unet = DDIMUNetConfig(
             ch=positive_int(source, "model.ch", model["ch"]),
             out_ch=positive_int(source, "model.out_ch", model["out_ch"]),
-            ch_mult=tuple(positive_int(source, "model.ch_mult", m) for m in model["ch_mult"]),
+            ch_mult=positive_ints(source, "model.ch_mult", model["ch_mult"]),
             num_res_blocks=positive_int(source, "model.num_res_blocks", model["num_res_blocks"]),
-            attn_resolutions=tuple(positive_int(source, "model.attn_resolutions", r)
-                                   for r in model["attn_resolutions"]),
+            attn_resolutions=positive_ints(source, "model.attn_resolutions", model["attn_resolutions"]),
             dropout=float(model.get("dropout", 0.0)),
             in_channels=positive_int(source, "model.in_channels", model["in_channels"]),
             resolution=positive_int(source, "data.image_size", data["image_size"]),

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from modiff_trt.errors import OptionError
 from modiff_trt.sampling.step import StepCallback, check_finite, draw_noise, reset_state
 
 
@@ -36,7 +37,7 @@ class EpsModel(Protocol):
 def ldm_ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Uniform LDM DDIM timesteps ``range(0, T, T // S) + 1`` (ascending, int64)."""
     if not 0 < num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be in 1..{num_train_timesteps}, got {num_steps}")
+        raise OptionError(f"--steps {num_steps} is invalid: choose 1..{num_train_timesteps} (the model's timesteps)")
     return torch.arange(0, num_train_timesteps, num_train_timesteps // num_steps) + 1
 
 
