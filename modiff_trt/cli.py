@@ -37,7 +37,7 @@ from modiff_trt.choices import (
 )
 from modiff_trt.errors import ConfigError, ModiffError, OptionError
 from modiff_trt.models.builtin import checkpoint_for
-from modiff_trt.validate import at_least, finite_eta, sample_counts
+from modiff_trt.validate import at_least, finite_eta, not_a_directory, sample_counts
 
 app = typer.Typer(
     name="modiff-trt",
@@ -695,6 +695,7 @@ def calibrate_command(
     at_least("--seed", seed, 0)
     at_least("--steps", steps, 1)
     finite_eta(eta)
+    not_a_directory("--from-qdiffusion", from_qdiffusion, "Q-Diffusion checkpoint file")
     check_calibration_out(out, {"--checkpoint": checkpoint, "--from-qdiffusion": from_qdiffusion})
     model_cfg = load_config(config)
     chosen = make_sampler(model_cfg, sampler=sampler, steps=steps, skip_type=skip_type, eta=eta,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from modiff_trt.errors import ConfigError, OptionError
@@ -25,6 +26,12 @@ def finite_eta(eta: float | None, option: str = "--eta") -> float | None:
     if eta is not None and (not math.isfinite(eta) or eta < 0):
         raise OptionError(f"{option} {eta} is invalid: it must be a finite number >= 0 (0 is deterministic DDIM)")
     return eta
+
+
+def not_a_directory(option: str, path: str | Path | None, what: str) -> None:
+    """An input file option that names a folder: say so, instead of 'not found' or a loader's errno."""
+    if path is not None and Path(path).is_dir():
+        raise OptionError(f"{option} {path} is a directory: name the {what} inside it")
 
 
 def sample_counts(num_images: int, batch_size: int | None, seed: int) -> None:

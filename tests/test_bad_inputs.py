@@ -29,7 +29,7 @@ class Case:
     """One bad command line: `{name}` placeholders are paths of the `world` fixture."""
 
     args: tuple[str, ...]
-    needle: str  # must appear in the output: the option or file the message names
+    needle: str  # must appear in the output: the option or file the message names (placeholders too)
     code: int = 2
     keep: tuple[str, ...] = field(default=())  # world files that must stay byte-identical
 
@@ -74,7 +74,7 @@ CASES: dict[str, Case] = {
     "sample-cuda-graph-without-export": case(f"{SAMPLE} --cuda-graph", "--cuda-graph"),
     "sample-random-weights-with-checkpoint": case(f"{SAMPLE} --checkpoint {{ckpt}} --random-weights",
                                                   "--random-weights"),
-    "sample-checkpoint-dir": case(f"{SAMPLE} --checkpoint {{tmp}}", "is a directory"),
+    "sample-checkpoint-dir": case(f"{SAMPLE} --checkpoint {{tmp}}", "--checkpoint {tmp} is a directory"),
     "sample-checkpoint-missing": case(f"{SAMPLE} --checkpoint {{tmp}}/none.ckpt", "none.ckpt"),
     "sample-checkpoint-junk": case(f"{SAMPLE} --checkpoint {{junk}}", "junk.ckpt"),
     "sample-calibration-missing": case(f"{SAMPLE} --calibration {{tmp}}/none.safetensors", "none.safetensors"),
@@ -132,7 +132,14 @@ CASES: dict[str, Case] = {
                                    "--from-qdiffusion"),
     "calibrate-random-weights-with-checkpoint": case(f"{CAL} --checkpoint {{ckpt}} --random-weights "
                                                      "-o {tmp}/c.safetensors", "--random-weights"),
-    "calibrate-checkpoint-dir": case(f"{CAL} --checkpoint {{tmp}} -o {{tmp}}/c.safetensors", "is a directory"),
+    "calibrate-checkpoint-dir": case(f"{CAL} --checkpoint {{tmp}} -o {{tmp}}/c.safetensors",
+                                     "--checkpoint {tmp} is a directory"),
+    "calibrate-qdiffusion-dir": case(f"{CAL} --from-qdiffusion {{tmp}} -o {{tmp}}/c.safetensors",
+                                     "--from-qdiffusion {tmp} is a directory"),
+    "export-checkpoint-dir": case(f"{EXPORT} --checkpoint {{tmp}} -o {{tmp}}/e", "--checkpoint {tmp} is a directory"),
+    "export-calibration-dir": case("export -c digits --calibration {tmp} -o {tmp}/e",
+                                   "--calibration {tmp} is a directory"),
+    "sample-calibration-dir": case(f"{SAMPLE} --calibration {{tmp}}", "--calibration {tmp} is a directory"),
     # --- export ----------------------------------------------------------------------------
     "export-batch-0": case(f"{EXPORT} --batch-size 0 -o {{tmp}}/e", "--batch-size 0"),
     "export-batch-negative": case(f"{EXPORT} --batch-size -1 -o {{tmp}}/e", "--batch-size -1"),
@@ -260,13 +267,14 @@ def snapshot(path: Path) -> dict[str, bytes]:
 def test_bad_input_is_refused_in_one_line(name, world, tmp_path):
     bad = CASES[name]
     paths = {**world, "tmp": tmp_path}  # outputs go to a fresh folder: one case cannot spoil the next
-    args = [arg.format(**{k: str(v) for k, v in paths.items()}) for arg in bad.args]
+    names = {k: str(v) for k, v in paths.items()}
+    args = [arg.format(**names) for arg in bad.args]
     before = {key: snapshot(world[key]) for key in bad.keep}
     result = runner.invoke(app, args)
     output = result.output
     assert result.exit_code == bad.code, output
     assert "Traceback" not in output and not isinstance(result.exception, (AssertionError, NameError)), output
-    assert bad.needle in output, output
+    assert bad.needle.format(**names) in output, output
     ours = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(ours) <= 1 and (ours or "Invalid value" in output or "Error" in output), output
     for key in bad.keep:

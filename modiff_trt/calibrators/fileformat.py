@@ -51,6 +51,7 @@ from modiff_trt.quant.config import QuantConfig
 from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.quant.scales import LayerScales, ScaleSet, StepGroups
 from modiff_trt.sampling.sampler import Sampler, make_sampler, sampler_from_dict
+from modiff_trt.validate import not_a_directory
 
 log = logging.getLogger(__name__)
 FORMAT = "modiff-trt/calibration"
@@ -216,6 +217,7 @@ def load_calibration(path: str | Path) -> Calibration:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    not_a_directory("--calibration", path, "calibration file (.safetensors)")
     if not path.is_file():
         raise ArtifactError(f"calibration file {path} not found: create it with `modiff-trt calibrate --out {path}`")
     try:

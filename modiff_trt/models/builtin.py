@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from modiff_trt.errors import CheckpointError, OptionError
+from modiff_trt.validate import not_a_directory
 
 ASSET_DIR = "assets"
 
@@ -49,10 +50,8 @@ def checkpoint_for(config: str | Path, checkpoint: str | Path | None, random_wei
             raise OptionError("--random-weights and --checkpoint exclude each other: drop one")
         return None
     if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        if checkpoint.is_dir():
-            raise CheckpointError(f"--checkpoint {checkpoint} is a directory: name the weights file inside it")
-        return checkpoint
+        not_a_directory("--checkpoint", checkpoint, "weights file")
+        return Path(checkpoint)
     packaged = builtin_checkpoint(str(config))
     if packaged is not None:
         return packaged
