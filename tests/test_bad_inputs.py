@@ -82,6 +82,8 @@ CASES: dict[str, Case] = {
     "sample-calibration-act-bits": case(f"{SAMPLE} --calibration {{cal}} --act-bits 4", "--act-bits 4"),
     "sample-calibration-no-modulate": case(f"{SAMPLE} --calibration {{cal}} --no-modulate", "--modulate off"),
     "sample-calibration-float": case(f"{SAMPLE} --calibration {{cal}} --act-bits 0", "--act-bits 0"),
+    "sample-calibration-scale-edited": case(f"{SAMPLE} --calibration {{cal_edited}}",
+                                            "act scale 1e+30 cannot come from its measured absmax"),
     "sample-config-missing": case("sample -c {tmp}/none.yml -n 1 --steps 2 -o {tmp}/s", "none.yml"),
     "sample-config-fraction": case("sample -c {yaml_fraction} --random-weights -n 1 --steps 2 -o {tmp}/s", "model.ch"),
     "sample-config-negative": case("sample -c {yaml_negative} --random-weights -n 1 --steps 2 -o {tmp}/s", "model.ch"),
@@ -157,6 +159,8 @@ CASES: dict[str, Case] = {
     "export-calibration-no-modulate": case(f"{EXPORT} --no-modulate -o {{tmp}}/e", "--modulate off"),
     "export-calibration-first-step": case(f"{EXPORT} --first-step quantized -o {{tmp}}/e", "--first-step quantized"),
     "export-calibration-float": case(f"{EXPORT} --act-bits 0 -o {{tmp}}/e", "--act-bits 0"),
+    "export-calibration-scale-edited": case("export -c digits --calibration {cal_edited} -o {tmp}/e",
+                                            "act scale 1e+30 cannot come from its measured absmax"),
     "export-random-weights-with-checkpoint": case(f"{EXPORT} --checkpoint {{ckpt}} --random-weights -o {{tmp}}/e",
                                                   "--random-weights"),
     # --- inspect ---------------------------------------------------------------------------
@@ -237,6 +241,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     assert made.exit_code == 0, made.output
     made = runner.invoke(app, [*EXPORT.format(cal=paths["cal"]).split(), "-o", str(paths["export"])])
     assert made.exit_code == 0, made.output
+    paths["cal_edited"] = _edited_calibration(paths["cal"], root / "edited.cal.safetensors")
     shutil.copytree(paths["export"], paths["export_notes"])
     (paths["export_notes"] / "NOTES.md").write_text("mine\n")
     paths["edited_bits"] = _edited_export(paths["export"], root / "exp-bits",
@@ -245,6 +250,20 @@ def world(tmp_path_factory) -> dict[str, Path]:
                                         lambda m: m["graphs"]["step"]["inputs"][0].update(name="image"))
     paths["dropped_layer"] = _edited_export(paths["export"], root / "exp-layers", lambda m: m["layers"].pop())
     return paths
+
+
+def _edited_calibration(cal: Path, out: Path) -> Path:
+    """A copy of `cal` whose first layer's activation scale a user set to 1e30 by hand."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(cal), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(cal)
+    first = json.loads(metadata["modiff_trt"])["layers"][0]
+    tensors[f"{first}.act"][0] = 1e30
+    save_file(tensors, out, metadata=metadata)
+    return out
 
 
 def _edited_export(export: Path, out: Path, edit) -> Path:
