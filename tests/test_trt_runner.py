@@ -22,7 +22,7 @@ from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.engines.runner import PLAIN, STEP_0TO1, STEP_1TO0, WARMUP, Arrangements
 from modiff_trt.engines.sidecar import read_sidecar
 from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
-from modiff_trt.export.manifest import load_manifest
+from modiff_trt.export.manifest import load_manifest, sha256_file
 
 STEPS, THREADS = 10, 2
 
@@ -216,6 +216,26 @@ def test_stale_or_foreign_plans_are_refused(digits_dirs, monkeypatch, tmp_path) 
     side.write_text(json.dumps({**data, "onnx_sha256": "0" * 64}))
     with pytest.raises(ArtifactError, match="different warmup.onnx"):
         _runner(export_dir, install_double(monkeypatch))
+
+
+def test_a_plan_built_from_another_manifest_is_refused_naming_the_rebuild(digits_dirs, monkeypatch, tmp_path) -> None:
+    """The sidecar records manifest.json's sha256: an edit after the build (batch, layers, scales) makes
+    the plan bind other state or shapes than the manifest now describes."""
+    import shutil
+
+    export_dir = tmp_path / "copy"
+    shutil.copytree(digits_dirs["modiff"], export_dir)
+    double = _build(export_dir, monkeypatch)
+    manifest = export_dir / "manifest.json"
+    assert read_sidecar(export_dir / "step.plan.json").manifest_sha256 == sha256_file(manifest)
+    _runner(export_dir, double)  # as built: accepted
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "tool_version": "edited"}))
+    with pytest.raises(ArtifactError, match=r"built from another manifest.json .* Fix: rebuild .*modiff-trt build"):
+        _runner(export_dir, double)
+    for side in export_dir.glob("*.plan.json"):  # version 1 sidecars vouch for the graph only, and still load
+        data = {k: v for k, v in json.loads(side.read_text()).items() if k != "manifest_sha256"}
+        side.write_text(json.dumps({**data, "version": 1}))
+    _runner(export_dir, double)
 
 
 def test_version_compatible_plans_load_on_the_next_major(digits_dirs, monkeypatch) -> None:
