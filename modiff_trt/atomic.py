@@ -8,6 +8,7 @@ the final rename stays on one file system and is atomic), then renamed over the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -15,6 +16,30 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from modiff_trt.errors import ArtifactError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _NoSpaceError(ArtifactError):
+    """The disk or quota filled up while writing an artifact."""
+
+
+@contextlib.contextmanager
+def _full_disk_named(path: Path) -> Iterator[None]:
+    """A full disk or quota becomes one line naming what was being written (the caller removes the rest).
+
+    Raised from a file inside a directory being written, it is renamed after that directory:
+    the temporary name of the file means nothing to the user.
+    """
+    try:
+        yield
+    except (OSError, _NoSpaceError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in NO_SPACE:
+            raise
+        cause = exc.__cause__ if isinstance(exc, _NoSpaceError) else exc
+        earlier = ", the earlier one is untouched" if path.exists() else ""
+        raise _NoSpaceError(f"{path}: no space left on the device while writing it, so nothing was kept{earlier}: "
+                            "free space or write somewhere else") from cause
 
 
 @contextlib.contextmanager
@@ -27,7 +52,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
-        yield tmp
+        with _full_disk_named(path):
+            yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -111,7 +137,8 @@ def atomic_directory(out: str | Path, may_replace: ReplaceCheck = refuse_non_emp
     except OSError as exc:
         raise ArtifactError(f"cannot write {out} ({exc.strerror}): choose another --out") from exc
     try:
-        yield tmp
+        with _full_disk_named(out):
+            yield tmp
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)

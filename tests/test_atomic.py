@@ -57,8 +57,12 @@ def test_directory_swap_leaves_the_old_directory_on_error(tmp_path):
     out = tmp_path / "samples"
     out.mkdir()
     (out / "old.png").write_bytes(b"old")
-    with pytest.raises(OSError), atomic_directory(out, replace_any) as tmp:
-        (tmp / "new.png").write_bytes(b"new")
-        raise OSError(28, "No space left on device")
+    with pytest.raises(ArtifactError, match=f"{out}: no space left on the device .* free space"):
+        with atomic_directory(out, replace_any) as tmp:
+            (tmp / "new.png").write_bytes(b"new")
+            with atomic_file(tmp / "samples.npz"):  # named after the directory, not its temporary file
+                raise OSError(28, "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]
     assert sorted(p.name for p in out.iterdir()) == ["old.png"]
+    with pytest.raises(PermissionError), atomic_directory(out, replace_any):
+        raise PermissionError(13, "other errors pass unchanged")

@@ -8,7 +8,9 @@ something, that every pre-existing file is byte-identical afterwards. The model 
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,3 +344,35 @@ def test_export_replaces_an_earlier_export_and_says_which_engines_go(world, tmp_
     assert result.exit_code == 0, result.output
     assert "step.plan" in result.output and not (out / "step.plan").exists()
     assert (out / "manifest.json").is_file()
+
+
+def _tree(path: Path) -> dict[str, bytes | None]:
+    """Every entry under `path`, hidden ones too, with a file's bytes (None for a folder)."""
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new-out", "overwrite"])
+def test_a_full_disk_mid_sample_leaves_nothing_new(world, tmp_path, monkeypatch, earlier):
+    from modiff_trt.sampling.writer import SampleWriter
+
+    real_add, batches = SampleWriter.add, []
+
+    def add_until_the_disk_fills(self, first_index, x0, **extra):
+        batches.append(first_index)
+        if len(batches) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_add(self, first_index, x0, **extra)
+
+    monkeypatch.setattr(SampleWriter, "add", add_until_the_disk_fills)
+    out = tmp_path / "samples"
+    if earlier:
+        shutil.copytree(world["old_samples"], out)
+    before = _tree(tmp_path)
+    result = runner.invoke(app, ["sample", "-c", "digits", "-n", "4", "--batch-size", "2", "--steps", "2", "-o",
+                                 str(out), *(["--overwrite"] if earlier else [])])
+    assert result.exit_code == 2 and batches == [0, 2], result.output
+    untouched = ", the earlier one is untouched" if earlier else ""
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out}: no space left on the device while writing it, so nothing was kept{untouched}: "
+                      "free space or write somewhere else"], result.output
+    assert _tree(tmp_path) == before  # no partial PNGs, no temporary folder, the earlier run intact
