@@ -56,7 +56,7 @@ from modiff_trt.errors import ArtifactError
 from modiff_trt.export.manifest import sha256_file
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant.config import QuantConfig
-from modiff_trt.quant.formats import FORMAT_BITS
+from modiff_trt.quant.formats import grid_bits
 from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.quant.quantizers import SCALE_FLOOR
 from modiff_trt.quant.scales import LayerScales, ScaleSet, StepGroups
@@ -153,10 +153,11 @@ class Calibration:
         Scales measured for 4-bit activations used at 8 bits (or residual scales used on raw
         inputs) run without error and silently cost tens of dB, so every mismatch is named.
         """
-        recorded = {"--weight-bits": self.meta.get("weight_bits"), "--act-bits": self.meta.get("act_bits"),
-                    "--modulate": self.meta.get("modulate"), "--first-step": self.meta.get("first_step")}
-        wanted = {"--weight-bits": quant.weight_bits, "--act-bits": quant.act_bits, "--modulate": quant.modulate,
-                  "--first-step": quant.first_step}
+        recorded = {"--act-format": self.meta.get("act_format", "int"), "--weight-bits": self.meta.get("weight_bits"),
+                    "--act-bits": self.meta.get("act_bits"), "--modulate": self.meta.get("modulate"),
+                    "--first-step": self.meta.get("first_step")}
+        wanted = {"--act-format": quant.act_format, "--weight-bits": quant.weight_bits, "--act-bits": quant.act_bits,
+                  "--modulate": quant.modulate, "--first-step": quant.first_step}
         differ = [f"{flag} {_show(wanted[flag])} (file: {_show(value)})" for flag, value in recorded.items()
                   if value is not None and value != wanted[flag]]
         if differ:
@@ -280,11 +281,8 @@ def check_scales(layers: dict[str, LayerScales], meta: dict[str, Any], source: s
     only place to catch it is here, before anything is sampled or exported.
     """
     fix = "the file was edited or damaged; recalibrate"
-    requested = meta.get("act_format", "int")
     for name, entry in layers.items():
-        # the layer's grid (see quant.formats.layer_format): a float format's fixed width, the requested
-        # integer bits, or INT8 where a float format falls back to integers
-        bits = FORMAT_BITS.get(entry.act_format) or (meta.get("act_bits") if requested == "int" else 8)
+        bits = grid_bits(entry.act_format, meta.get("act_format", "int"), meta.get("act_bits"))
         for key, absmax_key in MEASURED.items():
             scales = getattr(entry, key)
             if scales is None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from modiff_trt.errors import ArtifactError
 from modiff_trt.export.naming import state_kinds
+from modiff_trt.quant.formats import grid_bits
 from modiff_trt.sampling.sampler import Sampler, sampler_from_dict
 
 SCHEMA = "modiff-trt/manifest"
@@ -216,8 +217,10 @@ def check_graph_io(manifest: Manifest, export_dir: Path, source: str) -> None:
                 layers = sum(name.startswith(o_hat) for name in carried)
                 raise ArtifactError(f"{source}: the {key} graph carries state for {layers} layers, the manifest "
                                     f"lists {len(manifest.layers)}; {fix}")
-    bits = (manifest.quant.get("weight_bits") or 0, manifest.quant.get("act_bits") or 0)
-    odd = [layer.name for layer in manifest.layers if (layer.weight_bits, layer.act_bits) != bits]
+    quant = manifest.quant
+    bits = (quant.get("weight_bits") or 0, quant.get("act_bits") or 0)
+    odd = [layer.name for layer in manifest.layers if (layer.weight_bits, layer.act_bits) != (
+        bits[0], grid_bits(layer.act_format, quant.get("act_format", "int"), bits[1]))]
     if odd:
         raise ArtifactError(f"{source}: layer {odd[0]} has other bits than the manifest's quant section "
                             f"(w{bits[0]}a{bits[1]}); {fix}")
