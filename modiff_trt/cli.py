@@ -167,10 +167,11 @@ def refuse_fixed_by_export(**given: object) -> None:
 
     Each value is None when the option was not given (switches that default to off pass `x or None`).
     """
-    named = [name for name, value in given.items() if value is not None]
+    named = [("--no-" if value is False else "--") + name.replace("_", "-") for name, value in given.items()
+             if value is not None]
     if named:
-        flags = ", ".join("--" + name.replace("_", "-") for name in named)
-        raise OptionError(f"{flags} cannot apply to an export directory: the export fixed them; "
+        fixed = "it" if len(named) == 1 else "them"
+        raise OptionError(f"{', '.join(named)} cannot apply to an export directory: the export fixed {fixed}; "
                           "re-run `modiff-trt export` with the settings you want")
 
 
