@@ -1,13 +1,23 @@
 """The closed sets of words options take, as `str` enums.
 
 Typer lists an enum's values in --help and refuses anything else before a command runs, and a
-`StrEnum` member still equals (and formats as) its plain string, so the library compares and
-records them as strings.
+member still equals (and formats as) its plain string, so the library compares and records them
+as strings. (`enum.StrEnum` would do the same from Python 3.11 on; the package supports 3.10.)
 """
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import Enum
+
+
+class StrEnum(str, Enum):
+    """A `str` enum whose members print and format as their value, on every supported Python."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 class Backend(StrEnum):

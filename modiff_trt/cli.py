@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import TypeVar
 
 import click
 import numpy as np
@@ -200,24 +201,24 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out (
 @user_errors
 @every_rank
 def sample(
-    export_dir: Optional[Path] = typer.Argument(None, help="Export directory (from `modiff-trt export`). Omit to sample a config + checkpoint with the torch reference."),
+    export_dir: Path | None = typer.Argument(None, help="Export directory (from `modiff-trt export`). Omit to sample a config + checkpoint with the torch reference."),
     backend: Backend = typer.Option(Backend.torch, "--backend", "-b", help="torch (PyTorch reference), ort (ONNX Runtime) or trt (TensorRT engines)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="UNet checkpoint (flat state_dict, ddim training list, Q-Diffusion, safetensors)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration file for --act-scales static."),
-    weight_bits: Optional[int] = WEIGHT_BITS,
-    act_bits: Optional[int] = ACT_BITS,
-    act_format: Optional[ActFormat] = ACT_FORMAT,
-    modulate: Optional[bool] = MODULATE,
-    act_scales: Optional[ActScales] = typer.Option(None, "--act-scales", help="'dynamic' (per call) or 'static' (from --calibration). Default: static with --calibration, else dynamic."),
-    first_step: Optional[FirstStep] = FIRST_STEP,
-    split: Optional[bool] = SPLIT,
-    state_dtype: Optional[StateDtype] = STATE_DTYPE,
+    config: str | None = typer.Option(None, "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="UNet checkpoint (flat state_dict, ddim training list, Q-Diffusion, safetensors)."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="Calibration file for --act-scales static."),
+    weight_bits: int | None = WEIGHT_BITS,
+    act_bits: int | None = ACT_BITS,
+    act_format: ActFormat | None = ACT_FORMAT,
+    modulate: bool | None = MODULATE,
+    act_scales: ActScales | None = typer.Option(None, "--act-scales", help="'dynamic' (per call) or 'static' (from --calibration). Default: static with --calibration, else dynamic."),
+    first_step: FirstStep | None = FIRST_STEP,
+    split: bool | None = SPLIT,
+    state_dtype: StateDtype | None = STATE_DTYPE,
     num_images: int = typer.Option(16, "--num-images", "-n", help="How many images to sample."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch (MoDiff state is per batch)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the export's recorded sampler; with --config 100 for ddim, the paper setting for LDM/SD)."),
-    skip_type: Optional[SkipType] = SKIP_TYPE,
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: the export's, else 0; LSUN-Bedrooms: 1)."),
+    steps: int | None = typer.Option(None, "--steps", help="Sampling steps (default: the export's recorded sampler; with --config 100 for ddim, the paper setting for LDM/SD)."),
+    skip_type: SkipType | None = SKIP_TYPE,
+    eta: float | None = typer.Option(None, "--eta", help="DDIM eta (default: the export's, else 0; LSUN-Bedrooms: 1)."),
     seed: int = SEED,
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."),
     overwrite: bool = OVERWRITE,
@@ -228,11 +229,11 @@ def sample(
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
-    sampler: Optional[LatentSampler] = SAMPLER,
-    guidance_scale: Optional[float] = GUIDANCE,
-    prompt: Optional[str] = PROMPT,
-    from_file: Optional[Path] = FROM_FILE,
-    text_encoder: Optional[Path] = TEXT_ENCODER,
+    sampler: LatentSampler | None = SAMPLER,
+    guidance_scale: float | None = GUIDANCE,
+    prompt: str | None = PROMPT,
+    from_file: Path | None = FROM_FILE,
+    text_encoder: Path | None = TEXT_ENCODER,
     random_context: bool = RANDOM_CONTEXT,
     dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="torchrun runs: seconds a process waits for the others (longer than one batch takes)."),
 ) -> None:
@@ -330,12 +331,12 @@ def _first_stage(config: str, family: str, checkpoint: str | Path | None, trust:
 @user_errors
 def build(
     export_dir: Path = typer.Argument(..., help="Export directory with manifest.json and the fp16 graphs (`modiff-trt export --float fp16`)."),
-    min_batch: Optional[int] = typer.Option(None, "--min-batch", help="Smallest batch the engines accept (default 1)."),
-    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="Batch TensorRT tunes its kernels for: set it to the batch you sample with (default = max)."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch (default 16). Under classifier-free guidance count the doubled batch."),
-    workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", help="Scratch memory TensorRT may use while building (default: TensorRT's, the whole GPU)."),
+    min_batch: int | None = typer.Option(None, "--min-batch", help="Smallest batch the engines accept (default 1)."),
+    opt_batch: int | None = typer.Option(None, "--opt-batch", help="Batch TensorRT tunes its kernels for: set it to the batch you sample with (default = max)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Largest batch (default 16). Under classifier-free guidance count the doubled batch."),
+    workspace_gb: float | None = typer.Option(None, "--workspace-gb", help="Scratch memory TensorRT may use while building (default: TensorRT's, the whole GPU)."),
     opt_level: int = typer.Option(3, "--opt-level", help="Builder optimization level 0-5: higher tries more kernels (slower build, maybe faster engine)."),
-    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Kernel timing cache file: read if present, updated after the build; makes rebuilds much faster."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="Kernel timing cache file: read if present, updated after the build; makes rebuilds much faster."),
     version_compatible: bool = typer.Option(False, "--version-compatible", help="Plans that later TensorRT releases (same major, or the next major) can run (slightly slower)."),
     tf32: bool = typer.Option(False, "--tf32", help="Let fp32 matmuls/convs use TF32 (TensorRT's default; off here: its rounding flips int8 codes of x - a_hat)."),
     detailed_profile: bool = typer.Option(False, "--detailed-profile", help="Build with DETAILED profiling verbosity (layer parameters in `profile --per-layer`; adds enqueue latency)."),
@@ -439,25 +440,25 @@ def profile(
 @user_errors
 def export_cmd(
     config: str = typer.Option(..., "--config", "-c", help="Model config: official ddim YAML or a built-in name."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="UNet checkpoint (omit only for built-ins with packaged weights)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration file (static scales; required unless --act-bits 0)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="UNet checkpoint (omit only for built-ins with packaged weights)."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="Calibration file (static scales; required unless --act-bits 0)."),
     out: Path = typer.Option(..., "--out", "-o", help="Export directory to write (replaced atomically if it is an earlier export)."),
-    weight_bits: Optional[int] = WEIGHT_BITS,
-    act_bits: Optional[int] = ACT_BITS,
-    act_format: Optional[ActFormat] = ACT_FORMAT,
-    modulate: Optional[bool] = MODULATE,
-    first_step: Optional[FirstStep] = FIRST_STEP,
-    split: Optional[bool] = SPLIT,
-    state_dtype: Optional[StateDtype] = STATE_DTYPE,
+    weight_bits: int | None = WEIGHT_BITS,
+    act_bits: int | None = ACT_BITS,
+    act_format: ActFormat | None = ACT_FORMAT,
+    modulate: bool | None = MODULATE,
+    first_step: FirstStep | None = FIRST_STEP,
+    split: bool | None = SPLIT,
+    state_dtype: StateDtype | None = STATE_DTYPE,
     float_dtype: FloatFormat = typer.Option(FloatFormat.fp32, "--float", help="Float parts of the graph: fp32 (ONNX Runtime) or fp16 (TensorRT)."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (17..20; default 17 for fp32, 19 for fp16)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Fix the batch size (>= 1; default: dynamic batch)."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (17..20; default 17 for fp32, 19 for fp16)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Fix the batch size (>= 1; default: dynamic batch)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Dynamic batch dimension (the default when --batch-size is absent)."),
     target: Target = typer.Option(Target.trt, "--target", help="trt (TensorRT rules, also runs on ONNX Runtime) or ort-cpu (integer CPU kernels)."),
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
-    guidance: Optional[bool] = typer.Option(None, "--cfg/--no-cfg", help="SD: engines run classifier-free guidance, so the state holds cond+uncond (2 per image; default on for SD). A fixed --batch-size counts both halves."),
+    guidance: bool | None = typer.Option(None, "--cfg/--no-cfg", help="SD: engines run classifier-free guidance, so the state holds cond+uncond (2 per image; default on for SD). A fixed --batch-size counts both halves."),
 ) -> None:
     """Export warmup.onnx + step.onnx (MoDiff) or unet.onnx (plain) with explicit Q/DQ, and manifest.json.
 
@@ -577,9 +578,9 @@ def compare(
     backends: str = typer.Option("torch,ort", "--backends", help="Comma-separated backends; the first is the reference."),
     num_images: int = typer.Option(4, "--num-images", "-n", help="Images in the compared batch (>= 1)."),
     steps: int = typer.Option(10, "--steps", help="Sampler steps of the compared trajectory (1..T)."),
-    skip_type: Optional[SkipType] = SKIP_TYPE,
+    skip_type: SkipType | None = SKIP_TYPE,
     seed: int = SEED,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the table as JSON."),
     trust_checkpoint: bool = TRUST,
 ) -> None:
     """Per-step error table between backends over one trajectory from the same noise.
@@ -645,17 +646,17 @@ def train_digits_command(
 @user_errors
 def calibrate_command(
     config: str = typer.Option(..., "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Float UNet checkpoint to calibrate. The file is tied to its sha256: sample with the same one."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Float UNet checkpoint to calibrate. The file is tied to its sha256: sample with the same one."),
     out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors); pass it to sample/export with --calibration."),
-    from_qdiffusion: Optional[Path] = typer.Option(None, "--from-qdiffusion", help="Import a released Q-Diffusion checkpoint (e.g. cifar_w4a8_ckpt.pth) instead of --checkpoint: its AdaRound integer weights, plus its raw activation scales (--no-modulate) or freshly calibrated residual scales (--modulate). Give the bits from the file name."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps to calibrate on (default: 100 for ddim, the paper setting for LDM/SD)."),
-    skip_type: Optional[SkipType] = SKIP_TYPE,
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: 0; LSUN-Bedrooms: 1)."),
+    from_qdiffusion: Path | None = typer.Option(None, "--from-qdiffusion", help="Import a released Q-Diffusion checkpoint (e.g. cifar_w4a8_ckpt.pth) instead of --checkpoint: its AdaRound integer weights, plus its raw activation scales (--no-modulate) or freshly calibrated residual scales (--modulate). Give the bits from the file name."),
+    steps: int | None = typer.Option(None, "--steps", help="Sampling steps to calibrate on (default: 100 for ddim, the paper setting for LDM/SD)."),
+    skip_type: SkipType | None = SKIP_TYPE,
+    eta: float | None = typer.Option(None, "--eta", help="DDIM eta (default: 0; LSUN-Bedrooms: 1)."),
     cali_st: int = typer.Option(20, "--cali-st", help="How many evenly spaced sampling steps to measure (Q-Diffusion CIFAR-10: 20 of 100)."),
     cali_n: int = typer.Option(256, "--cali-n", help="How many full-precision trajectories to sample. Memory does not grow with it; time does."),
     batch_size: int = typer.Option(32, "--batch-size", help="Trajectories per batch: sets peak memory (CIFAR-10: about 15 MB per sample)."),
-    weight_bits: Optional[int] = WEIGHT_BITS,
-    act_bits: Optional[int] = ACT_BITS,
+    weight_bits: int | None = WEIGHT_BITS,
+    act_bits: int | None = ACT_BITS,
     act_format: ActFormat = typer.Option(ActFormat.int, "--act-format", help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md)."),
     method: Method = typer.Option(Method.minmax, "--method", help="Scale search: minmax (absmax, safe at 8 bits), mse (Q-Diffusion: 80 shrinking ranges, |x-Q(x)|^2.4; also searches weight scales; best at 4 bits), percentile (99.99th of |x|)."),
     modulate: bool = typer.Option(True, "--modulate/--no-modulate", help="MoDiff: measure step-to-step residuals of each layer input. --no-modulate: raw inputs, for plain Q-Diffusion."),
@@ -665,11 +666,11 @@ def calibrate_command(
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
-    sampler: Optional[LatentSampler] = SAMPLER,
-    guidance_scale: Optional[float] = GUIDANCE,
-    prompt: Optional[str] = PROMPT,
-    from_file: Optional[Path] = FROM_FILE,
-    text_encoder: Optional[Path] = TEXT_ENCODER,
+    sampler: LatentSampler | None = SAMPLER,
+    guidance_scale: float | None = GUIDANCE,
+    prompt: str | None = PROMPT,
+    from_file: Path | None = FROM_FILE,
+    text_encoder: Path | None = TEXT_ENCODER,
     random_context: bool = RANDOM_CONTEXT,
     step_groups: str = typer.Option("1", "--step-groups", help="MoDiff residual scales per G contiguous groups of sampling steps (4-bit activations gain most; the schedule is pinned: sample with the same --steps/--skip-type). 'auto' picks G from the measured scale spread."),
 ) -> None:
@@ -721,7 +722,7 @@ def calibrate_command(
     report = result.meta.get("report") or {}
     if result.step_groups is not None:
         g = result.step_groups
-        console.print(f"{g.count} step groups (steps {', '.join(f'{b}-{e - 1}' for b, e in zip(g.bounds, g.bounds[1:]))}) "
+        console.print(f"{g.count} step groups (steps {', '.join(f'{b}-{e - 1}' for b, e in zip(g.bounds, g.bounds[1:], strict=False))}) "
                       f"for the {g.steps}-step {g.skip_type} schedule: sample with exactly that schedule")
     console.print(f"wrote {len(result.layers)} layers of {result.kind} scales to [bold]{out}[/]"
                   + (f" in {report['seconds']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB" if report else ""))

@@ -55,7 +55,7 @@ def _labelled_grid(rows: dict[str, np.ndarray], per_row: int = 16, upscale: int 
     label_w, h = 110, strips[0].shape[0] * upscale
     canvas = Image.new("L", (label_w + strips[0].shape[1] * upscale, h * len(strips)), 0)
     draw = ImageDraw.Draw(canvas)
-    for i, (name, strip) in enumerate(zip(rows, strips)):
+    for i, (name, strip) in enumerate(zip(rows, strips, strict=True)):
         tile = Image.fromarray(strip[..., 0]).resize((strip.shape[1] * upscale, h), Image.NEAREST)
         canvas.paste(tile, (label_w, i * h))
         draw.text((4, i * h + h // 2 - 6), name, fill=255)

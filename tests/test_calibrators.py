@@ -13,7 +13,7 @@ from modiff_trt.calibrators.collect import StreamStats, calibration_steps
 from modiff_trt.calibrators.search import activation_scale, mse_weight
 from modiff_trt.errors import ArtifactError, CheckpointError, ConfigError
 from modiff_trt.models import load_config
-from modiff_trt.quant import QuantConfig, quantize_unet, quantizable_layers
+from modiff_trt.quant import QuantConfig, quantizable_layers, quantize_unet
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas, make_sampler
 from tests.helpers.export import BETAS
 from tests.helpers.models import ddim_yaml, rel_err

@@ -22,7 +22,6 @@ from modiff_trt.export.sites import find_sites
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
 from modiff_trt.sampling import ddim_sample, ddim_timesteps
-from tests.helpers.models import rel_err
 from tests.helpers.export import (
     BETAS,
     SEQ,
@@ -33,6 +32,7 @@ from tests.helpers.export import (
     tiny_model_config,
     trajectory,
 )
+from tests.helpers.models import rel_err
 
 
 @pytest.fixture

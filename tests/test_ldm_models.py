@@ -206,7 +206,7 @@ def test_fp16_checkpoint_is_cast_to_fp32(tmp_path: Path) -> None:
     loaded = load_ldm_unet(yml, ckpt)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     ref = source.float()
-    for (name, p), (_, q) in zip(loaded.named_parameters(), ref.named_parameters()):
+    for (name, p), (_, q) in zip(loaded.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), name  # half -> float is exact
 
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 import torch
+from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from modiff_trt.calibrators import CalibrationOptions, calibrate, load_calibration
 from modiff_trt.cli import app
 from modiff_trt.engines.compare import compare_backends
 from modiff_trt.engines.ort_backend import OrtRunner
+from modiff_trt.engines.state_buffers import layout_from_manifest
+from modiff_trt.engines.torch_backend import load_reference
 from modiff_trt.errors import BackendUnavailableError, CheckpointError, ConfigError
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import lint_export
-from modiff_trt.engines.state_buffers import layout_from_manifest
 from modiff_trt.export.manifest import load_manifest
 from modiff_trt.models import load_config, load_unet
 from modiff_trt.models.ldm_loading import load_first_stage
@@ -30,11 +31,9 @@ from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.sampling import make_betas, make_sampler
 from modiff_trt.sampling.conditioning import RandomContext, make_conditioning
 from modiff_trt.sampling.run import write_samples
-from modiff_trt.engines.torch_backend import load_reference
-from tests.helpers.models import rel_err
 from tests.helpers.export import check_step_layers
 from tests.helpers.ldm import ldm_states, small_ldm
-from tests.helpers.models import SMALL, lightning_ckpt, randomize, write_yaml
+from tests.helpers.models import SMALL, lightning_ckpt, randomize, rel_err, write_yaml
 
 
 def test_load_config_gives_latent_model_configs():

@@ -57,7 +57,7 @@ def official_generalized_steps(x, seq, model, betas, eta, zs):
     alphas = np.cumprod(1 - b)
     seq_next = [-1] + list(seq[:-1])
     x = x.double()
-    for k, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
+    for k, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next), strict=True)):
         at, an = alphas[i + 1], alphas[j + 1]
         e = model(x.float(), torch.full((x.shape[0],), float(i))).double()
         x0 = (x - e * math.sqrt(1 - at)) / math.sqrt(at)

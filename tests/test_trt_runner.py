@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers.trt_double import install_double
-from tests.helpers.trt import Recorder, digits_export, make_tiny_export, sample_recorded
 
 from modiff_trt.engines import trt_build
 from modiff_trt.engines.ort_backend import OrtRunner
@@ -23,6 +21,8 @@ from modiff_trt.engines.runner import PLAIN, STEP_0TO1, STEP_1TO0, WARMUP, Arran
 from modiff_trt.engines.sidecar import read_sidecar
 from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
 from modiff_trt.export.manifest import load_manifest, sha256_file
+from tests.helpers.trt import Recorder, digits_export, make_tiny_export, sample_recorded
+from tests.helpers.trt_double import install_double
 
 STEPS, THREADS = 10, 2
 
@@ -59,9 +59,9 @@ def _trajectory(runner, export_dir: Path, n: int = 3):
 
 def _assert_same(got: Recorder, want: Recorder) -> None:
     assert len(got.eps) == len(want.eps) == STEPS
-    for k, (a, b) in enumerate(zip(got.eps, want.eps)):
+    for k, (a, b) in enumerate(zip(got.eps, want.eps, strict=True)):
         assert torch.equal(a, b), f"eps differs at call {k}"
-    for k, (a, b) in enumerate(zip(got.states, want.states)):
+    for k, (a, b) in enumerate(zip(got.states, want.states, strict=True)):
         assert a.keys() == b.keys(), f"state names differ after call {k}"
         for name in a:
             assert torch.equal(a[name], b[name]), f"{name} differs after call {k}"
@@ -115,7 +115,7 @@ def test_short_last_batch_is_padded_on_a_fixed_batch_trt_export(digits_dirs, mon
     trt = _runner(export_dir, double)
     full = _trajectory(trt, export_dir, n=4)
     short = _trajectory(_runner(export_dir, double), export_dir, n=3)
-    for a, b in zip(short.eps, full.eps):
+    for a, b in zip(short.eps, full.eps, strict=True):
         assert a.shape[0] == 3 and torch.equal(a, b[:3])  # padding rows are per-sample: no effect
     assert set(trt._bound) == {4}  # the engines only ever saw their fixed batch
 

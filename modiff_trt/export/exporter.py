@@ -19,18 +19,19 @@ import torch
 from modiff_trt import __version__
 from modiff_trt.atomic import atomic_directory, check_destination
 from modiff_trt.errors import ArtifactError, ConfigError
+from modiff_trt.export.fp16 import convert_to_fp16
+from modiff_trt.export.lint import lint_export
 from modiff_trt.export.manifest import (
     MANIFEST_NAME,
     GraphSpec,
     LayerSpec,
     Manifest,
-    tensor_specs,
     sha256_file,
     sha256_graph,
+    tensor_specs,
 )
 from modiff_trt.export.onnx_float import export_float_onnx
-from modiff_trt.export.fp16 import convert_to_fp16
-from modiff_trt.export.lint import lint_export
+from modiff_trt.export.ort_cpu import integer_kernel
 from modiff_trt.export.qdq import (
     floored_scales,
     insert_quantization,
@@ -40,7 +41,6 @@ from modiff_trt.export.qdq import (
     step_ratio_table,
 )
 from modiff_trt.export.replace import check_replaceable_export
-from modiff_trt.export.ort_cpu import integer_kernel
 from modiff_trt.export.sites import find_sites
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.models.registry import load_config

@@ -9,16 +9,18 @@ the encoder's keys are simply not read.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from modiff_trt.errors import ConfigError
-from modiff_trt.validate import positive_int, positive_ints
+
 # The decoder is built from the same blocks as the ddim UNet (timestep-free ResnetBlocks), as upstream.
 from modiff_trt.models.ddim_unet import AttnBlock, ResnetBlock, Upsample, group_norm, swish
+from modiff_trt.validate import positive_int, positive_ints
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ class FirstStageConfig:
     tanh_out: bool = False
 
     @classmethod
-    def from_yaml(cls, section: Mapping[str, Any], source: str = "config") -> "FirstStageConfig":
+    def from_yaml(cls, section: Mapping[str, Any], source: str = "config") -> FirstStageConfig:
         """Parse ``model.params.first_stage_config`` (``target`` + ``params.ddconfig``)."""
         target = str(section.get("target", ""))
         params = section.get("params") or {}

@@ -16,8 +16,9 @@ is ``[cos, sin]`` with frequencies ``exp(-ln(10000) * i / half)`` (the ddim CIFA
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ class UNetConfig:
     image_size: int | None = field(default=None, compare=False)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], source: str = "config") -> "UNetConfig":
+    def from_params(cls, params: Mapping[str, Any], source: str = "config") -> UNetConfig:
         """Build from an official ``unet_config.params`` mapping, rejecting what we cannot honour.
 
         Unknown keys raise instead of being dropped, because a silently ignored architecture

@@ -45,7 +45,7 @@ def ddim_sample(
     seq = list(timesteps)
     seq_next = [-1] + seq[:-1]
     x = noise
-    for step, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
+    for step, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next), strict=True)):
         t = torch.full((n,), float(i), device=device)
         a_t = alpha_bar(betas, t.long())
         a_next = alpha_bar(betas, torch.full((n,), j, device=device, dtype=torch.long))
