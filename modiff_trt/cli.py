@@ -1,12 +1,12 @@
 """The `modiff-trt` command line: a thin Typer layer over the library.
 
-Each command parses options, calls one library function and renders its result with rich.
-Library errors (`ModiffError`) become one red line naming the file and the fix, exit code 2.
+Each command parses options, calls one library function (sample, export, calibrate and compare:
+the typed `api` functions, which check every option before work) and renders its result with
+rich. Library errors (`ModiffError`) become one red line naming the file and the fix, exit code 2.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
 
-from modiff_trt import __version__
+from modiff_trt import __version__, api
 from modiff_trt.atomic import writable_file
 from modiff_trt.choices import (
     ActFormat,
@@ -36,9 +36,8 @@ from modiff_trt.choices import (
     StateDtype,
     Target,
 )
-from modiff_trt.errors import ConfigError, ModiffError, OptionError
-from modiff_trt.models.builtin import checkpoint_for
-from modiff_trt.validate import at_least, finite_eta, not_a_directory, sample_counts
+from modiff_trt.errors import ModiffError, OptionError
+from modiff_trt.validate import at_least, sample_counts
 
 app = typer.Typer(
     name="modiff-trt",
@@ -124,58 +123,6 @@ def main() -> None:
 
 
 # --- options shared by several commands ---------------------------------------------------
-QUANT_DEFAULTS = {"weight_bits": 8, "modulate": True, "first_step": FirstStep.fp, "split": False,
-                  "state_dtype": StateDtype.float32, "act_format": ActFormat.int}
-
-
-def _bits(value: int | None) -> int | None:
-    """--weight-bits/--act-bits: not given -> 8, 0 -> float (None)."""
-    if value is None:
-        return 8
-    return None if value == 0 else value
-
-
-def _act_bits(value: int | None, act_format: str) -> int | None:
-    """--act-bits, defaulting to the format's width (8, or 4 for nvfp4); 0 keeps activations in float."""
-    from modiff_trt.quant.formats import FORMAT_BITS
-
-    return FORMAT_BITS.get(act_format, 8) if value is None else _bits(value)
-
-
-def quant_config_from_options(weight_bits: int | None, act_bits: int | None, modulate: bool | None,
-                              act_scales: str, first_step: str | None, split: bool | None, state_dtype: str | None,
-                              act_format: str | None = None):
-    """The QuantConfig of the options; None (not given) takes the documented default."""
-    from modiff_trt.quant import QuantConfig
-
-    given = {"weight_bits": weight_bits, "modulate": modulate, "first_step": first_step, "split": split,
-             "state_dtype": state_dtype, "act_format": act_format}
-    chosen = {key: QUANT_DEFAULTS[key] if value is None else value for key, value in given.items()}
-    return QuantConfig(
-        weight_bits=_bits(chosen["weight_bits"]),
-        act_bits=_act_bits(act_bits, str(chosen["act_format"])),
-        modulate=chosen["modulate"],
-        act_scales=act_scales,
-        first_step=str(chosen["first_step"]),
-        split=chosen["split"],
-        state_dtype=str(chosen["state_dtype"]),
-        act_format=str(chosen["act_format"]),
-    )
-
-
-def refuse_fixed_by_export(**given: object) -> None:
-    """With an export directory, options the export already fixed are refused, not silently ignored.
-
-    Each value is None when the option was not given (switches that default to off pass `x or None`).
-    """
-    named = [("--no-" if value is False else "--") + name.replace("_", "-") for name, value in given.items()
-             if value is not None]
-    if named:
-        fixed = "it" if len(named) == 1 else "them"
-        raise OptionError(f"{', '.join(named)} cannot apply to an export directory: the export fixed {fixed}; "
-                          "re-run `modiff-trt export` with the settings you want")
-
-
 WEIGHT_BITS = typer.Option(None, "--weight-bits", help="Weight bits (2..8; 0 keeps weights in float) [default: 8].")
 ACT_BITS = typer.Option(None, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float) [default: 8, 4 for nvfp4].")
 ACT_FORMAT = typer.Option(None, "--act-format", help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md) [default: int].")
@@ -253,78 +200,18 @@ def sample(
     rank 0 writes the files: the same pixels at any process count for one --batch-size (a
     different --batch-size changes quantized pixels slightly). See docs/distributed.md.
     """
-    import time
-
-    from modiff_trt.atomic import atomic_directory, check_destination, refuse_non_empty, replace_any
-    from modiff_trt.sampling.conditioning import make_conditioning
-    from modiff_trt.sampling.distributed import current_world
-    from modiff_trt.sampling.run import write_samples
-    from modiff_trt.sampling.sampler import make_sampler
-
-    world = current_world()
-
-    sample_counts(num_images, batch_size, seed)
-    finite_eta(eta)
-    at_least("--steps", steps, 1)
-    may_replace = replace_any if overwrite else refuse_non_empty
-    if world.main:
-        check_destination(out, may_replace)
-    if export_dir is not None:
-        from modiff_trt.engines.factory import open_runner
-
-        refuse_fixed_by_export(config=config, checkpoint=checkpoint, calibration=calibration, weight_bits=weight_bits,
-                               act_bits=act_bits, act_format=act_format, modulate=modulate, act_scales=act_scales,
-                               first_step=first_step, split=split, state_dtype=state_dtype,
-                               random_weights=random_weights or None, ema=ema or None)
-        if cuda_graph and backend != Backend.trt:
-            raise OptionError(f"--cuda-graph applies to --backend trt only, not --backend {backend}")
-        runner, manifest = open_runner(export_dir, backend, batch_size=batch_size, trust=trust_checkpoint,
-                                       cuda_graph=cuda_graph, ort_provider=ort_provider, device=device)
-        base, source, model = manifest.sampler(), str(export_dir), manifest.model
-        sample_shape, context_shape, family = model["sample_shape"], model.get("context_shape"), model["family"]
-        config, checkpoint = model["config"], model.get("checkpoint")
-    else:
-        if config is None:
-            raise OptionError("give an export directory, or --config (and --checkpoint) for the torch reference")
-        if backend != Backend.torch:
-            raise OptionError(f"--backend {backend} runs an export directory: run `modiff-trt export` first")
-        if cuda_graph:
-            raise OptionError("--cuda-graph applies to --backend trt with an export directory")
-        from modiff_trt.engines.torch_backend import load_reference
-        from modiff_trt.models import load_config
-
-        base = load_config(config)
-        checkpoint = checkpoint_for(config, checkpoint, random_weights)
-        act_scales = act_scales or ("static" if calibration is not None else "dynamic")
-        quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype,
-                                          act_format)
-        runner = load_reference(base, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema).qmodel
-        source, sample_shape, context_shape, family = base.source, base.sample_shape, base.context_shape, base.family
-    chosen = make_sampler(base, sampler=sampler, steps=steps, skip_type=skip_type, eta=eta,
-                          guidance_scale=guidance_scale)
-    conditioning = make_conditioning(context_shape, source, prompt, from_file, text_encoder, random_context, seed)
-    decoder = _first_stage(config, family, checkpoint, trust_checkpoint)
-    start = time.perf_counter()
-    # rank 0 writes every image: only it swaps a finished temporary folder into place
-    with atomic_directory(out, may_replace) if world.main else contextlib.nullcontext(out) as target:
-        write_samples(runner, chosen, sample_shape, target, num_images, batch_size, seed, conditioning, decoder, pngs,
-                      world=world)
-    if world.main:
-        processes = f" with {world.size} processes" if world.distributed else ""
-        console.print(f"wrote {num_images} samples to [bold]{out}[/]{processes} in {time.perf_counter() - start:.1f} s")
-
-
-def _first_stage(config: str, family: str, checkpoint: str | Path | None, trust: bool):
-    """The first-stage decoder of a latent-diffusion model; None for ddim models, which sample
-    pixels (so a ddim export samples without its config file)."""
-    if family == "ddim":
-        return None
-    if checkpoint is None:
-        raise ConfigError("latent diffusion needs --checkpoint: its first-stage decoder turns latents into images")
-    from modiff_trt.models import load_config
-    from modiff_trt.models.ldm_loading import load_first_stage
-
-    return load_first_stage(load_config(config).ldm, checkpoint, trust=trust)
+    result = api.sample(api.SampleOptions(
+        out=out, export_dir=export_dir, backend=backend, calibration=calibration, act_scales=act_scales,
+        model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
+        quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
+        sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
+        prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
+        num_images=num_images, batch_size=batch_size, seed=seed, overwrite=overwrite, pngs=pngs, cuda_graph=cuda_graph,
+        device=device, ort_provider=ort_provider,
+    ))
+    if result.written:
+        processes = f" with {result.processes} processes" if result.processes > 1 else ""
+        console.print(f"wrote {result.num_images} samples to [bold]{out}[/]{processes} in {result.seconds:.1f} s")
 
 
 @app.command()
@@ -465,31 +352,13 @@ def export_cmd(
     Example:\n
       modiff-trt export -c ddim-cifar10 --checkpoint model-790000.ckpt --calibration cifar.cal.safetensors -o exports/cifar
     """
-    from modiff_trt.atomic import check_destination
-    from modiff_trt.engines.torch_backend import load_reference
-    from modiff_trt.export.exporter import export_model
-    from modiff_trt.export.replace import check_replaceable_export
-
-    if dynamic_batch and batch_size is not None:
-        raise OptionError("--batch-size and --dynamic-batch exclude each other")
-    at_least("--batch-size", batch_size, 1)
-    check_destination(out, check_replaceable_export)
-    dtype = {FloatFormat.fp32: "float32", FloatFormat.fp16: "float16"}[float_dtype]
-    scales = "static" if calibration is not None else "dynamic"
-    quant = quant_config_from_options(weight_bits, act_bits, modulate, scales, first_step, split, state_dtype, act_format)
-    checkpoint = checkpoint_for(config, checkpoint, random_weights)
-    model_cfg, float_model, qmodel = load_reference(config, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
-    if guidance is None:
-        guidance = model_cfg.context_shape is not None
-    sampler = None  # the calibration's sampler becomes the export's default; without one, the config's
-    if calibration is not None:
-        from modiff_trt.calibrators import load_calibration
-
-        sampler = load_calibration(calibration).sampler(model_cfg)
-    manifest = export_model(
-        float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration, sampler=sampler,
-        float_dtype=dtype, opset=opset, batch_size=batch_size, target=str(target), guidance=guidance, ema=ema,
-    )
+    manifest = api.export(api.ExportOptions(
+        out=out, model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
+        calibration=calibration,
+        quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
+        float_format=float_dtype, opset=opset, batch_size=batch_size, dynamic_batch=dynamic_batch, target=target,
+        guidance=guidance,
+    ))
     console.print(
         f"exported {len(manifest.layers)} quantized layers to [bold]{out}[/] "
         f"({', '.join(g.file for g in manifest.graphs.values())}); state {manifest.state_bytes_per_sample() / 2**20:.1f} MiB/sample"
@@ -588,30 +457,15 @@ def compare(
     The trajectory uses the export's sampler (DDIM, LDM DDIM or PLMS with guidance) at --steps;
     text-conditioned exports get random context.
     """
-    import dataclasses
-    import json
-
     from rich.table import Table
 
-    from modiff_trt.atomic import atomic_write
-    from modiff_trt.engines.compare import compare_backends
-
-    names = [b.strip() for b in backends.split(",") if b.strip()]
-    if len(names) < 2:
-        raise OptionError("--backends needs at least two backends, e.g. torch,ort")
-    unknown = [name for name in names if name not in set(Backend)]
-    if unknown:
-        raise OptionError(f"--backends {backends}: unknown {', '.join(unknown)}; choose from {', '.join(Backend)}")
-    sample_counts(num_images, None, seed)
-    at_least("--steps", steps, 1)
-    writable_file(json_out, "--json")
-    rows = compare_backends(export_dir, names, num_images, seed, trust_checkpoint, steps=steps, skip_type=skip_type)
+    names = tuple(b.strip() for b in backends.split(",") if b.strip())
+    rows = api.compare(api.CompareOptions(export_dir, names, num_images, steps, skip_type, seed, json_out,
+                                          trust_checkpoint))
     table = Table("step", "t", "backend", f"rel. error vs {names[0]}", "max |diff|", "mean |diff|")
     for r in rows:
         table.add_row(str(r.step), str(r.t), r.backend, f"{r.rel_err:.2e}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}")
     Console().print(table)
-    if json_out:
-        atomic_write(json_out, json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
 
 
 @app.command("train-digits")
@@ -686,39 +540,14 @@ def calibrate_command(
       modiff-trt calibrate -c ddim-cifar10 --checkpoint model-790000.ckpt --act-bits 4 --method mse -o a4.safetensors\n
       modiff-trt calibrate -c ddim-cifar10 --from-qdiffusion cifar_w4a8_ckpt.pth --weight-bits 4 --act-bits 8 --no-modulate -o qd.safetensors
     """
-    from modiff_trt.calibrators import CalibrationOptions, calibrate, import_qdiffusion
-    from modiff_trt.calibrators.fileformat import check_calibration_out
-    from modiff_trt.models import load_config
-    from modiff_trt.sampling.conditioning import make_conditioning
-    from modiff_trt.sampling.sampler import make_sampler
-
-    for option, value in (("--cali-n", cali_n), ("--cali-st", cali_st), ("--batch-size", batch_size)):
-        at_least(option, value, 1)
-    at_least("--seed", seed, 0)
-    at_least("--steps", steps, 1)
-    finite_eta(eta)
-    not_a_directory("--from-qdiffusion", from_qdiffusion, "Q-Diffusion checkpoint file")
-    check_calibration_out(out, {"--checkpoint": checkpoint, "--from-qdiffusion": from_qdiffusion})
-    model_cfg = load_config(config)
-    chosen = make_sampler(model_cfg, sampler=sampler, steps=steps, skip_type=skip_type, eta=eta,
-                          guidance_scale=guidance_scale)
-    options = CalibrationOptions(weight_bits=_bits(weight_bits), act_bits=_act_bits(act_bits, str(act_format)),
-                                 modulate=modulate, first_step=str(first_step), split=split, method=str(method),
-                                 cali_st=cali_st, cali_n=cali_n, batch_size=batch_size, seed=seed,
-                                 step_groups=step_groups, act_format=str(act_format))
-    if from_qdiffusion is not None:
-        if checkpoint is not None:
-            raise OptionError("give --checkpoint or --from-qdiffusion, not both: the Q-Diffusion file holds the fp32 weights")
-        if act_format != ActFormat.int:
-            raise OptionError("--from-qdiffusion imports integer grids: drop --act-format")
-        result = import_qdiffusion(model_cfg, from_qdiffusion, out, options, chosen if modulate else None,
-                                   trust=trust_checkpoint)
-    else:
-        checkpoint = checkpoint_for(config, checkpoint, random_weights)
-        conditioning = make_conditioning(model_cfg.context_shape, model_cfg.source, prompt, from_file, text_encoder,
-                                         random_context, seed)
-        result = calibrate(model_cfg, checkpoint, out, chosen, options, conditioning=conditioning,
-                           trust=trust_checkpoint, ema=ema)
+    result = api.calibrate(api.CalibrateOptions(
+        out=out, model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
+        from_qdiffusion=from_qdiffusion,
+        quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split),
+        sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
+        prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
+        method=method, cali_st=cali_st, cali_n=cali_n, batch_size=batch_size, seed=seed, step_groups=step_groups,
+    ))
     report = result.meta.get("report") or {}
     if result.step_groups is not None:
         g = result.step_groups

@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "engines": {"atomic", "calibrators", "export", "models", "quant", "sampling"},
     "pipeline": {"calibrators", "engines", "export", "metrics", "models", "quant", "sampling"},
     "demo": {"atomic", "engines", "metrics", "models", "pipeline", "quant", "sampling"},
+    "api": {"*"},
     "cli": {"*"},
     "__main__": {"cli"},
 }
