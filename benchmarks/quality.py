@@ -130,7 +130,7 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="modiff-quality-") as tmp:
         work = Path(tmp)
-        fp_model = load_reference(cfg, ckpt, QuantConfig(None, None))[1]
+        fp_model = load_reference(cfg, ckpt, QuantConfig(None, None)).float_model
         reference, fp_seconds = timed_samples(fp_model, cfg, num_images, batch, sampler)
         fp = score_digits(reference, None)
         results.append({"bits": "fp32", "mode": "full precision", "torch": {**fp, "psnr_db": None}, "ort": None})
@@ -139,7 +139,7 @@ def main() -> None:
             cal = calibration_file(cfg, ckpt, spec.quant, sampler, work, method=args.method,
                                    step_groups=spec.step_groups) if spec.static else None
             q = QuantConfig(**{**spec.quant.to_dict(), "act_scales": "static" if cal else "dynamic"})
-            qmodel = load_reference(cfg, ckpt, q, cal)[2]
+            qmodel = load_reference(cfg, ckpt, q, cal).qmodel
             x0, _ = timed_samples(qmodel, cfg, num_images, batch, sampler)
             row["torch"] = score_digits(x0, reference)
             row["ort"] = None

@@ -1,25 +1,43 @@
 """The `modiff-trt` command line: a thin Typer layer over the library.
 
-Each command parses options, calls one library function and renders its result with rich.
-Library errors (`ModiffError`) become one red line naming the file and the fix, exit code 2.
+Each command parses options, calls one library function (sample, export, calibrate and compare:
+the typed `api` functions, which check every option before work) and renders its result with
+rich. Library errors (`ModiffError`) become one red line naming the file and the fix, exit code 2.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import TypeVar
 
+import click
 import numpy as np
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
 
-from modiff_trt import __version__
-from modiff_trt.errors import ConfigError, ModiffError
-from modiff_trt.models.builtin import checkpoint_for
+from modiff_trt import __version__, api
+from modiff_trt.atomic import writable_file
+from modiff_trt.choices import (
+    ActFormat,
+    ActScales,
+    Backend,
+    Engine,
+    FirstStep,
+    FloatFormat,
+    LatentSampler,
+    Method,
+    OrtProvider,
+    SkipType,
+    StateDtype,
+    Target,
+)
+from modiff_trt.errors import ModiffError, OptionError
+from modiff_trt.validate import at_least, sample_counts
 
 app = typer.Typer(
     name="modiff-trt",
@@ -51,15 +69,28 @@ def _root(
 
 
 def user_errors(func: F) -> F:
-    """Turn a ModiffError into a one-line message and exit code 2 (no traceback)."""
+    """Every failure becomes one line and an exit code, never a bare traceback.
+
+    A `ModiffError` (the user can fix it: bad option, file or artifact) exits 2 with its message.
+    Anything else is a bug or an environment problem (full disk, killed runtime): one line naming
+    the command and the error, exit 1; with -v the traceback follows.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
         except ModiffError as exc:
-            console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False, soft_wrap=True)
+            _error(str(exc))
             raise typer.Exit(code=2) from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the catch-all the CLI promises
+            command = func.__name__.removesuffix("_command").removesuffix("_cmd").replace("_", "-")
+            if logging.getLogger().isEnabledFor(logging.DEBUG):
+                console.print_exception()
+            _error(f"{command} failed: {type(exc).__name__}: {exc} (run with -v for the traceback)")
+            raise typer.Exit(code=1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -81,52 +112,28 @@ def every_rank(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _error(message: str) -> None:
+    console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False,
+                  soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
 
 
 # --- options shared by several commands ---------------------------------------------------
-def _bits(value: int) -> int | None:
-    return None if value == 0 else value
-
-
-def _act_bits(value: int | None, act_format: str) -> int | None:
-    """--act-bits, defaulting to the format's width (8, or 4 for nvfp4); 0 keeps activations in float."""
-    from modiff_trt.quant.formats import FORMAT_BITS
-
-    return FORMAT_BITS.get(act_format, 8) if value is None else _bits(value)
-
-
-def quant_config_from_options(
-    weight_bits: int, act_bits: int | None, modulate: bool, act_scales: str, first_step: str, split: bool,
-    state_dtype: str, act_format: str = "int",
-):
-    from modiff_trt.quant import QuantConfig
-
-    return QuantConfig(
-        weight_bits=_bits(weight_bits),
-        act_bits=_act_bits(act_bits, act_format),
-        modulate=modulate,
-        act_scales=act_scales,
-        first_step=first_step,
-        split=split,
-        state_dtype=state_dtype,
-        act_format=act_format,
-    )
-
-
-WEIGHT_BITS = typer.Option(8, "--weight-bits", help="Weight bits (2..8; 0 keeps weights in float).")
-ACT_BITS = typer.Option(None, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float; default 8, 4 for nvfp4).")
-ACT_FORMAT = typer.Option("int", "--act-format", help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md).")
-MODULATE = typer.Option(True, "--modulate/--no-modulate", help="MoDiff modulation, or plain Q-Diffusion.")
-FIRST_STEP = typer.Option("fp", "--first-step", help="Warm-up step: 'fp' (float activations) or 'quantized'.")
-SPLIT = typer.Option(False, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion).")
-STATE_DTYPE = typer.Option("float32", "--state-dtype", help="Precision of a_hat/o_hat between steps: float32|float16.")
-SKIP_TYPE = typer.Option(None, "--skip-type", help="DDIM timestep selection: 'quad' (default) or 'uniform' (ddim runner).")
-SEED = typer.Option(0, "--seed", help="Seed: image i's noise depends only on (seed, i).")
+WEIGHT_BITS = typer.Option(None, "--weight-bits", help="Weight bits (2..8; 0 keeps weights in float) [default: 8].")
+ACT_BITS = typer.Option(None, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float) [default: 8, 4 for nvfp4].")
+ACT_FORMAT = typer.Option(None, "--act-format", help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md) [default: int].")
+MODULATE = typer.Option(None, "--modulate/--no-modulate", help="MoDiff modulation, or plain Q-Diffusion [default: modulate].")
+FIRST_STEP = typer.Option(None, "--first-step", help="Warm-up step: float activations or quantized [default: fp].")
+SPLIT = typer.Option(None, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion) [default: no-split].")
+STATE_DTYPE = typer.Option(None, "--state-dtype", help="Precision of a_hat/o_hat between steps [default: float32].")
+SKIP_TYPE = typer.Option(None, "--skip-type", help="DDIM timestep selection [default: quad].")
+SEED = typer.Option(0, "--seed", help="Seed (>= 0): image i's noise depends only on (seed, i).")
 TRUST = typer.Option(False, "--trust-checkpoint", help="Load pickled checkpoints with weights_only=False (only for files you trust).")
-RANDOM_WEIGHTS = typer.Option(False, "--random-weights", help="Without --checkpoint: run an untrained network (speed tests only).")
+RANDOM_WEIGHTS = typer.Option(False, "--random-weights", help="Without --checkpoint, for configs without packaged weights: run an untrained network (speed tests only).")
 EMA = typer.Option(False, "--ema/--no-ema", help="Latent diffusion: use the checkpoint's EMA weights (model_ema.*).")
 SAMPLER = typer.Option(None, "--sampler", help="Latent diffusion: ddim or plms (default: the config's, PLMS for SD; an export's: the one it records).")
 GUIDANCE = typer.Option(None, "--guidance-scale", help="SD classifier-free guidance scale (default 7.5; 1 disables it).")
@@ -134,44 +141,46 @@ PROMPT = typer.Option(None, "--prompt", help="SD: one prompt for every image.")
 FROM_FILE = typer.Option(None, "--from-file", help="SD: prompts, one per line (image i gets line i mod n).")
 TEXT_ENCODER = typer.Option(None, "--text-encoder", help="SD: local directory of a CLIP ViT-L/14 text model (needs pip install 'modiff-trt[sd]').")
 RANDOM_CONTEXT = typer.Option(False, "--random-context", help="SD: random context tensors instead of prompts (smoke tests only).")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out (written beside it, swapped in at the end).")
 
 
 @app.command()
 @user_errors
 @every_rank
 def sample(
-    export_dir: Optional[Path] = typer.Argument(None, help="Export directory (from `modiff-trt export`). Omit to sample a config + checkpoint with the torch reference."),
-    backend: str = typer.Option("torch", "--backend", "-b", help="torch (PyTorch reference), ort (ONNX Runtime) or trt (TensorRT engines)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="UNet checkpoint (flat state_dict, ddim training list, Q-Diffusion, safetensors)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration file for --act-scales static."),
-    weight_bits: int = WEIGHT_BITS,
-    act_bits: Optional[int] = ACT_BITS,
-    act_format: str = ACT_FORMAT,
-    modulate: bool = MODULATE,
-    act_scales: Optional[str] = typer.Option(None, "--act-scales", help="'dynamic' (per call) or 'static' (from --calibration). Default: static with --calibration, else dynamic."),
-    first_step: str = FIRST_STEP,
-    split: bool = SPLIT,
-    state_dtype: str = STATE_DTYPE,
+    export_dir: Path | None = typer.Argument(None, help="Export directory (from `modiff-trt export`). Omit to sample a config + checkpoint with the torch reference."),
+    backend: Backend = typer.Option(Backend.torch, "--backend", "-b", help="torch (PyTorch reference), ort (ONNX Runtime) or trt (TensorRT engines)."),
+    config: str | None = typer.Option(None, "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="UNet checkpoint (flat state_dict, ddim training list, Q-Diffusion, safetensors)."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="Calibration file for --act-scales static."),
+    weight_bits: int | None = WEIGHT_BITS,
+    act_bits: int | None = ACT_BITS,
+    act_format: ActFormat | None = ACT_FORMAT,
+    modulate: bool | None = MODULATE,
+    act_scales: ActScales | None = typer.Option(None, "--act-scales", help="'dynamic' (per call) or 'static' (from --calibration). Default: static with --calibration, else dynamic."),
+    first_step: FirstStep | None = FIRST_STEP,
+    split: bool | None = SPLIT,
+    state_dtype: StateDtype | None = STATE_DTYPE,
     num_images: int = typer.Option(16, "--num-images", "-n", help="How many images to sample."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch (MoDiff state is per batch)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps (default: the export's recorded sampler; with --config 100 for ddim, the paper setting for LDM/SD)."),
-    skip_type: Optional[str] = SKIP_TYPE,
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: the export's, else 0; LSUN-Bedrooms: 1)."),
+    steps: int | None = typer.Option(None, "--steps", help="Sampling steps (default: the export's recorded sampler; with --config 100 for ddim, the paper setting for LDM/SD)."),
+    skip_type: SkipType | None = SKIP_TYPE,
+    eta: float | None = typer.Option(None, "--eta", help="DDIM eta (default: the export's, else 0; LSUN-Bedrooms: 1)."),
     seed: int = SEED,
     out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."),
+    overwrite: bool = OVERWRITE,
     pngs: bool = typer.Option(True, "--pngs/--no-pngs", help="Write one PNG per image."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph", help="trt backend: capture one CUDA graph per state arrangement."),
     device: str = typer.Option("cuda", "--device", help="trt backend: CUDA device the plans were built on, e.g. cuda:1."),
-    ort_provider: str = typer.Option("auto", "--ort-provider", help="ort backend: auto (CUDA if onnxruntime-gpu sees a GPU), cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider)."),
+    ort_provider: OrtProvider = typer.Option(OrtProvider.auto, "--ort-provider", help="ort backend: auto (CUDA if onnxruntime-gpu sees a GPU), cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider)."),
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
-    sampler: Optional[str] = SAMPLER,
-    guidance_scale: Optional[float] = GUIDANCE,
-    prompt: Optional[str] = PROMPT,
-    from_file: Optional[Path] = FROM_FILE,
-    text_encoder: Optional[Path] = TEXT_ENCODER,
+    sampler: LatentSampler | None = SAMPLER,
+    guidance_scale: float | None = GUIDANCE,
+    prompt: str | None = PROMPT,
+    from_file: Path | None = FROM_FILE,
+    text_encoder: Path | None = TEXT_ENCODER,
     random_context: bool = RANDOM_CONTEXT,
     dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="torchrun runs: seconds a process waits for the others (longer than one batch takes)."),
 ) -> None:
@@ -191,73 +200,30 @@ def sample(
     rank 0 writes the files: the same pixels at any process count for one --batch-size (a
     different --batch-size changes quantized pixels slightly). See docs/distributed.md.
     """
-    import time
-
-    from modiff_trt.sampling.conditioning import make_conditioning
-    from modiff_trt.sampling.distributed import current_world
-    from modiff_trt.sampling.run import write_samples
-    from modiff_trt.sampling.sampler import make_sampler
-
-    world = current_world()
-
-    if export_dir is not None:
-        from modiff_trt.engines.factory import open_runner
-
-        runner, manifest = open_runner(export_dir, backend, batch_size=batch_size, trust=trust_checkpoint,
-                                       cuda_graph=cuda_graph, ort_provider=ort_provider, device=device)
-        base, source, model = manifest.sampler(), str(export_dir), manifest.model
-        sample_shape, context_shape, family = model["sample_shape"], model.get("context_shape"), model["family"]
-        config, checkpoint = model["config"], model.get("checkpoint")
-    else:
-        if config is None:
-            raise typer.BadParameter("give an export directory, or --config (and --checkpoint) for the torch reference")
-        if backend != "torch":
-            raise typer.BadParameter(f"--backend {backend} runs an export directory: run `modiff-trt export` first")
-        from modiff_trt.engines.torch_backend import load_reference
-        from modiff_trt.models import load_config
-
-        base = load_config(config)
-        checkpoint = checkpoint_for(config, checkpoint, random_weights)
-        act_scales = act_scales or ("static" if calibration is not None else "dynamic")
-        quant = quant_config_from_options(weight_bits, act_bits, modulate, act_scales, first_step, split, state_dtype,
-                                          act_format)
-        runner = load_reference(base, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)[2]
-        source, sample_shape, context_shape, family = base.source, base.sample_shape, base.context_shape, base.family
-    chosen = make_sampler(base, sampler=sampler, steps=steps, skip_type=skip_type, eta=eta,
-                          guidance_scale=guidance_scale)
-    conditioning = make_conditioning(context_shape, source, prompt, from_file, text_encoder, random_context, seed)
-    decoder = _first_stage(config, family, checkpoint, trust_checkpoint)
-    start = time.perf_counter()
-    write_samples(runner, chosen, sample_shape, out, num_images, batch_size, seed, conditioning, decoder, pngs,
-                  world=world)
-    if world.main:
-        processes = f" with {world.size} processes" if world.distributed else ""
-        console.print(f"wrote {num_images} samples to [bold]{out}[/]{processes} in {time.perf_counter() - start:.1f} s")
-
-
-def _first_stage(config: str, family: str, checkpoint: str | Path | None, trust: bool):
-    """The first-stage decoder of a latent-diffusion model; None for ddim models, which sample
-    pixels (so a ddim export samples without its config file)."""
-    if family == "ddim":
-        return None
-    if checkpoint is None:
-        raise ConfigError("latent diffusion needs --checkpoint: its first-stage decoder turns latents into images")
-    from modiff_trt.models import load_config
-    from modiff_trt.models.ldm_loading import load_first_stage
-
-    return load_first_stage(load_config(config).ldm, checkpoint, trust=trust)
+    result = api.sample(api.SampleOptions(
+        out=out, export_dir=export_dir, backend=backend, calibration=calibration, act_scales=act_scales,
+        model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
+        quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
+        sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
+        prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
+        num_images=num_images, batch_size=batch_size, seed=seed, overwrite=overwrite, pngs=pngs, cuda_graph=cuda_graph,
+        device=device, ort_provider=ort_provider,
+    ))
+    if result.written:
+        processes = f" with {result.processes} processes" if result.processes > 1 else ""
+        console.print(f"wrote {result.num_images} samples to [bold]{out}[/]{processes} in {result.seconds:.1f} s")
 
 
 @app.command()
 @user_errors
 def build(
     export_dir: Path = typer.Argument(..., help="Export directory with manifest.json and the fp16 graphs (`modiff-trt export --float fp16`)."),
-    min_batch: Optional[int] = typer.Option(None, "--min-batch", help="Smallest batch the engines accept (default 1)."),
-    opt_batch: Optional[int] = typer.Option(None, "--opt-batch", help="Batch TensorRT tunes its kernels for: set it to the batch you sample with (default = max)."),
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch (default 16). Under classifier-free guidance count the doubled batch."),
-    workspace_gb: Optional[float] = typer.Option(None, "--workspace-gb", help="Scratch memory TensorRT may use while building (default: TensorRT's, the whole GPU)."),
+    min_batch: int | None = typer.Option(None, "--min-batch", help="Smallest batch the engines accept (default 1)."),
+    opt_batch: int | None = typer.Option(None, "--opt-batch", help="Batch TensorRT tunes its kernels for: set it to the batch you sample with (default = max)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Largest batch (default 16). Under classifier-free guidance count the doubled batch."),
+    workspace_gb: float | None = typer.Option(None, "--workspace-gb", help="Scratch memory TensorRT may use while building (default: TensorRT's, the whole GPU)."),
     opt_level: int = typer.Option(3, "--opt-level", help="Builder optimization level 0-5: higher tries more kernels (slower build, maybe faster engine)."),
-    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Kernel timing cache file: read if present, updated after the build; makes rebuilds much faster."),
+    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="Kernel timing cache file: read if present, updated after the build; makes rebuilds much faster."),
     version_compatible: bool = typer.Option(False, "--version-compatible", help="Plans that later TensorRT releases (same major, or the next major) can run (slightly slower)."),
     tf32: bool = typer.Option(False, "--tf32", help="Let fp32 matmuls/convs use TF32 (TensorRT's default; off here: its rounding flips int8 codes of x - a_hat)."),
     detailed_profile: bool = typer.Option(False, "--detailed-profile", help="Build with DETAILED profiling verbosity (layer parameters in `profile --per-layer`; adds enqueue latency)."),
@@ -279,6 +245,11 @@ def build(
     from modiff_trt.engines.sidecar import read_sidecar, sidecar_path
     from modiff_trt.engines.trt_build import build_engines
 
+    for option, value in (("--min-batch", min_batch), ("--opt-batch", opt_batch), ("--max-batch", max_batch)):
+        at_least(option, value, 1)
+    if workspace_gb is not None and not workspace_gb > 0:
+        raise OptionError(f"--workspace-gb {workspace_gb} is invalid: it must be > 0")
+    writable_file(timing_cache, "--timing-cache")
     plans = build_engines(
         export_dir, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_gb=workspace_gb,
         opt_level=opt_level, timing_cache=timing_cache, version_compatible=version_compatible, tf32=tf32,
@@ -300,7 +271,7 @@ def build(
 @user_errors
 def profile(
     export_dir: Path = typer.Argument(..., help="Export directory whose plans `modiff-trt build` wrote."),
-    engine: str = typer.Option("step", "--engine", help="Which plan to time: 'step' (every step but the first: what dominates sampling) or 'warmup'."),
+    engine: Engine = typer.Option(Engine.step, "--engine", help="Which plan to time: 'step' (every step but the first: what dominates sampling) or 'warmup'."),
     batch: int = typer.Option(1, "--batch", help="Batch size to time; must lie in the plan's --min-batch..--max-batch."),
     per_layer: bool = typer.Option(False, "--per-layer", help="Also profile each layer (separate run) and show the slowest ones."),
     top: int = typer.Option(15, "--top", help="How many layers --per-layer shows."),
@@ -325,7 +296,9 @@ def profile(
 
     from modiff_trt.engines.trtexec import profile_engine
 
-    result = profile_engine(export_dir, engine=engine, batch=batch, per_layer=per_layer, dry_run=dry_run,
+    at_least("--batch", batch, 1)
+    at_least("--top", top, 1)
+    result = profile_engine(export_dir, engine=str(engine), batch=batch, per_layer=per_layer, dry_run=dry_run,
                             trtexec=trtexec, real_state=not zero_state, top=top)
     if dry_run:
         typer.echo(shlex.join(result.command))
@@ -354,54 +327,38 @@ def profile(
 @user_errors
 def export_cmd(
     config: str = typer.Option(..., "--config", "-c", help="Model config: official ddim YAML or a built-in name."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="UNet checkpoint (omit only for built-ins with packaged weights)."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Calibration file (static scales; required unless --act-bits 0)."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="UNet checkpoint (omit only for built-ins with packaged weights)."),
+    calibration: Path | None = typer.Option(None, "--calibration", help="Calibration file (static scales; required unless --act-bits 0)."),
     out: Path = typer.Option(..., "--out", "-o", help="Export directory to write (replaced atomically if it is an earlier export)."),
-    weight_bits: int = WEIGHT_BITS,
-    act_bits: Optional[int] = ACT_BITS,
-    act_format: str = ACT_FORMAT,
-    modulate: bool = MODULATE,
-    first_step: str = FIRST_STEP,
-    split: bool = SPLIT,
-    state_dtype: str = STATE_DTYPE,
-    float_dtype: str = typer.Option("fp32", "--float", help="Float parts of the graph: fp32 (ONNX Runtime) or fp16 (TensorRT)."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX opset (17..20; default 17 for fp32, 19 for fp16)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Fix the batch size (default: dynamic batch)."),
+    weight_bits: int | None = WEIGHT_BITS,
+    act_bits: int | None = ACT_BITS,
+    act_format: ActFormat | None = ACT_FORMAT,
+    modulate: bool | None = MODULATE,
+    first_step: FirstStep | None = FIRST_STEP,
+    split: bool | None = SPLIT,
+    state_dtype: StateDtype | None = STATE_DTYPE,
+    float_dtype: FloatFormat = typer.Option(FloatFormat.fp32, "--float", help="Float parts of the graph: fp32 (ONNX Runtime) or fp16 (TensorRT)."),
+    opset: int | None = typer.Option(None, "--opset", help="ONNX opset (17..20; default 17 for fp32, 19 for fp16)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Fix the batch size (>= 1; default: dynamic batch)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Dynamic batch dimension (the default when --batch-size is absent)."),
-    target: str = typer.Option("trt", "--target", help="trt (TensorRT rules, also runs on ONNX Runtime) or ort-cpu (integer CPU kernels)."),
+    target: Target = typer.Option(Target.trt, "--target", help="trt (TensorRT rules, also runs on ONNX Runtime) or ort-cpu (integer CPU kernels)."),
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
-    guidance: Optional[bool] = typer.Option(None, "--cfg/--no-cfg", help="SD: engines run classifier-free guidance, so the state holds cond+uncond (2 per image; default on for SD). A fixed --batch-size counts both halves."),
+    guidance: bool | None = typer.Option(None, "--cfg/--no-cfg", help="SD: engines run classifier-free guidance, so the state holds cond+uncond (2 per image; default on for SD). A fixed --batch-size counts both halves."),
 ) -> None:
     """Export warmup.onnx + step.onnx (MoDiff) or unet.onnx (plain) with explicit Q/DQ, and manifest.json.
 
     Example:\n
       modiff-trt export -c ddim-cifar10 --checkpoint model-790000.ckpt --calibration cifar.cal.safetensors -o exports/cifar
     """
-    from modiff_trt.engines.torch_backend import load_reference
-    from modiff_trt.export.exporter import export_model
-
-    if dynamic_batch and batch_size is not None:
-        raise typer.BadParameter("--batch-size and --dynamic-batch exclude each other")
-    dtype = {"fp32": "float32", "fp16": "float16"}.get(float_dtype)
-    if dtype is None:
-        raise typer.BadParameter(f"--float {float_dtype}: choose fp32 or fp16")
-    scales = "static" if calibration is not None else "dynamic"
-    quant = quant_config_from_options(weight_bits, act_bits, modulate, scales, first_step, split, state_dtype, act_format)
-    checkpoint = checkpoint_for(config, checkpoint, random_weights)
-    model_cfg, float_model, qmodel = load_reference(config, checkpoint, quant, calibration, trust=trust_checkpoint, ema=ema)
-    if guidance is None:
-        guidance = model_cfg.context_shape is not None
-    sampler = None  # the calibration's sampler becomes the export's default; without one, the config's
-    if calibration is not None:
-        from modiff_trt.calibrators import load_calibration
-
-        sampler = load_calibration(calibration).sampler(model_cfg)
-    manifest = export_model(
-        float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration, sampler=sampler,
-        float_dtype=dtype, opset=opset, batch_size=batch_size, target=target, guidance=guidance, ema=ema,
-    )
+    manifest = api.export(api.ExportOptions(
+        out=out, model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
+        calibration=calibration,
+        quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
+        float_format=float_dtype, opset=opset, batch_size=batch_size, dynamic_batch=dynamic_batch, target=target,
+        guidance=guidance,
+    ))
     console.print(
         f"exported {len(manifest.layers)} quantized layers to [bold]{out}[/] "
         f"({', '.join(g.file for g in manifest.graphs.values())}); state {manifest.state_bytes_per_sample() / 2**20:.1f} MiB/sample"
@@ -422,6 +379,7 @@ def inspect(
     from modiff_trt.export.manifest import load_manifest
     from modiff_trt.quant import QuantConfig
 
+    at_least("--batch", batch, 1)
     manifest = load_manifest(export_dir)
     out = Console()
     q = manifest.quant
@@ -487,11 +445,11 @@ def _print_formats(out: Console, manifest) -> None:
 def compare(
     export_dir: Path = typer.Argument(..., help="Export directory."),
     backends: str = typer.Option("torch,ort", "--backends", help="Comma-separated backends; the first is the reference."),
-    num_images: int = typer.Option(4, "--num-images", "-n"),
-    steps: int = typer.Option(10, "--steps", help="Sampler steps of the compared trajectory."),
-    skip_type: Optional[str] = SKIP_TYPE,
+    num_images: int = typer.Option(4, "--num-images", "-n", help="Images in the compared batch (>= 1)."),
+    steps: int = typer.Option(10, "--steps", help="Sampler steps of the compared trajectory (1..T)."),
+    skip_type: SkipType | None = SKIP_TYPE,
     seed: int = SEED,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the table as JSON."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the table as JSON."),
     trust_checkpoint: bool = TRUST,
 ) -> None:
     """Per-step error table between backends over one trajectory from the same noise.
@@ -499,23 +457,15 @@ def compare(
     The trajectory uses the export's sampler (DDIM, LDM DDIM or PLMS with guidance) at --steps;
     text-conditioned exports get random context.
     """
-    import dataclasses
-    import json
-
     from rich.table import Table
 
-    from modiff_trt.engines.compare import compare_backends
-
-    names = [b.strip() for b in backends.split(",") if b.strip()]
-    if len(names) < 2:
-        raise typer.BadParameter("--backends needs at least two backends, e.g. torch,ort")
-    rows = compare_backends(export_dir, names, num_images, seed, trust_checkpoint, steps=steps, skip_type=skip_type)
+    names = tuple(b.strip() for b in backends.split(",") if b.strip())
+    rows = api.compare(api.CompareOptions(export_dir, names, num_images, steps, skip_type, seed, json_out,
+                                          trust_checkpoint))
     table = Table("step", "t", "backend", f"rel. error vs {names[0]}", "max |diff|", "mean |diff|")
     for r in rows:
         table.add_row(str(r.step), str(r.t), r.backend, f"{r.rel_err:.2e}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}")
     Console().print(table)
-    if json_out:
-        json_out.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
 
 
 @app.command("train-digits")
@@ -524,6 +474,7 @@ def train_digits_command(
     out: Path = typer.Option(Path("digits.safetensors"), "--out", help="Where to write the EMA weights (*.safetensors); a JSON record (seed, sha256, loss, seconds) is written beside it."),
     iterations: int = typer.Option(4000, "--iterations", help="Training iterations at batch 128; 4000 (the shipped model) take about 6-7 minutes on one CPU core."),
     seed: int = typer.Option(0, "--seed", help="Seed of weight init, data order, timesteps and noise: the same seed gives bitwise the same file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (and its JSON record)."),
 ) -> None:
     """Train the built-in `digits` model: a DDIM UNet on scikit-learn's 8x8 handwritten digits.
 
@@ -537,6 +488,10 @@ def train_digits_command(
     """
     from modiff_trt.training.digits import train_digits
 
+    at_least("--iterations", iterations, 1)
+    at_least("--seed", seed, 0)
+    writable_file(out, "--out", overwrite=overwrite)
+    writable_file(out.with_suffix(".json"), "--out's record", overwrite=overwrite)
     path = train_digits(out, iterations=iterations, seed=seed)
     console.print(f"weights: {path}  record: {path.with_suffix('.json')}")
 
@@ -545,31 +500,31 @@ def train_digits_command(
 @user_errors
 def calibrate_command(
     config: str = typer.Option(..., "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Float UNet checkpoint to calibrate. The file is tied to its sha256: sample with the same one."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Float UNet checkpoint to calibrate. The file is tied to its sha256: sample with the same one."),
     out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors); pass it to sample/export with --calibration."),
-    from_qdiffusion: Optional[Path] = typer.Option(None, "--from-qdiffusion", help="Import a released Q-Diffusion checkpoint (e.g. cifar_w4a8_ckpt.pth) instead of --checkpoint: its AdaRound integer weights, plus its raw activation scales (--no-modulate) or freshly calibrated residual scales (--modulate). Give the bits from the file name."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps to calibrate on (default: 100 for ddim, the paper setting for LDM/SD)."),
-    skip_type: Optional[str] = SKIP_TYPE,
-    eta: Optional[float] = typer.Option(None, "--eta", help="DDIM eta (default: 0; LSUN-Bedrooms: 1)."),
+    from_qdiffusion: Path | None = typer.Option(None, "--from-qdiffusion", help="Import a released Q-Diffusion checkpoint (e.g. cifar_w4a8_ckpt.pth) instead of --checkpoint: its AdaRound integer weights, plus its raw activation scales (--no-modulate) or freshly calibrated residual scales (--modulate). Give the bits from the file name."),
+    steps: int | None = typer.Option(None, "--steps", help="Sampling steps to calibrate on (default: 100 for ddim, the paper setting for LDM/SD)."),
+    skip_type: SkipType | None = SKIP_TYPE,
+    eta: float | None = typer.Option(None, "--eta", help="DDIM eta (default: 0; LSUN-Bedrooms: 1)."),
     cali_st: int = typer.Option(20, "--cali-st", help="How many evenly spaced sampling steps to measure (Q-Diffusion CIFAR-10: 20 of 100)."),
     cali_n: int = typer.Option(256, "--cali-n", help="How many full-precision trajectories to sample. Memory does not grow with it; time does."),
     batch_size: int = typer.Option(32, "--batch-size", help="Trajectories per batch: sets peak memory (CIFAR-10: about 15 MB per sample)."),
-    weight_bits: int = WEIGHT_BITS,
-    act_bits: Optional[int] = ACT_BITS,
-    act_format: str = ACT_FORMAT,
-    method: str = typer.Option("minmax", "--method", help="Scale search: minmax (absmax, safe at 8 bits), mse (Q-Diffusion: 80 shrinking ranges, |x-Q(x)|^2.4; also searches weight scales; best at 4 bits), percentile (99.99th of |x|)."),
+    weight_bits: int | None = WEIGHT_BITS,
+    act_bits: int | None = ACT_BITS,
+    act_format: ActFormat = typer.Option(ActFormat.int, "--act-format", help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md)."),
+    method: Method = typer.Option(Method.minmax, "--method", help="Scale search: minmax (absmax, safe at 8 bits), mse (Q-Diffusion: 80 shrinking ranges, |x-Q(x)|^2.4; also searches weight scales; best at 4 bits), percentile (99.99th of |x|)."),
     modulate: bool = typer.Option(True, "--modulate/--no-modulate", help="MoDiff: measure step-to-step residuals of each layer input. --no-modulate: raw inputs, for plain Q-Diffusion."),
-    first_step: str = typer.Option("fp", "--first-step", help="Intended warm-up: 'fp' or 'quantized'. MoDiff files always hold warm-up scales, so either works at sampling time."),
+    first_step: FirstStep = typer.Option(FirstStep.fp, "--first-step", help="Intended warm-up. MoDiff files always hold warm-up scales, so either works at sampling time."),
     seed: int = SEED,
-    split: bool = SPLIT,
+    split: bool = typer.Option(False, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion)."),
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
-    sampler: Optional[str] = SAMPLER,
-    guidance_scale: Optional[float] = GUIDANCE,
-    prompt: Optional[str] = PROMPT,
-    from_file: Optional[Path] = FROM_FILE,
-    text_encoder: Optional[Path] = TEXT_ENCODER,
+    sampler: LatentSampler | None = SAMPLER,
+    guidance_scale: float | None = GUIDANCE,
+    prompt: str | None = PROMPT,
+    from_file: Path | None = FROM_FILE,
+    text_encoder: Path | None = TEXT_ENCODER,
     random_context: bool = RANDOM_CONTEXT,
     step_groups: str = typer.Option("1", "--step-groups", help="MoDiff residual scales per G contiguous groups of sampling steps (4-bit activations gain most; the schedule is pinned: sample with the same --steps/--skip-type). 'auto' picks G from the measured scale spread."),
 ) -> None:
@@ -585,35 +540,18 @@ def calibrate_command(
       modiff-trt calibrate -c ddim-cifar10 --checkpoint model-790000.ckpt --act-bits 4 --method mse -o a4.safetensors\n
       modiff-trt calibrate -c ddim-cifar10 --from-qdiffusion cifar_w4a8_ckpt.pth --weight-bits 4 --act-bits 8 --no-modulate -o qd.safetensors
     """
-    from modiff_trt.calibrators import CalibrationOptions, calibrate, import_qdiffusion
-    from modiff_trt.models import load_config
-    from modiff_trt.sampling.conditioning import make_conditioning
-    from modiff_trt.sampling.sampler import make_sampler
-
-    model_cfg = load_config(config)
-    chosen = make_sampler(model_cfg, sampler=sampler, steps=steps, skip_type=skip_type, eta=eta,
-                          guidance_scale=guidance_scale)
-    options = CalibrationOptions(weight_bits=_bits(weight_bits), act_bits=_act_bits(act_bits, act_format),
-                                 modulate=modulate, first_step=first_step, split=split, method=method, cali_st=cali_st,
-                                 cali_n=cali_n, batch_size=batch_size, seed=seed, step_groups=step_groups,
-                                 act_format=act_format)
-    if from_qdiffusion is not None:
-        if checkpoint is not None:
-            raise typer.BadParameter("give --checkpoint or --from-qdiffusion, not both: the Q-Diffusion file holds the fp32 weights")
-        if act_format != "int":
-            raise typer.BadParameter("--from-qdiffusion imports integer grids: drop --act-format")
-        result = import_qdiffusion(model_cfg, from_qdiffusion, out, options, chosen if modulate else None,
-                                   trust=trust_checkpoint)
-    else:
-        checkpoint = checkpoint_for(config, checkpoint, random_weights)
-        conditioning = make_conditioning(model_cfg.context_shape, model_cfg.source, prompt, from_file, text_encoder,
-                                         random_context, seed)
-        result = calibrate(model_cfg, checkpoint, out, chosen, options, conditioning=conditioning,
-                           trust=trust_checkpoint, ema=ema)
+    result = api.calibrate(api.CalibrateOptions(
+        out=out, model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
+        from_qdiffusion=from_qdiffusion,
+        quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split),
+        sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
+        prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
+        method=method, cali_st=cali_st, cali_n=cali_n, batch_size=batch_size, seed=seed, step_groups=step_groups,
+    ))
     report = result.meta.get("report") or {}
     if result.step_groups is not None:
         g = result.step_groups
-        console.print(f"{g.count} step groups (steps {', '.join(f'{b}-{e - 1}' for b, e in zip(g.bounds, g.bounds[1:]))}) "
+        console.print(f"{g.count} step groups (steps {', '.join(f'{b}-{e - 1}' for b, e in zip(g.bounds, g.bounds[1:], strict=False))}) "
                       f"for the {g.steps}-step {g.skip_type} schedule: sample with exactly that schedule")
     console.print(f"wrote {len(result.layers)} layers of {result.kind} scales to [bold]{out}[/]"
                   + (f" in {report['seconds']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB" if report else ""))
@@ -626,6 +564,7 @@ def demo(
     num_images: int = typer.Option(512, "--num-images", "-n", help="Samples per configuration (digits FID needs >= 512)."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps (quad)."),
     seed: int = SEED,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Full precision vs plain Q-Diffusion vs MoDiff on the embedded digits model, through ONNX Runtime.
 
@@ -635,9 +574,13 @@ def demo(
     from rich.table import Table
 
     from modiff_trt.demo import run_demo
+    from modiff_trt.metrics import FID_MIN_IMAGES
 
-    rows = run_demo(out, num_images=num_images, steps=steps, seed=seed)
-    table = Table("config", "PSNR vs fp32 (dB)", "digits FID", "confidence", "seconds", title="modiff-trt demo (ONNX Runtime, CPU)")
+    sample_counts(num_images, None, seed)
+    at_least("--steps", steps, 1)
+    rows = run_demo(out, num_images=num_images, steps=steps, seed=seed, overwrite=overwrite)
+    fid_header = "digits FID" if num_images >= FID_MIN_IMAGES else f"digits FID (unreliable: < {FID_MIN_IMAGES} images)"
+    table = Table("config", "PSNR vs fp32 (dB)", fid_header, "confidence", "seconds", title="modiff-trt demo (ONNX Runtime, CPU)")
     for r in rows:
         table.add_row(r.name, "-" if r.psnr_db is None else f"{r.psnr_db:.2f}", f"{r.digits_fid:.2f}",
                       f"{r.confidence:.3f}", f"{r.seconds:.1f}")

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from modiff_trt.atomic import atomic_directory, refuse_non_empty, replace_any
 from modiff_trt.engines.ort_backend import OrtRunner
+from modiff_trt.metrics import FID_MIN_IMAGES
 from modiff_trt.models import load_config
 from modiff_trt.models.builtin import builtin_checkpoint
 from modiff_trt.pipeline import calibration_file, export_config, ort_target, score_digits, timed_samples
@@ -53,7 +55,7 @@ def _labelled_grid(rows: dict[str, np.ndarray], per_row: int = 16, upscale: int 
     label_w, h = 110, strips[0].shape[0] * upscale
     canvas = Image.new("L", (label_w + strips[0].shape[1] * upscale, h * len(strips)), 0)
     draw = ImageDraw.Draw(canvas)
-    for i, (name, strip) in enumerate(zip(rows, strips)):
+    for i, (name, strip) in enumerate(zip(rows, strips, strict=True)):
         tile = Image.fromarray(strip[..., 0]).resize((strip.shape[1] * upscale, h), Image.NEAREST)
         canvas.paste(tile, (label_w, i * h))
         draw.text((4, i * h + h // 2 - 6), name, fill=255)
@@ -61,13 +63,20 @@ def _labelled_grid(rows: dict[str, np.ndarray], per_row: int = 16, upscale: int 
 
 
 def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, steps: int = 50, seed: int = 0,
-             rows: dict[str, QuantConfig] = DEMO_ROWS, progress: bool = True) -> list[DemoRow]:
+             rows: dict[str, QuantConfig] = DEMO_ROWS, progress: bool = True, overwrite: bool = False) -> list[DemoRow]:
     """Run every row through calibrate -> export -> ORT sampling; write grid.png and report.json.
 
     Every row samples `steps` DDIM steps (quad) from the noise of `seed`; the calibration
     trajectories use seed + 1, so scales are never measured on the images they are scored on.
+    Everything is written to a temporary sibling of `out`, renamed into place at the end: a
+    non-empty `out` is refused unless `overwrite`, and an interrupted run leaves it as it was.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(out, replace_any if overwrite else refuse_non_empty) as tmp:
+        return _run_demo(tmp, num_images, batch_size, steps, seed, rows, progress)
+
+
+def _run_demo(out: Path, num_images: int, batch_size: int, steps: int, seed: int, rows: dict[str, QuantConfig],
+              progress: bool) -> list[DemoRow]:
     model_cfg = load_config("digits")
     sampler = make_sampler(model_cfg, steps=steps, skip_type="quad")
     checkpoint = builtin_checkpoint("digits")
@@ -90,7 +99,8 @@ def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, steps: int
                                    round(seconds, 2)))
             samples[name] = to_uint8(x0)
     _labelled_grid(samples).save(out / "grid.png")
-    report = {"model": "digits (embedded)", "num_images": num_images, "steps": sampler.steps,
-              "skip_type": sampler.skip_type, "backend": "ort", "rows": [r.__dict__ for r in results]}
+    report = {"model": "digits (embedded)", "num_images": num_images, "fid_reliable": num_images >= FID_MIN_IMAGES,
+              "steps": sampler.steps, "skip_type": sampler.skip_type, "backend": "ort",
+              "rows": [r.__dict__ for r in results]}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return results

@@ -19,3 +19,10 @@ class ArtifactError(ModiffError):
 
 class BackendUnavailableError(ModiffError):
     """A runtime (TensorRT, CUDA, onnxruntime-gpu) is not installed or sees no device."""
+
+
+class OptionError(ModiffError, ValueError):
+    """An option is out of range, contradicts another, or cannot apply to what it is given.
+
+    Also a ValueError, so library callers that guard numeric arguments keep catching it.
+    """

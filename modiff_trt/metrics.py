@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 CLASSIFIER_ASSET = "digits_classifier.safetensors"
 FEATURE_DIM = 64
+FID_MIN_IMAGES = 512  # fewer images give a digits FID too noisy to rank configurations
 STATS_MU = "stats.mu"
 STATS_SIGMA = "stats.sigma"
 
@@ -137,8 +138,12 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def digits_fid(images: ImageBatch) -> float:
     """Fréchet distance of `images`' classifier features to the shipped real-digit statistics.
 
-    Lower is better. Biased upwards at small N: only compare numbers computed at the same N.
+    Lower is better. Biased upwards at small N: only compare numbers computed at the same N; below
+    `FID_MIN_IMAGES` the covariance estimate is too noisy to rank configurations, so it warns.
     """
+    if len(images) < FID_MIN_IMAGES:
+        log.warning("digits FID from %d images is unreliable (it needs >= %d): use it only to compare runs "
+                    "of the same size", len(images), FID_MIN_IMAGES)
     mu, sigma = gaussian_stats(digits_features(images))
     real_mu, real_sigma = real_statistics()
     return frechet_distance(mu, sigma, real_mu, real_sigma)

@@ -13,7 +13,7 @@ from modiff_trt.calibrators.collect import StreamStats, calibration_steps
 from modiff_trt.calibrators.search import activation_scale, mse_weight
 from modiff_trt.errors import ArtifactError, CheckpointError, ConfigError
 from modiff_trt.models import load_config
-from modiff_trt.quant import QuantConfig, quantize_unet, quantizable_layers
+from modiff_trt.quant import QuantConfig, quantizable_layers, quantize_unet
 from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas, make_sampler
 from tests.helpers.export import BETAS
 from tests.helpers.models import ddim_yaml, rel_err
@@ -211,7 +211,7 @@ def test_file_round_trip_and_metadata(tmp_path, tiny_config, tiny_checkpoint):
         assert torch.equal(got.weight_codes, entry.weight_codes) and torch.equal(got.weight_scale, entry.weight_scale)
         assert got.weight_codes.abs().max() <= 32
     meta = loaded.meta
-    assert meta["format"] == "modiff-trt/calibration" and meta["version"] == 3 and meta["step_groups"] is None
+    assert meta["format"] == "modiff-trt/calibration" and meta["version"] == 4 and meta["step_groups"] is None
     assert meta["kind"] == "residual" and meta["modulate"] is True and meta["first_step"] == "fp"
     assert meta["weight_bits"] == 6 and meta["act_bits"] == 8 and meta["method"] == "percentile"
     assert meta["sampler"] == {"sampler": "ddim", "steps": 10, "skip_type": "quad", "eta": 0.0, "beta_schedule": "linear",
@@ -243,6 +243,53 @@ def test_version_1_files_still_load_and_give_their_sampler(tmp_path, tiny_config
     sd = load_config("sd-v1")
     assert Calibration({"version": 1, "schedule": sd_schedule}, {}).sampler(sd) == make_sampler(sd, guidance_scale=5.0)
     assert Calibration({"version": 1, "schedule": None}, {}).sampler(sd) is None  # a plain Q-Diffusion import
+
+
+def _rewrite(src: Path, dst: Path, edit_tensors, **meta_changes) -> Path:
+    """A copy of calibration `src` with edited tensors and metadata (what a hand edit or damage does)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(src), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["modiff_trt"])
+    tensors = load_file(src)
+    edit_tensors(tensors)
+    save_file(tensors, dst, metadata={"modiff_trt": json.dumps({**meta, **meta_changes})})
+    return dst
+
+
+def test_scales_that_no_calibration_could_give_are_refused(tmp_path, tiny_config, tiny_checkpoint, caplog):
+    path = tmp_path / "c.safetensors"
+    written = run_calibrate(tiny_config, tiny_checkpoint, path, method="mse")
+    name = next(iter(written.layers))
+    loaded = load_calibration(path).layers[name]
+    assert loaded.act_absmax == pytest.approx(written.layers[name].act_absmax, rel=1e-7)
+    assert loaded.act[0] <= loaded.act_absmax[0] / 127 * (1 + 1e-6) and loaded.warmup_absmax is not None
+
+    def huge(tensors):
+        tensors[f"{name}.act"][0] = 1e30
+
+    with pytest.raises(ArtifactError, match=rf"layer {name}'s act scale 1e\+30 cannot come from its measured absmax"):
+        load_calibration(_rewrite(path, tmp_path / "huge.safetensors", huge))
+    with pytest.raises(ArtifactError, match=rf"layer {name} lacks the measured absmax of its warmup scales"):
+        load_calibration(_rewrite(path, tmp_path / "no-absmax.safetensors",
+                                  lambda tensors: tensors.pop(f"{name}.warmup_absmax")))
+
+    def version_3(tensors):
+        for key in [k for k in tensors if k.endswith("_absmax")]:
+            del tensors[key]
+
+    old = load_calibration(_rewrite(path, tmp_path / "v3.safetensors", version_3, version=3))
+    assert old.layers[name].act == loaded.act and "keeps no measured absmax" in caplog.text
+
+    def nan(tensors):
+        version_3(tensors)
+        tensors[f"{name}.warmup"][0] = float("nan")
+
+    with pytest.raises(ArtifactError, match=f"layer {name} has a warmup scale that is not a finite positive number"):
+        load_calibration(_rewrite(path, tmp_path / "nan.safetensors", nan, version=3))
 
 
 def test_mismatched_checkpoint_config_and_layers_give_clear_errors(tmp_path, tiny_model, tiny_config, tiny_checkpoint):
@@ -323,7 +370,7 @@ def test_cli_calibrate_then_sample_static_and_refuse_other_checkpoint(tmp_path, 
     result = runner.invoke(app, sample + ["--checkpoint", str(tiny_checkpoint)])
     assert result.exit_code == 0, result.output
     other = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
-    result = runner.invoke(app, sample + ["--checkpoint", str(other)])
+    result = runner.invoke(app, sample + ["--checkpoint", str(other), "--overwrite"])
     assert result.exit_code == 2 and "scales do not carry over between checkpoints" in result.output
     result = runner.invoke(app, ["calibrate", "-c", str(tiny_config), "--from-qdiffusion", str(other), "--weight-bits", "4",
                                  "--act-bits", "8", "--no-modulate", "-o", str(tmp_path / "q.safetensors")])
@@ -363,4 +410,4 @@ def test_auto_step_groups_pick_a_pooling_of_the_measured_groups(tmp_path, tiny_c
                             step_groups="auto", cali_st=9)
     assert "--step-groups auto picked" in caplog.text
     count = 1 if cal.step_groups is None else cal.step_groups.count
-    assert count in (1, 2, 4, 8) and load_calibration(tmp_path / "auto.safetensors").meta["version"] == 3
+    assert count in (1, 2, 4, 8) and load_calibration(tmp_path / "auto.safetensors").meta["version"] == 4

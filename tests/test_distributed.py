@@ -12,6 +12,7 @@ from modiff_trt.sampling.images import to_uint8
 from modiff_trt.sampling.writer import sample_writer
 from tests.helpers.distributed import (
     collect_batches,
+    fail_in_setup_on_rank_1,
     fail_on_rank_1,
     launch_ranks,
     loopback_env,
@@ -56,6 +57,13 @@ def test_a_failing_rank_stops_every_rank_with_its_message():
     assert results[1] == ("ValueError", "cannot run batch [6, 7]")
     assert results[0][0] == "RankFailedError"
     assert "rank 1 of 2 failed" in results[0][1] and "ValueError: cannot run batch [6, 7]" in results[0][1]
+
+
+def test_an_error_is_exchanged_once_even_when_ranks_fail_at_different_depths():
+    # rank 0 hears of rank 1's setup error inside run_batches; the enclosing together must not ask again
+    results = run_in_processes(fail_in_setup_on_rank_1)
+    assert results[1] == ("ValueError", "no export on rank 1")
+    assert results[0] == ("RankFailedError", "rank 1 of 2 failed, so rank 0 stopped too: ValueError: no export on rank 1")
 
 
 def _batch(start: int, n: int) -> torch.Tensor:

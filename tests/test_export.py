@@ -22,7 +22,6 @@ from modiff_trt.export.sites import find_sites
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
 from modiff_trt.sampling import ddim_sample, ddim_timesteps
-from tests.helpers.models import rel_err
 from tests.helpers.export import (
     BETAS,
     SEQ,
@@ -33,6 +32,7 @@ from tests.helpers.export import (
     tiny_model_config,
     trajectory,
 )
+from tests.helpers.models import rel_err
 
 
 @pytest.fixture
@@ -210,7 +210,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, tiny_model, monkeypatch):
 def test_export_does_not_clobber_unrelated_directory(tmp_path, tiny_model):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.png").write_bytes(b"x")
-    with pytest.raises(ArtifactError, match="not an export directory"):
+    with pytest.raises(ArtifactError, match="not a complete earlier export"):
         export(tmp_path, tiny_model, QuantConfig(8, None), "photos")
     assert (tmp_path / "photos" / "cat.png").exists()
 

@@ -246,7 +246,7 @@ def test_float_format_calibration_and_export_errors(tmp_path, tiny_config, tiny_
     layer = "down.0.block.0.conv1"
     assert loaded.layers[layer].act_format == "fp8"
     assert fp8.layers[layer].act[0] * 448 == pytest.approx(int8.layers[layer].act[0] * 127, rel=1e-6)
-    with pytest.raises(ConfigError, match="--act-format fp8"):
+    with pytest.raises(ArtifactError, match=r"--act-format int \(file: fp8\)"):
         load_reference(tiny_config, tiny_checkpoint, QuantConfig(8, 8, act_scales="static"), tmp_path / "fp8.safetensors")
     with pytest.raises(ConfigError, match="method mse"):
         CalibrationOptions(act_bits=4, act_format="nvfp4", method="mse")

@@ -19,17 +19,20 @@ PACKAGE = Path(modiff_trt.__file__).parent
 #: docs/architecture.md. `errors` and the root `__init__` (`__version__`) are allowed everywhere.
 ALLOWED: dict[str, set[str]] = {
     "atomic": set(),
+    "choices": set(),
+    "validate": set(),
     "quant": set(),
     "metrics": set(),
     "plugins": set(),
-    "models": {"sampling.schedules"},
+    "models": {"sampling.schedules", "validate"},
     "sampling": {"atomic"},
     "training": {"atomic", "metrics", "models"},
     "export": {"atomic", "models", "quant", "sampling"},
-    "calibrators": {"atomic", "export", "models", "quant", "sampling"},
+    "calibrators": {"atomic", "export", "models", "quant", "sampling", "validate"},
     "engines": {"atomic", "calibrators", "export", "models", "quant", "sampling"},
     "pipeline": {"calibrators", "engines", "export", "metrics", "models", "quant", "sampling"},
-    "demo": {"engines", "models", "pipeline", "quant", "sampling"},
+    "demo": {"atomic", "engines", "metrics", "models", "pipeline", "quant", "sampling"},
+    "api": {"*"},
     "cli": {"*"},
     "__main__": {"cli"},
 }

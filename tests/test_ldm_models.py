@@ -102,6 +102,20 @@ def test_bad_unet_params_raise_config_error(params: dict[str, Any], message: str
 # ---------------------------------------------------------------- configs
 
 
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda p: p.update(timesteps=-5), "model.params.timesteps is -5"),
+    (lambda p: p.update(channels=4.5), "model.params.channels is 4.5"),
+    (lambda p: p["unet_config"]["params"].update(model_channels=32.5), "unet_config.params.model_channels is 32.5"),
+    (lambda p: p["unet_config"]["params"].update(channel_mult=[1, 0]), "unet_config.params.channel_mult is 0"),
+    (lambda p: p["first_stage_config"]["params"]["ddconfig"].update(ch=-8), "ddconfig.ch is -8"),
+])
+def test_ldm_yaml_integer_fields_must_be_positive_integers(tmp_path: Path, edit, field) -> None:
+    params = copy.deepcopy(SMALL["churches"])
+    edit(params)
+    with pytest.raises(ConfigError, match=rf"churches.yaml: .*{field}; it must be a positive integer"):
+        load_ldm_yaml(write_yaml(tmp_path, "churches", params))
+
+
 def test_official_yaml_text_parses(tmp_path: Path) -> None:
     text = """
 model:
@@ -192,7 +206,7 @@ def test_fp16_checkpoint_is_cast_to_fp32(tmp_path: Path) -> None:
     loaded = load_ldm_unet(yml, ckpt)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     ref = source.float()
-    for (name, p), (_, q) in zip(loaded.named_parameters(), ref.named_parameters()):
+    for (name, p), (_, q) in zip(loaded.named_parameters(), ref.named_parameters(), strict=True):
         assert torch.equal(p, q), name  # half -> float is exact
 
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 import torch
+from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from modiff_trt.calibrators import CalibrationOptions, calibrate, load_calibration
 from modiff_trt.cli import app
 from modiff_trt.engines.compare import compare_backends
 from modiff_trt.engines.ort_backend import OrtRunner
+from modiff_trt.engines.state_buffers import layout_from_manifest
+from modiff_trt.engines.torch_backend import load_reference
 from modiff_trt.errors import BackendUnavailableError, CheckpointError, ConfigError
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import lint_export
-from modiff_trt.engines.state_buffers import layout_from_manifest
 from modiff_trt.export.manifest import load_manifest
 from modiff_trt.models import load_config, load_unet
 from modiff_trt.models.ldm_loading import load_first_stage
@@ -30,11 +31,9 @@ from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.sampling import make_betas, make_sampler
 from modiff_trt.sampling.conditioning import RandomContext, make_conditioning
 from modiff_trt.sampling.run import write_samples
-from modiff_trt.engines.torch_backend import load_reference
-from tests.helpers.models import rel_err
 from tests.helpers.export import check_step_layers
 from tests.helpers.ldm import ldm_states, small_ldm
-from tests.helpers.models import SMALL, lightning_ckpt, randomize, write_yaml
+from tests.helpers.models import SMALL, lightning_ckpt, randomize, rel_err, write_yaml
 
 
 def test_load_config_gives_latent_model_configs():
@@ -177,7 +176,7 @@ def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
 def test_bedrooms_vq_decoder_and_eta_sampling(tmp_path):
     path, ckpt, _ = small_ldm(tmp_path, "bedrooms")
     cfg = load_config(path)
-    runner = load_reference(cfg, ckpt, QuantConfig(8, None))[2]
+    runner = load_reference(cfg, ckpt, QuantConfig(8, None)).qmodel
     decoder = load_first_stage(cfg.ldm, ckpt)
     sampler = make_sampler(cfg, steps=2, eta=1.0)
     first, second = (np.load(write_samples(runner, sampler, cfg.sample_shape, tmp_path / name, 3, 2, seed=1,

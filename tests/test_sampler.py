@@ -73,7 +73,7 @@ def test_bad_options_and_dicts_name_the_problem():
         make_sampler(churches, sampler="plms", eta=1.0)
     with pytest.raises(ConfigError, match="unconditional"):
         make_sampler(churches, guidance_scale=7.5)
-    with pytest.raises(ConfigError, match="num_steps must be in 1..1000"):
+    with pytest.raises(ConfigError, match="--steps 0 is invalid: choose 1..1000"):
         make_sampler(ddim, steps=0)
     with pytest.raises(ArtifactError, match="manifest: unknown sampler 'euler'"):
         sampler_from_dict({"sampler": "euler"}, "manifest")
@@ -81,6 +81,16 @@ def test_bad_options_and_dicts_name_the_problem():
         sampler_from_dict({"sampler": "ddim", "steps": 10, "beta_schedule": "linear"})
     with pytest.raises(ArtifactError, match="unknown plms sampler settings eta"):
         sampler_from_dict({**PLMSSampler(NoiseSchedule("linear", 1e-4, 0.02), 10).to_dict(), "eta": 1.0})
+
+
+@pytest.mark.parametrize("cls", [DDIMSampler, LDMDDIMSampler])
+def test_a_short_schedule_refuses_more_steps_than_timesteps_and_runs_up_to_them(cls):
+    short = NoiseSchedule("linear", 1e-4, 0.02, num_train_timesteps=5)
+    with pytest.raises(ConfigError, match=r"--steps 50 is invalid: choose 1\.\.5"):
+        cls(short, 50)
+    fits = cls(short, 5 if cls is DDIMSampler else 1)
+    assert max(fits.timesteps()) < 5
+    assert torch.isfinite(fits.trajectory(eps_model, torch.randn(1, 1, 2, 2))).all()
 
 
 def test_trajectory_runs_the_arithmetic_kernels_and_one_step_callback():

@@ -19,7 +19,7 @@ def test_uniform_and_quad_timesteps_match_ddim_runner():
     assert len(quad) == 100 and len(set(quad)) == 96
     assert quad[:4] == [0, 0, 0, 0] and quad[-1] == int(np.linspace(0, np.sqrt(800), 100)[-1] ** 2) == 800
     assert ddim_timesteps(20, "quad")[10] == int((10 * math.sqrt(800) / 19) ** 2)
-    with pytest.raises(ValueError, match="skip_type"):
+    with pytest.raises(ValueError, match="--skip-type"):
         ddim_timesteps(10, "cosine")
 
 
@@ -57,7 +57,7 @@ def official_generalized_steps(x, seq, model, betas, eta, zs):
     alphas = np.cumprod(1 - b)
     seq_next = [-1] + list(seq[:-1])
     x = x.double()
-    for k, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
+    for k, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next), strict=True)):
         at, an = alphas[i + 1], alphas[j + 1]
         e = model(x.float(), torch.full((x.shape[0],), float(i))).double()
         x0 = (x - e * math.sqrt(1 - at)) / math.sqrt(at)
@@ -104,3 +104,14 @@ def test_nan_from_the_model_stops_sampling_with_a_clear_error():
 
     with pytest.raises(ModiffError, match=r"NaN/Inf at step \d+ \(t=\d+\)"):
         ddim_sample(broken, torch.randn(1, 1, 2, 2), ddim_timesteps(10, "uniform"), make_betas("linear", 1e-4, 0.02).float())
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ldm-ddim"])
+def test_nan_from_an_eta_above_1_names_eta_not_the_checkpoint(sampler):
+    from modiff_trt.errors import OptionError
+    from modiff_trt.sampling.sampler import LDMDDIMSampler
+
+    schedule = NoiseSchedule("linear", 1e-4, 0.02)
+    chosen = {"ddim": DDIMSampler(schedule, 5, eta=3.0), "ldm-ddim": LDMDDIMSampler(schedule, 5, eta=3.0)}[sampler]
+    with pytest.raises(OptionError, match=r"step 0 \(t=\d+\) with --eta 3.0: .* choose --eta in \[0, 1\]"):
+        chosen.trajectory(lambda x, t: torch.zeros_like(x), torch.randn(2, 1, 2, 2))

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers.trt_double import install_double
-from tests.helpers.trt import Recorder, digits_export, make_tiny_export, sample_recorded
 
 from modiff_trt.engines import trt_build
 from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.engines.runner import PLAIN, STEP_0TO1, STEP_1TO0, WARMUP, Arrangements
 from modiff_trt.engines.sidecar import read_sidecar
 from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
-from modiff_trt.export.manifest import load_manifest
+from modiff_trt.export.manifest import load_manifest, sha256_file
+from tests.helpers.trt import Recorder, digits_export, make_tiny_export, sample_recorded
+from tests.helpers.trt_double import install_double
 
 STEPS, THREADS = 10, 2
 
@@ -59,9 +59,9 @@ def _trajectory(runner, export_dir: Path, n: int = 3):
 
 def _assert_same(got: Recorder, want: Recorder) -> None:
     assert len(got.eps) == len(want.eps) == STEPS
-    for k, (a, b) in enumerate(zip(got.eps, want.eps)):
+    for k, (a, b) in enumerate(zip(got.eps, want.eps, strict=True)):
         assert torch.equal(a, b), f"eps differs at call {k}"
-    for k, (a, b) in enumerate(zip(got.states, want.states)):
+    for k, (a, b) in enumerate(zip(got.states, want.states, strict=True)):
         assert a.keys() == b.keys(), f"state names differ after call {k}"
         for name in a:
             assert torch.equal(a[name], b[name]), f"{name} differs after call {k}"
@@ -115,7 +115,7 @@ def test_short_last_batch_is_padded_on_a_fixed_batch_trt_export(digits_dirs, mon
     trt = _runner(export_dir, double)
     full = _trajectory(trt, export_dir, n=4)
     short = _trajectory(_runner(export_dir, double), export_dir, n=3)
-    for a, b in zip(short.eps, full.eps):
+    for a, b in zip(short.eps, full.eps, strict=True):
         assert a.shape[0] == 3 and torch.equal(a, b[:3])  # padding rows are per-sample: no effect
     assert set(trt._bound) == {4}  # the engines only ever saw their fixed batch
 
@@ -216,6 +216,26 @@ def test_stale_or_foreign_plans_are_refused(digits_dirs, monkeypatch, tmp_path) 
     side.write_text(json.dumps({**data, "onnx_sha256": "0" * 64}))
     with pytest.raises(ArtifactError, match="different warmup.onnx"):
         _runner(export_dir, install_double(monkeypatch))
+
+
+def test_a_plan_built_from_another_manifest_is_refused_naming_the_rebuild(digits_dirs, monkeypatch, tmp_path) -> None:
+    """The sidecar records manifest.json's sha256: an edit after the build (batch, layers, scales) makes
+    the plan bind other state or shapes than the manifest now describes."""
+    import shutil
+
+    export_dir = tmp_path / "copy"
+    shutil.copytree(digits_dirs["modiff"], export_dir)
+    double = _build(export_dir, monkeypatch)
+    manifest = export_dir / "manifest.json"
+    assert read_sidecar(export_dir / "step.plan.json").manifest_sha256 == sha256_file(manifest)
+    _runner(export_dir, double)  # as built: accepted
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "tool_version": "edited"}))
+    with pytest.raises(ArtifactError, match=r"built from another manifest.json .* Fix: rebuild .*modiff-trt build"):
+        _runner(export_dir, double)
+    for side in export_dir.glob("*.plan.json"):  # version 1 sidecars vouch for the graph only, and still load
+        data = {k: v for k, v in json.loads(side.read_text()).items() if k != "manifest_sha256"}
+        side.write_text(json.dumps({**data, "version": 1}))
+    _runner(export_dir, double)
 
 
 def test_version_compatible_plans_load_on_the_next_major(digits_dirs, monkeypatch) -> None:

@@ -178,16 +178,20 @@ def measure_activations(
     for name, s in stats.items():
         fmt = layer_format(model.get_submodule(name), options.act_format, options.act_bits)
         if step_groups is None:
-            per_group = [scales(s.act, fmt)]
+            measured = [s.act]
         else:  # the fine (measured) groups pooled per chosen group
-            per_group = [scales([pool(s.act_by_group[f][c] for f in members) for c in range(len(s.groups))], fmt)
-                         for members in _fine_members(fine, step_groups)]
+            measured = [[pool(s.act_by_group[f][c] for f in members) for c in range(len(s.groups))]
+                        for members in _fine_members(fine, step_groups)]
+        per_group, absmax = [scales(g, fmt) for g in measured], [[c.absmax for c in g] for g in measured]
+        grouped = step_groups is not None and step_groups.count > 1
         # A residual that is exactly 0 at every calibrated step (SD's to_k/to_v read the unchanging text
         # context) has no scale to find: such layers pass o_hat through instead of quantizing zeros.
         constant = options.modulate and all(g.count > 0 and g.absmax == 0.0 for step in s.act_by_group for g in step)
         out[name] = LayerScales(act=per_group[0], warmup=None if s.warmup is None else scales(s.warmup, fmt),
-                                act_groups=per_group if step_groups is not None and step_groups.count > 1 else None,
-                                constant_input=constant, act_format=fmt.format)
+                                act_groups=per_group if grouped else None, constant_input=constant,
+                                act_format=fmt.format, act_absmax=absmax[0],
+                                act_groups_absmax=absmax if grouped else None,
+                                warmup_absmax=None if s.warmup is None else [c.absmax for c in s.warmup])
     return out, step_groups if step_groups is not None and step_groups.count > 1 else None
 
 

@@ -3,7 +3,7 @@
 Why safetensors: it loads without pickle (no code execution), memory-maps, and its header has a
 string metadata map, so one file carries scales, integer weights and their provenance.
 
-Layout (format `modiff-trt/calibration`, version 3):
+Layout (format `modiff-trt/calibration`, version 4):
 
 - tensors, per quantized layer `P` (module path in the float UNet):
   `P.act` float32 [groups] (residual scales for MoDiff, raw-input scales for plain),
@@ -11,7 +11,9 @@ Layout (format `modiff-trt/calibration`, version 3):
   `P.warmup` / `P.warmup_zero_point` (first-step raw-input scales, MoDiff only),
   `P.weight_codes` int8 shaped like the weight (W_int - zero_point) and `P.weight_scale`
   float32 [O, groups] (only when the file carries its own rounded weights: MSE or imported),
-  `P.act_groups` float32 [step groups, groups] (only with step groups; `P.act` is its row 0).
+  `P.act_groups` float32 [step groups, groups] (only with step groups; `P.act` is its row 0),
+  `P.act_absmax`, `P.warmup_absmax`, `P.act_groups_absmax`: the absmax each symmetric scale
+  was measured from, shaped like it (absent for imported asymmetric Q-Diffusion scales).
 - metadata key `modiff_trt`: JSON with `format`, `version`, `kind` ('residual'|'raw'),
   `modulate`, `first_step`, `split`, `weight_bits`, `act_bits`, `act_format`, `method`,
   `weight_method`, `sampler` (the `Sampler.to_dict()` the trajectories were drawn with; null for
@@ -26,7 +28,11 @@ Layout (format `modiff-trt/calibration`, version 3):
 Version 1 files held the sampler settings and the trajectory budget together in `schedule`
 (without the betas, which came from the config); they still load, and `sampler(model_cfg)`
 rebuilds their sampler from the config. Version 3 added step groups; version 1 and 2 files
-have none, which is exactly `--step-groups 1`, so they load unchanged.
+have none, which is exactly `--step-groups 1`, so they load unchanged. Version 4 added the
+measured absmax: every scale must lie between 1e-8 and the scale that maps the absmax onto the top
+of the layer's grid (absmax / (2^(b-1) - 1) for integers, / 448 for FP8, / (6 * 448) for NVFP4's
+tensor scale), the range every scale search stays in, so an edited or damaged scale is refused.
+Older files still load; their scales are only checked for being finite and positive.
 
 The file is tied to the checkpoint and config it was measured on (sha256 of both): loading it
 for anything else raises `ArtifactError` naming both sides and the command that fixes it.
@@ -41,22 +47,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from modiff_trt.atomic import atomic_file
+from modiff_trt.atomic import atomic_file, writable_file
+from modiff_trt.calibrators.search import top_scale
 from modiff_trt.errors import ArtifactError
 from modiff_trt.export.manifest import sha256_file
 from modiff_trt.models.config import ModelConfig
+from modiff_trt.quant.config import QuantConfig
+from modiff_trt.quant.formats import grid_bits
 from modiff_trt.quant.model import quantizable_layers
+from modiff_trt.quant.quantizers import SCALE_FLOOR
 from modiff_trt.quant.scales import LayerScales, ScaleSet, StepGroups
 from modiff_trt.sampling.sampler import Sampler, make_sampler, sampler_from_dict
+from modiff_trt.validate import not_a_directory
 
 log = logging.getLogger(__name__)
 FORMAT = "modiff-trt/calibration"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 META_KEY = "modiff_trt"
-SCALE_FIELDS = ("act", "act_zero_point", "warmup", "warmup_zero_point")
+SCALE_FIELDS = ("act", "act_zero_point", "warmup", "warmup_zero_point", "act_groups")
+MEASURED = {"act": "act_absmax", "warmup": "warmup_absmax", "act_groups": "act_groups_absmax"}  # scale -> its absmax
+ZERO_POINTS = {"act": "act_zero_point", "warmup": "warmup_zero_point", "act_groups": "act_zero_point"}
+TENSOR_FIELDS = SCALE_FIELDS + tuple(MEASURED.values())
+ABSMAX_SLACK = 1e-5  # float32 storage of scale and absmax
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -131,6 +147,23 @@ class Calibration:
                 "`modiff-trt calibrate` with this --checkpoint"
             )
 
+    def check_settings(self, quant: QuantConfig) -> None:
+        """Refuse quantization settings other than those the scales were measured for.
+
+        Scales measured for 4-bit activations used at 8 bits (or residual scales used on raw
+        inputs) run without error and silently cost tens of dB, so every mismatch is named.
+        """
+        recorded = {"--act-format": self.meta.get("act_format", "int"), "--weight-bits": self.meta.get("weight_bits"),
+                    "--act-bits": self.meta.get("act_bits"), "--modulate": self.meta.get("modulate"),
+                    "--first-step": self.meta.get("first_step")}
+        wanted = {"--act-format": quant.act_format, "--weight-bits": quant.weight_bits, "--act-bits": quant.act_bits,
+                  "--modulate": quant.modulate, "--first-step": quant.first_step}
+        differ = [f"{flag} {_show(wanted[flag])} (file: {_show(value)})" for flag, value in recorded.items()
+                  if value is not None and value != wanted[flag]]
+        if differ:
+            raise ArtifactError(f"{self.source} was calibrated for other settings: {'; '.join(differ)}; use the "
+                                "calibration's settings or run `modiff-trt calibrate` with these")
+
     def _check_layers(self, config: ModelConfig) -> None:
         with torch.device("meta"):
             names = quantizable_layers(config.build())
@@ -163,12 +196,10 @@ def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:
 def _tensors(layers: dict[str, LayerScales]) -> dict[str, torch.Tensor]:
     out = {}
     for name, entry in layers.items():
-        for key in SCALE_FIELDS:
+        for key in TENSOR_FIELDS:
             values = getattr(entry, key)
             if values is not None:
                 out[f"{name}.{key}"] = torch.tensor(values, dtype=torch.float32)
-        if entry.act_groups is not None:
-            out[f"{name}.act_groups"] = torch.tensor(entry.act_groups, dtype=torch.float32)
         if entry.weight_codes is not None:
             codes = entry.weight_codes
             if codes.min() < -128 or codes.max() > 127 or not torch.equal(codes, codes.round()):
@@ -187,6 +218,7 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
             "groups": {n: len(e.act or e.warmup or [0]) for n, e in layers.items()},
             "constant_input": [n for n, e in layers.items() if e.constant_input],
             "formats": {n: e.act_format for n, e in layers.items()}}
+    check_scales(layers, meta, str(path), measured=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         save_file(_tensors(layers), tmp, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
@@ -199,6 +231,7 @@ def load_calibration(path: str | Path) -> Calibration:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    not_a_directory("--calibration", path, "calibration file (.safetensors)")
     if not path.is_file():
         raise ArtifactError(f"calibration file {path} not found: create it with `modiff-trt calibrate --out {path}`")
     try:
@@ -222,15 +255,90 @@ def load_calibration(path: str | Path) -> Calibration:
     constant = set(meta.get("constant_input", []))
     formats = meta.get("formats", {})
     for name in meta["layers"]:
-        fields = {key: tensors[f"{name}.{key}"].tolist() for key in SCALE_FIELDS if f"{name}.{key}" in tensors}
+        fields = {key: tensors[f"{name}.{key}"].tolist() for key in TENSOR_FIELDS if f"{name}.{key}" in tensors}
         codes = tensors.get(f"{name}.weight_codes")
-        grouped = tensors.get(f"{name}.act_groups")
         layers[name] = LayerScales(
             **fields,
-            act_groups=None if grouped is None else grouped.tolist(),
             weight_codes=None if codes is None else codes.float(),
             weight_scale=tensors.get(f"{name}.weight_scale"),
             constant_input=name in constant,
             act_format=formats.get(name, "int"),
         )
+    measured = meta["version"] >= 4
+    if not measured:
+        log.warning("%s is calibration format version %s, which keeps no measured absmax: its scales are only "
+                    "checked for being finite and positive (recalibrate to have them checked)", path, meta["version"])
+    check_scales(layers, meta, str(path), measured=measured)
     return Calibration(meta=meta, layers=layers, path=path)
+
+
+def check_scales(layers: dict[str, LayerScales], meta: dict[str, Any], source: str, measured: bool) -> None:
+    """Refuse scales no calibration could have produced: not finite, not positive, or (`measured`:
+    the file keeps each symmetric scale's absmax) outside [1e-8, `top_scale(absmax)`] of the layer's
+    format, the range every scale search (minmax at its top, mse and percentile below) stays in.
+
+    A scale that is too large quantizes every activation to 0 and runs without an error, so the
+    only place to catch it is here, before anything is sampled or exported.
+    """
+    fix = "the file was edited or damaged; recalibrate"
+    for name, entry in layers.items():
+        bits = grid_bits(entry.act_format, meta.get("act_format", "int"), meta.get("act_bits"))
+        for key, absmax_key in MEASURED.items():
+            scales = getattr(entry, key)
+            if scales is None:
+                continue
+            values = np.asarray(scales, dtype=np.float64)
+            if not np.all(np.isfinite(values)) or np.any(values <= 0):
+                raise ArtifactError(f"{source}: layer {name} has a {key} scale that is not a finite positive number; "
+                                    f"{fix}")
+            absmax = getattr(entry, absmax_key)
+            if not measured or getattr(entry, ZERO_POINTS[key]) is not None:
+                continue  # nothing measured to hold it to (an older file, imported asymmetric scales)
+            if absmax is None or np.shape(absmax) != values.shape or not bits:
+                raise ArtifactError(f"{source}: layer {name} lacks the measured absmax of its {key} scales; {fix}")
+            top = top_scale(torch.tensor(absmax, dtype=torch.float64), bits, entry.act_format).numpy()
+            bad = np.flatnonzero((values > top * (1 + ABSMAX_SLACK)) | (values < SCALE_FLOOR * (1 - ABSMAX_SLACK)))
+            if bad.size:
+                i = np.unravel_index(bad[0], values.shape)
+                grid = f"int{bits}" if entry.act_format == "int" else entry.act_format
+                raise ArtifactError(
+                    f"{source}: layer {name}'s {key} scale {values[i]:.4g} cannot come from its measured absmax "
+                    f"{np.asarray(absmax)[i]:.4g} on the {grid} grid (a calibration gives {SCALE_FLOOR:g}.."
+                    f"{top[i]:.4g}); {fix}")
+
+
+def _holds_calibration(path: Path) -> bool:
+    """Whether `path` is a modiff-trt calibration file (its header is read, not its tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {}).get(META_KEY, "{}")).get("format") == FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def check_calibration_out(out: str | Path, inputs: dict[str, str | Path | None]) -> Path:
+    """Refuse an --out that would destroy a file calibrate did not write, before any sampling.
+
+    `inputs` maps each input option (--checkpoint, --from-qdiffusion) to its path: --out may not
+    be one of them, and an existing --out is replaced only when it is an earlier calibration.
+    """
+    out = Path(out)
+    for option, path in inputs.items():
+        if path is not None and out.exists() and Path(path).exists() and out.samefile(path):
+            raise ArtifactError(f"--out {out} is the {option} file: calibrating would replace it; choose another --out")
+    if out.is_file() and not _holds_calibration(out):
+        raise ArtifactError(f"--out {out} exists and is not a calibration file: calibrate never replaces other "
+                            "files; choose another --out")
+    writable_file(out, "--out")
+    return out
+
+
+def _show(value: Any) -> str:
+    """An option value as the user types it: 0 for float (None), on/off for switches."""
+    if value is None:
+        return "0"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)

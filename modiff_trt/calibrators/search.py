@@ -48,8 +48,8 @@ def _mse_loss(x: torch.Tensor, scale: torch.Tensor, bits: int, dim: int | None =
     return err.mean() if dim is None else err.mean(dim=dim)
 
 
-def _scale(absmax: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
-    """The symmetric scale that maps `absmax` onto the top of format `fmt`'s grid."""
+def top_scale(absmax: torch.Tensor, bits: int, fmt: str) -> torch.Tensor:
+    """The symmetric scale that maps `absmax` onto the top of format `fmt`'s grid: the largest any search gives."""
     return symmetric_scale(absmax, bits) if fmt == "int" else float_scale(fmt, absmax)
 
 
@@ -58,7 +58,7 @@ def mse_scale(values: torch.Tensor, absmax: float, bits: int, fmt: str = "int") 
     values = values.float()
     best_scale, best_loss = None, None
     for i in range(MSE_CANDIDATES):
-        scale = _scale(torch.tensor(absmax * (1 - MSE_SHRINK * i)), bits, fmt)
+        scale = top_scale(torch.tensor(absmax * (1 - MSE_SHRINK * i)), bits, fmt)
         loss = float(_mse_loss(values, scale, bits, fmt=fmt))
         if best_loss is None or loss < best_loss:  # strict: ties keep the wider range
             best_scale, best_loss = scale, loss
@@ -74,13 +74,13 @@ def activation_scale(
     check_method(method)
     check_format_method(fmt, method)
     if method == "minmax" or values.numel() == 0:
-        return float(_scale(torch.tensor(absmax), bits, fmt))
+        return float(top_scale(torch.tensor(absmax), bits, fmt))
     if method == "mse":
         return mse_scale(values, absmax, bits, fmt)
     if not 0.0 < percentile <= 100.0:
         raise ConfigError(f"percentile {percentile} must lie in (0, 100]")
     clip = float(torch.quantile(values.abs().float(), percentile / 100.0))
-    return float(_scale(torch.tensor(min(clip, absmax)), bits, fmt))
+    return float(top_scale(torch.tensor(min(clip, absmax)), bits, fmt))
 
 
 def check_format_method(fmt: str, method: str) -> None:

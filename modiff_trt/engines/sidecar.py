@@ -3,7 +3,9 @@
 A serialized engine only runs on the TensorRT version and GPU architecture that built it; a
 mismatch surfaces as an opaque deserialization failure or, worse, an engine built from an older
 export that silently computes the wrong thing. The sidecar records what the plan was built with
-and from, so the runtime can refuse a stale plan up front with a message that names the fix.
+and from (the graph's sha256 and, since version 2, the manifest's: the batch profile and the
+state layout follow the manifest), so the runtime can refuse a stale plan up front with a
+message that names the fix. Version 1 sidecars still load; they vouch for the graph only.
 Pure Python: written by `trt_build`, checked by `trt_runtime`, tested on a CPU.
 """
 
@@ -19,7 +21,8 @@ from modiff_trt.atomic import atomic_write
 from modiff_trt.errors import ArtifactError
 
 SIDECAR_SCHEMA = "modiff-trt/engine-sidecar"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class EngineSidecar:
     modiff_trt_version: str
     version_compatible: bool = False
     builder: dict[str, Any] = field(default_factory=dict)  # workspace, optimization level, cache
+    manifest_sha256: str | None = None  # of manifest.json at build time; None in version 1 sidecars
     schema: str = SIDECAR_SCHEMA
     version: int = SIDECAR_VERSION
 
@@ -68,7 +72,7 @@ def read_sidecar(path: str | Path) -> EngineSidecar:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); {fix}") from exc
     if not isinstance(data, dict) or data.get("schema") != SIDECAR_SCHEMA:
         raise ArtifactError(f"{path} is not a modiff-trt engine sidecar; {fix}")
-    if data.get("version") != SIDECAR_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{path} has sidecar version {data.get('version')}, this modiff-trt reads {SIDECAR_VERSION}; {fix}"
         )
@@ -118,6 +122,7 @@ def check_sidecar(
     compute_capability: str,
     onnx_sha256: str | None = None,
     source: str = "engine",
+    manifest_sha256: str | None = None,
 ) -> None:
     """Refuse a plan that was not built by this TensorRT, for this GPU, from this export.
 
@@ -125,7 +130,8 @@ def check_sidecar(
     are compiled per architecture), and so must the GPU name (tactics are timed on the
     builder's GPU; another model of the same architecture runs, but slower than a plan built for
     it). ONNX: the plan must come from the graph the manifest describes, or it computes a
-    different function.
+    different function. Manifest: the plan must come from this manifest.json (an edited one can
+    describe other state or batch shapes than the plan binds); version 1 sidecars skip this.
     """
     fix = "rebuild it on this machine with `modiff-trt build DIR`"
     problems: list[str] = []
@@ -143,6 +149,11 @@ def check_sidecar(
         problems.append(
             f"it was built from a different {sidecar.onnx_file} (sha256 {sidecar.onnx_sha256[:12]}..., the export "
             f"now has {onnx_sha256[:12]}...)"
+        )
+    if manifest_sha256 is not None and sidecar.manifest_sha256 not in (None, manifest_sha256):
+        problems.append(
+            f"it was built from another manifest.json (sha256 {sidecar.manifest_sha256[:12]}..., the export now has "
+            f"{manifest_sha256[:12]}...): the manifest was edited or replaced after the build"
         )
     if problems:
         raise ArtifactError(f"{source} ({sidecar.plan_file}) cannot be used: " + "; ".join(problems) + f". Fix: {fix}.")

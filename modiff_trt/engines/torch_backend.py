@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -12,13 +13,25 @@ from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant import QuantConfig, QuantUNet, ScaleSet, quantize_unet
 
 
-def load_scales(calibration: str | Path | None, model_cfg: ModelConfig, checkpoint: str | Path | None) -> ScaleSet | None:
-    """A calibration file's scales, checked against the config and checkpoint they must belong to."""
+def load_scales(calibration: str | Path | None, model_cfg: ModelConfig, checkpoint: str | Path | None,
+                quant: QuantConfig | None = None) -> ScaleSet | None:
+    """A calibration file's scales, checked against the config, checkpoint and settings they belong to."""
     if calibration is None:
         return None
     from modiff_trt.calibrators import load_calibration
 
-    return load_calibration(calibration).to_scale_set(model_cfg, checkpoint)
+    loaded = load_calibration(calibration)
+    if quant is not None:
+        loaded.check_settings(quant)
+    return loaded.to_scale_set(model_cfg, checkpoint)
+
+
+class Reference(NamedTuple):
+    """What `load_reference` builds: the config, the float UNet and its quantized reference."""
+
+    config: ModelConfig
+    float_model: torch.nn.Module
+    qmodel: QuantUNet
 
 
 def load_reference(
@@ -28,12 +41,13 @@ def load_reference(
     calibration: str | Path | None = None,
     trust: bool = False,
     ema: bool = False,
-) -> tuple[ModelConfig, torch.nn.Module, QuantUNet]:
-    """(config, float UNet, quantized reference) of a config + checkpoint (+ calibration);
-    `ema` picks a latent-diffusion checkpoint's EMA weights."""
+) -> Reference:
+    """The float UNet and quantized reference of a config + checkpoint (+ calibration, checked
+    before the weights load); `ema` picks a latent-diffusion checkpoint's EMA weights."""
     model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
+    scales = load_scales(calibration, model_cfg, checkpoint, quant)
     float_model = load_unet(model_cfg, checkpoint, trust=trust, ema=ema)
-    return model_cfg, float_model, quantize_unet(float_model, quant, load_scales(calibration, model_cfg, checkpoint))
+    return Reference(model_cfg, float_model, quantize_unet(float_model, quant, scales))
 
 
 def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
@@ -48,4 +62,5 @@ def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
                 "restore the file or use --backend ort"
             )
     quant = QuantConfig.from_dict(manifest.quant)
-    return load_reference(model["config"], checkpoint, quant, calibration, trust, ema=bool(model.get("ema", False)))[2]
+    ema = bool(model.get("ema", False))
+    return load_reference(model["config"], checkpoint, quant, calibration, trust, ema=ema).qmodel

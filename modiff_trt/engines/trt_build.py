@@ -31,7 +31,7 @@ from modiff_trt.atomic import atomic_write
 from modiff_trt.engines.sidecar import EngineSidecar, sidecar_path, write_sidecar
 from modiff_trt.engines.trt_env import cuda_device_info, cuda_index, import_tensorrt, trt_major
 from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
-from modiff_trt.export.manifest import GraphSpec, Manifest, load_manifest
+from modiff_trt.export.manifest import MANIFEST_NAME, GraphSpec, Manifest, load_manifest, sha256_file
 from modiff_trt.export.naming import UNBATCHED
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ def build_engines(
     """
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
+    manifest_sha256 = sha256_file(export_dir / MANIFEST_NAME)
     if manifest.export.get("target") == "ort-cpu":
         raise ConfigError(
             f"{export_dir} was exported for target 'ort-cpu' (integer ONNX Runtime kernels TensorRT cannot parse): "
@@ -204,7 +205,8 @@ def build_engines(
     with torch.cuda.device(index):
         for key, graph in manifest.graphs.items():
             plan, cache_bytes = _build_one(
-                trt, logger, export_dir, key, graph, shapes[key], options, cache_bytes, gpu_name, capability
+                trt, logger, export_dir, key, graph, shapes[key], options, cache_bytes, gpu_name, capability,
+                manifest_sha256,
             )
             plans.append(plan)
     if options.timing_cache and cache_bytes:
@@ -224,6 +226,7 @@ def _build_one(
     cache_bytes: bytes,
     gpu_name: str,
     capability: str,
+    manifest_sha256: str,
 ) -> tuple[Path, bytes]:
     """Parse, configure, build and write one plan + sidecar; returns (plan, updated timing cache)."""
     onnx_path = export_dir / graph.file
@@ -288,6 +291,7 @@ def _build_one(
             plan_file=plan.name,
             onnx_file=graph.file,
             onnx_sha256=graph.sha256,
+            manifest_sha256=manifest_sha256,
             tensorrt_version=str(trt.__version__),
             gpu_name=gpu_name,
             compute_capability=capability,

@@ -44,7 +44,7 @@ from modiff_trt.engines.state_buffers import ALIGNMENT, StateBuffers, aligned_em
 from modiff_trt.engines.trt_build import plan_path
 from modiff_trt.engines.trt_env import cuda_device_info, cuda_index, import_tensorrt
 from modiff_trt.errors import ArtifactError, ModiffError
-from modiff_trt.export.manifest import Manifest, load_manifest
+from modiff_trt.export.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 from modiff_trt.export.naming import CONTEXT, EPS, T, X
 
 log = logging.getLogger(__name__)
@@ -159,18 +159,20 @@ class TensorRTRunner(StatefulRunner):
         self.cuda_graph = cuda_graph
         self._logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.engines: dict[str, Any] = {}
+        manifest_sha256 = sha256_file(export_dir / MANIFEST_NAME)
         with torch.cuda.device(self.gpu):
             self._runtime = self.trt.Runtime(self._logger)
             for key, graph in self.manifest.graphs.items():
-                self.engines[key] = self._load(key, graph.sha256, gpu_name, capability)
+                self.engines[key] = self._load(key, graph.sha256, manifest_sha256, gpu_name, capability)
         self._bound: dict[int, _Bound] = {}
 
-    def _load(self, key: str, onnx_sha256: str, gpu_name: str, capability: str) -> Any:
+    def _load(self, key: str, onnx_sha256: str, manifest_sha256: str, gpu_name: str, capability: str) -> Any:
         plan = plan_path(self.export_dir, key)
         if not plan.is_file():
             raise ArtifactError(f"{plan} not found: build the engines with `modiff-trt build {self.export_dir}`")
         sidecar = read_sidecar(sidecar_path(plan))
-        check_sidecar(sidecar, str(self.trt.__version__), gpu_name, capability, onnx_sha256, source=str(plan))
+        check_sidecar(sidecar, str(self.trt.__version__), gpu_name, capability, onnx_sha256, source=str(plan),
+                      manifest_sha256=manifest_sha256)
         if sidecar.version_compatible:
             # Version-compatible plans embed a lean runtime that TensorRT must be allowed to load.
             self._runtime.engine_host_code_allowed = True

@@ -17,20 +17,21 @@ import onnx
 import torch
 
 from modiff_trt import __version__
-from modiff_trt.atomic import atomic_directory
+from modiff_trt.atomic import atomic_directory, check_destination
 from modiff_trt.errors import ArtifactError, ConfigError
+from modiff_trt.export.fp16 import convert_to_fp16
+from modiff_trt.export.lint import lint_export
 from modiff_trt.export.manifest import (
     MANIFEST_NAME,
     GraphSpec,
     LayerSpec,
     Manifest,
-    TensorSpec,
     sha256_file,
     sha256_graph,
+    tensor_specs,
 )
 from modiff_trt.export.onnx_float import export_float_onnx
-from modiff_trt.export.fp16 import convert_to_fp16
-from modiff_trt.export.lint import lint_export
+from modiff_trt.export.ort_cpu import integer_kernel
 from modiff_trt.export.qdq import (
     floored_scales,
     insert_quantization,
@@ -39,7 +40,7 @@ from modiff_trt.export.qdq import (
     scale_floor,
     step_ratio_table,
 )
-from modiff_trt.export.ort_cpu import integer_kernel
+from modiff_trt.export.replace import check_replaceable_export
 from modiff_trt.export.sites import find_sites
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.models.registry import load_config
@@ -76,16 +77,6 @@ def _state_shapes(
             hook.remove()
         qmodel.reset_state()
     return shapes
-
-
-def _tensor_specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
-    specs = []
-    for v in values:
-        t = v.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-        shape: list[int | str] = [d.dim_param or d.dim_value for d in t.shape.dim]
-        specs.append(TensorSpec(v.name, dtype, ["batch" if isinstance(s, str) else s for s in shape]))
-    return specs
 
 
 def _save_graph(graph: onnx.ModelProto, path: Path) -> None:
@@ -163,6 +154,7 @@ def export_model(
     classifier-free guidance, so each image owns two state slots (cond + uncond); recorded as
     `export.state_batch_multiplier` = 2 so memory figures count both.
     """
+    check_destination(out, check_replaceable_export)
     model_cfg = model_cfg if isinstance(model_cfg, ModelConfig) else load_config(model_cfg)
     config = qmodel.config
     check_exportable(config)
@@ -192,15 +184,15 @@ def export_model(
     kinds = ["warmup", "step"] if config.modulate else ["plain"]
     graphs: dict[str, GraphSpec] = {}
     out = Path(out)
-    with atomic_directory(out, MANIFEST_NAME, "an export directory") as tmp:
+    with atomic_directory(out, check_replaceable_export) as tmp:
         for kind in kinds:
             graph = insert_quantization(float_graph, qmodel, sites, kind, shapes, float_dtype, config.state_dtype,
                                         KERNELS[target])
             file = "unet.onnx" if kind == "plain" else f"{kind}.onnx"
             _save_graph(graph, tmp / file)
             key = "unet" if kind == "plain" else kind
-            graphs[key] = GraphSpec(file, sha256_graph(tmp / file), _tensor_specs(list(graph.graph.input)),
-                                    _tensor_specs(list(graph.graph.output)))
+            graphs[key] = GraphSpec(file, sha256_graph(tmp / file), tensor_specs(list(graph.graph.input)),
+                                    tensor_specs(list(graph.graph.output)))
             log.info("wrote %s (%d nodes)", file, len(graph.graph.node))
         manifest = Manifest(
             model={

@@ -18,6 +18,7 @@ from typing import Any
 
 from modiff_trt.errors import ArtifactError
 from modiff_trt.export.naming import state_kinds
+from modiff_trt.quant.formats import grid_bits
 from modiff_trt.sampling.sampler import Sampler, sampler_from_dict
 
 SCHEMA = "modiff-trt/manifest"
@@ -176,6 +177,55 @@ class Manifest:
             raise ArtifactError(f"{source} is malformed ({exc}): re-run `modiff-trt export`") from exc
 
 
+def tensor_specs(values: list) -> list[TensorSpec]:
+    """The TensorSpecs of ONNX ValueInfos (graph inputs or outputs), symbolic dims as 'batch'."""
+    import onnx
+
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        shape: list[int | str] = [d.dim_param or d.dim_value for d in t.shape.dim]
+        specs.append(TensorSpec(v.name, dtype, ["batch" if isinstance(s, str) else s for s in shape]))
+    return specs
+
+
+def check_graph_io(manifest: Manifest, export_dir: Path, source: str) -> None:
+    """Refuse a manifest that does not describe its graphs: I/O names, dtypes, shapes, layers, bits.
+
+    The graph hashes only prove the graphs are the exported ones; an edited manifest would
+    still pass them, then crash a runtime on a missing input or label an 8-bit graph as 4-bit.
+    """
+    import onnx
+
+    from modiff_trt.export import naming
+
+    fix = "re-run `modiff-trt export` instead of editing the manifest"
+    for key, graph in manifest.graphs.items():
+        model = onnx.load(str(export_dir / graph.file), load_external_data=False)
+        for side, recorded, actual in (("inputs", graph.inputs, model.graph.input),
+                                       ("outputs", graph.outputs, model.graph.output)):
+            if recorded != tensor_specs(list(actual)):
+                raise ArtifactError(f"{source}: the {key} graph's {side} differ from what the manifest lists; {fix}")
+        if manifest.modulated:
+            # per kind: a layer with a constant input carries o_hat only
+            prefixes = tuple(naming.state_output(kind, "") for kind in naming.STATE_KINDS)
+            carried = {o.name for o in model.graph.output if o.name.startswith(prefixes)}
+            listed = {naming.state_output(kind, layer.name) for layer in manifest.layers for kind in layer.state_kinds}
+            if carried != listed:
+                o_hat = naming.state_output("o_hat", "")
+                layers = sum(name.startswith(o_hat) for name in carried)
+                raise ArtifactError(f"{source}: the {key} graph carries state for {layers} layers, the manifest "
+                                    f"lists {len(manifest.layers)}; {fix}")
+    quant = manifest.quant
+    bits = (quant.get("weight_bits") or 0, quant.get("act_bits") or 0)
+    odd = [layer.name for layer in manifest.layers if (layer.weight_bits, layer.act_bits) != (
+        bits[0], grid_bits(layer.act_format, quant.get("act_format", "int"), bits[1]))]
+    if odd:
+        raise ArtifactError(f"{source}: layer {odd[0]} has other bits than the manifest's quant section "
+                            f"(w{bits[0]}a{bits[1]}); {fix}")
+
+
 def load_manifest(export_dir: str | Path, verify_files: bool = True) -> Manifest:
     """Read `DIR/manifest.json`; with `verify_files`, check every graph file exists and hashes right."""
     export_dir = Path(export_dir)
@@ -200,4 +250,5 @@ def load_manifest(export_dir: str | Path, verify_files: bool = True) -> Manifest
                     f"{file} does not match {path} (sha256 differs): the directory mixes two "
                     "exports; re-run `modiff-trt export`"
                 )
+        check_graph_io(manifest, export_dir, str(path))
     return manifest

@@ -9,15 +9,18 @@ the encoder's keys are simply not read.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from modiff_trt.errors import ConfigError
+
 # The decoder is built from the same blocks as the ddim UNet (timestep-free ResnetBlocks), as upstream.
 from modiff_trt.models.ddim_unet import AttnBlock, ResnetBlock, Upsample, group_norm, swish
+from modiff_trt.validate import positive_int, positive_ints
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class FirstStageConfig:
     tanh_out: bool = False
 
     @classmethod
-    def from_yaml(cls, section: Mapping[str, Any], source: str = "config") -> "FirstStageConfig":
+    def from_yaml(cls, section: Mapping[str, Any], source: str = "config") -> FirstStageConfig:
         """Parse ``model.params.first_stage_config`` (``target`` + ``params.ddconfig``)."""
         target = str(section.get("target", ""))
         params = section.get("params") or {}
@@ -57,18 +60,21 @@ class FirstStageConfig:
             raise ConfigError(f"{source}: unsupported first_stage_config target {target!r}")
         if dd.get("attn_type", "vanilla") != "vanilla" or dd.get("use_linear_attn"):
             raise ConfigError(f"{source}: only vanilla decoder attention is supported")
+        ddconfig = "first_stage_config.params.ddconfig"
         try:
             return cls(
                 kind=kind,
-                embed_dim=int(params["embed_dim"]),
-                z_channels=int(dd["z_channels"]),
-                ch=int(dd["ch"]),
-                out_ch=int(dd["out_ch"]),
-                ch_mult=tuple(int(m) for m in dd["ch_mult"]),
-                num_res_blocks=int(dd["num_res_blocks"]),
-                attn_resolutions=tuple(int(r) for r in dd.get("attn_resolutions") or ()),
-                resolution=int(dd["resolution"]),
-                n_embed=int(params["n_embed"]) if kind == "vq" else None,
+                embed_dim=positive_int(source, "first_stage_config.params.embed_dim", params["embed_dim"]),
+                z_channels=positive_int(source, f"{ddconfig}.z_channels", dd["z_channels"]),
+                ch=positive_int(source, f"{ddconfig}.ch", dd["ch"]),
+                out_ch=positive_int(source, f"{ddconfig}.out_ch", dd["out_ch"]),
+                ch_mult=positive_ints(source, f"{ddconfig}.ch_mult", dd["ch_mult"]),
+                num_res_blocks=positive_int(source, f"{ddconfig}.num_res_blocks", dd["num_res_blocks"]),
+                attn_resolutions=positive_ints(source, f"{ddconfig}.attn_resolutions",
+                                               dd.get("attn_resolutions") or ()),
+                resolution=positive_int(source, f"{ddconfig}.resolution", dd["resolution"]),
+                n_embed=(positive_int(source, "first_stage_config.params.n_embed", params["n_embed"])
+                         if kind == "vq" else None),
                 resamp_with_conv=bool(dd.get("resamp_with_conv", True)),
                 tanh_out=bool(dd.get("tanh_out", False)),
             )

@@ -12,7 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from modiff_trt.errors import CheckpointError
+from modiff_trt.errors import CheckpointError, OptionError
+from modiff_trt.validate import not_a_directory
 
 ASSET_DIR = "assets"
 
@@ -41,12 +42,18 @@ def checkpoint_for(config: str | Path, checkpoint: str | Path | None, random_wei
     """The checkpoint a command loads: the user's, else the packaged one of a built-in config.
 
     Refuses to fall back to random weights silently (sampling noise from an untrained UNet looks
-    like a bug); `random_weights=True` asks for them explicitly (speed tests).
+    like a bug); `random_weights=True` asks for them explicitly (speed tests), even for a config
+    with packaged weights, and cannot be combined with a checkpoint.
     """
+    if random_weights:
+        if checkpoint is not None:
+            raise OptionError("--random-weights and --checkpoint exclude each other: drop one")
+        return None
     if checkpoint is not None:
+        not_a_directory("--checkpoint", checkpoint, "weights file")
         return Path(checkpoint)
     packaged = builtin_checkpoint(str(config))
-    if packaged is not None or random_weights:
+    if packaged is not None:
         return packaged
     raise CheckpointError(
         f"--checkpoint is required: config {config} has no packaged weights (only 'digits' ships with its "

@@ -26,6 +26,8 @@ QUANTIZER_MARKERS = ("weight_quantizer", "act_quantizer")
 def read_checkpoint(path: str | Path, trust: bool = False) -> Any:
     """Load a checkpoint file's raw object; `trust=True` allows arbitrary pickles (your risk)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory: name the weights file inside it (--checkpoint)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found: check the path (--checkpoint)")
     if path.suffix == ".safetensors":

@@ -10,6 +10,7 @@ import torch
 from modiff_trt.errors import ConfigError
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.models.ddim_unet import DDIMUNet, DDIMUNetConfig
+from modiff_trt.validate import positive_int, positive_ints
 
 
 @dataclass
@@ -38,26 +39,31 @@ def parse_ddim_config(raw: dict[str, Any], source: str, sha: str) -> DDIMModelCo
     try:
         model, data, diffusion = raw["model"], raw["data"], raw["diffusion"]
         unet = DDIMUNetConfig(
-            ch=int(model["ch"]),
-            out_ch=int(model["out_ch"]),
-            ch_mult=tuple(int(m) for m in model["ch_mult"]),
-            num_res_blocks=int(model["num_res_blocks"]),
-            attn_resolutions=tuple(int(r) for r in model["attn_resolutions"]),
+            ch=positive_int(source, "model.ch", model["ch"]),
+            out_ch=positive_int(source, "model.out_ch", model["out_ch"]),
+            ch_mult=positive_ints(source, "model.ch_mult", model["ch_mult"]),
+            num_res_blocks=positive_int(source, "model.num_res_blocks", model["num_res_blocks"]),
+            attn_resolutions=positive_ints(source, "model.attn_resolutions", model["attn_resolutions"]),
             dropout=float(model.get("dropout", 0.0)),
-            in_channels=int(model["in_channels"]),
-            resolution=int(data["image_size"]),
+            in_channels=positive_int(source, "model.in_channels", model["in_channels"]),
+            resolution=positive_int(source, "data.image_size", data["image_size"]),
             resamp_with_conv=bool(model.get("resamp_with_conv", True)),
             model_type=str(model.get("type", "simple")),
         )
         schedule = str(diffusion["beta_schedule"])
         if schedule != "linear":
             raise ConfigError(f"{source}: beta_schedule {schedule!r} is not supported; modiff-trt reads 'linear'")
+        beta_start, beta_end = float(diffusion["beta_start"]), float(diffusion["beta_end"])
+        if not 0 < beta_start < beta_end < 1:
+            raise ConfigError(f"{source}: diffusion.beta_start {beta_start} and beta_end {beta_end} must satisfy "
+                              "0 < beta_start < beta_end < 1")
         return DDIMModelConfig(
             unet=unet,
             beta_schedule=schedule,
-            beta_start=float(diffusion["beta_start"]),
-            beta_end=float(diffusion["beta_end"]),
-            num_train_timesteps=int(diffusion["num_diffusion_timesteps"]),
+            beta_start=beta_start,
+            beta_end=beta_end,
+            num_train_timesteps=positive_int(source, "diffusion.num_diffusion_timesteps",
+                                             diffusion["num_diffusion_timesteps"]),
             source=source,
             sha256=sha,
             raw=raw,

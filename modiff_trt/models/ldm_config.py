@@ -18,6 +18,7 @@ from modiff_trt.errors import ConfigError
 from modiff_trt.models import ldm_builtins
 from modiff_trt.models.autoencoder import FirstStageConfig
 from modiff_trt.models.openaimodel import UNetConfig
+from modiff_trt.validate import positive_int
 
 _SUPPORTED_CONDITIONING = (None, "crossattn")
 
@@ -84,11 +85,11 @@ def parse_ldm_params(params: Mapping[str, Any], name: str, source: str) -> LDMCo
         name=name,
         unet=unet,
         first_stage=first_stage,
-        channels=int(params.get("channels", unet.in_channels)),
-        image_size=int(params.get("image_size", unet.image_size or 32)),
+        channels=positive_int(source, "model.params.channels", params.get("channels", unet.in_channels)),
+        image_size=positive_int(source, "model.params.image_size", params.get("image_size", unet.image_size or 32)),
         linear_start=float(params.get("linear_start", 1e-4)),
         linear_end=float(params.get("linear_end", 2e-2)),
-        timesteps=int(params.get("timesteps", 1000)),
+        timesteps=positive_int(source, "model.params.timesteps", params.get("timesteps", 1000)),
         beta_schedule=str(params.get("beta_schedule", "linear")),
         scale_factor=float(params.get("scale_factor", 1.0)),
         scale_by_std=bool(params.get("scale_by_std", False)),

@@ -16,17 +16,22 @@ is ``[cos, sin]`` with frequencies ``exp(-ln(10000) * i / half)`` (the ddim CIFA
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modiff_trt.errors import ConfigError
+from modiff_trt.validate import positive_int, positive_ints
 
 # Keys of the official ``unet_config.params`` that change nothing at inference here.
 _IGNORED_PARAMS = frozenset({"use_checkpoint", "use_fp16", "image_size", "dropout", "dims"})
+# Sizes that must be positive integers (num_heads & co. take -1 for "derive it").
+_POSITIVE_INTS = ("in_channels", "model_channels", "out_channels", "num_res_blocks", "transformer_depth",
+                  "num_classes", "image_size")
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class UNetConfig:
     image_size: int | None = field(default=None, compare=False)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any], source: str = "config") -> "UNetConfig":
+    def from_params(cls, params: Mapping[str, Any], source: str = "config") -> UNetConfig:
         """Build from an official ``unet_config.params`` mapping, rejecting what we cannot honour.
 
         Unknown keys raise instead of being dropped, because a silently ignored architecture
@@ -76,7 +81,10 @@ class UNetConfig:
                 raise ConfigError(f"{source}: unknown unet_config parameter {key!r}")
         for key in ("attention_resolutions", "channel_mult"):
             if key in kwargs:
-                kwargs[key] = tuple(int(v) for v in kwargs[key])
+                kwargs[key] = positive_ints(source, f"unet_config.params.{key}", kwargs[key])
+        for key in _POSITIVE_INTS:
+            if kwargs.get(key) is not None:
+                kwargs[key] = positive_int(source, f"unet_config.params.{key}", kwargs[key])
         if isinstance(kwargs.get("context_dim"), (list, tuple)):
             dims = set(kwargs["context_dim"])
             if len(dims) != 1:

@@ -28,6 +28,7 @@ from modiff_trt.quant.quantizers import SCALE_FLOOR
 
 ACT_FORMATS = ("int", "fp8", "nvfp4")
 FORMAT_BITS = {"fp8": 8, "nvfp4": 4}  # fixed widths of the float formats
+INT_FALLBACK_BITS = 8  # a layer TensorRT cannot run a float format on quantizes to INT8 instead
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 NVFP4_BLOCK = 16
@@ -161,4 +162,15 @@ def layer_format(module: nn.Module, act_format: str, act_bits: int | None, every
     blocker = conv_fp8_blocker(weight.shape[1] * module.groups, weight.shape[0], module.groups, tuple(weight.shape[2:]))
     if blocker is None:
         return LayerFormat("fp8", 8, note)
-    return LayerFormat("int", 8, blocker if note is None else f"{note}; {blocker}")
+    return LayerFormat("int", INT_FALLBACK_BITS, blocker if note is None else f"{note}; {blocker}")
+
+
+def grid_bits(layer_format: str, act_format: str, act_bits: int | None) -> int | None:
+    """The width of a layer's activation grid as `layer_format` chose it for a config asking
+    `act_format` at `act_bits`: a float format's own width, the asked integer bits, or INT8 where
+    a float format falls back to integers. Files and manifests record it per layer; this checks them."""
+    if not act_bits:
+        return act_bits
+    if layer_format != "int":
+        return FORMAT_BITS[layer_format]
+    return act_bits if act_format == "int" else INT_FALLBACK_BITS

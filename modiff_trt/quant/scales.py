@@ -32,6 +32,11 @@ class LayerScales:
 
     `act_format` is the activation format the scales belong to (`int`, `fp8`, or `nvfp4`, whose
     scale is the fp32 tensor scale).
+
+    `act_absmax`/`warmup_absmax`/`act_groups_absmax` are the absmax each symmetric scale was
+    measured from (same shapes); a calibration file keeps them so that a scale no calibration
+    could have produced (an edited 1e30) is refused. None where nothing was measured (imported
+    Q-Diffusion scales, files older than format version 4, scales made in code).
     """
 
     act: list[float] | None = None
@@ -43,6 +48,9 @@ class LayerScales:
     constant_input: bool = False
     act_groups: list[list[float]] | None = None  # residual scales per step group [G][channel groups]; act = [0]
     act_format: str = "int"
+    act_absmax: list[float] | None = None
+    warmup_absmax: list[float] | None = None
+    act_groups_absmax: list[list[float]] | None = None
 
 
 def scale_ratios(act_groups: Sequence[Sequence[float]]) -> list[tuple[list[float], list[float]]]:

@@ -45,18 +45,18 @@ def ddim_sample(
     seq = list(timesteps)
     seq_next = [-1] + seq[:-1]
     x = noise
-    for step, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next))):
+    for step, (i, j) in enumerate(zip(reversed(seq), reversed(seq_next), strict=True)):
         t = torch.full((n,), float(i), device=device)
         a_t = alpha_bar(betas, t.long())
         a_next = alpha_bar(betas, torch.full((n,), j, device=device, dtype=torch.long))
-        eps = check_finite(model(x, t), step, i)
+        eps = check_finite(model(x, t), step, i, eta)
         x0 = (x - eps * (1 - a_t).sqrt()) / a_t.sqrt()
         c1 = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
         c2 = ((1 - a_next) - c1**2).sqrt()
         x = a_next.sqrt() * x0
         if eta > 0:  # same order of additions as the official code
             x = x + c1 * draw_noise(generator, x)
-        x = x + c2 * eps
+        x = check_finite(x + c2 * eps, step, i, eta, source="the DDIM update")
         if callback is not None:
             callback(step, i, x)
     return x

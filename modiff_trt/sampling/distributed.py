@@ -72,7 +72,9 @@ class World:
         """Tell every rank whether this one failed; raise on every rank if any did.
 
         The failing rank re-raises its own error, the others a `RankFailedError` naming it, so
-        the job ends everywhere with that rank's message.
+        the job ends everywhere with that rank's message. Either is marked as exchanged: an
+        enclosing `together` lets it pass without a second exchange, which the ranks that already
+        left would never answer.
         """
         if not self.distributed:
             if error is not None:
@@ -85,10 +87,11 @@ class World:
         dist.all_gather_object(statuses, message)
         failed = [(rank, msg) for rank, msg in enumerate(statuses) if msg is not None]
         if error is not None:
-            raise error
+            raise _exchanged(error)
         if failed:
             rank, msg = failed[0]
-            raise RankFailedError(f"rank {rank} of {self.size} failed, so rank {self.rank} stopped too: {msg}")
+            stopped = RankFailedError(f"rank {rank} of {self.size} failed, so rank {self.rank} stopped too: {msg}")
+            raise _exchanged(stopped)
 
     def gather(self, item: Any) -> list[Any] | None:
         """Every rank's `item` on rank 0 (in rank order); None on the other ranks."""
@@ -102,6 +105,12 @@ class World:
 
 
 SINGLE_PROCESS = World()
+_EXCHANGED = "_modiff_exchanged"  # set on an error every rank has already heard of
+
+
+def _exchanged(error: BaseException) -> BaseException:
+    setattr(error, _EXCHANGED, True)
+    return error
 
 
 def world_from_env(environ: dict[str, str] | None = None) -> World:
@@ -162,11 +171,16 @@ def process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
 
 @contextlib.contextmanager
 def together(world: World) -> Iterator[None]:
-    """Run the block on every rank and fail on all of them if it fails on one (setup steps)."""
+    """Run the block on every rank and fail on all of them if it fails on one (setup steps).
+
+    An error from a `check` inside the block (`run_batches`, a nested `together`) was already
+    exchanged, on every rank: it passes through, so each rank takes part in the same exchanges.
+    """
     try:
         yield
     except Exception as exc:
-        world.check(exc)
+        if not getattr(exc, _EXCHANGED, False):
+            world.check(exc)
         raise
     world.check(None)
 

@@ -24,6 +24,7 @@ from typing import Protocol
 
 import torch
 
+from modiff_trt.errors import OptionError
 from modiff_trt.sampling.step import StepCallback, check_finite, draw_noise, reset_state
 
 
@@ -36,7 +37,7 @@ class EpsModel(Protocol):
 def ldm_ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Uniform LDM DDIM timesteps ``range(0, T, T // S) + 1`` (ascending, int64)."""
     if not 0 < num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be in 1..{num_train_timesteps}, got {num_steps}")
+        raise OptionError(f"--steps {num_steps} is invalid: choose 1..{num_train_timesteps} (the model's timesteps)")
     return torch.arange(0, num_train_timesteps, num_train_timesteps // num_steps) + 1
 
 
@@ -77,7 +78,8 @@ def ddim_update(
     a_prev = sched.alphas_prev[index].item()
     sigma = sched.sigmas[index].item()
     pred_x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
-    x_prev = math.sqrt(a_prev) * pred_x0 + math.sqrt(1.0 - a_prev - sigma**2) * eps
+    rest = 1.0 - a_prev - sigma**2  # < 0 for some eta > 1: NaN, as torch's sqrt gives ddim's sampler
+    x_prev = math.sqrt(a_prev) * pred_x0 + (math.sqrt(rest) if rest >= 0 else math.nan) * eps
     if sigma > 0:
         if noise is None:
             raise ValueError("eta > 0 needs noise")
@@ -139,11 +141,12 @@ def sample_ddim(
     x = x_T
     for i, index in enumerate(reversed(range(len(sched)))):
         eps = guided_eps(model, x, _t(sched.timesteps[index], x), context, uncond, guidance_scale)
-        check_finite(eps, i, int(sched.timesteps[index]))
+        check_finite(eps, i, int(sched.timesteps[index]), eta)
         noise = None
         if sched.sigmas[index] > 0:
             noise = draw_noise(generator, x)
         x, _ = ddim_update(x, eps, sched, index, noise)
+        check_finite(x, i, int(sched.timesteps[index]), eta, source="the DDIM update")
         if callback is not None:
             callback(i, int(sched.timesteps[index]), x)
     return x

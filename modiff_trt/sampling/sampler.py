@@ -148,7 +148,7 @@ class _LatentSampler(Sampler):
         requested, got = self.steps, len(self.timesteps())
         stride = self.schedule.num_train_timesteps // requested
         if stride * (got - 1) + 1 >= self.schedule.num_train_timesteps:
-            raise ConfigError(f"{requested} steps: the LDM timesteps range(0, T, T // S) + 1 reach T; "
+            raise ConfigError(f"--steps {requested}: the LDM timesteps range(0, T, T // S) + 1 reach T; "
                               "choose a step count that divides the training timesteps (e.g. 50, 100, 200, 250)")
         if got != requested:
             log.warning("%d %s steps requested; the LDM discretisation range(0, %d, %d) gives %d steps",

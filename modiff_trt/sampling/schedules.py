@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from modiff_trt.errors import OptionError
+
 BETA_SCHEDULES = ("linear", "scaled_linear")
 
 
@@ -38,10 +40,11 @@ def ddim_timesteps(num_steps: int, skip_type: str = "uniform", num_train_timeste
     official runner keeps the repeats, and so do we, so trajectories stay comparable.
     """
     if num_steps < 1 or num_steps > num_train_timesteps:
-        raise ValueError(f"num_steps must be in 1..{num_train_timesteps}, got {num_steps}")
+        raise OptionError(f"--steps {num_steps} is invalid: choose 1..{num_train_timesteps} "
+                          "(the model's num_diffusion_timesteps)")
     if skip_type == "uniform":
         return list(range(0, num_train_timesteps, num_train_timesteps // num_steps))
     if skip_type == "quad":
         seq = np.linspace(0, np.sqrt(num_train_timesteps * 0.8), num_steps) ** 2
         return [int(s) for s in seq]
-    raise ValueError(f"unknown skip_type {skip_type!r}: use 'uniform' or 'quad'")
+    raise OptionError(f"--skip-type {skip_type!r} is unknown: use 'uniform' or 'quad'")

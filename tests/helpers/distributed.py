@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from modiff_trt.sampling.distributed import World, process_group, run_batches
+from modiff_trt.sampling.distributed import World, process_group, run_batches, together
 
 JOIN_TIMEOUT_S = 120
 CLI_TIMEOUT_S = 600  # generous: the test machine's 2 cores are shared
@@ -113,3 +113,11 @@ def launch_ranks(args_per_rank: list[list[str]], timeout: float = CLI_TIMEOUT_S)
                 other.kill()
             raise
     return processes
+
+
+def fail_in_setup_on_rank_1(world: World) -> None:
+    """Rank 1 fails before its batches while rank 0 is already in them (a setup step of `sample`)."""
+    with together(world):
+        if world.rank == 1:
+            raise ValueError("no export on rank 1")
+        run_batches(world, 4, 2, lambda indices: indices)

@@ -1,0 +1,387 @@
+"""A new user's bad inputs, across every command: each is refused with one clear line, before work.
+
+Every case asserts the exit code (2: the user can fix it; 1 only for lint violations), a message
+naming the offending option or file, no traceback, and, where the command would have destroyed
+something, that every pre-existing file is byte-identical afterwards. The model is the packaged
+`digits` UNet with tiny step counts, so the whole corpus stays fast.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from modiff_trt.cli import app
+from modiff_trt.models.builtin import builtin_checkpoint
+
+runner = CliRunner()
+DIGITS_YAML = Path(__file__).resolve().parents[1] / "modiff_trt" / "configs" / "digits.yml"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad command line: `{name}` placeholders are paths of the `world` fixture."""
+
+    args: tuple[str, ...]
+    needle: str  # must appear in the output: the option or file the message names (placeholders too)
+    code: int = 2
+    keep: tuple[str, ...] = field(default=())  # world files that must stay byte-identical
+
+
+def case(command: str, needle: str, code: int = 2, keep: tuple[str, ...] = ()) -> Case:
+    return Case(tuple(command.split()), needle, code, keep)
+
+
+SAMPLE = "sample -c digits -n 1 --batch-size 1 --steps 2 -o {tmp}/s"
+CAL = "calibrate -c digits --cali-n 1 --cali-st 1 --steps 2 --batch-size 1"
+EXPORT = "export -c digits --calibration {cal}"
+COMPARE = "compare {export} --backends torch,ort -n 1 --steps 2"
+
+CASES: dict[str, Case] = {
+    # --- sample: ranges --------------------------------------------------------------------
+    "sample-steps-0": case(f"{SAMPLE} --steps 0", "--steps 0"),
+    "sample-steps-negative": case(f"{SAMPLE} --steps -1", "--steps -1"),
+    "sample-steps-above-T": case(f"{SAMPLE} --steps 1001", "--steps 1001"),
+    "sample-n-0": case(f"{SAMPLE} -n 0", "--num-images 0"),
+    "sample-n-negative": case(f"{SAMPLE} -n -3", "--num-images -3"),
+    "sample-batch-0": case(f"{SAMPLE} --batch-size 0", "--batch-size 0"),
+    "sample-seed-negative": case(f"{SAMPLE} --seed -1", "--seed -1"),
+    "sample-eta-nan": case(f"{SAMPLE} --eta nan", "--eta nan"),
+    "sample-eta-inf": case(f"{SAMPLE} --eta inf", "--eta inf"),
+    "sample-eta-negative": case(f"{SAMPLE} --eta -0.5", "--eta -0.5"),
+    "sample-eta-above-1-diverges": case(f"{SAMPLE} --eta 20", "--eta 20.0"),
+    "export-sample-eta-above-1-diverges": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --eta 20",
+                                               "--eta 20.0"),
+    "sample-weight-bits-1": case(f"{SAMPLE} --weight-bits 1", "weight"),
+    "sample-act-bits-9": case(f"{SAMPLE} --act-bits 9", "act"),
+    # --- sample: choices -------------------------------------------------------------------
+    "sample-skip-type": case(f"{SAMPLE} --skip-type foo", "--skip-type"),
+    "sample-backend": case(f"{SAMPLE} --backend foo", "--backend"),
+    "sample-first-step": case(f"{SAMPLE} --first-step foo", "--first-step"),
+    "sample-state-dtype": case(f"{SAMPLE} --state-dtype float64", "--state-dtype"),
+    "sample-act-scales": case(f"{SAMPLE} --act-scales foo", "--act-scales"),
+    "sample-ort-provider": case(f"{SAMPLE} --ort-provider foo", "--ort-provider"),
+    "sample-sampler": case(f"{SAMPLE} --sampler foo", "--sampler"),
+    "sample-act-format": case(f"{SAMPLE} --act-format int4", "--act-format"),
+    # --- sample: what cannot apply ---------------------------------------------------------
+    "sample-no-config": case("sample -n 1 -o {tmp}/s", "--config"),
+    "sample-backend-without-export": case(f"{SAMPLE} --backend ort", "--backend ort"),
+    "sample-cuda-graph-without-export": case(f"{SAMPLE} --cuda-graph", "--cuda-graph"),
+    "sample-random-weights-with-checkpoint": case(f"{SAMPLE} --checkpoint {{ckpt}} --random-weights",
+                                                  "--random-weights"),
+    "sample-checkpoint-dir": case(f"{SAMPLE} --checkpoint {{tmp}}", "--checkpoint {tmp} is a directory"),
+    "sample-checkpoint-missing": case(f"{SAMPLE} --checkpoint {{tmp}}/none.ckpt", "none.ckpt"),
+    "sample-checkpoint-junk": case(f"{SAMPLE} --checkpoint {{junk}}", "junk.ckpt"),
+    "sample-calibration-missing": case(f"{SAMPLE} --calibration {{tmp}}/none.safetensors", "none.safetensors"),
+    "sample-calibration-not-one": case(f"{SAMPLE} --calibration {{ckpt}}", "digits-copy.safetensors"),
+    "sample-calibration-act-bits": case(f"{SAMPLE} --calibration {{cal}} --act-bits 4", "--act-bits 4"),
+    "sample-calibration-no-modulate": case(f"{SAMPLE} --calibration {{cal}} --no-modulate", "--modulate off"),
+    "sample-calibration-float": case(f"{SAMPLE} --calibration {{cal}} --act-bits 0", "--act-bits 0"),
+    "sample-calibration-scale-edited": case(f"{SAMPLE} --calibration {{cal_edited}}",
+                                            "act scale 1e+30 cannot come from its measured absmax"),
+    "sample-config-missing": case("sample -c {tmp}/none.yml -n 1 --steps 2 -o {tmp}/s", "none.yml"),
+    "sample-config-fraction": case("sample -c {yaml_fraction} --random-weights -n 1 --steps 2 -o {tmp}/s", "model.ch"),
+    "sample-config-negative": case("sample -c {yaml_negative} --random-weights -n 1 --steps 2 -o {tmp}/s", "model.ch"),
+    "sample-config-short-T": case("sample -c {yaml_short_t} --random-weights -n 1 -o {tmp}/s", "--steps 100"),
+    "sample-config-betas": case("sample -c {yaml_betas} --random-weights -n 1 --steps 2 -o {tmp}/s", "beta_start"),
+    "sample-config-missing-field": case("sample -c {yaml_no_ch} --random-weights -n 1 --steps 2 -o {tmp}/s", "'ch'"),
+    # --- sample: outputs -------------------------------------------------------------------
+    "sample-out-is-file": case("sample -c digits -n 1 --steps 2 -o {notes}", "--out", keep=("notes",)),
+    "sample-out-not-empty": case("sample -c digits -n 1 --steps 2 -o {old_samples}", "--overwrite",
+                                 keep=("old_samples",)),
+    "sample-out-under-file": case("sample -c digits -n 1 --steps 2 -o {notes}/s", "not a writable directory",
+                                  keep=("notes",)),
+    # --- sample with an export: options the export fixed ----------------------------------
+    "export-sample-act-bits": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --act-bits 4", "--act-bits"),
+    "export-sample-weight-bits": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --weight-bits 4",
+                                      "--weight-bits"),
+    "export-sample-modulate": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --no-modulate",
+                                   "--no-modulate cannot apply to an export directory: the export fixed it"),
+    "export-sample-act-format": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --act-format fp8",
+                                     "--act-format"),
+    "export-sample-act-scales": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --act-scales dynamic",
+                                     "--act-scales"),
+    "export-sample-config": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s -c digits", "--config"),
+    "export-sample-checkpoint": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --checkpoint {ckpt}",
+                                     "--checkpoint"),
+    "export-sample-calibration": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --calibration {cal}",
+                                      "--calibration"),
+    "export-sample-cuda-graph-ort": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --cuda-graph",
+                                         "--cuda-graph"),
+    "export-sample-steps-0": case("sample {export} -b ort -n 1 --steps 0 -o {tmp}/s", "--steps 0"),
+    "export-sample-not-export": case("sample {tmp} -b ort -n 1 --steps 2 -o {tmp}/s", "manifest.json"),
+    "export-sample-out-not-empty": case("sample {export} -b ort -n 1 --steps 2 -o {old_samples}", "--overwrite",
+                                        keep=("old_samples",)),
+    # --- calibrate -------------------------------------------------------------------------
+    "calibrate-out-is-checkpoint": case(f"{CAL} --checkpoint {{ckpt}} -o {{ckpt}}", "--checkpoint", keep=("ckpt",)),
+    "calibrate-out-is-weights": case(f"{CAL} -o {{ckpt}}", "not a calibration file", keep=("ckpt",)),
+    "calibrate-out-is-notes": case(f"{CAL} -o {{notes}}", "not a calibration file", keep=("notes",)),
+    "calibrate-out-is-dir": case(f"{CAL} -o {{old_samples}}", "is a directory", keep=("old_samples",)),
+    "calibrate-out-under-file": case(f"{CAL} -o {{notes}}/c.safetensors", "not a writable directory",
+                                     keep=("notes",)),
+    "calibrate-cali-n-0": case(f"{CAL} --cali-n 0 -o {{tmp}}/c.safetensors", "--cali-n 0"),
+    "calibrate-cali-st-0": case(f"{CAL} --cali-st 0 -o {{tmp}}/c.safetensors", "--cali-st 0"),
+    "calibrate-batch-0": case(f"{CAL} --batch-size 0 -o {{tmp}}/c.safetensors", "--batch-size 0"),
+    "calibrate-seed-negative": case(f"{CAL} --seed -2 -o {{tmp}}/c.safetensors", "--seed -2"),
+    "calibrate-eta-nan": case(f"{CAL} --eta nan -o {{tmp}}/c.safetensors", "--eta nan"),
+    "calibrate-steps-0": case(f"{CAL} --steps 0 -o {{tmp}}/c.safetensors", "--steps 0"),
+    "calibrate-method": case(f"{CAL} --method foo -o {{tmp}}/c.safetensors", "--method"),
+    "calibrate-act-format": case(f"{CAL} --act-format fp4 -o {{tmp}}/c.safetensors", "--act-format"),
+    "calibrate-nvfp4-mse": case(f"{CAL} --act-format nvfp4 --method mse -o {{tmp}}/c.safetensors", "--method mse"),
+    "calibrate-first-step": case(f"{CAL} --first-step foo -o {{tmp}}/c.safetensors", "--first-step"),
+    "calibrate-skip-type": case(f"{CAL} --skip-type foo -o {{tmp}}/c.safetensors", "--skip-type"),
+    "calibrate-both-sources": case(f"{CAL} --checkpoint {{ckpt}} --from-qdiffusion {{junk}} -o {{tmp}}/c.safetensors",
+                                   "--from-qdiffusion"),
+    "calibrate-random-weights-with-checkpoint": case(f"{CAL} --checkpoint {{ckpt}} --random-weights "
+                                                     "-o {tmp}/c.safetensors", "--random-weights"),
+    "calibrate-checkpoint-dir": case(f"{CAL} --checkpoint {{tmp}} -o {{tmp}}/c.safetensors",
+                                     "--checkpoint {tmp} is a directory"),
+    "calibrate-qdiffusion-dir": case(f"{CAL} --from-qdiffusion {{tmp}} -o {{tmp}}/c.safetensors",
+                                     "--from-qdiffusion {tmp} is a directory"),
+    "export-checkpoint-dir": case(f"{EXPORT} --checkpoint {{tmp}} -o {{tmp}}/e", "--checkpoint {tmp} is a directory"),
+    "export-calibration-dir": case("export -c digits --calibration {tmp} -o {tmp}/e",
+                                   "--calibration {tmp} is a directory"),
+    "sample-calibration-dir": case(f"{SAMPLE} --calibration {{tmp}}", "--calibration {tmp} is a directory"),
+    # --- export ----------------------------------------------------------------------------
+    "export-batch-0": case(f"{EXPORT} --batch-size 0 -o {{tmp}}/e", "--batch-size 0"),
+    "export-batch-negative": case(f"{EXPORT} --batch-size -1 -o {{tmp}}/e", "--batch-size -1"),
+    "export-batch-and-dynamic": case(f"{EXPORT} --batch-size 2 --dynamic-batch -o {{tmp}}/e", "--dynamic-batch"),
+    "export-float": case(f"{EXPORT} --float fp64 -o {{tmp}}/e", "--float"),
+    "export-target": case(f"{EXPORT} --target foo -o {{tmp}}/e", "--target"),
+    "export-opset": case(f"{EXPORT} --opset 5 -o {{tmp}}/e", "opset 5"),
+    "export-out-unrelated": case(f"{EXPORT} -o {{user_dir}}", "NOTES.md", keep=("user_dir",)),
+    "export-out-skeletal-manifest": case(f"{EXPORT} -o {{skeletal}}", "not a complete earlier export",
+                                         keep=("skeletal",)),
+    "export-out-export-plus-notes": case(f"{EXPORT} -o {{export_notes}}", "NOTES.md", keep=("export_notes",)),
+    "export-out-is-file": case(f"{EXPORT} -o {{notes}}", "--out", keep=("notes",)),
+    "export-calibration-act-bits": case(f"{EXPORT} --act-bits 4 -o {{tmp}}/e", "--act-bits 4"),
+    "export-calibration-weight-bits": case(f"{EXPORT} --weight-bits 4 -o {{tmp}}/e", "--weight-bits 4"),
+    "export-calibration-no-modulate": case(f"{EXPORT} --no-modulate -o {{tmp}}/e", "--modulate off"),
+    "export-calibration-first-step": case(f"{EXPORT} --first-step quantized -o {{tmp}}/e", "--first-step quantized"),
+    "export-calibration-float": case(f"{EXPORT} --act-bits 0 -o {{tmp}}/e", "--act-bits 0"),
+    "export-calibration-act-format": case(f"{EXPORT} --act-format fp8 -o {{tmp}}/e", "--act-format fp8 (file: int)"),
+    "sample-calibration-act-format": case(f"{SAMPLE} --calibration {{cal}} --act-format nvfp4",
+                                          "--act-format nvfp4 (file: int)"),
+    "export-calibration-scale-edited": case("export -c digits --calibration {cal_edited} -o {tmp}/e",
+                                            "act scale 1e+30 cannot come from its measured absmax"),
+    "export-random-weights-with-checkpoint": case(f"{EXPORT} --checkpoint {{ckpt}} --random-weights -o {{tmp}}/e",
+                                                  "--random-weights"),
+    # --- inspect ---------------------------------------------------------------------------
+    "inspect-batch-0": case("inspect {export} --batch 0", "--batch 0"),
+    "inspect-batch-negative": case("inspect {export} --batch -4", "--batch -4"),
+    "inspect-not-export": case("inspect {tmp}", "manifest.json"),
+    "inspect-missing-dir": case("inspect {tmp}/nowhere", "manifest.json"),
+    "inspect-manifest-not-json": case("inspect {bad_json}", "not valid JSON"),
+    "inspect-manifest-schema": case("inspect {skeletal}", "not a modiff-trt manifest"),
+    "inspect-manifest-edited-bits": case("inspect {edited_bits}", "other bits"),
+    "inspect-manifest-edited-io": case("inspect {edited_io} --lint", "inputs differ"),
+    "inspect-manifest-dropped-layer": case("inspect {dropped_layer}",
+                                           "carries state for 51 layers, the manifest lists 50"),
+    "sample-manifest-edited-io": case("sample {edited_io} -b ort -n 1 --steps 2 -o {tmp}/s", "inputs differ"),
+    # --- compare ---------------------------------------------------------------------------
+    "compare-n-0": case(f"{COMPARE} -n 0", "--num-images 0"),
+    "compare-steps-0": case(f"{COMPARE} --steps 0", "--steps 0"),
+    "compare-steps-above-T": case(f"{COMPARE} --steps 2000", "--steps 2000"),
+    "compare-one-backend": case("compare {export} --backends torch", "--backends"),
+    "compare-unknown-backend": case("compare {export} --backends torch,foo", "foo"),
+    "compare-skip-type": case(f"{COMPARE} --skip-type foo", "--skip-type"),
+    "compare-seed-negative": case(f"{COMPARE} --seed -1", "--seed -1"),
+    "compare-json-under-file": case(f"{COMPARE} --json {{notes}}/x.json", "--json", keep=("notes",)),
+    "compare-json-is-dir": case(f"{COMPARE} --json {{tmp}}", "--json"),
+    # --- train-digits ----------------------------------------------------------------------
+    "train-out-exists": case("train-digits --iterations 1 --out {ckpt}", "--overwrite", keep=("ckpt",)),
+    "train-iterations-0": case("train-digits --iterations 0 --out {tmp}/w.safetensors", "--iterations 0"),
+    "train-seed-negative": case("train-digits --seed -1 --out {tmp}/w.safetensors", "--seed -1"),
+    "train-out-dir": case("train-digits --iterations 1 --out {old_samples}", "is a directory", keep=("old_samples",)),
+    # --- demo ------------------------------------------------------------------------------
+    "demo-n-0": case("demo -n 0 -o {tmp}/d", "--num-images 0"),
+    "demo-steps-0": case("demo --steps 0 -o {tmp}/d", "--steps 0"),
+    "demo-seed-negative": case("demo --seed -1 -o {tmp}/d", "--seed -1"),
+    "demo-out-not-empty": case("demo -n 1 --steps 2 -o {old_samples}", "--overwrite", keep=("old_samples",)),
+    # --- build / profile -------------------------------------------------------------------
+    "build-max-batch-0": case("build {export} --max-batch 0", "--max-batch 0"),
+    "build-workspace-0": case("build {export} --workspace-gb 0", "--workspace-gb"),
+    "build-not-export": case("build {tmp}", "manifest.json"),
+    "profile-batch-0": case("profile {export} --batch 0 --dry-run", "--batch 0"),
+    "profile-engine": case("profile {export} --engine foo", "--engine"),
+    "profile-top-0": case("profile {export} --top 0 --dry-run", "--top 0"),
+}
+
+
+def _write_yaml(path: Path, edit) -> Path:
+    raw = yaml.safe_load(DIGITS_YAML.read_text())
+    edit(raw)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """Files a user might have lying around, plus a real calibration and export of `digits`."""
+    root = tmp_path_factory.mktemp("world")
+    paths = {"ckpt": root / "digits-copy.safetensors", "junk": root / "junk.ckpt",
+             "notes": root / "NOTES.md", "old_samples": root / "old-samples", "user_dir": root / "user-dir",
+             "skeletal": root / "skeletal", "bad_json": root / "bad-json", "cal": root / "digits.cal.safetensors",
+             "export": root / "exp", "export_notes": root / "exp-notes"}
+    shutil.copy(builtin_checkpoint("digits"), paths["ckpt"])
+    paths["junk"].write_text("not a checkpoint")
+    paths["notes"].write_text("my notes\n")
+    paths["old_samples"].mkdir()
+    (paths["old_samples"] / "000000.png").write_bytes(b"an old sample")
+    paths["user_dir"].mkdir()
+    (paths["user_dir"] / "NOTES.md").write_text("do not delete\n")
+    paths["skeletal"].mkdir()
+    (paths["skeletal"] / "manifest.json").write_text(json.dumps({"schema": "something else"}))
+    (paths["skeletal"] / "data.bin").write_bytes(b"\x00\x01")
+    paths["bad_json"].mkdir()
+    (paths["bad_json"] / "manifest.json").write_text("{not json")
+    paths["yaml_fraction"] = _write_yaml(root / "fraction.yml", lambda r: r["model"].update(ch=32.5))
+    paths["yaml_negative"] = _write_yaml(root / "negative.yml", lambda r: r["model"].update(ch=-32))
+    paths["yaml_short_t"] = _write_yaml(root / "short.yml", lambda r: r["diffusion"].update(num_diffusion_timesteps=5))
+    paths["yaml_betas"] = _write_yaml(root / "betas.yml", lambda r: r["diffusion"].update(beta_start=0.5))
+    paths["yaml_no_ch"] = _write_yaml(root / "no-ch.yml", lambda r: r["model"].pop("ch"))
+    made = runner.invoke(app, [*CAL.split(), "-o", str(paths["cal"])])
+    assert made.exit_code == 0, made.output
+    made = runner.invoke(app, [*EXPORT.format(cal=paths["cal"]).split(), "-o", str(paths["export"])])
+    assert made.exit_code == 0, made.output
+    paths["cal_edited"] = _edited_calibration(paths["cal"], root / "edited.cal.safetensors")
+    shutil.copytree(paths["export"], paths["export_notes"])
+    (paths["export_notes"] / "NOTES.md").write_text("mine\n")
+    paths["edited_bits"] = _edited_export(paths["export"], root / "exp-bits",
+                                          lambda m: m["quant"].update(act_bits=4))
+    paths["edited_io"] = _edited_export(paths["export"], root / "exp-io",
+                                        lambda m: m["graphs"]["step"]["inputs"][0].update(name="image"))
+    paths["dropped_layer"] = _edited_export(paths["export"], root / "exp-layers", lambda m: m["layers"].pop())
+    return paths
+
+
+def _edited_calibration(cal: Path, out: Path) -> Path:
+    """A copy of `cal` whose first layer's activation scale a user set to 1e30 by hand."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(cal), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(cal)
+    first = json.loads(metadata["modiff_trt"])["layers"][0]
+    tensors[f"{first}.act"][0] = 1e30
+    save_file(tensors, out, metadata=metadata)
+    return out
+
+
+def _edited_export(export: Path, out: Path, edit) -> Path:
+    """A copy of `export` whose manifest a user edited by hand (the graphs stay as exported)."""
+    shutil.copytree(export, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under `path` (or `path` itself) with its bytes."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_refused_in_one_line(name, world, tmp_path):
+    bad = CASES[name]
+    paths = {**world, "tmp": tmp_path}  # outputs go to a fresh folder: one case cannot spoil the next
+    names = {k: str(v) for k, v in paths.items()}
+    args = [arg.format(**names) for arg in bad.args]
+    before = {key: snapshot(world[key]) for key in bad.keep}
+    result = runner.invoke(app, args)
+    output = result.output
+    assert result.exit_code == bad.code, output
+    assert "Traceback" not in output and not isinstance(result.exception, (AssertionError, NameError)), output
+    assert bad.needle.format(**names) in output, output
+    ours = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(ours) <= 1 and (ours or "Invalid value" in output or "Error" in output), output
+    for key in bad.keep:
+        assert snapshot(world[key]) == before[key], f"{key} changed"
+    leftovers = [p.name for folder in (tmp_path, world["notes"].parent) for p in folder.iterdir()
+                 if ".tmp-" in p.name or ".old-" in p.name]
+    assert not leftovers and not (tmp_path / "s").exists()
+
+
+def test_corpus_covers_every_command():
+    commands = {c.args[0] for c in CASES.values()}
+    assert commands == {"sample", "calibrate", "export", "inspect", "compare", "train-digits", "demo", "build",
+                        "profile"}
+    assert len(CASES) >= 80
+
+
+def test_unexpected_errors_are_one_line_and_v_shows_the_traceback(monkeypatch, tmp_path):
+    from modiff_trt.export import manifest
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(manifest, "load_manifest", boom)
+    quiet = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert quiet.exit_code == 1
+    assert quiet.output.strip() == "error: inspect failed: RuntimeError: disk on fire (run with -v for the traceback)"
+    loud = runner.invoke(app, ["-v", "inspect", str(tmp_path)])
+    assert loud.exit_code == 1 and "Traceback" in loud.output and "disk on fire" in loud.output
+
+
+def test_overwrite_replaces_a_sample_directory_as_a_whole(world, tmp_path):
+    out = tmp_path / "samples"
+    shutil.copytree(world["old_samples"], out)
+    (out / "stale.png").write_bytes(b"stale")
+    result = runner.invoke(app, ["sample", "-c", "digits", "-n", "1", "--steps", "2", "-o", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "grid.png", "samples.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]
+
+
+def test_export_replaces_an_earlier_export_and_says_which_engines_go(world, tmp_path):
+    out = tmp_path / "exp"
+    shutil.copytree(world["export"], out)
+    (out / "step.plan").write_bytes(b"engine built from the old graphs")
+    result = runner.invoke(app, [*EXPORT.format(cal=world["cal"]).split(), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "step.plan" in result.output and not (out / "step.plan").exists()
+    assert (out / "manifest.json").is_file()
+
+
+def _tree(path: Path) -> dict[str, bytes | None]:
+    """Every entry under `path`, hidden ones too, with a file's bytes (None for a folder)."""
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new-out", "overwrite"])
+def test_a_full_disk_mid_sample_leaves_nothing_new(world, tmp_path, monkeypatch, earlier):
+    from modiff_trt.sampling.writer import SampleWriter
+
+    real_add, batches = SampleWriter.add, []
+
+    def add_until_the_disk_fills(self, first_index, x0, **extra):
+        batches.append(first_index)
+        if len(batches) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_add(self, first_index, x0, **extra)
+
+    monkeypatch.setattr(SampleWriter, "add", add_until_the_disk_fills)
+    out = tmp_path / "samples"
+    if earlier:
+        shutil.copytree(world["old_samples"], out)
+    before = _tree(tmp_path)
+    result = runner.invoke(app, ["sample", "-c", "digits", "-n", "4", "--batch-size", "2", "--steps", "2", "-o",
+                                 str(out), *(["--overwrite"] if earlier else [])])
+    assert result.exit_code == 2 and batches == [0, 2], result.output
+    untouched = ", the earlier one is untouched" if earlier else ""
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {out}: no space left on the device while writing it, so nothing was kept{untouched}: "
+                      "free space or write somewhere else"], result.output
+    assert _tree(tmp_path) == before  # no partial PNGs, no temporary folder, the earlier run intact
