@@ -4,7 +4,9 @@ The full-size DDIM CIFAR-10 UNet (35.7M parameters, random weights: speed does n
 them) at several batch sizes. Scales are dummy absmax values from one float pass (speed does not
 depend on them either). Rows: torch fp32 eager, ORT fp32 (the float graph), ORT INT8 plain and
 MoDiff step for the TensorRT-style graphs (`--target trt`) and the CPU integer graphs
-(`--target ort-cpu`), and the seed demo's torch.ao native-int8 MoDiff in eager. For MoDiff the
+(`--target ort-cpu`), OpenVINO fp32, plain INT8 and MoDiff step on the TensorRT-style graphs
+(state kept in the compiled model's variables, and state as graph I/O for comparison), and the
+seed demo's torch.ao native-int8 MoDiff in eager. For MoDiff the
 warm-up (first) step runs first and only later steps are timed: those are what a trajectory
 repeats. Median of >= 5 timed calls after warm-up calls.
 
@@ -35,6 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from report import command_line, machine, markdown_table, write_section  # noqa: E402
 from torch_native import native_modiff_unet, reset  # noqa: E402
 
+from modiff_trt.engines.openvino_backend import (  # noqa: E402
+    OpenVinoRunner,
+    compile_graph,
+    read_graph,
+)
 from modiff_trt.engines.ort_backend import OrtRunner  # noqa: E402
 from modiff_trt.export.exporter import export_model  # noqa: E402
 from modiff_trt.export.manifest import Manifest  # noqa: E402
@@ -130,6 +137,32 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
             return lambda: runner(x, t)
         return setup
 
+    def ov_float(x, t):
+        request = compile_graph(read_graph(paths["float"], x.shape[0]), threads).create_infer_request()
+        return lambda: request.infer({"x": x.numpy(), "t": t.numpy()})
+
+    def ov_runner(key: str) -> Callable:
+        def setup(x, t):
+            runner = OpenVinoRunner(paths[key], threads=threads)
+            runner.reset_state()
+            if "modiff" in key:
+                runner(x, t)  # warm-up graph: seeds the step model's variables
+            return lambda: runner(x, t)
+        return setup
+
+    def ov_state_io(x, t):
+        """The step graph compiled as exported: 2 x 113 state tensors cross the API every call."""
+        batch, export = x.shape[0], paths["trt-modiff"]
+        warm = compile_graph(read_graph(export / "warmup.onnx", batch), threads).create_infer_request()
+        request = compile_graph(read_graph(export / "step.onnx", batch), threads).create_infer_request()
+        warm.infer({"x": x.numpy(), "t": t.numpy()})
+        feeds = {"x": x.numpy(), "t": t.numpy()}
+        for port in request.model_inputs:
+            name = next(n for n in port.get_names() if n.startswith(("a_hat_in.", "o_hat_in.")) or n in feeds)
+            if name not in feeds:
+                feeds[name] = warm.get_tensor(name.replace("_in.", "_out.", 1)).data.copy()
+        return lambda: request.infer(feeds)
+
     def native(x, t):
         unet = native_modiff_unet(model, {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in absmax.items()},
                                   {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in out_absmax.items()})
@@ -144,6 +177,11 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
         Variant("trt-modiff", "ORT INT8 MoDiff step, trt-style Q/DQ (step.onnx)", ort_runner("trt-modiff")),
         Variant("ort-cpu-plain", "ORT INT8 plain, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-plain")),
         Variant("ort-cpu-modiff", "ORT INT8 MoDiff step, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-modiff")),
+        Variant("ov-fp32", "OpenVINO fp32 (float graph)", ov_float),
+        Variant("ov-plain", "OpenVINO INT8 plain, trt-style Q/DQ (unet.onnx)", ov_runner("trt-plain")),
+        Variant("ov-modiff", "OpenVINO INT8 MoDiff step, trt-style, state in variables (backend `openvino`)",
+                ov_runner("trt-modiff")),
+        Variant("ov-modiff-io", "OpenVINO INT8 MoDiff step, trt-style, state as graph I/O", ov_state_io),
         Variant("torch-native", "seed demo: torch.ao quantized conv/linear + float MoDiff state, eager "
                 "(output requantized to int8: not exact)", native),
     ]
@@ -166,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 5 calls; print, do not write BENCHMARKS.md")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per cell (batch >= 32: 5)")
-    parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch, ORT and OpenVINO intra-op threads")
     args = parser.parse_args(argv)
     batches = [1] if args.quick else args.batches
     torch.set_num_threads(args.threads)
@@ -208,8 +246,9 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
         "## Speed: per-step UNet latency on CPU",
         "",
         f"Command: `{command_line()}`  ",
-        f"Machine: {machine()}; torch and ORT intra-op threads = {args.threads}, ORT default graph "
-        "optimizations and thread spinning. The cores are shared with other work: load average "
+        f"Machine: {machine()}; torch, ORT and OpenVINO intra-op threads = {args.threads}, ORT default graph "
+        "optimizations and thread spinning, OpenVINO CPU plugin with f32 inference precision and the latency "
+        "hint. The cores are shared with other work: load average "
         f"(1/5/15 min) after each batch: {'; '.join(f'b{k}: {v}' for k, v in loads.items())}.",
         "",
         "Full-size DDIM CIFAR-10 UNet (35.7M params, 113 Conv/Linear), random weights, W8A8 with "
@@ -241,6 +280,16 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
             r = _ratio(results, n, d, b)
             cells.append(f"{(r - 1) * 100:+.0f}%" if overhead else f"{r:.2f}x")
         lines.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} |")
+    ov = [
+        ("OpenVINO INT8 MoDiff step vs ORT fp32", ">= 2.0x", _ratio(results, "ort-fp32", "ov-modiff", b), False),
+        ("OpenVINO INT8 MoDiff step vs torch fp32 eager", ">= 2.5x", _ratio(results, "torch-fp32", "ov-modiff", b),
+         False),
+        ("MoDiff step overhead over OpenVINO plain INT8", "<= 15%", _ratio(results, "ov-modiff", "ov-plain", b), True),
+        ("state as graph I/O vs state in variables", "-", _ratio(results, "ov-modiff-io", "ov-modiff", b), True),
+    ]
+    lines += ["", f"Targets (issue 11, backend `openvino`) at batch {b}:", "", "| target | goal | measured |", "|---|---|---|"]
+    lines += [f"| {name} | {goal} | {(r - 1) * 100:+.0f}% |" if overhead else f"| {name} | {goal} | {r:.2f}x |"
+              for name, goal, r, overhead in ov]
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""Open the backend a user names for an export directory: torch, ort or trt."""
+"""Open the backend a user names for an export directory: torch, ort, openvino or trt."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from modiff_trt.engines.base import UNetRunner
 from modiff_trt.errors import ConfigError
 from modiff_trt.export.manifest import Manifest, load_manifest
 
-BACKENDS = ("torch", "ort", "trt")
+BACKENDS = ("torch", "ort", "openvino", "trt")
 
 
 def open_runner(
@@ -32,6 +32,10 @@ def open_runner(
         from modiff_trt.engines.ort_backend import OrtRunner
 
         return OrtRunner(export_dir, manifest=manifest, provider=ort_provider), manifest
+    if backend == "openvino":
+        from modiff_trt.engines.openvino_backend import OpenVinoRunner
+
+        return OpenVinoRunner(export_dir, manifest=manifest), manifest
     from modiff_trt.engines.trt_runtime import TensorRTRunner
 
     return TensorRTRunner(export_dir, manifest=manifest, device=device, cuda_graph=cuda_graph), manifest

@@ -1,0 +1,95 @@
+"""The `openvino` backend: the trt-style graphs on OpenVINO's CPU plugin, MoDiff state in variables."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from modiff_trt.engines.factory import open_runner
+from modiff_trt.engines.ort_backend import OrtRunner
+from modiff_trt.errors import BackendUnavailableError, ConfigError
+from modiff_trt.export import naming
+from modiff_trt.quant import QuantConfig
+from tests.conftest import rel_err
+from tests.export_helpers import SEQ, SHAPE, check_step_layers, export, trajectory
+
+pytest.importorskip("openvino")
+
+from modiff_trt.engines.openvino_backend import (  # noqa: E402
+    OpenVinoRunner,
+    compile_graph,
+    make_stateful,
+    read_graph,
+)
+
+
+@pytest.fixture
+def noise():
+    return torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("config", [
+    QuantConfig(8, 8), QuantConfig(8, 4, split=True), QuantConfig(4, 8, first_step="quantized"),
+], ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}")
+def test_every_layer_follows_modiff_on_openvino_state_read_from_variables(tmp_path, tiny_model, noise, config):
+    """The per-layer check ONNX Runtime passes, on OpenVINO's own tensors: the state read back
+    from the compiled model's variables (query_state) before and after every step."""
+    qmodel, out = export(tmp_path, tiny_model, config)
+    assert check_step_layers(out, qmodel, noise, runtime="openvino", workdir=tmp_path) == \
+        len(qmodel.layers) * (len(SEQ) - 1)
+
+
+def test_step_state_becomes_variables_that_warmup_seeds_and_reset_restarts(tmp_path, tiny_model, noise):
+    qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, 8))
+    model = read_graph(out / "step.onnx", 4)
+    names = make_stateful(model)
+    state_inputs = {naming.state_input(k, layer) for layer in qmodel.layers for k in naming.STATE_KINDS}
+    assert set(names) == state_inputs == {v.get_info().variable_id for v in model.get_variables()}
+    assert {p.get_any_name() for p in model.inputs} == {naming.X, naming.T}
+    assert [o.get_any_name() for o in model.outputs] == [naming.EPS]
+    compile_graph(model)  # the low-precision passes accept the variables (see docs/openvino.md)
+
+    warm = compile_graph(read_graph(out / "warmup.onnx", 4)).create_infer_request()
+    t0, t1 = torch.full((4,), float(SEQ[-1])), torch.full((4,), float(SEQ[-2]))
+    warm.infer({"x": noise.numpy(), "t": t0.numpy()})
+    runner = OpenVinoRunner(out)
+    runner.reset_state()
+    eps0 = runner(noise, t0)
+    seeded = runner.state()
+    assert set(seeded) == state_inputs
+    for name, value in seeded.items():  # the variables hold exactly the warm-up graph's outputs
+        assert np.array_equal(value.numpy(), warm.get_tensor(naming.output_for_input(name)).data)
+    eps1 = runner(noise * 0.9, t1)
+    assert not torch.equal(runner.state()["a_hat_in.conv_in"], seeded["a_hat_in.conv_in"])
+    runner.reset_state()  # the next call is a warm-up again, and the step after it repeats exactly
+    assert torch.equal(runner(noise, t0), eps0)
+    assert torch.equal(runner(noise * 0.9, t1), eps1)
+
+
+def test_trajectory_tracks_reference_and_onnx_runtime(tmp_path, tiny_model, noise):
+    """W8A8 MoDiff over 10 steps stays within the drift bound ONNX Runtime's trajectory meets; a
+    plain export runs too. (Whole trajectories only bound drift: near-tie codes may round the other
+    way on each runtime, see docs/openvino.md; the per-layer test above is the exactness proof.)"""
+    qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, 8))
+    runner, _ = open_runner(out, "openvino")
+    assert isinstance(runner, OpenVinoRunner)
+    reference = trajectory(qmodel, noise)
+    ov = trajectory(runner, noise)
+    assert rel_err(ov, reference) < 5e-3
+    assert rel_err(ov, trajectory(OrtRunner(out), noise)) < 5e-3
+    # plain Q-Diffusion has no state to absorb a flipped code, so drift is larger (3.4e-2 measured)
+    qplain, plain = export(tmp_path, tiny_model, QuantConfig(8, 8, modulate=False), "plain")
+    ov = trajectory(OpenVinoRunner(plain), noise)
+    assert rel_err(ov, trajectory(qplain, noise)) < 0.1 and rel_err(ov, trajectory(OrtRunner(plain), noise)) < 0.1
+
+
+def test_backend_is_named_in_errors_and_missing_openvino_says_how_to_install(tmp_path, tiny_model, monkeypatch):
+    _, out = export(tmp_path, tiny_model, QuantConfig(8, 8, modulate=False))
+    with pytest.raises(ConfigError, match="openvino"):
+        open_runner(out, "tensorflow")
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(BackendUnavailableError, match="pip install openvino"):
+        OpenVinoRunner(out)
