@@ -287,7 +287,8 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
         ("MoDiff step overhead over OpenVINO plain INT8", "<= 15%", _ratio(results, "ov-modiff", "ov-plain", b), True),
         ("state as graph I/O vs state in variables", "-", _ratio(results, "ov-modiff-io", "ov-modiff", b), True),
     ]
-    lines += ["", f"Targets (issue 11, backend `openvino`) at batch {b}:", "", "| target | goal | measured |", "|---|---|---|"]
+    lines += ["", f"Targets (issue 11, backend `openvino`) at batch {b}:", "",
+              "| target | goal | measured |", "|---|---|---|"]
     lines += [f"| {name} | {goal} | {(r - 1) * 100:+.0f}% |" if overhead else f"| {name} | {goal} | {r:.2f}x |"
               for name, goal, r, overhead in ov]
     return "\n".join(lines) + "\n"

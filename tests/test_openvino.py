@@ -13,8 +13,8 @@ from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.errors import BackendUnavailableError, ConfigError
 from modiff_trt.export import naming
 from modiff_trt.quant import QuantConfig
-from tests.conftest import rel_err
-from tests.export_helpers import SEQ, SHAPE, check_step_layers, export, trajectory
+from tests.helpers.models import rel_err
+from tests.helpers.export import SEQ, SHAPE, check_step_layers, export, trajectory
 
 pytest.importorskip("openvino")
 
