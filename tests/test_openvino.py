@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -93,3 +94,20 @@ def test_backend_is_named_in_errors_and_missing_openvino_says_how_to_install(tmp
     monkeypatch.setitem(sys.modules, "openvino", None)
     with pytest.raises(BackendUnavailableError, match="pip install openvino"):
         OpenVinoRunner(out)
+
+
+def test_cli_compare_and_sample_accept_backend_openvino(tmp_path, tiny_model):
+    from typer.testing import CliRunner
+
+    from modiff_trt.cli import app
+
+    _, out = export(tmp_path, tiny_model, QuantConfig(8, 8))
+    result = CliRunner().invoke(app, ["compare", str(out), "--backends", "ort,openvino", "-n", "2", "--steps", "4",
+                                      "--json", str(tmp_path / "cmp.json")])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "cmp.json").read_text())
+    assert {r["backend"] for r in rows} == {"openvino"} and max(r["rel_err"] for r in rows) < 5e-3
+    result = CliRunner().invoke(app, ["sample", str(out), "--backend", "openvino", "-n", "2", "--steps", "4",
+                                      "--no-pngs", "-o", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert np.load(tmp_path / "s" / "samples.npz")["x0"].shape == (2, *SHAPE)
