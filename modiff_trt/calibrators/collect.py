@@ -157,20 +157,6 @@ class TrajectoryCollector:
     def _new_trajectory(self, *_: object) -> None:
         self.step, self.calls, self.previous = 0, 0, {}
 
-    def run(
-        self,
-        sampler: Sampler,
-        sample_shape: Sequence[int],
-        cali_n: int,
-        batch_size: int,
-        seed: int,
-        conditioning: ContextSource | None = None,
-        progress: bool = True,
-    ) -> dict[str, LayerStats]:
-        """Sample `cali_n` float trajectories of `sampler` in batches; image i's noise depends on (seed, i)."""
-        run_collectors([self], sampler, sample_shape, cali_n, batch_size, seed, conditioning, progress)
-        return self.stats
-
 
 def run_collectors(
     collectors: Sequence[TrajectoryCollector],
