@@ -584,11 +584,11 @@ def demo(
     report = run_demo(out, num_images=num_images, steps=steps, seed=seed, overwrite=overwrite,
                       backend=None if backend is None else str(backend))
     fid_header = "digits FID" if num_images >= FID_MIN_IMAGES else f"digits FID (unreliable: < {FID_MIN_IMAGES} images)"
-    table = Table("config", "PSNR vs fp32 (dB)", fid_header, "confidence", "sampling (s)",
+    table = Table("config", "PSNR vs fp32 (dB)", fid_header, "confidence", "sampling (s)", "backend",
                   title=f"modiff-trt demo ({report.backend}, CPU)")
     for r in report.rows:
         table.add_row(r.name, "-" if r.psnr_db is None else f"{r.psnr_db:.2f}", f"{r.digits_fid:.2f}",
-                      f"{r.confidence:.3f}", f"{r.seconds:.1f}")
+                      f"{r.confidence:.3f}", f"{r.seconds:.1f}", r.backend)
     Console().print(table)
     console.print(f"{report.seconds:.0f} s in all (calibration, export, sampling, scoring) on {report.machine}")
     console.print(f"wrote [bold]{out / 'grid.png'}[/] and [bold]{out / 'report.json'}[/]")

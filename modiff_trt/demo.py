@@ -22,12 +22,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from modiff_trt.atomic import atomic_directory, refuse_non_empty, replace_any
-from modiff_trt.engines.factory import fastest_cpu_backend, open_runner
+from modiff_trt.engines.factory import cpu_backend_for, fastest_cpu_backend, open_runner
 from modiff_trt.machine import describe_machine
 from modiff_trt.metrics import FID_MIN_IMAGES
 from modiff_trt.models import load_config
 from modiff_trt.models.builtin import builtin_checkpoint
-from modiff_trt.pipeline import calibration_files, export_config, ort_target, score_digits, timed_samples
+from modiff_trt.pipeline import (
+    calibration_files,
+    export_config,
+    ort_target,
+    score_digits,
+    timed_samples,
+)
 from modiff_trt.quant import QuantConfig
 from modiff_trt.sampling.images import make_grid, to_uint8
 from modiff_trt.sampling.sampler import make_sampler
@@ -51,11 +57,13 @@ class DemoRow:
     digits_fid: float
     confidence: float
     seconds: float
+    backend: str
 
 
 @dataclass
 class DemoReport:
-    """What `report.json` holds: the rows, the backend that sampled them, the machine, total time."""
+    """What `report.json` holds: the rows (each with the backend that sampled it), the backend
+    asked for, the machine, total time."""
 
     model: str
     num_images: int
@@ -74,7 +82,7 @@ def _labelled_grid(rows: dict[str, np.ndarray], per_row: int = 16, upscale: int 
     label_w, h = 110, strips[0].shape[0] * upscale
     canvas = Image.new("L", (label_w + strips[0].shape[1] * upscale, h * len(strips)), 0)
     draw = ImageDraw.Draw(canvas)
-    for i, (name, strip) in enumerate(zip(rows, strips)):
+    for i, (name, strip) in enumerate(zip(rows, strips, strict=True)):
         tile = Image.fromarray(strip[..., 0]).resize((strip.shape[1] * upscale, h), Image.NEAREST)
         canvas.paste(tile, (label_w, i * h))
         draw.text((4, i * h + h // 2 - 6), name, fill=255)
@@ -85,7 +93,8 @@ def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, steps: int
              rows: dict[str, QuantConfig] = DEMO_ROWS, progress: bool = True, overwrite: bool = False,
              backend: str | None = None) -> DemoReport:
     """Run every row through calibrate -> export -> sampling on `backend` (default: the fastest
-    CPU backend installed); write grid.png and report.json.
+    CPU backend installed); write grid.png and report.json. Rows OpenVINO cannot run (FP8/NVFP4
+    layers) sample on ONNX Runtime, and their row says so.
 
     Every row samples `steps` DDIM steps (quad) from the noise of `seed`; the calibration
     trajectories use seed + 1, so scales are never measured on the images they are scored on.
@@ -110,18 +119,19 @@ def _run_demo(out: Path, num_images: int, batch_size: int, steps: int, seed: int
         log.info("calibrating %d configurations from one set of float trajectories",
                  sum(quant.act_bits is not None for quant in rows.values()))
         calibrations = calibration_files(model_cfg, checkpoint, list(rows.values()), sampler, Path(tmp), seed=seed + 1)
-        for (name, quant), calibration in zip(rows.items(), calibrations):
-            log.info("%s: export, sample %d images with %s", name, num_images, backend)
+        for (name, quant), calibration in zip(rows.items(), calibrations, strict=True):
             export_dir = export_config(model_cfg, checkpoint, quant, calibration, out / "exports" / name, sampler,
                                        target=ort_target(quant))
-            runner, _ = open_runner(export_dir, backend)
+            row_backend = cpu_backend_for(export_dir, backend)
+            log.info("%s: sample %d images with %s", name, num_images, row_backend)
+            runner, _ = open_runner(export_dir, row_backend)
             x0, seconds = timed_samples(runner, model_cfg, num_images, batch_size, sampler, seed,
                                         progress=progress, description=name)
             reference = x0 if reference is None else reference
             scores = score_digits(x0, None if x0 is reference else reference)
             psnr = None if x0 is reference else round(scores["psnr_db"], 2)
             results.append(DemoRow(name, psnr, round(scores["digits_fid"], 2), round(scores["confidence"], 3),
-                                   round(seconds, 2)))
+                                   round(seconds, 2), row_backend))
             samples[name] = to_uint8(x0)
     _labelled_grid(samples).save(out / "grid.png")
     report = DemoReport("digits (embedded)", num_images, num_images >= FID_MIN_IMAGES, sampler.steps,

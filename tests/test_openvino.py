@@ -9,13 +9,28 @@ import numpy as np
 import pytest
 import torch
 
-from modiff_trt.engines.factory import open_runner
+from modiff_trt.engines.factory import cpu_backend_for, fastest_cpu_backend, open_runner
 from modiff_trt.engines.ort_backend import OrtRunner
-from modiff_trt.errors import BackendUnavailableError, ConfigError
+from modiff_trt.engines.runner import StatefulRunner
+from modiff_trt.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    ConfigError,
+    ModiffError,
+)
 from modiff_trt.export import naming
+from modiff_trt.export.manifest import load_manifest
 from modiff_trt.quant import QuantConfig
+from modiff_trt.sampling import ddim_sample, ddim_timesteps
+from tests.helpers.export import (
+    BETAS,
+    SEQ,
+    SHAPE,
+    check_step_layers,
+    export,
+    trajectory,
+)
 from tests.helpers.models import rel_err
-from tests.helpers.export import SEQ, SHAPE, check_step_layers, export, trajectory
 
 pytest.importorskip("openvino")
 
@@ -41,6 +56,75 @@ def test_every_layer_follows_modiff_on_openvino_state_read_from_variables(tmp_pa
     qmodel, out = export(tmp_path, tiny_model, config)
     assert check_step_layers(out, qmodel, noise, runtime="openvino", workdir=tmp_path) == \
         len(qmodel.layers) * (len(SEQ) - 1)
+
+
+def test_step_groups_follow_modiff_per_layer_on_openvino_and_the_runner_feeds_each_calls_ratios(
+        tmp_path, tiny_model, noise):
+    """Step groups (issue 12) on OpenVINO: W8A3 with split layers and 3 groups, per-group scales
+    folded around one constant quantizer by `step_scale_ratio`. The per-layer check passes with
+    each call's ratio row; the runner (through StatefulRunner) hands the step graph exactly the
+    manifest's row of the call's group, and refuses another schedule."""
+    qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, 3, split=True), step_groups=3)
+    assert check_step_layers(out, qmodel, noise, runtime="openvino", workdir=tmp_path) == \
+        len(qmodel.layers) * (len(SEQ) - 1)
+    runner = OpenVinoRunner(out)
+    seen = []
+
+    class Spy:  # records what the compiled step request is given
+        def __init__(self, request):
+            self.request = request
+
+        def infer(self, arrays, **kwargs):
+            seen.append(arrays[naming.STEP_SCALE_RATIO].copy())
+            return self.request.infer(arrays, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.request, name)
+
+    runner._compiled(noise.shape[0])["step"] = Spy(runner._compiled(noise.shape[0])["step"])
+    # 3-bit codes: a near-tie rounded the other way moves a_hat by a quarter of the range, so only drift is bounded
+    assert rel_err(trajectory(runner, noise), trajectory(qmodel, noise)) < 0.05
+    ratios = load_manifest(out).step_groups["ratios"]
+    assert len(seen) == len(SEQ) - 1
+    for call, fed in enumerate(seen, start=1):
+        assert np.array_equal(fed, np.asarray(ratios[qmodel.step_groups.group_of(call)], dtype=np.float32))
+    with pytest.raises(ConfigError, match="--steps 10 --skip-type quad"):
+        ddim_sample(runner, noise, ddim_timesteps(12, "quad"), BETAS)
+
+
+def test_shared_runner_pads_a_short_last_batch_and_keeps_the_trajectory_batch(tmp_path, tiny_model, noise):
+    """StatefulRunner's checks and padding hold on OpenVINO: a fixed-batch export compiles only
+    its batch, the short batch's rows equal the full batch's, and a trajectory keeps its batch."""
+    _, out = export(tmp_path, tiny_model, QuantConfig(8, 8), batch_size=4)
+    full, short = OpenVinoRunner(out), OpenVinoRunner(out)
+    assert isinstance(full, StatefulRunner)
+    t0, t1 = torch.full((4,), float(SEQ[-1])), torch.full((4,), float(SEQ[-2]))
+    for x, t in ((noise, t0), (noise * 0.9, t1)):
+        assert torch.equal(short(x[:3], t[:3]), full(x, t)[:3])
+    assert set(short._requests) == {4}
+    with pytest.raises(ModiffError, match="exceeds .* exported for batch 4"):
+        short(torch.cat([noise, noise[:1]]), torch.full((5,), 1.0))
+    dynamic = OpenVinoRunner(export(tmp_path, tiny_model, QuantConfig(8, 8), "dyn")[1])
+    dynamic(noise, t0)
+    with pytest.raises(ModiffError, match="batch size changed from 4 to 2 inside a trajectory"):
+        dynamic(noise[:2], t1[:2])
+
+
+def test_fp8_and_nvfp4_exports_are_refused_with_the_backend_that_runs_them(tmp_path, tiny_model):
+    """OpenVINO 2026.4's CPU plugin has no FP8 kernels: the refusal names the fix, and the demo's
+    backend choice falls back to ONNX Runtime for such exports. (If the compile below starts to
+    succeed, run the per-layer check on OpenVINO and lift the refusal.)"""
+    _, out = export(tmp_path, tiny_model, QuantConfig(8, 8, act_format="fp8"))
+    with pytest.raises(ArtifactError, match="FP8, which OpenVINO's CPU plugin cannot run.*--backend ort"):
+        OpenVinoRunner(out)
+    with pytest.raises(RuntimeError, match="f8e4m3"):
+        compile_graph(read_graph(out / "step.onnx", 2))
+    assert cpu_backend_for(out, "openvino") == "ort"
+    _, nvfp4 = export(tmp_path, tiny_model, QuantConfig(8, 4, act_format="nvfp4"), "nvfp4", target="ort-cpu")
+    with pytest.raises(ArtifactError, match="NVFP4.*--target ort-cpu"):
+        open_runner(nvfp4, "openvino")
+    _, int8 = export(tmp_path, tiny_model, QuantConfig(8, 8), "int8")
+    assert cpu_backend_for(int8, fastest_cpu_backend()) == "openvino"
 
 
 def test_step_state_becomes_variables_that_warmup_seeds_and_reset_restarts(tmp_path, tiny_model, noise):

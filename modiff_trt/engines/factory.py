@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 
 from modiff_trt.engines.base import UNetRunner
@@ -11,12 +12,31 @@ from modiff_trt.export.manifest import Manifest, load_manifest
 
 BACKENDS = ("torch", "ort", "openvino", "trt")
 
+log = logging.getLogger(__name__)
+
 
 def fastest_cpu_backend() -> str:
-    """`openvino` when installed, else `ort`: OpenVINO runs the INT8 graphs on integer kernels,
-    2.4x faster than ONNX Runtime on the digits demo's rows and 2x on the CIFAR-10 UNet
-    (BENCHMARKS.md), and equal in fp32. ONNX Runtime stays the reference runtime of the tests."""
+    """`openvino` when installed, else `ort`.
+
+    OpenVINO runs the INT8 graphs on integer kernels, where ONNX Runtime's CPU provider
+    dequantizes to float (BENCHMARKS.md, `speed`). It has no FP8/NVFP4 kernels: callers send
+    such exports to ONNX Runtime (`openvino_backend.unsupported`). ONNX Runtime stays the
+    reference runtime of the tests.
+    """
     return "openvino" if importlib.util.find_spec("openvino") is not None else "ort"
+
+
+def cpu_backend_for(export_dir: str | Path, preferred: str) -> str:
+    """`preferred`, or `ort` where it is `openvino` and OpenVINO cannot run `export_dir` (FP8/NVFP4 layers)."""
+    if preferred != "openvino":
+        return preferred
+    from modiff_trt.engines.openvino_backend import unsupported
+
+    reason = unsupported(load_manifest(export_dir))
+    if reason is None:
+        return preferred
+    log.info("%s %s; running it with ort", export_dir, reason.split(":")[0])
+    return "ort"
 
 
 def open_runner(

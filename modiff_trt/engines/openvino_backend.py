@@ -7,9 +7,16 @@ model (ReadValue/Assign pairs, OpenVINO's stateful-model mechanism): the state s
 plugin between steps and never crosses the API, which removes the layout conversions the
 plugin inserts around plain NCHW graph I/O (docs/openvino.md has the measurements).
 
-One call flow per batch: `reset_state()`; call 0 runs the stateless warm-up graph and copies its
-`a_hat_out.L`/`o_hat_out.L` outputs into the step model's variables (`query_state`); every later
-call runs the stateful step, which reads and rewrites the variables itself.
+`OpenVinoRunner` is a `StatefulRunner` (engines/runner.py): the base validates and pads the
+inputs, decides warm-up vs step and fills the step-group `step_scale_ratio` input. Call 0 after
+`reset_state()` runs the stateless warm-up graph and copies its `a_hat_out.L`/`o_hat_out.L`
+outputs into the step model's variables (`query_state`); every later call runs the stateful
+step, which reads and rewrites the variables itself. The base's two ping-pong state sets have
+no counterpart here: the plugin double-buffers its variables within an inference.
+
+OpenVINO 2026.4's CPU plugin has no FP8 kernels (compiling an FP8 Q/DQ graph fails with
+"unsupported src_prc: f8e4m3") and cannot read TensorRT's NVFP4 op, so exports with FP8 or
+NVFP4 layers are refused with the backend that runs them (`unsupported`).
 
 Why not `openvino._offline_transformations.apply_make_stateful_transformation`: it makes each
 Assign control-depend on its ReadValue, and OpenVINO's `AssignAndReadValueTransformation`
@@ -30,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from modiff_trt.engines.runner import Arrangement, StatefulRunner
 from modiff_trt.errors import ArtifactError, BackendUnavailableError
 from modiff_trt.export import naming
 from modiff_trt.export.manifest import Manifest, load_manifest
@@ -59,8 +67,18 @@ def _openvino():
     return openvino
 
 
+def unsupported(manifest: Manifest) -> str | None:
+    """Why OpenVINO's CPU plugin cannot run this export (None: it can): FP8 and NVFP4 layers."""
+    formats = sorted({layer.act_format for layer in manifest.layers if layer.act_format not in (None, "int")})
+    if not formats:
+        return None
+    return (f"quantizes layers to {'/'.join(f.upper() for f in formats)}, which OpenVINO's CPU plugin cannot run "
+            "(no FP8 kernels, no NVFP4 op): use --backend ort (NVFP4: an export with --target ort-cpu)")
+
+
 def read_graph(path: str | Path, batch: int) -> ov.Model:
-    """The ONNX graph at `path` with every input's batch dimension fixed to `batch`.
+    """The ONNX graph at `path` with every batched input's first dimension fixed to `batch`
+    (`step_scale_ratio` is not per sample and keeps its shape).
 
     Static shapes let the CPU plugin pick its integer kernels and memory plan once.
     """
@@ -69,7 +87,8 @@ def read_graph(path: str | Path, batch: int) -> ov.Model:
         model = ov.Core().read_model(str(path))
     except RuntimeError as exc:
         raise ArtifactError(f"OpenVINO cannot read {path}: {exc}") from exc
-    model.reshape({port.get_any_name(): [batch, *list(port.get_partial_shape())[1:]] for port in model.inputs})
+    model.reshape({port.get_any_name(): [batch, *list(port.get_partial_shape())[1:]] for port in model.inputs
+                   if not port.get_names() & naming.UNBATCHED})
     return model
 
 
@@ -139,25 +158,25 @@ def read_state(request: ov.InferRequest) -> dict[str, np.ndarray]:
     return {state.name: state.state.data.copy() for state in request.query_state()}
 
 
-class OpenVinoRunner:
+class OpenVinoRunner(StatefulRunner):
     """A stateful UNet over an export directory, run by OpenVINO on the CPU.
 
-    Graphs are compiled per batch size on first use (static shapes); a different batch size
-    compiles again.
+    Graphs are compiled per (padded) batch size on first use (static shapes); a different batch
+    size compiles again.
     """
 
     name = "openvino"
 
     def __init__(self, export_dir: str | Path, manifest: Manifest | None = None, threads: int | None = None) -> None:
         _openvino()
-        self.export_dir = Path(export_dir)
-        self.manifest = manifest or load_manifest(self.export_dir)
+        export_dir = Path(export_dir)
+        manifest = manifest or load_manifest(export_dir)
+        reason = unsupported(manifest)
+        if reason is not None:
+            raise ArtifactError(f"{export_dir} {reason}")
+        super().__init__(export_dir, manifest, "cpu")
         self.threads = threads
-        self.device = torch.device("cpu")
-        self.sample_shape = tuple(self.manifest.model["sample_shape"])
         self._requests: dict[int, dict[str, ov.InferRequest]] = {}
-        self._calls = 0
-        self._batch: int | None = None
 
     def _compiled(self, batch: int) -> dict[str, ov.InferRequest]:
         if batch not in self._requests:
@@ -174,33 +193,27 @@ class OpenVinoRunner:
             self._requests[batch] = requests
         return self._requests[batch]
 
-    def reset_state(self) -> None:
-        self._calls = 0
-        for requests in self._requests.values():
-            if "step" in requests:
-                requests["step"].reset_state()
+    def _state_set(self, index: int) -> Mapping[str, torch.Tensor]:
+        """The variables the next step reads (copies; one set: `index` only says a step follows)."""
+        return {k: torch.from_numpy(v) for k, v in read_state(self._compiled(self.batch)["step"]).items()}
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """The state the next step reads (copies), keyed by step-graph input name."""
-        if self._calls == 0 or self._batch is None:
-            raise ArtifactError("no MoDiff state to read: run the warm-up call first")
-        return {k: torch.from_numpy(v) for k, v in read_state(self._requests[self._batch]["step"]).items()}
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        batch = x.shape[0]
-        requests = self._compiled(batch)
-        key = "unet" if "unet" in requests else ("warmup" if self._calls == 0 else "step")
-        request = requests[key]
-        feeds = {naming.X: x, naming.T: t} if context is None else {naming.X: x, naming.T: t, naming.CONTEXT: context}
+    def _run_impl(
+        self, arrangement: Arrangement, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None
+    ) -> torch.Tensor:
+        requests = self._compiled(x.shape[0])
+        request = requests[arrangement.graph]
+        feeds = {naming.X: x, naming.T: t}
+        if context is not None:
+            feeds[naming.CONTEXT] = context
+        if arrangement.graph == "step" and self.step_scales is not None:
+            feeds[self.step_scales.name] = self.step_scales.buffer
         arrays = {}
         for port in request.model_inputs:
             name = next(n for n in port.get_names() if n in feeds)
             dtype = port.get_element_type().to_dtype()
             arrays[name] = np.ascontiguousarray(feeds[name].detach().cpu().numpy().astype(dtype, copy=False))
         request.infer(arrays, share_inputs=True)
-        if key == "warmup":
+        if arrangement.graph == "warmup":
             seed_state(requests["step"], {_state_name(port.get_names(), "out"): request.get_tensor(port)
                                           for port in request.model_outputs if naming.EPS not in port.get_names()})
-        self._calls += 1
-        self._batch = batch
-        return torch.from_numpy(request.get_tensor(naming.EPS).data.copy()).float()
+        return torch.from_numpy(request.get_tensor(naming.EPS).data.copy())
