@@ -199,21 +199,28 @@ def test_static_modiff_tracks_float_better_than_plain_at_4bit(tmp_path, tiny_mod
 
 
 def test_files_calibrated_together_equal_files_calibrated_alone(tmp_path, tiny_config, tiny_checkpoint):
-    """One set of trajectories feeds raw and residual statistics; each file is what it would be
-    alone (same scales, bit for bit, minmax and mse), and files whose trajectories differ are refused."""
+    """One set of trajectories feeds raw, residual and per-step-group residual statistics; each
+    file is what it would be alone (same scales, bit for bit: minmax and mse, INT and FP8, one and
+    three step groups), and files whose trajectories differ are refused."""
     cfg = load_config(tiny_config)
     sampler = make_sampler(cfg, steps=10)
     options = {"raw8": CalibrationOptions(**FAST, act_bits=8, modulate=False),
                "res4": CalibrationOptions(**FAST, act_bits=4, modulate=True),
-               "res8mse": CalibrationOptions(**FAST, act_bits=8, modulate=True, method="mse")}
+               "res8mse": CalibrationOptions(**FAST, act_bits=8, modulate=True, method="mse"),
+               "res4g3": CalibrationOptions(**FAST, act_bits=4, modulate=True, step_groups=3),
+               "res-fp8": CalibrationOptions(**FAST, act_bits=8, modulate=True, act_format="fp8")}
     together = calibrate_together(cfg, tiny_checkpoint, {tmp_path / f"{k}.t": o for k, o in options.items()}, sampler,
                                   progress=False)
-    for (key, entry), joint in zip(options.items(), together):
+    for (key, entry), joint in zip(options.items(), together, strict=True):
         alone = calibrate(cfg, tiny_checkpoint, tmp_path / f"{key}.a", sampler, entry, progress=False)
         assert joint.kind == alone.kind and joint.layers.keys() == alone.layers.keys()
+        assert joint.meta["step_groups"] == alone.meta["step_groups"] and joint.meta["act_format"] == entry.act_format
         for name, scales in alone.layers.items():
-            assert joint.layers[name].act == scales.act and joint.layers[name].warmup == scales.warmup, (key, name)
-    assert together[0].meta["report"]["files_from_these_trajectories"] == 3
+            mine = joint.layers[name]
+            assert (mine.act, mine.warmup, mine.act_groups, mine.act_format) == \
+                (scales.act, scales.warmup, scales.act_groups, scales.act_format), (key, name)
+    assert together[3].meta["step_groups"]["count"] == 3 and together[1].meta["step_groups"] is None
+    assert together[0].meta["report"]["files_from_these_trajectories"] == 5
     with pytest.raises(ConfigError, match="cali_n differ"):
         calibrate_together(cfg, tiny_checkpoint, {tmp_path / "a": options["raw8"],
                                                   tmp_path / "b": CalibrationOptions(**{**FAST, "cali_n": 4})}, sampler)
