@@ -13,8 +13,16 @@
 File format and method choices: docs/calibration.md.
 """
 
-from modiff_trt.calibrators.calibrate import CalibrationOptions, calibrate, calibrate_together
-from modiff_trt.calibrators.fileformat import Calibration, load_calibration, save_calibration
+from modiff_trt.calibrators.calibrate import (
+    CalibrationOptions,
+    calibrate,
+    calibrate_together,
+)
+from modiff_trt.calibrators.fileformat import (
+    Calibration,
+    load_calibration,
+    save_calibration,
+)
 from modiff_trt.calibrators.qdiffusion import import_qdiffusion
 
 __all__ = [

@@ -138,11 +138,11 @@ class TrajectoryCollector:
             x, stats, step = args[0], self.stats[name], self.step
             linear = isinstance(module, nn.Linear)  # channels last: [B, C] or [B, tokens, C]
             if self.modulate and step == 0:
-                for group, s in zip(stats.groups, stats.warmup):
+                for group, s in zip(stats.groups, stats.warmup, strict=True):
                     s.update(x[..., group] if linear else x[:, group], self.generator)
             if step in self.steps:
                 value = x - self.previous.pop(name) if self.modulate else x
-                for group, s in zip(stats.groups, stats.act_by_group[self.step_group(step)]):
+                for group, s in zip(stats.groups, stats.act_by_group[self.step_group(step)], strict=True):
                     s.update(value[..., group] if linear else value[:, group], self.generator)
             if self.modulate and step + 1 in self.steps:
                 self.previous[name] = x.detach().clone()

@@ -103,7 +103,7 @@ def reference_feeds(qmodel, run) -> list[dict[str, np.ndarray]]:
 
     def record(module, args):
         names = ("x", "t", "context")
-        feeds.append({n: a.detach().float().numpy().copy() for n, a in zip(names, args) if a is not None})
+        feeds.append({n: a.detach().float().numpy().copy() for n, a in zip(names, args, strict=False) if a is not None})
 
     handle = qmodel.register_forward_pre_hook(record)
     try:
@@ -125,13 +125,13 @@ class OrtProbe:
                                                  options, providers=cpu)
 
     def warmup(self, feed) -> None:
-        outs = dict(zip([o.name for o in self.warm.get_outputs()], self.warm.run(None, feed)))
+        outs = dict(zip([o.name for o in self.warm.get_outputs()], self.warm.run(None, feed), strict=True))
         self.state = {output_to_input(n): v for n, v in outs.items() if n != "eps"}
 
     def step(self, feed):
         """(state read, outputs: a_hat_out.L, o_hat_out.L and each layer's input x_of.L)."""
         result = dict(zip([o.name for o in self.step_session.get_outputs()],
-                          self.step_session.run(None, {**feed, **self.state})))
+                          self.step_session.run(None, {**feed, **self.state}), strict=True))
         state, self.state = self.state, {output_to_input(n): v for n, v in result.items()
                                          if n.startswith(("a_hat_out.", "o_hat_out."))}
         return state, result
@@ -146,7 +146,12 @@ class OpenVinoProbe:
         onnx.save(_expose_layer_inputs(out / "step.onnx", layers), str(self.step_path))
 
     def warmup(self, feed) -> None:
-        from modiff_trt.engines.openvino_backend import compile_graph, make_stateful, read_graph, seed_state
+        from modiff_trt.engines.openvino_backend import (
+            compile_graph,
+            make_stateful,
+            read_graph,
+            seed_state,
+        )
 
         batch = feed["x"].shape[0]
         warm = compile_graph(read_graph(self.warm_path, batch)).create_infer_request()
