@@ -238,7 +238,7 @@ def _ratio(results, num: str, den: str, batch: int) -> float:
 
 
 def report(rows, results, batches, loads, export_seconds, manifests, args) -> str:
-    b = 8 if 8 in batches else batches[-1]  # issue 6 states its targets at batch 8
+    b = 8 if 8 in batches else batches[-1]  # the speed goals are stated at batch 8
     header = ["runtime / graph"] + [f"batch {n} (ms/step)" for n in batches] + [f"speed-up vs ORT fp32 @ b{b}"]
     table = [[v.label] + [f"{results[v.key][n]:.1f}" for n in batches]
              + [f"{_ratio(results, 'ort-fp32', v.key, b):.2f}x"] for v in rows]
@@ -270,7 +270,7 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
         ("ORT INT8 MoDiff step vs torch fp32 eager", ">= 3x", "torch-fp32", "modiff", False),
         ("MoDiff step overhead over plain INT8", "<= 15%", "modiff", "plain", True),
     ]
-    lines += [f"Targets (issue 6) at batch {b}:", "",
+    lines += [f"Speed goals at batch {b}:", "",
               "| target | goal | trt-style graph | ort-cpu graph |", "|---|---|---|---|"]
     for name, goal, num, den, overhead in targets:
         cells = []
@@ -287,7 +287,7 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
         ("MoDiff step overhead over OpenVINO plain INT8", "<= 15%", _ratio(results, "ov-modiff", "ov-plain", b), True),
         ("state as graph I/O vs state in variables", "-", _ratio(results, "ov-modiff-io", "ov-modiff", b), True),
     ]
-    lines += ["", f"Targets (issue 11, backend `openvino`) at batch {b}:", "",
+    lines += ["", f"Speed goals of the `openvino` backend at batch {b}:", "",
               "| target | goal | measured |", "|---|---|---|"]
     lines += [f"| {name} | {goal} | {(r - 1) * 100:+.0f}% |" if overhead else f"| {name} | {goal} | {r:.2f}x |"
               for name, goal, r, overhead in ov]
