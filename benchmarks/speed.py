@@ -8,7 +8,7 @@ MoDiff step for the TensorRT-style graphs (`--target trt`) and the CPU integer g
 (state kept in the compiled model's variables, and state as graph I/O for comparison), and the
 seed demo's torch.ao native-int8 MoDiff in eager. For MoDiff the
 warm-up (first) step runs first and only later steps are timed: those are what a trajectory
-repeats. Median of >= 5 timed calls after warm-up calls.
+repeats. Median of >= 5 timed calls after warm-up calls, the rows timed in turn (round-robin).
 
     python benchmarks/speed.py            # full run, writes the `speed` section of BENCHMARKS.md
     python benchmarks/speed.py --quick    # smoke run: batch 1, few calls, prints only
@@ -187,16 +187,23 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
     ]
 
 
-def measure(step: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median milliseconds of `repeats` calls after `warmup` untimed calls."""
-    for _ in range(warmup):
-        step()
-    times = []
+def measure(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per step of `repeats` rounds after `warmup` untimed calls of each.
+
+    A round times one call of every step in turn, so load from other work on a shared machine
+    falls on every row alike instead of on whichever row happened to run while it lasted.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+        for key, step in steps.items():
+            time.sleep(0.1)  # the previous row's spinning worker threads go idle first
+            started = time.perf_counter()
+            step()
+            times[key].append((time.perf_counter() - started) * 1000)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,11 +228,11 @@ def main(argv: list[str] | None = None) -> None:
             repeats = 5 if args.quick or batch >= 32 else max(5, args.repeats)
             x = torch.randn(batch, *cfg.sample_shape)
             t = torch.full((batch,), 500.0)
-            for variant in rows:
-                step = variant.setup(x, t)
-                results.setdefault(variant.key, {})[batch] = measure(step, 1, repeats)
-                del step
-                print(f"batch {batch:>2} {variant.key:<15} {results[variant.key][batch]:9.1f} ms", flush=True)
+            steps = {variant.key: variant.setup(x, t) for variant in rows}
+            for key, ms in measure(steps, 1, repeats).items():
+                results.setdefault(key, {})[batch] = ms
+                print(f"batch {batch:>2} {key:<15} {ms:9.1f} ms", flush=True)
+            del steps
             loads[batch] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     body = report(rows, results, batches, loads, export_seconds, manifests, args)
     print(body)
@@ -253,7 +260,8 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
         "",
         "Full-size DDIM CIFAR-10 UNet (35.7M params, 113 Conv/Linear), random weights, W8A8 with "
         "dummy static scales, fp warm-up. Median of >= 5 timed calls after one warm-up call "
-        "(batch 32: 5 calls); MoDiff rows time later steps (the warm-up graph runs once before).",
+        "(batch 32: 5 calls), the rows timed in turn (one call of each per round, so load from other "
+        "work falls on every row alike); MoDiff rows time later steps (the warm-up graph runs once before).",
         "",
         markdown_table(header, table),
         "",
