@@ -6,8 +6,6 @@ scripts can be re-run independently without clobbering each other's tables.
 
 from __future__ import annotations
 
-import os
-import platform
 import re
 import shlex
 import sys
@@ -18,21 +16,10 @@ HEADER = "# modiff-trt benchmarks\n\nEvery table below was written by the script
 
 
 def machine() -> str:
-    """One line: CPU model, cores, load, Python/torch/onnxruntime versions."""
-    import onnxruntime
-    import torch
+    """One line: CPU model, cores, load, Python/torch/runtime versions."""
+    from modiff_trt.machine import describe_machine
 
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores (load avg {load}), Python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}")
+    return describe_machine()
 
 
 def command_line() -> str:

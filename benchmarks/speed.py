@@ -4,9 +4,11 @@ The full-size DDIM CIFAR-10 UNet (35.7M parameters, random weights: speed does n
 them) at several batch sizes. Scales are dummy absmax values from one float pass (speed does not
 depend on them either). Rows: torch fp32 eager, ORT fp32 (the float graph), ORT INT8 plain and
 MoDiff step for the TensorRT-style graphs (`--target trt`) and the CPU integer graphs
-(`--target ort-cpu`), and the seed demo's torch.ao native-int8 MoDiff in eager. For MoDiff the
+(`--target ort-cpu`), OpenVINO fp32, plain INT8 and MoDiff step on the TensorRT-style graphs
+(state kept in the compiled model's variables, and state as graph I/O for comparison), and the
+seed demo's torch.ao native-int8 MoDiff in eager. For MoDiff the
 warm-up (first) step runs first and only later steps are timed: those are what a trajectory
-repeats. Median of >= 5 timed calls after warm-up calls.
+repeats. Median of >= 5 timed calls after warm-up calls, the rows timed in turn (round-robin).
 
     python benchmarks/speed.py            # full run, writes the `speed` section of BENCHMARKS.md
     python benchmarks/speed.py --quick    # smoke run: batch 1, few calls, prints only
@@ -35,6 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from report import command_line, machine, markdown_table, write_section  # noqa: E402
 from torch_native import native_modiff_unet, reset  # noqa: E402
 
+from modiff_trt.engines.openvino_backend import (  # noqa: E402
+    OpenVinoRunner,
+    compile_graph,
+    read_graph,
+)
 from modiff_trt.engines.ort_backend import OrtRunner  # noqa: E402
 from modiff_trt.export.exporter import export_model  # noqa: E402
 from modiff_trt.export.manifest import Manifest  # noqa: E402
@@ -103,7 +110,7 @@ def export_all(model, cfg, absmax, work: Path) -> tuple[dict[str, Path], dict[st
 def state_bytes_per_sample(manifest: Manifest) -> int:
     """a_hat + o_hat of every layer for one sample, in the state dtype (one set; ping-pong holds two)."""
     item = np.dtype(manifest.export.get("state_dtype", "float32")).itemsize
-    return sum((math.prod(l.a_hat_shape) + math.prod(l.o_hat_shape)) * item for l in manifest.layers)
+    return sum((math.prod(layer.a_hat_shape) + math.prod(layer.o_hat_shape)) * item for layer in manifest.layers)
 
 
 def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
@@ -130,6 +137,32 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
             return lambda: runner(x, t)
         return setup
 
+    def ov_float(x, t):
+        request = compile_graph(read_graph(paths["float"], x.shape[0]), threads).create_infer_request()
+        return lambda: request.infer({"x": x.numpy(), "t": t.numpy()})
+
+    def ov_runner(key: str) -> Callable:
+        def setup(x, t):
+            runner = OpenVinoRunner(paths[key], threads=threads)
+            runner.reset_state()
+            if "modiff" in key:
+                runner(x, t)  # warm-up graph: seeds the step model's variables
+            return lambda: runner(x, t)
+        return setup
+
+    def ov_state_io(x, t):
+        """The step graph compiled as exported: 2 x 113 state tensors cross the API every call."""
+        batch, export = x.shape[0], paths["trt-modiff"]
+        warm = compile_graph(read_graph(export / "warmup.onnx", batch), threads).create_infer_request()
+        request = compile_graph(read_graph(export / "step.onnx", batch), threads).create_infer_request()
+        warm.infer({"x": x.numpy(), "t": t.numpy()})
+        feeds = {"x": x.numpy(), "t": t.numpy()}
+        for port in request.model_inputs:
+            name = next(n for n in port.get_names() if n.startswith(("a_hat_in.", "o_hat_in.")) or n in feeds)
+            if name not in feeds:
+                feeds[name] = warm.get_tensor(name.replace("_in.", "_out.", 1)).data.copy()
+        return lambda: request.infer(feeds)
+
     def native(x, t):
         unet = native_modiff_unet(model, {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in absmax.items()},
                                   {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in out_absmax.items()})
@@ -144,21 +177,33 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
         Variant("trt-modiff", "ORT INT8 MoDiff step, trt-style Q/DQ (step.onnx)", ort_runner("trt-modiff")),
         Variant("ort-cpu-plain", "ORT INT8 plain, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-plain")),
         Variant("ort-cpu-modiff", "ORT INT8 MoDiff step, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-modiff")),
+        Variant("ov-fp32", "OpenVINO fp32 (float graph)", ov_float),
+        Variant("ov-plain", "OpenVINO INT8 plain, trt-style Q/DQ (unet.onnx)", ov_runner("trt-plain")),
+        Variant("ov-modiff", "OpenVINO INT8 MoDiff step, trt-style, state in variables (backend `openvino`)",
+                ov_runner("trt-modiff")),
+        Variant("ov-modiff-io", "OpenVINO INT8 MoDiff step, trt-style, state as graph I/O", ov_state_io),
         Variant("torch-native", "seed demo: torch.ao quantized conv/linear + float MoDiff state, eager "
                 "(output requantized to int8: not exact)", native),
     ]
 
 
-def measure(step: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median milliseconds of `repeats` calls after `warmup` untimed calls."""
-    for _ in range(warmup):
-        step()
-    times = []
+def measure(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per step of `repeats` rounds after `warmup` untimed calls of each.
+
+    A round times one call of every step in turn, so load from other work on a shared machine
+    falls on every row alike instead of on whichever row happened to run while it lasted.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+        for key, step in steps.items():
+            time.sleep(0.1)  # the previous row's spinning worker threads go idle first
+            started = time.perf_counter()
+            step()
+            times[key].append((time.perf_counter() - started) * 1000)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="batch 1 only, 5 calls; print, do not write BENCHMARKS.md")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per cell (batch >= 32: 5)")
-    parser.add_argument("--threads", type=int, default=2, help="torch and ORT intra-op threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch, ORT and OpenVINO intra-op threads")
     args = parser.parse_args(argv)
     batches = [1] if args.quick else args.batches
     torch.set_num_threads(args.threads)
@@ -183,11 +228,11 @@ def main(argv: list[str] | None = None) -> None:
             repeats = 5 if args.quick or batch >= 32 else max(5, args.repeats)
             x = torch.randn(batch, *cfg.sample_shape)
             t = torch.full((batch,), 500.0)
-            for variant in rows:
-                step = variant.setup(x, t)
-                results.setdefault(variant.key, {})[batch] = measure(step, 1, repeats)
-                del step
-                print(f"batch {batch:>2} {variant.key:<15} {results[variant.key][batch]:9.1f} ms", flush=True)
+            steps = {variant.key: variant.setup(x, t) for variant in rows}
+            for key, ms in measure(steps, 1, repeats).items():
+                results.setdefault(key, {})[batch] = ms
+                print(f"batch {batch:>2} {key:<15} {ms:9.1f} ms", flush=True)
+            del steps
             loads[batch] = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     body = report(rows, results, batches, loads, export_seconds, manifests, args)
     print(body)
@@ -200,7 +245,7 @@ def _ratio(results, num: str, den: str, batch: int) -> float:
 
 
 def report(rows, results, batches, loads, export_seconds, manifests, args) -> str:
-    b = 8 if 8 in batches else batches[-1]  # issue 6 states its targets at batch 8
+    b = 8 if 8 in batches else batches[-1]  # the speed goals are stated at batch 8
     header = ["runtime / graph"] + [f"batch {n} (ms/step)" for n in batches] + [f"speed-up vs ORT fp32 @ b{b}"]
     table = [[v.label] + [f"{results[v.key][n]:.1f}" for n in batches]
              + [f"{_ratio(results, 'ort-fp32', v.key, b):.2f}x"] for v in rows]
@@ -208,13 +253,15 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
         "## Speed: per-step UNet latency on CPU",
         "",
         f"Command: `{command_line()}`  ",
-        f"Machine: {machine()}; torch and ORT intra-op threads = {args.threads}, ORT default graph "
-        "optimizations and thread spinning. The cores are shared with other work: load average "
+        f"Machine: {machine()}; torch, ORT and OpenVINO intra-op threads = {args.threads}, ORT default graph "
+        "optimizations and thread spinning, OpenVINO CPU plugin with f32 inference precision and the latency "
+        "hint. The cores are shared with other work: load average "
         f"(1/5/15 min) after each batch: {'; '.join(f'b{k}: {v}' for k, v in loads.items())}.",
         "",
         "Full-size DDIM CIFAR-10 UNet (35.7M params, 113 Conv/Linear), random weights, W8A8 with "
         "dummy static scales, fp warm-up. Median of >= 5 timed calls after one warm-up call "
-        "(batch 32: 5 calls); MoDiff rows time later steps (the warm-up graph runs once before).",
+        "(batch 32: 5 calls), the rows timed in turn (one call of each per round, so load from other "
+        "work falls on every row alike); MoDiff rows time later steps (the warm-up graph runs once before).",
         "",
         markdown_table(header, table),
         "",
@@ -231,7 +278,7 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
         ("ORT INT8 MoDiff step vs torch fp32 eager", ">= 3x", "torch-fp32", "modiff", False),
         ("MoDiff step overhead over plain INT8", "<= 15%", "modiff", "plain", True),
     ]
-    lines += [f"Targets (issue 6) at batch {b}:", "",
+    lines += [f"Speed goals at batch {b}:", "",
               "| target | goal | trt-style graph | ort-cpu graph |", "|---|---|---|---|"]
     for name, goal, num, den, overhead in targets:
         cells = []
@@ -241,6 +288,17 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
             r = _ratio(results, n, d, b)
             cells.append(f"{(r - 1) * 100:+.0f}%" if overhead else f"{r:.2f}x")
         lines.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} |")
+    ov = [
+        ("OpenVINO INT8 MoDiff step vs ORT fp32", ">= 2.0x", _ratio(results, "ort-fp32", "ov-modiff", b), False),
+        ("OpenVINO INT8 MoDiff step vs torch fp32 eager", ">= 2.5x", _ratio(results, "torch-fp32", "ov-modiff", b),
+         False),
+        ("MoDiff step overhead over OpenVINO plain INT8", "<= 15%", _ratio(results, "ov-modiff", "ov-plain", b), True),
+        ("state as graph I/O vs state in variables", "-", _ratio(results, "ov-modiff-io", "ov-modiff", b), True),
+    ]
+    lines += ["", f"Speed goals of the `openvino` backend at batch {b}:", "",
+              "| target | goal | measured |", "|---|---|---|"]
+    lines += [f"| {name} | {goal} | {(r - 1) * 100:+.0f}% |" if overhead else f"| {name} | {goal} | {r:.2f}x |"
+              for name, goal, r, overhead in ov]
     return "\n".join(lines) + "\n"
 
 

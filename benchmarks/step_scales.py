@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import command_line, machine, markdown_table, write_section  # noqa: E402
 
-from modiff_trt.calibrators.collect import TrajectoryCollector  # noqa: E402
+from modiff_trt.calibrators.collect import TrajectoryCollector, run_collectors  # noqa: E402
 from modiff_trt.calibrators.search import activation_scale  # noqa: E402
 from modiff_trt.engines.torch_backend import load_reference  # noqa: E402
 from modiff_trt.models import load_config  # noqa: E402
@@ -40,7 +40,8 @@ def group_scales(model, cfg, sampler: Sampler, groups: int, bits: int, cali_n: i
     for g in range(groups):
         steps = list(range(bounds[g], bounds[g + 1]))
         collector = TrajectoryCollector(model, steps, True, 1, {}, 65536, seed=1)
-        stats = collector.run(sampler, cfg.sample_shape, cali_n, cali_n, 1, progress=False)
+        run_collectors([collector], sampler, cfg.sample_shape, cali_n, cali_n, 1, progress=False)
+        stats = collector.stats
         tables.append({n: LayerScales(act=[activation_scale(s.values(), s.absmax, bits, "minmax") for s in st.act])
                        for n, st in stats.items()})
     return [tables[int(np.searchsorted(bounds, k, side="right")) - 1] if k >= 1 else tables[0]

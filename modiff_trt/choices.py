@@ -21,11 +21,19 @@ class StrEnum(str, Enum):
 
 
 class Backend(StrEnum):
-    """Where the UNet runs: the PyTorch reference, ONNX Runtime or TensorRT engines."""
+    """Where the UNet runs: the PyTorch reference, ONNX Runtime, OpenVINO or TensorRT engines."""
 
     torch = "torch"
     ort = "ort"
+    openvino = "openvino"
     trt = "trt"
+
+
+class CpuBackend(StrEnum):
+    """The export-directory backends that run on any CPU (the demo's choice)."""
+
+    openvino = "openvino"
+    ort = "ort"
 
 
 class SkipType(StrEnum):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from modiff_trt.calibrators import CalibrationOptions, calibrate
+from modiff_trt.calibrators import CalibrationOptions, calibrate_together
 from modiff_trt.engines.torch_backend import load_reference
 from modiff_trt.export.exporter import export_model
 from modiff_trt.models.config import ModelConfig
@@ -23,31 +25,48 @@ from modiff_trt.sampling.sampler import Sampler
 log = logging.getLogger(__name__)
 
 
-def calibration_file(
-    model_cfg: ModelConfig, checkpoint: Path | None, quant: QuantConfig, sampler: Sampler, workdir: Path,
+def calibration_files(
+    model_cfg: ModelConfig, checkpoint: Path | None, quants: Sequence[QuantConfig], sampler: Sampler, workdir: Path,
     cali_st: int = 10, cali_n: int = 64, batch_size: int = 64, method: str = "minmax", seed: int = 1,
     step_groups: int | str = 1,
-) -> Path | None:
-    """Calibrate once per (act bits and format, modulate, method, step groups) into `workdir`;
-    None when nothing needs scales.
+) -> list[Path | None]:
+    """The calibration file of each of `quants` in `workdir` (None when nothing needs scales).
 
-    `seed` seeds the calibration noise: keep it apart from the sampling seed, so the scales are
-    not measured on the very trajectories they are then scored on.
+    One file per (act bits and format, modulate, method, split, step groups); the missing ones
+    are calibrated together from one set of float trajectories (per split: the split changes the
+    statistics' channel groups). `seed` seeds the calibration noise: keep it apart from the
+    sampling seed, so the scales are not measured on the very trajectories they are then scored on.
     """
-    if quant.act_bits is None:
-        return None
-    kind = "residual" if quant.modulate else "raw"
+    paths: list[Path | None] = []
+    missing: dict[Path, CalibrationOptions] = {}
     groups = "" if str(step_groups) == "1" else f"-g{step_groups}"
-    grid = f"a{quant.act_bits}" if quant.act_format == "int" else quant.act_format
-    path = workdir / f"{kind}-{grid}-{method}{'-split' if quant.split else ''}{groups}.cal.safetensors"
-    if not path.is_file():
-        options = CalibrationOptions(
-            weight_bits=quant.weight_bits, act_bits=quant.act_bits, modulate=quant.modulate,
-            first_step=quant.first_step, split=quant.split, method=method, cali_st=cali_st, cali_n=cali_n,
-            batch_size=batch_size, seed=seed, step_groups=step_groups, act_format=quant.act_format,
-        )
-        calibrate(model_cfg, checkpoint, path, sampler, options, progress=False)
-    return path
+    for quant in quants:
+        if quant.act_bits is None:
+            paths.append(None)
+            continue
+        kind = "residual" if quant.modulate else "raw"
+        grid = f"a{quant.act_bits}" if quant.act_format == "int" else quant.act_format
+        path = workdir / f"{kind}-{grid}-{method}{'-split' if quant.split else ''}{groups}.cal.safetensors"
+        paths.append(path)
+        if not path.is_file():
+            missing[path] = CalibrationOptions(
+                weight_bits=quant.weight_bits, act_bits=quant.act_bits, modulate=quant.modulate,
+                first_step=quant.first_step, split=quant.split, method=method, cali_st=cali_st, cali_n=cali_n,
+                batch_size=batch_size, seed=seed, step_groups=step_groups,
+                act_format=quant.act_format,
+            )
+    for split in sorted({options.split for options in missing.values()}):
+        group = {path: options for path, options in missing.items() if options.split == split}
+        calibrate_together(model_cfg, checkpoint, group, sampler, progress=False)
+    return paths
+
+
+def calibration_file(
+    model_cfg: ModelConfig, checkpoint: Path | None, quant: QuantConfig, sampler: Sampler, workdir: Path,
+    **options: Any,
+) -> Path | None:
+    """`calibration_files` for one configuration."""
+    return calibration_files(model_cfg, checkpoint, [quant], sampler, workdir, **options)[0]
 
 
 def export_config(

@@ -8,7 +8,14 @@ import pytest
 import torch
 import yaml
 
-from modiff_trt.calibrators import Calibration, CalibrationOptions, calibrate, import_qdiffusion, load_calibration
+from modiff_trt.calibrators import (
+    Calibration,
+    CalibrationOptions,
+    calibrate,
+    calibrate_together,
+    import_qdiffusion,
+    load_calibration,
+)
 from modiff_trt.calibrators.collect import StreamStats, calibration_steps
 from modiff_trt.calibrators.search import activation_scale, mse_weight
 from modiff_trt.errors import ArtifactError, CheckpointError, ConfigError
@@ -189,6 +196,34 @@ def test_static_modiff_tracks_float_better_than_plain_at_4bit(tmp_path, tiny_mod
         q = static_model(tiny_model, cal, config, tiny_checkpoint, weight_bits=8, act_bits=4, modulate=modulate)
         errors[modulate] = rel_err(ddim_sample(q, noise, seq, betas), reference)
     assert errors[True] < 0.5 * errors[False], errors
+
+
+def test_files_calibrated_together_equal_files_calibrated_alone(tmp_path, tiny_config, tiny_checkpoint):
+    """One set of trajectories feeds raw, residual and per-step-group residual statistics; each
+    file is what it would be alone (same scales, bit for bit: minmax and mse, INT and FP8, one and
+    three step groups), and files whose trajectories differ are refused."""
+    cfg = load_config(tiny_config)
+    sampler = make_sampler(cfg, steps=10)
+    options = {"raw8": CalibrationOptions(**FAST, act_bits=8, modulate=False),
+               "res4": CalibrationOptions(**FAST, act_bits=4, modulate=True),
+               "res8mse": CalibrationOptions(**FAST, act_bits=8, modulate=True, method="mse"),
+               "res4g3": CalibrationOptions(**FAST, act_bits=4, modulate=True, step_groups=3),
+               "res-fp8": CalibrationOptions(**FAST, act_bits=8, modulate=True, act_format="fp8")}
+    together = calibrate_together(cfg, tiny_checkpoint, {tmp_path / f"{k}.t": o for k, o in options.items()}, sampler,
+                                  progress=False)
+    for (key, entry), joint in zip(options.items(), together, strict=True):
+        alone = calibrate(cfg, tiny_checkpoint, tmp_path / f"{key}.a", sampler, entry, progress=False)
+        assert joint.kind == alone.kind and joint.layers.keys() == alone.layers.keys()
+        assert joint.meta["step_groups"] == alone.meta["step_groups"] and joint.meta["act_format"] == entry.act_format
+        for name, scales in alone.layers.items():
+            mine = joint.layers[name]
+            assert (mine.act, mine.warmup, mine.act_groups, mine.act_format) == \
+                (scales.act, scales.warmup, scales.act_groups, scales.act_format), (key, name)
+    assert together[3].meta["step_groups"]["count"] == 3 and together[1].meta["step_groups"] is None
+    assert together[0].meta["report"]["files_from_these_trajectories"] == 5
+    with pytest.raises(ConfigError, match="cali_n differ"):
+        calibrate_together(cfg, tiny_checkpoint, {tmp_path / "a": options["raw8"],
+                                                  tmp_path / "b": CalibrationOptions(**{**FAST, "cali_n": 4})}, sampler)
 
 
 def test_split_calibration_has_per_group_scales(tmp_path, tiny_model, tiny_config, tiny_checkpoint):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 
 from PIL import Image
 from typer.testing import CliRunner
 
 from modiff_trt.cli import app
 from modiff_trt.demo import DEMO_ROWS
+from modiff_trt.engines.factory import fastest_cpu_backend
+from modiff_trt.machine import cpu_model
 
 
 def test_demo_writes_grid_and_report_and_shows_modiff_beating_plain_at_4_bits(tmp_path):
@@ -16,10 +19,17 @@ def test_demo_writes_grid_and_report_and_shows_modiff_beating_plain_at_4_bits(tm
     result = CliRunner().invoke(app, ["demo", "-o", str(out), "--num-images", "32", "--steps", "8"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
+    assert report["backend"] == fastest_cpu_backend() and f"demo ({report['backend']}, CPU)" in result.output
+    printed = " ".join(result.output.split())  # rich wraps long lines
+    assert report["machine"].startswith(f"{cpu_model()}, {os.cpu_count()} cores") and cpu_model() in printed
+    assert 0 < sum(row["seconds"] for row in report["rows"]) < report["seconds"]
     rows = {row["name"]: row for row in report["rows"]}
     assert list(rows) == ["fp32", "qdiff-w8a8", "modiff-w8a8", "qdiff-w8a4", "modiff-w8a4", "modiff-w8-nvfp4"] \
         == list(DEMO_ROWS)
-    assert set(rows["fp32"]) == {"name", "psnr_db", "digits_fid", "confidence", "seconds"}
+    assert set(rows["fp32"]) == {"name", "psnr_db", "digits_fid", "confidence", "seconds", "backend"}
+    # OpenVINO has no FP8/NVFP4 kernels: that row samples on ONNX Runtime, every other on the fastest backend
+    assert {name: row["backend"] for name, row in rows.items() if row["backend"] != report["backend"]} == \
+        ({"modiff-w8-nvfp4": "ort"} if report["backend"] == "openvino" else {})
     assert rows["fp32"]["psnr_db"] is None
     assert rows["modiff-w8a8"]["psnr_db"] > 30
     assert rows["modiff-w8a4"]["psnr_db"] > rows["qdiff-w8a4"]["psnr_db"] + 6

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from modiff_trt.calibrators.collect import (
     TrajectoryCollector,
     calibration_steps,
     input_channels,
+    run_collectors,
 )
 from modiff_trt.calibrators.fileformat import Calibration, save_calibration
 from modiff_trt.calibrators.search import (
@@ -139,33 +141,54 @@ def measure_activations(
     model: torch.nn.Module,
     model_cfg: ModelConfig,
     sampler: Sampler,
-    options: CalibrationOptions,
+    options: Sequence[CalibrationOptions],
     splits: dict[str, int],
     conditioning: ContextSource | None = None,
     progress: bool = True,
-    step_groups: StepGroups | None = None,
-) -> tuple[dict[str, LayerScales], StepGroups | None]:
-    """Static activation scales per layer: residual (+ warm-up) scales for MoDiff, raw for plain.
+    step_groups: Sequence[StepGroups | None] | None = None,
+) -> list[tuple[dict[str, LayerScales], StepGroups | None]]:
+    """Static activation scales per layer for each of `options` (residual + warm-up scales for
+    MoDiff, raw for plain), all from ONE set of float trajectories: one collector per kind of
+    statistic (raw or residual, and the step groups measured), the scale search per entry
+    (bits, format and method only change the search).
 
     Steps index UNet calls, not sampler steps: PLMS calls the UNet once more than it has steps.
-    `step_groups` measures residual scales per group of steps (`LayerScales.act_groups`); with
-    `options.step_groups == 'auto'` those are the finest candidates, merged by
-    `choose_step_groups`. Returns the scales and the step groups they hold (None: one group).
+    `step_groups` (one per entry, default None) measures residual scales per group of steps
+    (`LayerScales.act_groups`); with the entry's `step_groups == 'auto'` those are the finest
+    candidates, merged by `choose_step_groups`. Returns per entry the scales and the step groups
+    they hold (None: one group).
     """
-    steps = calibration_steps(sampler.model_calls(), options.cali_st, options.modulate)
-    log.info("calibrating %s at UNet calls %s of %d (%d trajectories)",
-             "residuals" if options.modulate else "raw inputs", steps, sampler.model_calls(), options.cali_n)
-    if step_groups is not None:
-        for g in range(step_groups.count):
-            if not set(step_groups.steps_of(g)) & set(steps):
-                raise ConfigError(f"--cali-st {options.cali_st} leaves step group {g} (steps {step_groups.steps_of(g)}) "
-                                  f"without a calibration step: raise --cali-st (up to {sampler.model_calls() - 1}) "
-                                  "or use fewer groups")
-    n_batches = -(-options.cali_n // options.batch_size)
-    collector = TrajectoryCollector(model, steps, options.modulate, n_batches, splits, options.reservoir, options.seed,
-                                    step_group=None if step_groups is None else step_groups.group_of)
-    stats = collector.run(sampler, model_cfg.sample_shape, options.cali_n, options.batch_size, options.seed,
-                          conditioning, progress)
+    groups = list(step_groups) if step_groups is not None else [None] * len(options)
+    first = options[0]
+    n_batches = -(-first.cali_n // first.batch_size)
+    collectors: dict[tuple, TrajectoryCollector] = {}
+    keys = []
+    for entry, requested in zip(options, groups, strict=True):
+        key = (entry.modulate, None if requested is None else requested.bounds)
+        keys.append(key)
+        if key in collectors:
+            continue
+        steps = calibration_steps(sampler.model_calls(), entry.cali_st, entry.modulate)
+        log.info("calibrating %s at UNet calls %s of %d (%d trajectories)",
+                 "residuals" if entry.modulate else "raw inputs", steps, sampler.model_calls(), entry.cali_n)
+        if requested is not None:
+            for g in range(requested.count):
+                if not set(requested.steps_of(g)) & set(steps):
+                    raise ConfigError(
+                        f"--cali-st {entry.cali_st} leaves step group {g} (steps {requested.steps_of(g)}) without a "
+                        f"calibration step: raise --cali-st (up to {sampler.model_calls() - 1}) or use fewer groups")
+        collectors[key] = TrajectoryCollector(model, steps, entry.modulate, n_batches, splits, entry.reservoir,
+                                              entry.seed, step_group=None if requested is None else requested.group_of)
+    run_collectors(list(collectors.values()), sampler, model_cfg.sample_shape, first.cali_n, first.batch_size,
+                   first.seed, conditioning, progress)
+    return [_scales_of(model, entry, collectors[key].stats, requested)
+            for entry, key, requested in zip(options, keys, groups, strict=True)]
+
+
+def _scales_of(
+    model: torch.nn.Module, options: CalibrationOptions, stats: dict[str, LayerStats], step_groups: StepGroups | None,
+) -> tuple[dict[str, LayerScales], StepGroups | None]:
+    """One file's scales from the collected statistics (the scale search of `options`)."""
     fine = step_groups.count if step_groups is not None else 1
     if step_groups is not None and options.step_groups == "auto":
         step_groups = choose_step_groups(stats, step_groups)
@@ -278,13 +301,7 @@ def calibrate(
     out: str | Path,
     sampler: Sampler,
     options: CalibrationOptions = CalibrationOptions(),
-    *,
-    conditioning: ContextSource | None = None,
-    imported: ImportedWeights | None = None,
-    trust: bool = False,
-    ema: bool = False,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
+    **kwargs: Any,
 ) -> Calibration:
     """Calibrate static scales on full-precision trajectories of `sampler` and write them to `out`.
 
@@ -295,50 +312,87 @@ def calibrate(
     stored (the reference rounds symmetric absmax weights itself, so the file stays small);
     `imported` supplies integer weights instead of a weight search. `device` runs the
     trajectories there (statistics move to the CPU as they stream in); `ema` loads the
-    checkpoint's EMA weights.
+    checkpoint's EMA weights. Keyword arguments: those of `calibrate_together`.
+    """
+    return calibrate_together(model_cfg, checkpoint, {out: options}, sampler, **kwargs)[0]
+
+
+#: What the trajectories depend on: files calibrated together must agree on these.
+TRAJECTORY_FIELDS = ("cali_st", "cali_n", "batch_size", "seed", "reservoir", "split")
+
+
+def calibrate_together(
+    model_cfg: ModelConfig,
+    checkpoint: str | Path | None,
+    targets: Mapping[str | Path, CalibrationOptions],
+    sampler: Sampler,
+    *,
+    conditioning: ContextSource | None = None,
+    imported: ImportedWeights | None = None,
+    trust: bool = False,
+    ema: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[Calibration]:
+    """Write one calibration file per `targets` entry (path -> options) from one set of trajectories.
+
+    Files that differ only in bits, format, method, weights, step groups or MoDiff vs plain come
+    from the same float trajectories, so they are sampled once: each file is what `calibrate` writes for it alone,
+    at a fraction of the time (the `demo` calibrates its four quantized rows this way).
     """
     started = time.perf_counter()
+    entries = list(targets.items())
+    first = entries[0][1]
+    for out, entry in entries[1:]:
+        differ = [f for f in TRAJECTORY_FIELDS if getattr(entry, f) != getattr(first, f)]
+        if differ:
+            raise ConfigError(f"{out}: calibrated together with {entries[0][0]}, but its {', '.join(differ)} "
+                              "differ: calibrate it separately")
     if model_cfg.context_shape is not None and conditioning is None:
         raise ConfigError(f"{model_cfg.source} is text-conditioned: calibrate with prompts (--prompt/--from-file "
                           "and --text-encoder DIR) or random context (--random-context, for tests)")
     try:
-        steps = calibration_steps(sampler.model_calls(), options.cali_st, options.modulate)
+        steps = {e.modulate: calibration_steps(sampler.model_calls(), e.cali_st, e.modulate) for _, e in entries}
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    requested = requested_groups(options, sampler)
-    groups = None
+    requested = [requested_groups(e, sampler) for _, e in entries]
     model = load_unet(model_cfg, checkpoint, trust=trust, ema=ema).to(device)
-    splits = imported.splits if imported is not None else split_points(model, options.split)
-    layers = {name: LayerScales() for name in quantizable_layers(model)}
-    if options.act_bits is not None:
-        with torch.no_grad():
-            layers, groups = measure_activations(model, model_cfg, sampler, options, splits, conditioning, progress,
-                                                 step_groups=requested)
-    weight_method = options.resolved_weight_method
-    if imported is not None:
-        weight_method = imported.origin
-        for name, entry in imported.layers.items():
-            layers[name].weight_codes, layers[name].weight_scale = entry.weight_codes, entry.weight_scale
-    elif options.weight_bits is not None and weight_method == "mse":
-        for name, (codes, scale) in mse_weights(model, options.weight_bits, splits).items():
-            layers[name].weight_codes, layers[name].weight_scale = codes, scale
+    splits = imported.splits if imported is not None else split_points(model, first.split)
+    measured = [(e, requested[i]) for i, (_, e) in enumerate(entries) if e.act_bits is not None]
+    with torch.no_grad():
+        scales = iter(measure_activations(model, model_cfg, sampler, [e for e, _ in measured], splits, conditioning,
+                                          progress, step_groups=[g for _, g in measured]) if measured else [])
     seconds, peak = time.perf_counter() - started, peak_rss_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.device(device).type == "cuda" else None
     log.info("calibration took %.1f s, peak RSS %.0f MB%s", seconds, peak,
              "" if gpu_peak is None else f", peak CUDA memory {gpu_peak:.0f} MB")
-    meta = base_meta(
-        model_cfg, checkpoint,
-        kind="residual" if options.modulate else "raw", modulate=options.modulate, first_step=options.first_step,
-        split=bool(splits), weight_bits=options.weight_bits, act_bits=options.act_bits, act_format=options.act_format,
-        method=options.method,
-        weight_method=weight_method, percentile=options.percentile if options.method == "percentile" else None,
-        reservoir=options.reservoir, origin="calibration" if imported is None else f"{imported.origin}+calibration",
-        weights=imported.notes if imported is not None else None,
-        sampler=sampler.to_dict(),
-        step_groups=None if groups is None else groups.to_dict(),
-        trajectories={"cali_st": options.cali_st, "cali_n": options.cali_n, "batch_size": options.batch_size,
-                      "seed": options.seed, "calibration_steps": steps},
-        report={"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1),
-                "peak_cuda_mb": None if gpu_peak is None else round(gpu_peak, 1)},
-    )
-    return save_calibration(out, layers, meta)
+    written = []
+    for out, options in entries:
+        layers, groups = ({n: LayerScales() for n in quantizable_layers(model)}, None) if options.act_bits is None \
+            else next(scales)
+        weight_method = options.resolved_weight_method
+        if imported is not None:
+            weight_method = imported.origin
+            for name, entry in imported.layers.items():
+                layers[name].weight_codes, layers[name].weight_scale = entry.weight_codes, entry.weight_scale
+        elif options.weight_bits is not None and weight_method == "mse":
+            for name, (codes, scale) in mse_weights(model, options.weight_bits, splits).items():
+                layers[name].weight_codes, layers[name].weight_scale = codes, scale
+        meta = base_meta(
+            model_cfg, checkpoint,
+            kind="residual" if options.modulate else "raw", modulate=options.modulate,
+            first_step=options.first_step, split=bool(splits), weight_bits=options.weight_bits,
+            act_bits=options.act_bits, act_format=options.act_format, method=options.method,
+            weight_method=weight_method, percentile=options.percentile if options.method == "percentile" else None,
+            reservoir=options.reservoir, origin="calibration" if imported is None else f"{imported.origin}+calibration",
+            weights=imported.notes if imported is not None else None,
+            sampler=sampler.to_dict(),
+            step_groups=None if groups is None else groups.to_dict(),
+            trajectories={"cali_st": options.cali_st, "cali_n": options.cali_n, "batch_size": options.batch_size,
+                          "seed": options.seed, "calibration_steps": steps[options.modulate]},
+            report={"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1),
+                    "peak_cuda_mb": None if gpu_peak is None else round(gpu_peak, 1),
+                    "files_from_these_trajectories": len(entries)},
+        )
+        written.append(save_calibration(out, layers, meta))
+    return written

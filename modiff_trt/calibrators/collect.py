@@ -138,11 +138,11 @@ class TrajectoryCollector:
             x, stats, step = args[0], self.stats[name], self.step
             linear = isinstance(module, nn.Linear)  # channels last: [B, C] or [B, tokens, C]
             if self.modulate and step == 0:
-                for group, s in zip(stats.groups, stats.warmup):
+                for group, s in zip(stats.groups, stats.warmup, strict=True):
                     s.update(x[..., group] if linear else x[:, group], self.generator)
             if step in self.steps:
                 value = x - self.previous.pop(name) if self.modulate else x
-                for group, s in zip(stats.groups, stats.act_by_group[self.step_group(step)]):
+                for group, s in zip(stats.groups, stats.act_by_group[self.step_group(step)], strict=True):
                     s.update(value[..., group] if linear else value[:, group], self.generator)
             if self.modulate and step + 1 in self.steps:
                 self.previous[name] = x.detach().clone()
@@ -157,25 +157,42 @@ class TrajectoryCollector:
     def _new_trajectory(self, *_: object) -> None:
         self.step, self.calls, self.previous = 0, 0, {}
 
-    def run(
-        self,
-        sampler: Sampler,
-        sample_shape: Sequence[int],
-        cali_n: int,
-        batch_size: int,
-        seed: int,
-        conditioning: ContextSource | None = None,
-        progress: bool = True,
-    ) -> dict[str, LayerStats]:
-        """Sample `cali_n` float trajectories of `sampler` in batches; image i's noise depends on (seed, i)."""
-        handles = [self.model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.stats]
-        handles.append(self.model.register_forward_pre_hook(self._count_call))
-        self._new_trajectory()
-        try:
-            sample_batches(sampler, self.model, sample_shape, cali_n, batch_size, seed, conditioning,
-                           on_batch=self._new_trajectory, progress=progress, description="calibration trajectories")
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.previous = {}
-        return self.stats
+
+def run_collectors(
+    collectors: Sequence[TrajectoryCollector],
+    sampler: Sampler,
+    sample_shape: Sequence[int],
+    cali_n: int,
+    batch_size: int,
+    seed: int,
+    conditioning: ContextSource | None = None,
+    progress: bool = True,
+) -> None:
+    """Sample the trajectories once and feed every collector (all hooked on the same model).
+
+    Why: raw (plain) and residual (MoDiff) statistics of one model come from the same float
+    trajectories, and the trajectories cost far more than the statistics. Each collector keeps
+    its own generator and sees the calls in the same order as alone, so its statistics are
+    exactly those of a run of its own.
+    """
+    model = collectors[0].model
+    if any(c.model is not model for c in collectors):
+        raise ValueError("collectors sampled together must hook the same model")
+    handles = []
+    for collector in collectors:
+        handles += [model.get_submodule(n).register_forward_pre_hook(collector._hook(n)) for n in collector.stats]
+        handles.append(model.register_forward_pre_hook(collector._count_call))
+        collector._new_trajectory()
+
+    def new_trajectory(*_: object) -> None:
+        for collector in collectors:
+            collector._new_trajectory()
+
+    try:
+        sample_batches(sampler, model, sample_shape, cali_n, batch_size, seed, conditioning,
+                       on_batch=new_trajectory, progress=progress, description="calibration trajectories")
+    finally:
+        for handle in handles:
+            handle.remove()
+        for collector in collectors:
+            collector.previous = {}

@@ -1,14 +1,42 @@
-"""Open the backend a user names for an export directory: torch, ort or trt."""
+"""Open the backend a user names for an export directory: torch, ort, openvino or trt."""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 
 from modiff_trt.engines.base import UNetRunner
 from modiff_trt.errors import ConfigError
 from modiff_trt.export.manifest import Manifest, load_manifest
 
-BACKENDS = ("torch", "ort", "trt")
+BACKENDS = ("torch", "ort", "openvino", "trt")
+
+log = logging.getLogger(__name__)
+
+
+def fastest_cpu_backend() -> str:
+    """`openvino` when installed, else `ort`.
+
+    OpenVINO runs the INT8 graphs on integer kernels, where ONNX Runtime's CPU provider
+    dequantizes to float (BENCHMARKS.md, `speed`). It has no FP8/NVFP4 kernels: callers send
+    such exports to ONNX Runtime (`openvino_backend.unsupported`). ONNX Runtime stays the
+    reference runtime of the tests.
+    """
+    return "openvino" if importlib.util.find_spec("openvino") is not None else "ort"
+
+
+def cpu_backend_for(export_dir: str | Path, preferred: str) -> str:
+    """`preferred`, or `ort` where it is `openvino` and OpenVINO cannot run `export_dir` (FP8/NVFP4 layers)."""
+    if preferred != "openvino":
+        return preferred
+    from modiff_trt.engines.openvino_backend import unsupported
+
+    reason = unsupported(load_manifest(export_dir))
+    if reason is None:
+        return preferred
+    log.info("%s %s; running it with ort", export_dir, reason.split(":")[0])
+    return "ort"
 
 
 def open_runner(
@@ -32,6 +60,10 @@ def open_runner(
         from modiff_trt.engines.ort_backend import OrtRunner
 
         return OrtRunner(export_dir, manifest=manifest, provider=ort_provider), manifest
+    if backend == "openvino":
+        from modiff_trt.engines.openvino_backend import OpenVinoRunner
+
+        return OpenVinoRunner(export_dir, manifest=manifest), manifest
     from modiff_trt.engines.trt_runtime import TensorRTRunner
 
     return TensorRTRunner(export_dir, manifest=manifest, device=device, cuda_graph=cuda_graph), manifest

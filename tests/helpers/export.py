@@ -103,7 +103,7 @@ def reference_feeds(qmodel, run) -> list[dict[str, np.ndarray]]:
 
     def record(module, args):
         names = ("x", "t", "context")
-        feeds.append({n: a.detach().float().numpy().copy() for n, a in zip(names, args) if a is not None})
+        feeds.append({n: a.detach().float().numpy().copy() for n, a in zip(names, args, strict=False) if a is not None})
 
     handle = qmodel.register_forward_pre_hook(record)
     try:
@@ -113,29 +113,99 @@ def reference_feeds(qmodel, run) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def check_step_layers(out, qmodel, noise, run=None) -> int:
-    """Run `out`'s warm-up then step graphs on ONNX Runtime along the reference's own sampler
-    states and assert, per layer and step, on ORT's own tensors: rq = Q(x - a_hat_in) exactly in the
-    layer's own format (int8 grids: but at rounding ties), a_hat_out = a_hat_in + rq, o_hat_out =
-    o_hat_in + f(rq, Wq); constant-input layers carry no a_hat and pass o_hat through exactly. `run(model)`
-    samples (default: DDIM over SEQ from `noise`). Returns the number of (layer, step) pairs checked."""
-    import onnxruntime as ort
+class OrtProbe:
+    """`out`'s warm-up and (layer-input-exposing) step graphs on ONNX Runtime, state as graph I/O."""
 
+    def __init__(self, out, layers, workdir=None):
+        import onnxruntime as ort
+
+        cpu, options = ["CPUExecutionProvider"], session_options()
+        self.warm = ort.InferenceSession(str(out / "warmup.onnx"), options, providers=cpu)
+        self.step_session = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(),
+                                                 options, providers=cpu)
+
+    def warmup(self, feed) -> None:
+        outs = dict(zip([o.name for o in self.warm.get_outputs()], self.warm.run(None, feed), strict=True))
+        self.state = {output_to_input(n): v for n, v in outs.items() if n != "eps"}
+
+    def step(self, feed):
+        """(state read, outputs: a_hat_out.L, o_hat_out.L and each layer's input x_of.L)."""
+        result = dict(zip([o.name for o in self.step_session.get_outputs()],
+                          self.step_session.run(None, {**feed, **self.state}), strict=True))
+        state, self.state = self.state, {output_to_input(n): v for n, v in result.items()
+                                         if n.startswith(("a_hat_out.", "o_hat_out."))}
+        return state, result
+
+
+class OpenVinoProbe:
+    """The same on OpenVINO, state kept as variables of the compiled step model and read back
+    through `query_state` before and after each step: the runtime's own state, not a copy of it."""
+
+    def __init__(self, out, layers, workdir):
+        self.warm_path, self.step_path = out / "warmup.onnx", workdir / "probe-step.onnx"
+        onnx.save(_expose_layer_inputs(out / "step.onnx", layers), str(self.step_path))
+
+    def warmup(self, feed) -> None:
+        from modiff_trt.engines.openvino_backend import (
+            compile_graph,
+            make_stateful,
+            read_graph,
+            seed_state,
+        )
+
+        batch = feed["x"].shape[0]
+        warm = compile_graph(read_graph(self.warm_path, batch)).create_infer_request()
+        model = read_graph(self.step_path, batch)
+        make_stateful(model)
+        self.request = compile_graph(model).create_infer_request()
+        warm.infer(feed)
+        seed_state(self.request, {n: warm.get_tensor(n).data for n in self.request_outputs(warm)})
+
+    @staticmethod
+    def request_outputs(request) -> list[str]:
+        return [next(n for n in port.get_names() if n.startswith(("a_hat_out.", "o_hat_out.")))
+                for port in request.model_outputs if "eps" not in port.get_names()]
+
+    def step(self, feed):
+        from modiff_trt.engines.openvino_backend import read_state
+
+        state = read_state(self.request)
+        self.request.infer(feed)
+        result = {n: self.request.get_tensor(n).data.copy() for port in self.request.model_outputs
+                  for n in port.get_names() if n.startswith("x_of.")}
+        result.update({input_to_output(n): v for n, v in read_state(self.request).items()})
+        return state, result
+
+
+PROBES = {"ort": OrtProbe, "openvino": OpenVinoProbe}
+
+
+def output_to_input(name: str) -> str:
+    return name.replace("_out.", "_in.", 1)
+
+
+def input_to_output(name: str) -> str:
+    return name.replace("_in.", "_out.", 1)
+
+
+def check_step_layers(out, qmodel, noise, run=None, runtime="ort", workdir=None) -> int:
+    """Run `out`'s warm-up then step graphs on `runtime` (ort | openvino) along the reference's own
+    sampler states and assert, per layer and step, on that runtime's own tensors: rq = a_hat_out -
+    a_hat_in = Q(x - a_hat_in) exactly in the layer's own format (int grids: codes are integers
+    in the b-bit range, and equal the reference's but at rounding ties), o_hat_out = o_hat_in +
+    f(rq, Wq); constant-input layers carry no a_hat and pass o_hat through exactly. With step
+    groups the step graph reads each call's `step_scale_ratio` row. `run(model)` samples
+    (default: DDIM over SEQ from `noise`). Returns the number of (layer, step) pairs checked."""
     layers = qmodel.layers
-    options = session_options()
-    step = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
-    warm = ort.InferenceSession(str(out / "warmup.onnx"), options, providers=["CPUExecutionProvider"])
+    probe = PROBES[runtime](out, layers, workdir)
     feeds = reference_feeds(qmodel, run or (lambda m: ddim_sample(m, noise, SEQ, BETAS)))
-    names = [o.name for o in warm.get_outputs()]
-    outs = warm.run(None, feeds[0])
-    state = {n.replace("_out.", "_in.", 1): v for n, v in zip(names[1:], outs[1:])}
+    probe.warmup(feeds[0])
     groups, table = qmodel.step_groups, step_ratio_table(qmodel)
     checked = 0
     for call, feed in enumerate(feeds[1:], start=1):
         group = None if groups is None else groups.group_of(call)
         extra = {} if group is None else {STEP_SCALE_RATIO: np.asarray(table[group], dtype=np.float32)}
-        result = dict(zip([o.name for o in step.get_outputs()], step.run(None, {**feed, **state, **extra})))
+        state, result = probe.step({**feed, **extra})
         for name, layer in layers.items():
             if layer.scales.constant_input:
                 assert f"a_hat_out.{name}" not in result
@@ -151,21 +221,28 @@ def check_step_layers(out, qmodel, noise, run=None) -> int:
             # rq is read back as a_out - a_in: float32 rounding of a_hat bounds its precision
             ulp = 2 * torch.finfo(torch.float32).eps * float(a_out.abs().max())
             tie = torch.zeros_like(want, dtype=torch.bool)  # FP8 / NVFP4 Q/DQ run bit-exact on ORT
+            on_grid = rq.clone()
             slack = 0.0
             for i, g in enumerate(layer.groups if len(layer.groups) > 1 else [slice(None)]):
                 if layer.format.format != "int":
                     continue
                 scale = torch.tensor(layer.scales.act[i])
                 pre, post = (1.0, 1.0) if group is None else (torch.tensor(r[i]) for r in layer.ratios[group])
-                ratio = residual[:, g] * pre / scale  # ORT's int8 QuantizeLinear may break ties the other way
+                zp = 0.0 if layer.scales.act_zero_point is None else float(layer.scales.act_zero_point[i])
+                # ORT rounds ties to even, OpenVINO away from zero, and either may round a code within
+                # a float32 ulp of a tie the other way
+                ratio = residual[:, g] * pre / scale
                 tie[:, g] = (ratio - ratio.floor() - 0.5).abs() < 1e-3
                 slack = max(slack, 1e-5 * float(scale) * float(post) * 128)
                 # codes on the b-bit grid of the constant scale
-                codes = (rq[:, g] / post / scale).round()
-                assert codes.abs().max() <= 2 ** (layer.act_bits - 1)
-            assert torch.allclose(rq[~tie], want[~tie], atol=ulp + slack, rtol=0)
-            f = layer.apply_weight(rq, bias=False)
-            assert torch.allclose(o_out - o_in, f, rtol=1e-4, atol=1e-5 * float(o_in.abs().max()))
+                codes = rq[:, g] / post / scale
+                assert (codes - codes.round()).abs().max() <= 1e-3 + ulp / float(scale * post), f"{name}: off the grid"
+                lo, hi = -(2 ** (layer.act_bits - 1)) - zp, 2 ** (layer.act_bits - 1) - 1 - zp
+                assert lo <= codes.round().min() and codes.round().max() <= hi, f"{name}: codes outside [{lo}, {hi}]"
+                on_grid[:, g] = codes.round() * scale * post
+            assert torch.allclose(rq[~tie], want[~tie], atol=ulp + slack, rtol=0), name
+            # f from the codes themselves: the ulps a_out - a_in carries would add up over the kernel
+            f = layer.apply_weight(on_grid, bias=False)
+            assert torch.allclose(o_out - o_in, f, rtol=1e-4, atol=1e-5 * float(o_in.abs().max())), name
             checked += 1
-        state = {n.replace("_out.", "_in.", 1): v for n, v in result.items() if n.startswith(("a_hat_out.", "o_hat_out."))}
     return checked
