@@ -401,8 +401,9 @@ def inspect(
         out.print(table)
     _print_formats(out, manifest)
     per_sample = manifest.state_bytes_per_sample() if manifest.modulated else 0
+    guided = " (cond+uncond)" if export.state_batch_multiplier > 1 else ""
     out.print(f"{len(manifest.layers)} quantized layers; MoDiff state {per_sample / 2**20:.2f} MiB per sample"
-              f"{' (cond+uncond)' if export.state_batch_multiplier > 1 else ''}, {per_sample * batch / 2**20:.1f} MiB at batch {batch} "
+              f"{guided}, {per_sample * batch / 2**20:.1f} MiB at batch {batch} "
               f"(x2 for the ping-pong sets: {2 * per_sample * batch / 2**20:.1f} MiB)")
     if lint:
         from modiff_trt.export.lint import lint_export

@@ -196,10 +196,11 @@ def export_model(
             graphs[key] = GraphSpec(file, sha256_graph(tmp / file), tensor_specs(list(graph.graph.input)),
                                     tensor_specs(list(graph.graph.output)))
             log.info("wrote %s (%d nodes)", file, len(graph.graph.node))
+        config_file = Path(model_cfg.source)
         manifest = Manifest(
             model=ModelSection(
                 family=model_cfg.family,
-                config=model_cfg.source if not Path(model_cfg.source).is_file() else str(Path(model_cfg.source).resolve()),
+                config=str(config_file.resolve()) if config_file.is_file() else model_cfg.source,
                 config_sha256=model_cfg.sha256,
                 checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()),
                 checkpoint_sha256=None if checkpoint is None else sha256_file(checkpoint),
