@@ -109,7 +109,7 @@ def export_all(model, cfg, absmax, work: Path) -> tuple[dict[str, Path], dict[st
 
 def state_bytes_per_sample(manifest: Manifest) -> int:
     """a_hat + o_hat of every layer for one sample, in the state dtype (one set; ping-pong holds two)."""
-    item = np.dtype(manifest.export.get("state_dtype", "float32")).itemsize
+    item = np.dtype(manifest.export.state_dtype).itemsize
     return sum((math.prod(layer.a_hat_shape) + math.prod(layer.o_hat_shape)) * item for layer in manifest.layers)
 
 

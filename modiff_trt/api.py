@@ -194,8 +194,8 @@ def sample(options: SampleOptions) -> SampleResult:
         check_destination(o.out, may_replace)
     if o.export_dir is not None:
         runner, base, model = _export_runner(o)
-        sample_shape, context_shape, family = model["sample_shape"], model.get("context_shape"), model["family"]
-        source, config, checkpoint = str(o.export_dir), model["config"], model.get("checkpoint")
+        sample_shape, context_shape, family = model.sample_shape, model.context_shape, model.family
+        source, config, checkpoint = str(o.export_dir), model.config, model.checkpoint
     else:
         runner, base, checkpoint = _reference_runner(o)
         sample_shape, context_shape, family = base.sample_shape, base.context_shape, base.family
@@ -222,7 +222,7 @@ def _export_runner(o: SampleOptions):
         raise OptionError(f"--cuda-graph applies to --backend trt only, not --backend {o.backend}")
     runner, manifest = open_runner(o.export_dir, o.backend, batch_size=o.batch_size, trust=o.model.trust_checkpoint,
                                    cuda_graph=o.cuda_graph, ort_provider=o.ort_provider, device=o.device)
-    return runner, manifest.sampler(), manifest.model
+    return runner, manifest.sampling, manifest.model
 
 
 def _reference_runner(o: SampleOptions):

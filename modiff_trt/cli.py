@@ -378,18 +378,17 @@ def inspect(
     from rich.table import Table
 
     from modiff_trt.export.manifest import load_manifest
-    from modiff_trt.quant import QuantConfig
 
     at_least("--batch", batch, 1)
     manifest = load_manifest(export_dir)
     out = Console()
-    q = manifest.quant
-    out.print(f"[bold]{export_dir}[/]: {manifest.model['config']} | {QuantConfig.from_dict(q).label} "
-              f"| first step {q['first_step']} | float {manifest.export['float']} "
-              f"| state {manifest.export['state_dtype']} | opset {manifest.export['opset']} | batch {manifest.batch_size or 'dynamic'}")
+    export = manifest.export
+    out.print(f"[bold]{export_dir}[/]: {manifest.model.config} | {manifest.quant.label} "
+              f"| first step {manifest.quant.first_step} | float {export.float_dtype} "
+              f"| state {export.state_dtype} | opset {export.opset} | batch {manifest.batch_size or 'dynamic'}")
     if layers:
         table = Table("layer", "kind", "bits", "act format", "act scale", "a_hat", "o_hat", "state KiB/sample")
-        item = 2 if manifest.export["state_dtype"] == "float16" else 4
+        item = 2 if export.state_dtype == "float16" else 4
         for layer in manifest.layers:
             kinds = layer.state_kinds if manifest.modulated else ()
             n = sum(int(np.prod(layer.state_shape(kind))) for kind in kinds)
@@ -402,9 +401,9 @@ def inspect(
         out.print(table)
     _print_formats(out, manifest)
     per_sample = manifest.state_bytes_per_sample() if manifest.modulated else 0
-    mult = manifest.export.get("state_batch_multiplier", 1)
+    guided = " (cond+uncond)" if export.state_batch_multiplier > 1 else ""
     out.print(f"{len(manifest.layers)} quantized layers; MoDiff state {per_sample / 2**20:.2f} MiB per sample"
-              f"{' (cond+uncond)' if mult > 1 else ''}, {per_sample * batch / 2**20:.1f} MiB at batch {batch} "
+              f"{guided}, {per_sample * batch / 2**20:.1f} MiB at batch {batch} "
               f"(x2 for the ping-pong sets: {2 * per_sample * batch / 2**20:.1f} MiB)")
     if lint:
         from modiff_trt.export.lint import lint_export

@@ -32,7 +32,7 @@ def test_calibrate_export_sample_compare_through_the_api(tmp_path):
                                              cali_n=2, batch_size=2))
     assert cal.path == tmp_path / "cal.safetensors" and cal.meta["act_bits"] == 8
     manifest = api.export(api.ExportOptions(tmp_path / "exp", DIGITS, calibration=cal.path))
-    assert manifest.quant["act_scales"] == "static" and (tmp_path / "exp" / "step.onnx").is_file()
+    assert manifest.quant.act_scales == "static" and (tmp_path / "exp" / "step.onnx").is_file()
     with pytest.raises(OptionError, match="--act-bits cannot apply to an export directory"):
         api.sample(api.SampleOptions(tmp_path / "s", tmp_path / "exp", "ort", quant=api.QuantOptions(act_bits=4)))
     with pytest.raises(ArtifactError, match="not empty: pass --overwrite"):

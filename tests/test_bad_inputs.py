@@ -45,7 +45,48 @@ CAL = "calibrate -c digits --cali-n 1 --cali-st 1 --steps 2 --batch-size 1"
 EXPORT = "export -c digits --calibration {cal}"
 COMPARE = "compare {export} --backends torch,ort -n 1 --steps 2"
 
+
+
+def _set(section: str, key: str, value):
+    return lambda manifest: manifest[section].update({key: value})
+
+
+def _drop(section: str, key: str):
+    return lambda manifest: manifest[section].pop(key)
+
+
+FIX = ": re-run `modiff-trt export`"
+#: Hand edits of an export's manifest.json, a missing or wrong-typed field in each section: refused
+#: on load, naming `section.field` and the fix, before any graph runs.
+MANIFEST_EDITS = {
+    "model-missing": (_drop("model", "sample_shape"), "model.sample_shape is missing" + FIX),
+    "model-bool": (_set("model", "ema", "yes"), 'model.ema is "yes"; it must be true or false' + FIX),
+    "model-shape": (_set("model", "sample_shape", [1, "8", 8]),
+                    'model.sample_shape is [1, "8", 8]; it must be a list of integers' + FIX),
+    "quant-missing": (_drop("quant", "act_format"), "quant.act_format is missing" + FIX),
+    "quant-type": (_set("quant", "weight_bits", "8"), 'quant.weight_bits is "8"; it must be an integer or null' + FIX),
+    "quant-range": (_set("quant", "weight_bits", 16), "quant: weight_bits=16 is outside 2..8"),
+    "quant-choice": (_set("quant", "first_step", "float"), 'quant.first_step is "float"; it must be one of "fp"'),
+    "sampling-missing": (_drop("sampling", "beta_end"), "sampling: sampler settings lack 'beta_end'" + FIX),
+    "sampling-type": (_set("sampling", "steps", "10"), 'sampling.steps is "10"; it must be an integer' + FIX),
+    "sampling-null": (lambda m: m.update(sampling=None), "sampling is null, not sampler settings" + FIX),
+    "export-missing": (_drop("export", "float"), "export.float is missing" + FIX),
+    "export-batch": (_set("export", "batch_size", "4"),
+                     'export.batch_size is "4"; it must be an integer or null' + FIX),
+    "export-bool-batch": (_set("export", "batch_size", True), "export.batch_size is true; it must be an integer"),
+    "export-target": (_set("export", "target", "tensorrt"),
+                      'export.target is "tensorrt"; it must be one of "trt", "ort-cpu"' + FIX),
+    "export-unknown": (_set("export", "precision", "int8"), "export.precision is not a known field" + FIX),
+    "export-list": (lambda m: m.update(export=[17]), "export is [17], not an object" + FIX),
+}
+
 CASES: dict[str, Case] = {
+    **{f"inspect-manifest-{name}": case(f"inspect {{manifest_{name}}}", needle)
+       for name, (_, needle) in MANIFEST_EDITS.items()},
+    "sample-manifest-export-batch": case("sample {manifest_export-batch} -b ort -n 1 --steps 2 -o {tmp}/s",
+                                         "export.batch_size"),
+    "compare-manifest-sampling-type": case("compare {manifest_sampling-type} --backends torch,ort -n 1 --steps 2",
+                                           "sampling.steps"),
     # --- sample: ranges --------------------------------------------------------------------
     "sample-steps-0": case(f"{SAMPLE} --steps 0", "--steps 0"),
     "sample-steps-negative": case(f"{SAMPLE} --steps -1", "--steps -1"),
@@ -260,6 +301,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["edited_io"] = _edited_export(paths["export"], root / "exp-io",
                                         lambda m: m["graphs"]["step"]["inputs"][0].update(name="image"))
     paths["dropped_layer"] = _edited_export(paths["export"], root / "exp-layers", lambda m: m["layers"].pop())
+    for name, (edit, _) in MANIFEST_EDITS.items():
+        paths[f"manifest_{name}"] = _edited_export(paths["export"], root / f"exp-{name}", edit)
     return paths
 
 

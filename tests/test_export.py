@@ -146,15 +146,15 @@ def test_fp16_export_floors_tiny_scales_and_records_them(tmp_path, tiny_model):
     qmodel = quantize_unet(tiny_model, config, scales)
     out = tmp_path / "fp16"
     manifest = export_model(tiny_model, qmodel, tiny_model_config(tiny_model), out, float_dtype="float16")
-    assert manifest.export["scale_floor"] == FP16_MIN_NORMAL == 2.0**-14
-    assert manifest.export["floored_scales"] == ["conv_in/act"]
+    assert manifest.export.scale_floor == FP16_MIN_NORMAL == 2.0**-14
+    assert manifest.export.floored_scales == ("conv_in/act",)
     step = onnx.load(str(out / "step.onnx"))
     inits = {i.name: numpy_helper.to_array(i) for i in step.graph.initializer}
     q_scales = [inits[n.input[1]] for n in step.graph.node if n.op_type == "QuantizeLinear"]
     assert min(float(v.min()) for v in q_scales) == np.float16(FP16_MIN_NORMAL)
     assert lint_export(out) == []
     fp32 = export_model(tiny_model, qmodel, tiny_model_config(tiny_model), tmp_path / "fp32")
-    assert fp32.export["scale_floor"] is None and fp32.export["floored_scales"] == []
+    assert fp32.export.scale_floor is None and fp32.export.floored_scales == ()
 
 
 def test_export_refuses_a_graph_that_fails_lint_and_writes_nothing(tmp_path, tiny_model, monkeypatch):
@@ -285,7 +285,7 @@ def test_fp16_export_keeps_timestep_embedding_fp32_and_tracks_reference(tmp_path
     assert len(searches) == 1  # every initializer read once per export, not once per graph
     assert lint_export(out) == []
     manifest = load_manifest(out)
-    assert manifest.export["opset"] == 19
+    assert manifest.export.opset == 19
     step = onnx.load(str(out / "step.onnx"))
     types = {v.name: v.type.tensor_type.elem_type for v in list(step.graph.input) + list(step.graph.output)}
     assert types["t"] == onnx.TensorProto.FLOAT and types["x"] == onnx.TensorProto.FLOAT16

@@ -42,7 +42,7 @@ def test_fp8_step_graph_follows_modiff_per_layer_and_passes_lint(tmp_path, tiny_
     assert check_step_layers(out, qmodel, noise) == len(qmodel.layers) * (len(SEQ) - 1)
     assert lint_export(out) == []
     manifest = load_manifest(out)
-    assert manifest.export["opset"] == 19
+    assert manifest.export.opset == 19
     formats = {layer.name: layer for layer in manifest.layers}
     assert formats["down.0.block.0.conv1"].act_format == "fp8" and formats["temb.dense.0"].act_format == "fp8"
     for name in ("conv_in", "conv_out"):  # 3 image channels: TensorRT has no FP8 kernel

@@ -66,7 +66,7 @@ def test_sd_weight_only_ort_follows_torch_under_guidance_and_compare_runs_it(tmp
     cfg = load_config(path)
     qmodel = quantize_unet(unet, QuantConfig(8, None))
     manifest = export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt, guidance=True)
-    assert manifest.export["state_batch_multiplier"] == 2 and manifest.model["context_shape"] == [77, 16]
+    assert manifest.export.state_batch_multiplier == 2 and manifest.model.context_shape == (77, 16)
     assert len(manifest.layers) == len(qmodel.layers)  # every SpatialTransformer Linear found
     assert "context" in {s.name for s in manifest.graphs["step"].inputs}
     assert lint_export(tmp_path / "exp") == []
@@ -84,7 +84,7 @@ def test_sd_weight_only_ort_follows_torch_under_guidance_and_compare_runs_it(tmp
     got = ldm_states(counting, sampler, noise, context)
     assert sampler.name == "plms" and set(seen) == {4} and len(seen) == 3
     assert rel_err(got, ldm_states(qmodel, sampler, noise, context)) < 1e-4
-    assert manifest.sampler() == make_sampler(cfg)  # no calibration: the config's PLMS, guidance 7.5
+    assert manifest.sampling == make_sampler(cfg)  # no calibration: the config's PLMS, guidance 7.5
     rows = compare_backends(tmp_path / "exp", ["torch", "ort"], num_images=2, steps=2)
     assert [(r.step, r.t, r.backend) for r in rows] == [(0, 501, "ort"), (1, 1, "ort")]  # LDM timesteps of 2 steps
     assert all(r.rel_err < 1e-4 for r in rows), rows
@@ -108,7 +108,7 @@ def test_sd_calibrate_export_and_every_layer_follows_modiff(tmp_path):
         path, ckpt, QuantConfig(8, 8, act_scales="static"), tmp_path / "sd.safetensors")
     export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt, guidance=True,
                  sampler=cal.sampler(cfg))
-    assert load_manifest(tmp_path / "exp").sampler() == sampler
+    assert load_manifest(tmp_path / "exp").sampling == sampler
     noise = torch.randn(1, *cfg.sample_shape, generator=torch.Generator().manual_seed(5))
     checked = check_step_layers(tmp_path / "exp", qmodel, noise,
                                 run=lambda m: ldm_states(m, sampler, noise, context))
@@ -210,7 +210,7 @@ def test_ema_export_is_recorded_and_the_torch_backend_rebuilds_ema_weights(tmp_p
                                       "-o", str(tmp_path / "exp")])
     assert result.exit_code == 0, result.output
     manifest = load_manifest(tmp_path / "exp")
-    assert manifest.model["ema"] is True
+    assert manifest.model.ema is True
     from modiff_trt.engines.torch_backend import reference_from_manifest
 
     rebuilt = reference_from_manifest(manifest)

@@ -82,17 +82,17 @@ def compare_backends(
     runs = {}
     for backend in backends:
         runner, manifest = open_runner(export_dir, backend, trust=trust)
-        sampler = make_sampler(manifest.sampler(), **sampler_options)
-        context_shape = manifest.model.get("context_shape")
+        sampler = make_sampler(manifest.sampling, **sampler_options)
+        context_shape = manifest.model.context_shape
         if context_shape is not None and conditioning is None:
             log.info("%s takes text context: comparing with random context (seed %d)", export_dir, seed)
             conditioning = RandomContext(context_shape, seed)
-        noise = image_noise(seed, range(num_images), manifest.model["sample_shape"])
+        noise = image_noise(seed, range(num_images), manifest.model.sample_shape)
         runs[backend] = trajectory(runner, sampler, noise, conditioning)
     reference = runs[backends[0]]
     rows = []
     for backend in backends[1:]:
-        for k, ((t, ref), (_, got)) in enumerate(zip(reference, runs[backend])):
+        for k, ((t, ref), (_, got)) in enumerate(zip(reference, runs[backend], strict=True)):
             max_abs, mean_abs = _polygraphy_stats(ref.numpy(), got.numpy())
             rel = float((got.double() - ref.double()).norm() / ref.double().norm())
             rows.append(StepDiff(k, t, backend, rel, max_abs, mean_abs))

@@ -94,7 +94,7 @@ class OrtRunner(StatefulRunner):
         export_dir = Path(export_dir)
         manifest = manifest or load_manifest(export_dir)
         nvfp4 = sum(layer.act_format == "nvfp4" for layer in manifest.layers)
-        if nvfp4 and manifest.export.get("target", "trt") == "trt":
+        if nvfp4 and manifest.export.target == "trt":
             raise ArtifactError(
                 f"{export_dir} quantizes {nvfp4} layer(s) to NVFP4 with TensorRT's own op, which ONNX Runtime "
                 "cannot run: export with --target ort-cpu for ONNX Runtime, or build it with `modiff-trt build`"
@@ -108,7 +108,7 @@ class OrtRunner(StatefulRunner):
                 self.sessions[key] = ort.InferenceSession(str(export_dir / graph.file), options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own unexported exception types
                 raise ArtifactError(f"ONNX Runtime cannot load {self.export_dir / graph.file}: {exc}") from exc
-        self.float_dtype = torch_dtype(self.manifest.export.get("float", "float32"))
+        self.float_dtype = torch_dtype(self.manifest.export.float_dtype)
         self._buffers: StateBuffers | None = None
 
     def _state(self, batch: int) -> StateBuffers:

@@ -147,7 +147,7 @@ class StatefulRunner(ABC):
         self.source = str(self.export_dir)
         # Step groups: the `step_scale_ratio` buffer the step graph reads, refilled per call below.
         self.step_scales = StepScaleInput.from_manifest(
-            manifest, self.device, torch_dtype(manifest.export.get("float", "float32")), self.source)
+            manifest, self.device, torch_dtype(manifest.export.float_dtype), self.source)
         self.step_groups = None if self.step_scales is None else self.step_scales.groups  # read by the samplers
 
     def reset_state(self) -> None:

@@ -120,7 +120,7 @@ def state_layout(
 
 def layout_from_manifest(manifest: Manifest, batch_size: int, alignment: int = ALIGNMENT) -> StateLayout:
     """The state layout of an export directory at `batch_size` (dtype from `export.state_dtype`)."""
-    dtype = torch_dtype(manifest.export.get("state_dtype", "float32"))
+    dtype = torch_dtype(manifest.export.state_dtype)
     return state_layout(manifest.layers, batch_size, dtype, alignment)
 
 

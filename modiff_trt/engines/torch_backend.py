@@ -52,8 +52,7 @@ def load_reference(
 
 def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
     """Rebuild the reference an export was made from, out of the paths its manifest records."""
-    model = manifest.model
-    checkpoint = model.get("checkpoint")
+    checkpoint = manifest.model.checkpoint
     calibration = (manifest.calibration or {}).get("path")
     for label, path in (("checkpoint", checkpoint), ("calibration", calibration)):
         if path is not None and not Path(path).is_file():
@@ -61,6 +60,5 @@ def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
                 f"the export's {label} {path} is gone: the torch backend rebuilds the reference from it; "
                 "restore the file or use --backend ort"
             )
-    quant = QuantConfig.from_dict(manifest.quant)
-    ema = bool(model.get("ema", False))
-    return load_reference(model["config"], checkpoint, quant, calibration, trust, ema=ema).qmodel
+    return load_reference(manifest.model.config, checkpoint, manifest.quant, calibration, trust,
+                          ema=manifest.model.ema).qmodel

@@ -175,7 +175,7 @@ def build_engines(
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
     manifest_sha256 = sha256_file(export_dir / MANIFEST_NAME)
-    if manifest.export.get("target") == "ort-cpu":
+    if manifest.export.target == "ort-cpu":
         raise ConfigError(
             f"{export_dir} was exported for target 'ort-cpu' (integer ONNX Runtime kernels TensorRT cannot parse): "
             "re-export with `modiff-trt export --target trt --float fp16`"
@@ -183,12 +183,12 @@ def build_engines(
     batch = resolve_batch_range(manifest, min_batch, opt_batch, max_batch)
     if not 0 <= opt_level <= 5:
         raise ConfigError(f"--opt-level must be 0..5 (TensorRT builder optimization level), got {opt_level}")
-    if manifest.export.get("float") != "float16":
+    if manifest.export.float_dtype != "float16":
         log.warning(
             "%s was exported with float=%s: a strongly typed engine keeps that precision (TensorRT 11 builds "
             "fp32 engines from fp32 graphs); re-export with `--float fp16` for speed",
             export_dir,
-            manifest.export.get("float"),
+            manifest.export.float_dtype,
         )
     shapes = {
         key: profile_shapes(graph, batch, source=str(export_dir / graph.file))

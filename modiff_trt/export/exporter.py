@@ -23,9 +23,11 @@ from modiff_trt.export.fp16 import convert_to_fp16
 from modiff_trt.export.lint import lint_export
 from modiff_trt.export.manifest import (
     MANIFEST_NAME,
+    ExportSection,
     GraphSpec,
     LayerSpec,
     Manifest,
+    ModelSection,
     sha256_file,
     sha256_graph,
     tensor_specs,
@@ -194,30 +196,31 @@ def export_model(
             graphs[key] = GraphSpec(file, sha256_graph(tmp / file), tensor_specs(list(graph.graph.input)),
                                     tensor_specs(list(graph.graph.output)))
             log.info("wrote %s (%d nodes)", file, len(graph.graph.node))
+        config_file = Path(model_cfg.source)
         manifest = Manifest(
-            model={
-                "family": model_cfg.family,
-                "config": model_cfg.source if not Path(model_cfg.source).is_file() else str(Path(model_cfg.source).resolve()),
-                "config_sha256": model_cfg.sha256,
-                "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-                "checkpoint_sha256": None if checkpoint is None else sha256_file(checkpoint),
-                "ema": ema,
-                "sample_shape": list(sample_shape),
-                "context_shape": None if context_shape is None else list(context_shape),
-            },
-            quant=config.to_dict(),
-            sampling=(sampler or make_sampler(model_cfg)).to_dict(),
-            export={
-                "opset": opset,
-                "float": float_dtype,
-                "state_dtype": config.state_dtype,
-                "batch_size": batch_size,
-                "target": target,
-                "state_batch_multiplier": 2 if guidance else 1,
-                "scale_floor": scale_floor(float_dtype) or None,
-                "floored_scales": floored_scales(qmodel, float_dtype),
-                "seconds": round(time.perf_counter() - started, 2),
-            },
+            model=ModelSection(
+                family=model_cfg.family,
+                config=str(config_file.resolve()) if config_file.is_file() else model_cfg.source,
+                config_sha256=model_cfg.sha256,
+                checkpoint=None if checkpoint is None else str(Path(checkpoint).resolve()),
+                checkpoint_sha256=None if checkpoint is None else sha256_file(checkpoint),
+                ema=ema,
+                sample_shape=sample_shape,
+                context_shape=None if context_shape is None else tuple(context_shape),
+            ),
+            quant=config,
+            sampling=sampler or make_sampler(model_cfg),
+            export=ExportSection(
+                opset=opset,
+                float_dtype=float_dtype,
+                state_dtype=config.state_dtype,
+                batch_size=batch_size,
+                target=target,
+                state_batch_multiplier=2 if guidance else 1,
+                scale_floor=scale_floor(float_dtype) or None,
+                floored_scales=tuple(floored_scales(qmodel, float_dtype)),
+                seconds=round(time.perf_counter() - started, 2),
+            ),
             graphs=graphs,
             layers=_layer_table(qmodel, shapes),
             calibration=None if calibration is None else {
@@ -237,10 +240,10 @@ def export_model(
                 f"refusing to write {out}: its graphs break {len(issues)} TensorRT explicit-quantization rule(s) "
                 f"(nothing was written):\n  {shown}{more}\nRecalibrate, or change the quantization settings named above"
             )
-    if manifest.export["floored_scales"]:
+    floored = manifest.export.floored_scales
+    if floored:
         log.warning("%d scale(s) raised to fp16's smallest normal %.3g (recorded in the manifest): %s",
-                    len(manifest.export["floored_scales"]), scale_floor(float_dtype),
-                    ", ".join(manifest.export["floored_scales"][:5]))
+                    len(floored), scale_floor(float_dtype), ", ".join(floored[:5]))
     log.info("export written to %s in %.1f s", out, time.perf_counter() - started)
     return manifest
 

@@ -278,7 +278,7 @@ def _state_pairs(model: onnx.ModelProto, name: str) -> list[LintIssue]:
 def lint_export(export_dir: str | Path) -> list[LintIssue]:
     """Lint every graph of an export directory, and check warm-up/step state outputs agree."""
     manifest = load_manifest(export_dir)
-    target = manifest.export.get("target", "trt")
+    target = manifest.export.target
     models = {key: onnx.load(str(Path(export_dir) / g.file)) for key, g in manifest.graphs.items()}
     issues = [issue for key, model in models.items() for issue in lint_graph(model, key, target)]
     if "warmup" in models and "step" in models:

@@ -14,12 +14,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from modiff_trt.errors import ArtifactError
+from modiff_trt.errors import ArtifactError, ConfigError
 from modiff_trt.export.naming import state_kinds
+from modiff_trt.quant.config import QuantConfig
 from modiff_trt.quant.formats import grid_bits
 from modiff_trt.sampling.sampler import Sampler, sampler_from_dict
+from modiff_trt.validate import dataclass_fields
 
 SCHEMA = "modiff-trt/manifest"
 SCHEMA_VERSION = 2  # 2: `sampling` is a `Sampler.to_dict()`
@@ -94,14 +96,46 @@ class LayerSpec:
         return self.a_hat_shape if kind == "a_hat" else self.o_hat_shape
 
 
+@dataclass(frozen=True)
+class ModelSection:
+    """Where the export came from: the model config and checkpoint, tied by sha256, and the tensor shapes."""
+
+    family: str
+    config: str  # built-in name or the YAML's absolute path
+    config_sha256: str
+    checkpoint: str | None  # absolute path; None for built-ins with packaged weights
+    checkpoint_sha256: str | None
+    ema: bool
+    sample_shape: tuple[int, ...]  # per sample (no batch dim)
+    context_shape: tuple[int, ...] | None  # cross-attention context of text-conditioned models
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    """How the graphs were written: what engines and memory figures must agree with."""
+
+    opset: int
+    float_dtype: Literal["float32", "float16"] = field(metadata={"key": "float"})
+    state_dtype: Literal["float32", "float16"]
+    batch_size: int | None  # fixed batch, or None for a dynamic batch dimension
+    target: Literal["trt", "ort-cpu"]
+    state_batch_multiplier: int  # 2 under classifier-free guidance: each image owns a cond and an uncond slot
+    scale_floor: float | None  # fp16's smallest normal when the graph is fp16
+    floored_scales: tuple[str, ...]  # scales raised to `scale_floor`
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.metadata.get("key", f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 @dataclass
 class Manifest:
     """The parsed `manifest.json` of an export directory."""
 
-    model: dict[str, Any]  # config name/path + sha256, checkpoint path + sha256, sample shape
-    quant: dict[str, Any]  # QuantConfig as a dict
-    sampling: dict[str, Any]  # Sampler.to_dict(): the calibration's sampler, or the config's defaults
-    export: dict[str, Any]  # opset, float dtype, state dtype, batch (int or null), target
+    model: ModelSection
+    quant: QuantConfig
+    sampling: Sampler  # the calibration's sampler, or the config's defaults: what `sample` runs unless told otherwise
+    export: ExportSection
     graphs: dict[str, GraphSpec]
     layers: list[LayerSpec]
     calibration: dict[str, Any] | None = None
@@ -120,15 +154,11 @@ class Manifest:
     @property
     def batch_size(self) -> int | None:
         """The fixed batch size the graphs were exported for, or None for a dynamic batch."""
-        return self.export.get("batch_size")
-
-    def sampler(self) -> Sampler:
-        """The sampler recorded at export: what `sample` and `compare` run unless told otherwise."""
-        return sampler_from_dict(self.sampling, "manifest.json `sampling`")
+        return self.export.batch_size
 
     def state_bytes_per_sample(self) -> int:
         """Bytes of `a_hat` + `o_hat` for one sample (times 2 under classifier-free guidance)."""
-        item = 2 if self.export.get("state_dtype") == "float16" else 4
+        item = 2 if self.export.state_dtype == "float16" else 4
         total = 0
         for layer in self.layers:
             for kind in layer.state_kinds:
@@ -136,13 +166,16 @@ class Manifest:
                 for dim in layer.state_shape(kind):
                     n *= int(dim)
                 total += n
-        return total * item * int(self.export.get("state_batch_multiplier", 1))
+        return total * item * self.export.state_batch_multiplier
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+        """The manifest as written: sections by their `to_dict`, graphs and layers field by field."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.dumps(data, indent=2, sort_keys=False, default=_jsonable)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "manifest") -> Manifest:
+        """Parse and validate a manifest: every section field present with its type, else one ArtifactError."""
         if data.get("schema") != SCHEMA:
             raise ArtifactError(f"{source} is not a modiff-trt manifest (schema {data.get('schema')!r})")
         if data.get("version") != SCHEMA_VERSION:
@@ -150,6 +183,22 @@ class Manifest:
                 f"{source} has manifest version {data.get('version')}, this modiff-trt reads "
                 f"version {SCHEMA_VERSION}: re-run `modiff-trt export` with this version"
             )
+        fix = ": re-run `modiff-trt export`"
+
+        def section(section_cls: type, key: str) -> Any:
+            return section_cls(**dataclass_fields(section_cls, data.get(key), f"{source}: {key}", ArtifactError, fix))
+
+        model, export = section(ModelSection, "model"), section(ExportSection, "export")
+        try:
+            quant = section(QuantConfig, "quant")
+        except ConfigError as exc:  # a value QuantConfig refuses (bits out of range, FP8 at 4 bits)
+            raise ArtifactError(f"{source}: quant: {exc}{fix}") from exc
+        try:
+            sampling = sampler_from_dict(data.get("sampling"), f"{source}: sampling")
+        except ArtifactError as exc:
+            raise ArtifactError(f"{exc}{fix}") from exc
+        except ConfigError as exc:  # a value the sampler refuses (beta schedule, step count)
+            raise ArtifactError(f"{source}: sampling: {exc}{fix}") from exc
         try:
             graphs = {
                 key: GraphSpec(
@@ -162,10 +211,10 @@ class Manifest:
             }
             layers = [LayerSpec(**layer) for layer in data["layers"]]
             return cls(
-                model=data["model"],
-                quant=data["quant"],
-                sampling=data["sampling"],
-                export=data["export"],
+                model=model,
+                quant=quant,
+                sampling=sampling,
+                export=export,
                 graphs=graphs,
                 layers=layers,
                 calibration=data.get("calibration"),
@@ -173,8 +222,14 @@ class Manifest:
                 extra=data.get("extra", {}),
                 step_groups=data.get("step_groups"),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise ArtifactError(f"{source} is malformed ({exc}): re-run `modiff-trt export`") from exc
+
+
+def _jsonable(value: Any) -> Any:
+    """json.dumps' fallback: a section or sampler by its `to_dict`, any other dataclass field by field."""
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if to_dict is not None else dataclasses.asdict(value)
 
 
 def tensor_specs(values: list) -> list[TensorSpec]:
@@ -218,9 +273,9 @@ def check_graph_io(manifest: Manifest, export_dir: Path, source: str) -> None:
                 raise ArtifactError(f"{source}: the {key} graph carries state for {layers} layers, the manifest "
                                     f"lists {len(manifest.layers)}; {fix}")
     quant = manifest.quant
-    bits = (quant.get("weight_bits") or 0, quant.get("act_bits") or 0)
+    bits = (quant.weight_bits or 0, quant.act_bits or 0)
     odd = [layer.name for layer in manifest.layers if (layer.weight_bits, layer.act_bits) != (
-        bits[0], grid_bits(layer.act_format, quant.get("act_format", "int"), bits[1]))]
+        bits[0], grid_bits(layer.act_format, quant.act_format, bits[1]))]
     if odd:
         raise ArtifactError(f"{source}: layer {odd[0]} has other bits than the manifest's quant section "
                             f"(w{bits[0]}a{bits[1]}); {fix}")

@@ -19,11 +19,12 @@ Three samplers exist:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
 
 import torch
 
@@ -34,6 +35,7 @@ from modiff_trt.sampling.ldm import ldm_ddim_timesteps, sample_ddim, sample_plms
 from modiff_trt.sampling.noise import step_generators
 from modiff_trt.sampling.schedules import BETA_SCHEDULES, alphas_cumprod, ddim_timesteps, make_betas
 from modiff_trt.sampling.step import StepCallback
+from modiff_trt.validate import wrong_type
 
 if TYPE_CHECKING:
     from modiff_trt.models.config import ModelConfig
@@ -203,8 +205,10 @@ SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIMSampler, LDM
 _SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(NoiseSchedule))
 
 
-def sampler_from_dict(data: dict[str, Any], source: str = "sampler settings") -> Sampler:
-    """The sampler `to_dict()` described; ArtifactError naming `source` when the dict is not one."""
+def sampler_from_dict(data: Any, source: str = "sampler settings") -> Sampler:
+    """The sampler `to_dict()` described; ArtifactError naming `source` and the field when the dict is not one."""
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{source} is {json.dumps(data, default=repr)}, not sampler settings")
     cls = SAMPLERS.get(data.get("sampler"))  # type: ignore[arg-type]
     if cls is None:
         raise ArtifactError(f"{source}: unknown sampler {data.get('sampler')!r} (known: {', '.join(SAMPLERS)})")
@@ -212,6 +216,11 @@ def sampler_from_dict(data: dict[str, Any], source: str = "sampler settings") ->
     unknown = set(data) - own - set(_SCHEDULE_FIELDS) - {"sampler"}
     if unknown:
         raise ArtifactError(f"{source}: unknown {cls.name} sampler settings {', '.join(sorted(unknown))}")
+    hints = {**get_type_hints(NoiseSchedule), **get_type_hints(cls)}
+    for key in sorted(set(data) - {"sampler"}):
+        wrong = wrong_type(f"{source}.{key}", data[key], hints[key])
+        if wrong:
+            raise ArtifactError(wrong)
     try:
         schedule = NoiseSchedule(**{k: data[k] for k in _SCHEDULE_FIELDS})
         return cls(schedule=schedule, **{k: v for k, v in data.items() if k in own})
@@ -231,7 +240,7 @@ def make_sampler(
     """The one sampler factory: `base`'s settings, overridden by the options that are not None.
 
     `base` is a model config (its paper settings, `ModelConfig.sampler_defaults()`) or a
-    sampler (e.g. an export's, `sampler_from_dict(manifest.sampling)`). `sampler` is 'ddim' or
+    sampler (e.g. an export's, `manifest.sampling`). `sampler` is 'ddim' or
     'plms'; for latent-diffusion models 'ddim' means the LDM DDIM sampler ('ldm-ddim').
     """
     if isinstance(base, Sampler):

@@ -13,8 +13,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from modiff_trt.export.manifest import GraphSpec, LayerSpec, Manifest, TensorSpec, sha256_file
+from modiff_trt.export.manifest import (
+    ExportSection,
+    GraphSpec,
+    LayerSpec,
+    Manifest,
+    ModelSection,
+    TensorSpec,
+    sha256_file,
+)
 from modiff_trt.export.naming import CONTEXT, EPS, T, X, state_input, state_output
+from modiff_trt.quant import QuantConfig
+from modiff_trt.sampling import DDIMSampler, NoiseSchedule
 
 C, H, W = 4, 4, 4
 LAYERS = ("block.conv1", "block.conv2")
@@ -105,10 +115,10 @@ def make_tiny_export(out: Path, dtype: str = "float32", batch_size: int | None =
         onnx.save(model, path)
         graphs[kind] = GraphSpec(path.name, sha256_file(path), _specs(model.graph.input), _specs(model.graph.output))
     manifest = Manifest(
-        model={"name": "tiny"},
-        quant={"weight_bits": 8, "act_bits": 8},
-        sampling={},
-        export={"opset": OPSET, "float": dtype, "state_dtype": dtype, "batch_size": batch_size, "target": "trt"},
+        model=ModelSection("tiny", "tiny", "0" * 64, None, None, False, (C, H, W), None),
+        quant=QuantConfig(8, 8, act_scales="static", state_dtype=dtype),
+        sampling=DDIMSampler(NoiseSchedule("linear", 1e-4, 0.02), steps=10),
+        export=ExportSection(OPSET, dtype, dtype, batch_size, "trt", 1, None, (), 0.0),
         graphs=graphs,
         layers=[LayerSpec(n, "conv2d", 8, 8, ACT_SCALE, None, [C, H, W], [C, H, W]) for n in LAYERS],
         tool_version="test",
@@ -167,8 +177,8 @@ def sample_recorded(runner, export_dir: Path, n: int = 3, steps: int = 10):
 
     manifest = load_manifest(export_dir)
     recorder = Recorder(runner)
-    noise = image_noise(0, range(n), manifest.model["sample_shape"]).to(runner.device)
-    x = make_sampler(manifest.sampler(), steps=steps).trajectory(recorder, noise)
+    noise = image_noise(0, range(n), manifest.model.sample_shape).to(runner.device)
+    x = make_sampler(manifest.sampling, steps=steps).trajectory(recorder, noise)
     return recorder, x.float().cpu()
 
 
