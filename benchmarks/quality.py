@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--section", default="quality", help="BENCHMARKS.md section to write")
     parser.add_argument("--step-groups", type=int, nargs="+", help="only MoDiff static rows, per step-group count")
     parser.add_argument("--formats", action="store_true", help="the FP8/NVFP4 activation-format study instead")
+    parser.add_argument("--cali-st", type=int, default=10,
+                        help="calibrated UNet calls per trajectory (step groups want several per group: e.g. 49)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     num_images, steps, bits = args.num_images, args.steps, BITS
@@ -136,8 +138,8 @@ def main() -> None:
         results.append({"bits": "fp32", "mode": "full precision", "torch": {**fp, "psnr_db": None}, "ort": None})
         for spec in rows:
             row = {"bits": spec.bits, "mode": spec.mode, "independent_db": spec.independent_db}
-            cal = calibration_file(cfg, ckpt, spec.quant, sampler, work, method=args.method,
-                                   step_groups=spec.step_groups) if spec.static else None
+            cal = calibration_file(cfg, ckpt, spec.quant, sampler, work, cali_st=args.cali_st,
+                                   method=args.method, step_groups=spec.step_groups) if spec.static else None
             q = QuantConfig(**{**spec.quant.to_dict(), "act_scales": "static" if cal else "dynamic"})
             qmodel = load_reference(cfg, ckpt, q, cal).qmodel
             x0, _ = timed_samples(qmodel, cfg, num_images, batch, sampler)
