@@ -162,7 +162,7 @@ def main() -> None:
     json_path.write_text(json.dumps({"num_images": num_images, "steps": steps, "rows": results}, indent=2))
     if not args.no_write:
         body = render_formats(results, num_images, steps, elapsed) if args.formats else render(
-            results, num_images, steps, elapsed, args.method, args.cali_st)
+            results, num_images, steps, elapsed, args.method, args.cali_st, bool(args.step_groups))
         write_section(args.section, body)
 
 
@@ -181,14 +181,15 @@ def _fmt(scores: dict | None, key: str, spec: str) -> str:
 
 
 def render(results: list[dict], num_images: int, steps: int, elapsed: float, method: str = "minmax",
-           cali_st: int = 10) -> str:
+           cali_st: int = 10, step_groups: bool = False) -> str:
     header = ["bits", "mode", "PSNR torch (dB)", "PSNR ORT (dB)", "digits FID torch", "digits FID ORT",
               "confidence torch", "confidence ORT"]
     rows = [[r["bits"], r["mode"], _fmt(r["torch"], "psnr_db", ".2f"), _fmt(r["ort"], "psnr_db", ".2f"),
              _fmt(r["torch"], "digits_fid", ".2f"), _fmt(r["ort"], "digits_fid", ".2f"),
              _fmt(r["torch"], "confidence", ".3f"), _fmt(r["ort"], "confidence", ".3f")] for r in results]
     return (
-        f"## Quality on the embedded digits model ({method} calibration)\n\n"
+        f"## {'Step-group scales' if step_groups else 'Quality'} on the embedded digits model ({method} calibration"
+        f"{f', --cali-st {cali_st}' if step_groups else ''})\n\n"
         f"Command: `{command_line()}` ({elapsed / 60:.1f} min). Machine: {machine()}.\n\n"
         f"{num_images} samples per row, {steps} quad DDIM steps, eta 0, the same per-image noise for every row. "
         "PSNR is against the full-precision samples from the same noise; digits FID is the Fréchet distance "
