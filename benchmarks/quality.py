@@ -22,30 +22,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from report import command_line, machine, markdown_table, write_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import command_line, machine, markdown_table, write_section  # noqa: E402
-
-from modiff_trt.engines.ort_backend import OrtRunner  # noqa: E402
-from modiff_trt.engines.torch_backend import load_reference  # noqa: E402
-from modiff_trt.models import load_config  # noqa: E402
-from modiff_trt.models.builtin import builtin_checkpoint  # noqa: E402
-from modiff_trt.pipeline import (  # noqa: E402
+from modiff_trt.calibrators.fileformat import load_calibration
+from modiff_trt.engines.ort_backend import OrtRunner
+from modiff_trt.engines.torch_backend import load_reference
+from modiff_trt.models import load_config
+from modiff_trt.models.builtin import builtin_checkpoint
+from modiff_trt.pipeline import (
     calibration_file,
     export_config,
     ort_target,
     score_digits,
     timed_samples,
 )
-from modiff_trt.quant import QuantConfig  # noqa: E402
-from modiff_trt.sampling.sampler import make_sampler  # noqa: E402
+from modiff_trt.quant import QuantConfig
+from modiff_trt.quant.scales import StepGroups
+from modiff_trt.sampling.sampler import make_sampler
 
 BITS = [(8, 8), (8, 6), (8, 4), (4, 8), (4, 4), (8, 3)]
 
@@ -57,16 +56,16 @@ class Row(NamedTuple):
     mode: str
     quant: QuantConfig
     static: bool
-    step_groups: int = 1
+    step_groups: int | str = 1  # or 'auto': calibrate picks G, the row names it
     independent_db: float | None = None  # the formats issue's independent reference, same setting
 
 
-def variants(w: int, a: int, step_groups: list[int] | None = None) -> list[Row]:
-    """The integer rows of one bit width; with `step_groups`, only MoDiff static with that many
-    groups of per-step residual scales."""
+def variants(w: int, a: int, step_groups: list[str] | None = None) -> list[Row]:
+    """The integer rows of one bit width; with `step_groups` (counts or 'auto'), only MoDiff
+    static with that many groups of per-step residual scales."""
     bits = f"W{w}A{a}"
     if step_groups:
-        return [Row(bits, f"MoDiff static, {g} step group{'s' if g > 1 else ''}", QuantConfig(w, a), True, g)
+        return [Row(bits, _groups_mode(g), QuantConfig(w, a), True, g if g == "auto" else int(g))
                 for g in step_groups]
     return [
         Row(bits, "Q-Diffusion static", QuantConfig(w, a, modulate=False), True),
@@ -113,8 +112,11 @@ def main() -> None:
                         help="calibration scale search (mse also searches per-channel weight scales)")
     parser.add_argument("--bits", nargs="+", help="subset of bit widths, e.g. W4A8 W4A4")
     parser.add_argument("--section", default="quality", help="BENCHMARKS.md section to write")
-    parser.add_argument("--step-groups", type=int, nargs="+", help="only MoDiff static rows, per step-group count")
+    parser.add_argument("--step-groups", nargs="+",
+                        help="only MoDiff static rows, per step-group count (or 'auto': calibrate picks it)")
     parser.add_argument("--formats", action="store_true", help="the FP8/NVFP4 activation-format study instead")
+    parser.add_argument("--cali-st", type=int, default=10,
+                        help="calibrated UNet calls per trajectory (step groups want several per group: e.g. 49)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     num_images, steps, bits = args.num_images, args.steps, BITS
@@ -131,13 +133,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="modiff-quality-") as tmp:
         work = Path(tmp)
         fp_model = load_reference(cfg, ckpt, QuantConfig(None, None)).float_model
-        reference, fp_seconds = timed_samples(fp_model, cfg, num_images, batch, sampler)
+        reference, _ = timed_samples(fp_model, cfg, num_images, batch, sampler)
         fp = score_digits(reference, None)
         results.append({"bits": "fp32", "mode": "full precision", "torch": {**fp, "psnr_db": None}, "ort": None})
         for spec in rows:
             row = {"bits": spec.bits, "mode": spec.mode, "independent_db": spec.independent_db}
-            cal = calibration_file(cfg, ckpt, spec.quant, sampler, work, method=args.method,
-                                   step_groups=spec.step_groups) if spec.static else None
+            cal = calibration_file(cfg, ckpt, spec.quant, sampler, work, cali_st=args.cali_st,
+                                   method=args.method, step_groups=spec.step_groups) if spec.static else None
+            if spec.step_groups == "auto":
+                row["mode"] = _groups_mode(load_calibration(cal).step_groups, auto=True)
             q = QuantConfig(**{**spec.quant.to_dict(), "act_scales": "static" if cal else "dynamic"})
             qmodel = load_reference(cfg, ckpt, q, cal).qmodel
             x0, _ = timed_samples(qmodel, cfg, num_images, batch, sampler)
@@ -150,7 +154,7 @@ def main() -> None:
                 row["ort"] = score_digits(x_ort, reference)
                 row["ort_vs_torch_rel_err"] = float((x_ort - x0).norm() / x0.norm())
             results.append(row)
-            print(f"{row['bits']:16s} {spec.mode:44s} torch {row['torch']['psnr_db']:6.2f} dB"
+            print(f"{row['bits']:16s} {row['mode']:44s} torch {row['torch']['psnr_db']:6.2f} dB"
                   + (f"  ort {row['ort']['psnr_db']:6.2f} dB" if row["ort"] else ""), flush=True)
     elapsed = time.perf_counter() - started
     json_path = args.json or Path(__file__).parent / "results" / f"{args.section}.json"
@@ -158,8 +162,16 @@ def main() -> None:
     json_path.write_text(json.dumps({"num_images": num_images, "steps": steps, "rows": results}, indent=2))
     if not args.no_write:
         body = render_formats(results, num_images, steps, elapsed) if args.formats else render(
-            results, num_images, steps, elapsed, args.method)
+            results, num_images, steps, elapsed, args.method, args.cali_st, bool(args.step_groups))
         write_section(args.section, body)
+
+
+def _groups_mode(groups: int | str | StepGroups | None, auto: bool = False) -> str:
+    """The row label of MoDiff static with `groups` step groups (a StepGroups: what 'auto' picked)."""
+    if groups == "auto":
+        return "MoDiff static, auto step groups"
+    count = 1 if groups is None else groups.count if isinstance(groups, StepGroups) else int(groups)
+    return f"MoDiff static, {count} step group{'s' if count > 1 else ''}{' (auto)' if auto else ''}"
 
 
 def _fmt(scores: dict | None, key: str, spec: str) -> str:
@@ -168,21 +180,25 @@ def _fmt(scores: dict | None, key: str, spec: str) -> str:
     return format(scores[key], spec)
 
 
-def render(results: list[dict], num_images: int, steps: int, elapsed: float, method: str = "minmax") -> str:
+def render(results: list[dict], num_images: int, steps: int, elapsed: float, method: str = "minmax",
+           cali_st: int = 10, step_groups: bool = False) -> str:
     header = ["bits", "mode", "PSNR torch (dB)", "PSNR ORT (dB)", "digits FID torch", "digits FID ORT",
               "confidence torch", "confidence ORT"]
     rows = [[r["bits"], r["mode"], _fmt(r["torch"], "psnr_db", ".2f"), _fmt(r["ort"], "psnr_db", ".2f"),
              _fmt(r["torch"], "digits_fid", ".2f"), _fmt(r["ort"], "digits_fid", ".2f"),
              _fmt(r["torch"], "confidence", ".3f"), _fmt(r["ort"], "confidence", ".3f")] for r in results]
     return (
-        f"## Quality on the embedded digits model ({method} calibration)\n\n"
+        f"## {'Step-group scales' if step_groups else 'Quality'} on the embedded digits model ({method} calibration"
+        f"{f', --cali-st {cali_st}' if step_groups else ''})\n\n"
         f"Command: `{command_line()}` ({elapsed / 60:.1f} min). Machine: {machine()}.\n\n"
         f"{num_images} samples per row, {steps} quad DDIM steps, eta 0, the same per-image noise for every row. "
         "PSNR is against the full-precision samples from the same noise; digits FID is the Fréchet distance "
         "of classifier features to the real digits (docs/metrics.md; compare only at equal N); confidence is the "
-        f"classifier's mean max-softmax. Static scales: {method} calibration on 64 other trajectories "
-        "(residuals for MoDiff, raw inputs for Q-Diffusion; mse also sets per-channel weight scales, dynamic rows "
-        "keep absmax weights). ORT = the exported graphs on ONNX Runtime (CPU).\n\n"
+        f"classifier's mean max-softmax. Static scales: {method} calibration on 64 other trajectories at "
+        f"{cali_st} evenly spaced UNet calls each (residuals for MoDiff, raw inputs for Q-Diffusion; mse also sets "
+        "per-channel weight scales, dynamic rows keep absmax weights); step-group rows calibrate the residual "
+        "scales per group of contiguous steps and run them through the one step graph's `step_scale_ratio` input "
+        "(docs/export.md). ORT = the exported graphs on ONNX Runtime (CPU).\n\n"
         + markdown_table(header, rows)
     )
 

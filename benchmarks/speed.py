@@ -4,7 +4,8 @@ The full-size DDIM CIFAR-10 UNet (35.7M parameters, random weights: speed does n
 them) at several batch sizes. Scales are dummy absmax values from one float pass (speed does not
 depend on them either). Rows: torch fp32 eager, ORT fp32 (the float graph), ORT INT8 plain and
 MoDiff step for the TensorRT-style graphs (`--target trt`) and the CPU integer graphs
-(`--target ort-cpu`), OpenVINO fp32, plain INT8 and MoDiff step on the TensorRT-style graphs
+(`--target ort-cpu`), each MoDiff step graph of ORT again with step groups (its
+`step_scale_ratio` input), OpenVINO fp32, plain INT8 and MoDiff step on the TensorRT-style graphs
 (state kept in the compiled model's variables, and state as graph I/O for comparison), and the
 seed demo's torch.ao native-int8 MoDiff in eager. For MoDiff the
 warm-up (first) step runs first and only later steps are timed: those are what a trajectory
@@ -20,7 +21,6 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,27 +30,28 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from report import command_line, machine, markdown_table, write_section
+from torch_native import native_modiff_unet, reset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from report import command_line, machine, markdown_table, write_section  # noqa: E402
-from torch_native import native_modiff_unet, reset  # noqa: E402
-
-from modiff_trt.engines.openvino_backend import (  # noqa: E402
+from modiff_trt.engines.openvino_backend import (
     OpenVinoRunner,
     compile_graph,
     read_graph,
 )
-from modiff_trt.engines.ort_backend import OrtRunner  # noqa: E402
-from modiff_trt.export.exporter import export_model  # noqa: E402
-from modiff_trt.export.manifest import Manifest  # noqa: E402
-from modiff_trt.export.onnx_float import export_float_onnx  # noqa: E402
-from modiff_trt.models import load_config, load_unet  # noqa: E402
-from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet  # noqa: E402
-from modiff_trt.quant.model import quantizable_layers  # noqa: E402
+from modiff_trt.engines.ort_backend import OrtRunner
+from modiff_trt.export.exporter import export_model
+from modiff_trt.export.manifest import Manifest
+from modiff_trt.export.onnx_float import export_float_onnx
+from modiff_trt.models import load_config, load_unet
+from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet
+from modiff_trt.quant.model import quantizable_layers
+from modiff_trt.quant.scales import StepGroups
+from modiff_trt.sampling.sampler import make_sampler
 
 RESIDUAL_FRACTION = 0.05  # dummy MoDiff residual range: a few percent of the activation's
+STEP_GROUPS = 4  # the step-group variants: residual scales per 4 groups of a 50-step schedule
+# Two more MoDiff states at batch 32 (2 x 2.7 GB with ping-pong buffers) ran a 23 GB machine out of memory
+STEP_GROUPS_MAX_BATCH = 8
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Variant:
     key: str
     label: str
     setup: Callable[[torch.Tensor, torch.Tensor], Callable[[], object]]  # (x, t) -> one timed step
+    max_batch: int | None = None  # not timed at larger batches: every row's state is alive during a round
+
 
 
 def float_pass_absmax(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[dict[str, float], dict[str, float]]:
@@ -79,14 +82,20 @@ def float_pass_absmax(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[d
     return inputs, outputs
 
 
-def scale_set(absmax: dict[str, float], modulate: bool) -> ScaleSet:
+def scale_set(absmax: dict[str, float], modulate: bool, groups: StepGroups | None = None) -> ScaleSet:
+    """Dummy scales; with `groups`, residual scales halving from one step group to the next."""
     fraction = RESIDUAL_FRACTION if modulate else 1.0
-    layers = {n: LayerScales(act=[max(v * fraction, 1e-6) / 127]) for n, v in absmax.items()}
-    return ScaleSet(modulate=modulate, layers=layers, source="speed-dummy-absmax")
+    layers = {}
+    for name, v in absmax.items():
+        act = [max(v * fraction, 1e-6) / 127]
+        per_group = None if groups is None else [[act[0] / 2**g] for g in range(groups.count)]
+        layers[name] = LayerScales(act=act, act_groups=per_group)
+    return ScaleSet(modulate=modulate, layers=layers, source="speed-dummy-absmax", step_groups=groups)
 
 
 def export_all(model, cfg, absmax, work: Path) -> tuple[dict[str, Path], dict[str, float], dict[str, Manifest]]:
-    """Float graph + {trt, ort-cpu} x {plain, modiff} exports; paths, export seconds, manifests."""
+    """Float graph + {trt, ort-cpu} x {plain, modiff, modiff with step groups} exports; paths, export
+    seconds, manifests."""
     paths, seconds, manifests = {}, {}, {}
     started = time.perf_counter()
     graph = export_float_onnx(model, cfg.sample_shape, 17, None)
@@ -94,11 +103,13 @@ def export_all(model, cfg, absmax, work: Path) -> tuple[dict[str, Path], dict[st
     paths["float"] = work / "float.onnx"
     onnx.save(graph, str(paths["float"]))
     seconds["float"] = time.perf_counter() - started
+    sampler = make_sampler(cfg, steps=50)
+    groups = StepGroups.even(STEP_GROUPS, sampler.timesteps(), sampler.skip_type)
     for target in ("trt", "ort-cpu"):
-        for modulate in (False, True):
-            key = f"{target}-{'modiff' if modulate else 'plain'}"
+        for modulate, step_groups in ((False, None), (True, None), (True, groups)):
+            key = f"{target}-{'modiff' if modulate else 'plain'}{'-g' if step_groups else ''}"
             qmodel = quantize_unet(model, QuantConfig(8, 8, modulate=modulate, act_scales="static"),
-                                   scale_set(absmax, modulate))
+                                   scale_set(absmax, modulate, step_groups))
             started = time.perf_counter()
             manifests[key] = export_model(model, qmodel, cfg, work / key, target=target)
             seconds[key] = time.perf_counter() - started
@@ -175,8 +186,12 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
         Variant("ort-fp32", "ORT fp32 (float graph)", ort_float),
         Variant("trt-plain", "ORT INT8 plain, trt-style Q/DQ (unet.onnx)", ort_runner("trt-plain")),
         Variant("trt-modiff", "ORT INT8 MoDiff step, trt-style Q/DQ (step.onnx)", ort_runner("trt-modiff")),
+        Variant("trt-modiff-g", f"ORT INT8 MoDiff step, trt-style Q/DQ, {STEP_GROUPS} step groups (step_scale_ratio)",
+                ort_runner("trt-modiff-g"), max_batch=STEP_GROUPS_MAX_BATCH),
         Variant("ort-cpu-plain", "ORT INT8 plain, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-plain")),
         Variant("ort-cpu-modiff", "ORT INT8 MoDiff step, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-modiff")),
+        Variant("ort-cpu-modiff-g", f"ORT INT8 MoDiff step, ort-cpu target, {STEP_GROUPS} step groups "
+                "(step_scale_ratio)", ort_runner("ort-cpu-modiff-g"), max_batch=STEP_GROUPS_MAX_BATCH),
         Variant("ov-fp32", "OpenVINO fp32 (float graph)", ov_float),
         Variant("ov-plain", "OpenVINO INT8 plain, trt-style Q/DQ (unet.onnx)", ov_runner("trt-plain")),
         Variant("ov-modiff", "OpenVINO INT8 MoDiff step, trt-style, state in variables (backend `openvino`)",
@@ -228,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
             repeats = 5 if args.quick or batch >= 32 else max(5, args.repeats)
             x = torch.randn(batch, *cfg.sample_shape)
             t = torch.full((batch,), 500.0)
-            steps = {variant.key: variant.setup(x, t) for variant in rows}
+            steps = {v.key: v.setup(x, t) for v in rows if v.max_batch is None or batch <= v.max_batch}
             for key, ms in measure(steps, 1, repeats).items():
                 results.setdefault(key, {})[batch] = ms
                 print(f"batch {batch:>2} {key:<15} {ms:9.1f} ms", flush=True)
@@ -247,21 +262,24 @@ def _ratio(results, num: str, den: str, batch: int) -> float:
 def report(rows, results, batches, loads, export_seconds, manifests, args) -> str:
     b = 8 if 8 in batches else batches[-1]  # the speed goals are stated at batch 8
     header = ["runtime / graph"] + [f"batch {n} (ms/step)" for n in batches] + [f"speed-up vs ORT fp32 @ b{b}"]
-    table = [[v.label] + [f"{results[v.key][n]:.1f}" for n in batches]
+    table = [[v.label] + [f"{results[v.key][n]:.1f}" if n in results[v.key] else "-" for n in batches]
              + [f"{_ratio(results, 'ort-fp32', v.key, b):.2f}x"] for v in rows]
     lines = [
         "## Speed: per-step UNet latency on CPU",
         "",
         f"Command: `{command_line()}`  ",
-        f"Machine: {machine()}; torch, ORT and OpenVINO intra-op threads = {args.threads}, ORT default graph "
-        "optimizations and thread spinning, OpenVINO CPU plugin with f32 inference precision and the latency "
-        "hint. The cores are shared with other work: load average "
-        f"(1/5/15 min) after each batch: {'; '.join(f'b{k}: {v}' for k, v in loads.items())}.",
+        (f"Machine: {machine()}; torch, ORT and OpenVINO intra-op threads = {args.threads}, ORT default graph "
+         "optimizations and thread spinning, OpenVINO CPU plugin with f32 inference precision and the latency "
+         "hint. The cores are shared with other work: load average "
+         f"(1/5/15 min) after each batch: {'; '.join(f'b{k}: {v}' for k, v in loads.items())}."),
         "",
-        "Full-size DDIM CIFAR-10 UNet (35.7M params, 113 Conv/Linear), random weights, W8A8 with "
-        "dummy static scales, fp warm-up. Median of >= 5 timed calls after one warm-up call "
-        "(batch 32: 5 calls), the rows timed in turn (one call of each per round, so load from other "
-        "work falls on every row alike); MoDiff rows time later steps (the warm-up graph runs once before).",
+        ("Full-size DDIM CIFAR-10 UNet (35.7M params, 113 Conv/Linear), random weights, W8A8 with "
+         "dummy static scales, fp warm-up. Median of >= 5 timed calls after one warm-up call "
+         "(batch 32: 5 calls), the rows timed in turn (one call of each per round, so load from other "
+         "work falls on every row alike); MoDiff rows time later steps (the warm-up graph runs once before). "
+         f"Step-group rows: the same step graph with a `step_scale_ratio` input ({STEP_GROUPS} groups of dummy "
+         "scales; three Muls per quantizer: the residual before Q, the dequantized residual, the layer output), "
+         f"timed up to batch {STEP_GROUPS_MAX_BATCH} (two more states at batch 32 exceed this machine's memory)."),
         "",
         markdown_table(header, table),
         "",
@@ -277,14 +295,20 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
         ("ORT INT8 MoDiff step vs ORT fp32", ">= 2.5x", "ort-fp32", "modiff", False),
         ("ORT INT8 MoDiff step vs torch fp32 eager", ">= 3x", "torch-fp32", "modiff", False),
         ("MoDiff step overhead over plain INT8", "<= 15%", "modiff", "plain", True),
+        (f"step_scale_ratio ({STEP_GROUPS} step groups) overhead over the same step graph", "<= 5%", "modiff-g",
+         "modiff", True),
     ]
-    lines += [f"Speed goals at batch {b}:", "",
+    overheads = "; ".join(
+        f"b{n}: " + ", ".join(f"{t} {(_ratio(results, f'{t}-modiff-g', f'{t}-modiff', n) - 1) * 100:+.1f}%"
+                              for t in ("trt", "ort-cpu")) for n in batches if n in results["trt-modiff-g"])
+    lines += [f"`step_scale_ratio` overhead over the same step graph, per batch: {overheads}.", "",
+              f"Speed goals at batch {b}:", "",
               "| target | goal | trt-style graph | ort-cpu graph |", "|---|---|---|---|"]
     for name, goal, num, den, overhead in targets:
         cells = []
         for target in ("trt", "ort-cpu"):
-            n = f"{target}-{num}" if num in ("modiff", "plain") else num
-            d = f"{target}-{den}" if den in ("modiff", "plain") else den
+            n = f"{target}-{num}" if num.startswith(("modiff", "plain")) else num
+            d = f"{target}-{den}" if den.startswith(("modiff", "plain")) else den
             r = _ratio(results, n, d, b)
             cells.append(f"{(r - 1) * 100:+.0f}%" if overhead else f"{r:.2f}x")
         lines.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} |")

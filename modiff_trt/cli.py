@@ -566,6 +566,8 @@ def demo(
     seed: int = SEED,
     overwrite: bool = OVERWRITE,
     backend: CpuBackend | None = typer.Option(None, "--backend", "-b", help="openvino or ort (default: the fastest installed)."),
+    nvfp4: bool = typer.Option(False, "--nvfp4", help="Add the MoDiff W8 + NVFP4 row (sampled on ONNX Runtime's "
+                               "emulation of TensorRT's NVFP4; about doubles the run time)."),
 ) -> None:
     """Full precision vs plain Q-Diffusion vs MoDiff on the embedded digits model, on the CPU.
 
@@ -575,12 +577,13 @@ def demo(
     """
     from rich.table import Table
 
-    from modiff_trt.demo import run_demo
+    from modiff_trt.demo import DEMO_ROWS, NVFP4_ROWS, run_demo
     from modiff_trt.metrics import FID_MIN_IMAGES
 
     sample_counts(num_images, None, seed)
     at_least("--steps", steps, 1)
     report = run_demo(out, num_images=num_images, steps=steps, seed=seed, overwrite=overwrite,
+                      rows={**DEMO_ROWS, **NVFP4_ROWS} if nvfp4 else DEMO_ROWS,
                       backend=None if backend is None else str(backend))
     fid_header = "digits FID" if num_images >= FID_MIN_IMAGES else f"digits FID (unreliable: < {FID_MIN_IMAGES} images)"
     table = Table("config", "PSNR vs fp32 (dB)", fid_header, "confidence", "sampling (s)", "backend",

@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 def calibration_files(
     model_cfg: ModelConfig, checkpoint: Path | None, quants: Sequence[QuantConfig], sampler: Sampler, workdir: Path,
     cali_st: int = 10, cali_n: int = 64, batch_size: int = 64, method: str = "minmax", seed: int = 1,
-    step_groups: int | str = 1,
+    step_groups: int | str | Sequence[int | str] = 1,
 ) -> list[Path | None]:
-    """The calibration file of each of `quants` in `workdir` (None when nothing needs scales).
+    """The calibration file of each of `quants` in `workdir` (None when nothing needs scales);
+    `step_groups`: one count (or 'auto') for all of them, or one per configuration.
 
     One file per (act bits and format, modulate, method, split, step groups); the missing ones
     are calibrated together from one set of float trajectories (per split: the split changes the
@@ -39,20 +40,21 @@ def calibration_files(
     """
     paths: list[Path | None] = []
     missing: dict[Path, CalibrationOptions] = {}
-    groups = "" if str(step_groups) == "1" else f"-g{step_groups}"
-    for quant in quants:
+    per_quant = [step_groups] * len(quants) if isinstance(step_groups, int | str) else list(step_groups)
+    for quant, quant_groups in zip(quants, per_quant, strict=True):
         if quant.act_bits is None:
             paths.append(None)
             continue
         kind = "residual" if quant.modulate else "raw"
         grid = f"a{quant.act_bits}" if quant.act_format == "int" else quant.act_format
+        groups = "" if str(quant_groups) == "1" else f"-g{quant_groups}"
         path = workdir / f"{kind}-{grid}-{method}{'-split' if quant.split else ''}{groups}.cal.safetensors"
         paths.append(path)
         if not path.is_file():
             missing[path] = CalibrationOptions(
                 weight_bits=quant.weight_bits, act_bits=quant.act_bits, modulate=quant.modulate,
                 first_step=quant.first_step, split=quant.split, method=method, cali_st=cali_st, cali_n=cali_n,
-                batch_size=batch_size, seed=seed, step_groups=step_groups,
+                batch_size=batch_size, seed=seed, step_groups=quant_groups,
                 act_format=quant.act_format,
             )
     for split in sorted({options.split for options in missing.values()}):
