@@ -45,8 +45,9 @@ def tests(junit: Path) -> list[dict[str, Any]]:
             element = case.find(tag)
             if element is not None:
                 outcome, message = ("failed" if tag == "failure" else tag), element.get("message", "")[:500]
-        rows.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
-                     "message": message})
+        rows.append(
+            {"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)), "message": message}
+        )
     return rows
 
 
@@ -55,8 +56,11 @@ def profiles(out: Path, results: list[str]) -> dict[str, Any]:
     found = {}
     for item in results:
         engine, _, status = item.partition("=")
-        entry: dict[str, Any] = {"status": "skipped: no trtexec on PATH or no plan" if status == "skipped"
-                                 else ("passed" if status == "0" else f"failed (exit {status})")}
+        entry: dict[str, Any] = {
+            "status": "skipped: no trtexec on PATH or no plan"
+            if status == "skipped"
+            else ("passed" if status == "0" else f"failed (exit {status})")
+        }
         parsed = out / "exports" / "modiff" / "profile" / f"{engine}-b4.json"
         if parsed.is_file():
             entry["result"] = json.loads(parsed.read_text())

@@ -56,13 +56,20 @@ def measure(name: str) -> dict[str, int]:
     # activations: the 4 largest layer outputs alive at once plus the largest attention matrix
     # (TensorRT's fused MHA avoids the matrix, so this errs on the safe side)
     activations = sum(sorted(outputs)[-4:]) + attention[0]
-    return {"state": state, "params": sum(p.numel() for p in model.parameters()),
-            "activations": activations, "multiplier": 2 if cfg.context_shape else 1}
+    return {
+        "state": state,
+        "params": sum(p.numel() for p in model.parameters()),
+        "activations": activations,
+        "multiplier": 2 if cfg.context_shape else 1,
+    }
 
 
 def main() -> None:
-    print("| config | state/sample fp32 | fp16 | weights fp16 | activations/sample fp16 | "
-          + " | ".join(f"batch @ {g} GB (fp32 / fp16 state)" for g in GPUS) + " |")
+    print(
+        "| config | state/sample fp32 | fp16 | weights fp16 | activations/sample fp16 | "
+        + " | ".join(f"batch @ {g} GB (fp32 / fp16 state)" for g in GPUS)
+        + " |"
+    )
     print("|---" * (5 + len(GPUS)) + "|")
     for name in ("ldm-churches", "ldm-bedrooms", "sd-v1"):
         m = measure(name)
@@ -75,8 +82,12 @@ def main() -> None:
                 per_image = mult * (2 * m["state"] * item + 2 * m["activations"])  # 2 ping-pong sets
                 fits.append(str(max(0, int((g * GB - fixed) // per_image))))
             cells.append(" / ".join(fits))
-        print(f"| {name} | {m['state'] * 4 * mult / 2**20:.0f} MiB | {m['state'] * 2 * mult / 2**20:.0f} MiB | "
-              f"{2 * m['params'] / 2**30:.2f} GiB | {2 * m['activations'] * mult / 2**20:.0f} MiB | " + " | ".join(cells) + " |")
+        print(
+            f"| {name} | {m['state'] * 4 * mult / 2**20:.0f} MiB | {m['state'] * 2 * mult / 2**20:.0f} MiB | "
+            f"{2 * m['params'] / 2**30:.2f} GiB | {2 * m['activations'] * mult / 2**20:.0f} MiB | "
+            + " | ".join(cells)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

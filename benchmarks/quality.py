@@ -65,8 +65,7 @@ def variants(w: int, a: int, step_groups: list[str] | None = None) -> list[Row]:
     static with that many groups of per-step residual scales."""
     bits = f"W{w}A{a}"
     if step_groups:
-        return [Row(bits, _groups_mode(g), QuantConfig(w, a), True, g if g == "auto" else int(g))
-                for g in step_groups]
+        return [Row(bits, _groups_mode(g), QuantConfig(w, a), True, g if g == "auto" else int(g)) for g in step_groups]
     return [
         Row(bits, "Q-Diffusion static", QuantConfig(w, a, modulate=False), True),
         Row(bits, "MoDiff static", QuantConfig(w, a), True),
@@ -85,19 +84,29 @@ def format_rows() -> list[Row]:
     TensorRT's Q/DQ form (ORT runs FP8 Q/DQ), NVFP4 through the ort-cpu target's emulation.
     """
     rows = [Row("W8", "weight-only", QuantConfig(8, None, modulate=False), False, independent_db=38.5)]
-    for label, fmt, bits, plain_db, modiff_db in (("INT4 per-tensor", "int", 4, -1.2, 33.6),
-                                                  ("NVFP4", "nvfp4", 4, 24.7, 37.5),
-                                                  ("FP8 E4M3", "fp8", 8, 31.8, 38.5)):
+    for label, fmt, bits, plain_db, modiff_db in (
+        ("INT4 per-tensor", "int", 4, -1.2, 33.6),
+        ("NVFP4", "nvfp4", 4, 24.7, 37.5),
+        ("FP8 E4M3", "fp8", 8, 31.8, 38.5),
+    ):
         every = "all" if fmt != "int" else "tensorrt"
         for modulate, db in ((False, plain_db), (True, modiff_db)):
             quant = QuantConfig(8, bits, modulate=modulate, act_format=fmt, format_layers=every)
-            rows.append(Row(f"W8 {label}", f"{'MoDiff' if modulate else 'plain'} dynamic, every layer", quant, False,
-                            independent_db=db))
+            rows.append(
+                Row(
+                    f"W8 {label}",
+                    f"{'MoDiff' if modulate else 'plain'} dynamic, every layer",
+                    quant,
+                    False,
+                    independent_db=db,
+                )
+            )
     for label, fmt, bits in (("NVFP4", "nvfp4", 4), ("FP8 E4M3", "fp8", 8)):
         for modulate in (False, True):
             quant = QuantConfig(8, bits, modulate=modulate, act_format=fmt)
-            rows.append(Row(f"W8 {label}", f"{'MoDiff' if modulate else 'plain'} static, TensorRT layer formats",
-                            quant, True))
+            rows.append(
+                Row(f"W8 {label}", f"{'MoDiff' if modulate else 'plain'} static, TensorRT layer formats", quant, True)
+            )
     return rows
 
 
@@ -108,15 +117,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 images, 10 steps, W8A8 and W8A4 only")
     parser.add_argument("--json", type=Path, help="raw results (default: benchmarks/results/SECTION.json)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
-    parser.add_argument("--method", default="minmax", choices=["minmax", "mse", "percentile"],
-                        help="calibration scale search (mse also searches per-channel weight scales)")
+    parser.add_argument(
+        "--method",
+        default="minmax",
+        choices=["minmax", "mse", "percentile"],
+        help="calibration scale search (mse also searches per-channel weight scales)",
+    )
     parser.add_argument("--bits", nargs="+", help="subset of bit widths, e.g. W4A8 W4A4")
     parser.add_argument("--section", default="quality", help="BENCHMARKS.md section to write")
-    parser.add_argument("--step-groups", nargs="+",
-                        help="only MoDiff static rows, per step-group count (or 'auto': calibrate picks it)")
+    parser.add_argument(
+        "--step-groups", nargs="+", help="only MoDiff static rows, per step-group count (or 'auto': calibrate picks it)"
+    )
     parser.add_argument("--formats", action="store_true", help="the FP8/NVFP4 activation-format study instead")
-    parser.add_argument("--cali-st", type=int, default=10,
-                        help="calibrated UNet calls per trajectory (step groups want several per group: e.g. 49)")
+    parser.add_argument(
+        "--cali-st",
+        type=int,
+        default=10,
+        help="calibrated UNet calls per trajectory (step groups want several per group: e.g. 49)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     num_images, steps, bits = args.num_images, args.steps, BITS
@@ -138,8 +156,20 @@ def main() -> None:
         results.append({"bits": "fp32", "mode": "full precision", "torch": {**fp, "psnr_db": None}, "ort": None})
         for spec in rows:
             row = {"bits": spec.bits, "mode": spec.mode, "independent_db": spec.independent_db}
-            cal = calibration_file(cfg, ckpt, spec.quant, sampler, work, cali_st=args.cali_st,
-                                   method=args.method, step_groups=spec.step_groups) if spec.static else None
+            cal = (
+                calibration_file(
+                    cfg,
+                    ckpt,
+                    spec.quant,
+                    sampler,
+                    work,
+                    cali_st=args.cali_st,
+                    method=args.method,
+                    step_groups=spec.step_groups,
+                )
+                if spec.static
+                else None
+            )
             if spec.step_groups == "auto":
                 row["mode"] = _groups_mode(load_calibration(cal).step_groups, auto=True)
             q = QuantConfig(**{**spec.quant.to_dict(), "act_scales": "static" if cal else "dynamic"})
@@ -148,21 +178,28 @@ def main() -> None:
             row["torch"] = score_digits(x0, reference)
             row["ort"] = None
             if spec.static:
-                out = export_config(cfg, ckpt, spec.quant, cal, work / f"export-{len(results)}", sampler,
-                                    target=ort_target(spec.quant))
+                out = export_config(
+                    cfg, ckpt, spec.quant, cal, work / f"export-{len(results)}", sampler, target=ort_target(spec.quant)
+                )
                 x_ort, _ = timed_samples(OrtRunner(out), cfg, num_images, batch, sampler)
                 row["ort"] = score_digits(x_ort, reference)
                 row["ort_vs_torch_rel_err"] = float((x_ort - x0).norm() / x0.norm())
             results.append(row)
-            print(f"{row['bits']:16s} {row['mode']:44s} torch {row['torch']['psnr_db']:6.2f} dB"
-                  + (f"  ort {row['ort']['psnr_db']:6.2f} dB" if row["ort"] else ""), flush=True)
+            print(
+                f"{row['bits']:16s} {row['mode']:44s} torch {row['torch']['psnr_db']:6.2f} dB"
+                + (f"  ort {row['ort']['psnr_db']:6.2f} dB" if row["ort"] else ""),
+                flush=True,
+            )
     elapsed = time.perf_counter() - started
     json_path = args.json or Path(__file__).parent / "results" / f"{args.section}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps({"num_images": num_images, "steps": steps, "rows": results}, indent=2))
     if not args.no_write:
-        body = render_formats(results, num_images, steps, elapsed) if args.formats else render(
-            results, num_images, steps, elapsed, args.method, args.cali_st, bool(args.step_groups))
+        body = (
+            render_formats(results, num_images, steps, elapsed)
+            if args.formats
+            else render(results, num_images, steps, elapsed, args.method, args.cali_st, bool(args.step_groups))
+        )
         write_section(args.section, body)
 
 
@@ -180,13 +217,38 @@ def _fmt(scores: dict | None, key: str, spec: str) -> str:
     return format(scores[key], spec)
 
 
-def render(results: list[dict], num_images: int, steps: int, elapsed: float, method: str = "minmax",
-           cali_st: int = 10, step_groups: bool = False) -> str:
-    header = ["bits", "mode", "PSNR torch (dB)", "PSNR ORT (dB)", "digits FID torch", "digits FID ORT",
-              "confidence torch", "confidence ORT"]
-    rows = [[r["bits"], r["mode"], _fmt(r["torch"], "psnr_db", ".2f"), _fmt(r["ort"], "psnr_db", ".2f"),
-             _fmt(r["torch"], "digits_fid", ".2f"), _fmt(r["ort"], "digits_fid", ".2f"),
-             _fmt(r["torch"], "confidence", ".3f"), _fmt(r["ort"], "confidence", ".3f")] for r in results]
+def render(
+    results: list[dict],
+    num_images: int,
+    steps: int,
+    elapsed: float,
+    method: str = "minmax",
+    cali_st: int = 10,
+    step_groups: bool = False,
+) -> str:
+    header = [
+        "bits",
+        "mode",
+        "PSNR torch (dB)",
+        "PSNR ORT (dB)",
+        "digits FID torch",
+        "digits FID ORT",
+        "confidence torch",
+        "confidence ORT",
+    ]
+    rows = [
+        [
+            r["bits"],
+            r["mode"],
+            _fmt(r["torch"], "psnr_db", ".2f"),
+            _fmt(r["ort"], "psnr_db", ".2f"),
+            _fmt(r["torch"], "digits_fid", ".2f"),
+            _fmt(r["ort"], "digits_fid", ".2f"),
+            _fmt(r["torch"], "confidence", ".3f"),
+            _fmt(r["ort"], "confidence", ".3f"),
+        ]
+        for r in results
+    ]
     return (
         f"## {'Step-group scales' if step_groups else 'Quality'} on the embedded digits model ({method} calibration"
         f"{f', --cali-st {cali_st}' if step_groups else ''})\n\n"
@@ -198,21 +260,37 @@ def render(results: list[dict], num_images: int, steps: int, elapsed: float, met
         f"{cali_st} evenly spaced UNet calls each (residuals for MoDiff, raw inputs for Q-Diffusion; mse also sets "
         "per-channel weight scales, dynamic rows keep absmax weights); step-group rows calibrate the residual "
         "scales per group of contiguous steps and run them through the one step graph's `step_scale_ratio` input "
-        "(docs/export.md). ORT = the exported graphs on ONNX Runtime (CPU).\n\n"
-        + markdown_table(header, rows)
+        "(docs/export.md). ORT = the exported graphs on ONNX Runtime (CPU).\n\n" + markdown_table(header, rows)
     )
 
 
 def render_formats(results: list[dict], num_images: int, steps: int, elapsed: float) -> str:
-    header = ["weights / activations", "mode", "PSNR torch (dB)", "PSNR ORT (dB)", "independent ref. (dB)",
-              "torch - independent (dB)", "digits FID torch", "confidence torch"]
+    header = [
+        "weights / activations",
+        "mode",
+        "PSNR torch (dB)",
+        "PSNR ORT (dB)",
+        "independent ref. (dB)",
+        "torch - independent (dB)",
+        "digits FID torch",
+        "confidence torch",
+    ]
     rows = []
     for r in results:
         ours, theirs = r["torch"].get("psnr_db"), r.get("independent_db")
         delta = "-" if ours is None or theirs is None else f"{ours - theirs:+.2f}"
-        rows.append([r["bits"], r["mode"], _fmt(r["torch"], "psnr_db", ".2f"), _fmt(r["ort"], "psnr_db", ".2f"),
-                     "-" if theirs is None else f"{theirs:.1f}", delta, _fmt(r["torch"], "digits_fid", ".2f"),
-                     _fmt(r["torch"], "confidence", ".3f")])
+        rows.append(
+            [
+                r["bits"],
+                r["mode"],
+                _fmt(r["torch"], "psnr_db", ".2f"),
+                _fmt(r["ort"], "psnr_db", ".2f"),
+                "-" if theirs is None else f"{theirs:.1f}",
+                delta,
+                _fmt(r["torch"], "digits_fid", ".2f"),
+                _fmt(r["torch"], "confidence", ".3f"),
+            ]
+        )
     return (
         "## Activation formats on the embedded digits model: INT4, NVFP4, FP8\n\n"
         f"Command: `{command_line()}` ({elapsed / 60:.1f} min). Machine: {machine()}.\n\n"

@@ -62,7 +62,6 @@ class Variant:
     max_batch: int | None = None  # not timed at larger batches: every row's state is alive during a round
 
 
-
 def float_pass_absmax(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[dict[str, float], dict[str, float]]:
     """Input and output absmax of every Conv/Linear over one float call (dummy calibration)."""
     names = quantizable_layers(model)
@@ -72,6 +71,7 @@ def float_pass_absmax(model: torch.nn.Module, shape: tuple[int, ...]) -> tuple[d
     def record(name: str):
         def hook(module, args, output) -> None:
             inputs[name], outputs[name] = float(args[0].abs().max()), float(output.abs().max())
+
         return hook
 
     hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
@@ -108,8 +108,11 @@ def export_all(model, cfg, absmax, work: Path) -> tuple[dict[str, Path], dict[st
     for target in ("trt", "ort-cpu"):
         for modulate, step_groups in ((False, None), (True, None), (True, groups)):
             key = f"{target}-{'modiff' if modulate else 'plain'}{'-g' if step_groups else ''}"
-            qmodel = quantize_unet(model, QuantConfig(8, 8, modulate=modulate, act_scales="static"),
-                                   scale_set(absmax, modulate, step_groups))
+            qmodel = quantize_unet(
+                model,
+                QuantConfig(8, 8, modulate=modulate, act_scales="static"),
+                scale_set(absmax, modulate, step_groups),
+            )
             started = time.perf_counter()
             manifests[key] = export_model(model, qmodel, cfg, work / key, target=target)
             seconds[key] = time.perf_counter() - started
@@ -146,6 +149,7 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
             if "modiff" in key:
                 runner(x, t)  # warm-up graph: creates the state; later calls run step.onnx
             return lambda: runner(x, t)
+
         return setup
 
     def ov_float(x, t):
@@ -159,6 +163,7 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
             if "modiff" in key:
                 runner(x, t)  # warm-up graph: seeds the step model's variables
             return lambda: runner(x, t)
+
         return setup
 
     def ov_state_io(x, t):
@@ -175,8 +180,11 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
         return lambda: request.infer(feeds)
 
     def native(x, t):
-        unet = native_modiff_unet(model, {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in absmax.items()},
-                                  {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in out_absmax.items()})
+        unet = native_modiff_unet(
+            model,
+            {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in absmax.items()},
+            {n: max(v * RESIDUAL_FRACTION, 1e-6) / 127 for n, v in out_absmax.items()},
+        )
         reset(unet)
         unet(x, t)  # float warm-up step
         return lambda: unet(x, t)
@@ -186,19 +194,34 @@ def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
         Variant("ort-fp32", "ORT fp32 (float graph)", ort_float),
         Variant("trt-plain", "ORT INT8 plain, trt-style Q/DQ (unet.onnx)", ort_runner("trt-plain")),
         Variant("trt-modiff", "ORT INT8 MoDiff step, trt-style Q/DQ (step.onnx)", ort_runner("trt-modiff")),
-        Variant("trt-modiff-g", f"ORT INT8 MoDiff step, trt-style Q/DQ, {STEP_GROUPS} step groups (step_scale_ratio)",
-                ort_runner("trt-modiff-g"), max_batch=STEP_GROUPS_MAX_BATCH),
+        Variant(
+            "trt-modiff-g",
+            f"ORT INT8 MoDiff step, trt-style Q/DQ, {STEP_GROUPS} step groups (step_scale_ratio)",
+            ort_runner("trt-modiff-g"),
+            max_batch=STEP_GROUPS_MAX_BATCH,
+        ),
         Variant("ort-cpu-plain", "ORT INT8 plain, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-plain")),
         Variant("ort-cpu-modiff", "ORT INT8 MoDiff step, ort-cpu target (ConvInteger)", ort_runner("ort-cpu-modiff")),
-        Variant("ort-cpu-modiff-g", f"ORT INT8 MoDiff step, ort-cpu target, {STEP_GROUPS} step groups "
-                "(step_scale_ratio)", ort_runner("ort-cpu-modiff-g"), max_batch=STEP_GROUPS_MAX_BATCH),
+        Variant(
+            "ort-cpu-modiff-g",
+            f"ORT INT8 MoDiff step, ort-cpu target, {STEP_GROUPS} step groups (step_scale_ratio)",
+            ort_runner("ort-cpu-modiff-g"),
+            max_batch=STEP_GROUPS_MAX_BATCH,
+        ),
         Variant("ov-fp32", "OpenVINO fp32 (float graph)", ov_float),
         Variant("ov-plain", "OpenVINO INT8 plain, trt-style Q/DQ (unet.onnx)", ov_runner("trt-plain")),
-        Variant("ov-modiff", "OpenVINO INT8 MoDiff step, trt-style, state in variables (backend `openvino`)",
-                ov_runner("trt-modiff")),
+        Variant(
+            "ov-modiff",
+            "OpenVINO INT8 MoDiff step, trt-style, state in variables (backend `openvino`)",
+            ov_runner("trt-modiff"),
+        ),
         Variant("ov-modiff-io", "OpenVINO INT8 MoDiff step, trt-style, state as graph I/O", ov_state_io),
-        Variant("torch-native", "seed demo: torch.ao quantized conv/linear + float MoDiff state, eager "
-                "(output requantized to int8: not exact)", native),
+        Variant(
+            "torch-native",
+            "seed demo: torch.ao quantized conv/linear + float MoDiff state, eager "
+            "(output requantized to int8: not exact)",
+            native,
+        ),
     ]
 
 
@@ -262,24 +285,32 @@ def _ratio(results, num: str, den: str, batch: int) -> float:
 def report(rows, results, batches, loads, export_seconds, manifests, args) -> str:
     b = 8 if 8 in batches else batches[-1]  # the speed goals are stated at batch 8
     header = ["runtime / graph"] + [f"batch {n} (ms/step)" for n in batches] + [f"speed-up vs ORT fp32 @ b{b}"]
-    table = [[v.label] + [f"{results[v.key][n]:.1f}" if n in results[v.key] else "-" for n in batches]
-             + [f"{_ratio(results, 'ort-fp32', v.key, b):.2f}x"] for v in rows]
+    table = [
+        [v.label]
+        + [f"{results[v.key][n]:.1f}" if n in results[v.key] else "-" for n in batches]
+        + [f"{_ratio(results, 'ort-fp32', v.key, b):.2f}x"]
+        for v in rows
+    ]
     lines = [
         "## Speed: per-step UNet latency on CPU",
         "",
         f"Command: `{command_line()}`  ",
-        (f"Machine: {machine()}; torch, ORT and OpenVINO intra-op threads = {args.threads}, ORT default graph "
-         "optimizations and thread spinning, OpenVINO CPU plugin with f32 inference precision and the latency "
-         "hint. The cores are shared with other work: load average "
-         f"(1/5/15 min) after each batch: {'; '.join(f'b{k}: {v}' for k, v in loads.items())}."),
+        (
+            f"Machine: {machine()}; torch, ORT and OpenVINO intra-op threads = {args.threads}, ORT default graph "
+            "optimizations and thread spinning, OpenVINO CPU plugin with f32 inference precision and the latency "
+            "hint. The cores are shared with other work: load average "
+            f"(1/5/15 min) after each batch: {'; '.join(f'b{k}: {v}' for k, v in loads.items())}."
+        ),
         "",
-        ("Full-size DDIM CIFAR-10 UNet (35.7M params, 113 Conv/Linear), random weights, W8A8 with "
-         "dummy static scales, fp warm-up. Median of >= 5 timed calls after one warm-up call "
-         "(batch 32: 5 calls), the rows timed in turn (one call of each per round, so load from other "
-         "work falls on every row alike); MoDiff rows time later steps (the warm-up graph runs once before). "
-         f"Step-group rows: the same step graph with a `step_scale_ratio` input ({STEP_GROUPS} groups of dummy "
-         "scales; three Muls per quantizer: the residual before Q, the dequantized residual, the layer output), "
-         f"timed up to batch {STEP_GROUPS_MAX_BATCH} (two more states at batch 32 exceed this machine's memory)."),
+        (
+            "Full-size DDIM CIFAR-10 UNet (35.7M params, 113 Conv/Linear), random weights, W8A8 with "
+            "dummy static scales, fp warm-up. Median of >= 5 timed calls after one warm-up call "
+            "(batch 32: 5 calls), the rows timed in turn (one call of each per round, so load from other "
+            "work falls on every row alike); MoDiff rows time later steps (the warm-up graph runs once before). "
+            f"Step-group rows: the same step graph with a `step_scale_ratio` input ({STEP_GROUPS} groups of dummy "
+            "scales; three Muls per quantizer: the residual before Q, the dequantized residual, the layer output), "
+            f"timed up to batch {STEP_GROUPS_MAX_BATCH} (two more states at batch 32 exceed this machine's memory)."
+        ),
         "",
         markdown_table(header, table),
         "",
@@ -288,22 +319,40 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
     ]
     state = state_bytes_per_sample(manifests["trt-modiff"])
     lines.append(f"| a_hat + o_hat, 113 layers, fp32 | {state / 2**20:.1f} MiB | {2 * 8 * state / 2**20:.0f} MiB |")
-    lines += ["", "Export time (`float`: the float trace alone; the others: `export_model` = float trace + Q/DQ pass "
-              "+ ONNX full check + save): "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in export_seconds.items()) + ".", ""]
+    lines += [
+        "",
+        "Export time (`float`: the float trace alone; the others: `export_model` = float trace + Q/DQ pass "
+        "+ ONNX full check + save): " + ", ".join(f"{k} {v:.1f} s" for k, v in export_seconds.items()) + ".",
+        "",
+    ]
     targets = [
         ("ORT INT8 MoDiff step vs ORT fp32", ">= 2.5x", "ort-fp32", "modiff", False),
         ("ORT INT8 MoDiff step vs torch fp32 eager", ">= 3x", "torch-fp32", "modiff", False),
         ("MoDiff step overhead over plain INT8", "<= 15%", "modiff", "plain", True),
-        (f"step_scale_ratio ({STEP_GROUPS} step groups) overhead over the same step graph", "<= 5%", "modiff-g",
-         "modiff", True),
+        (
+            f"step_scale_ratio ({STEP_GROUPS} step groups) overhead over the same step graph",
+            "<= 5%",
+            "modiff-g",
+            "modiff",
+            True,
+        ),
     ]
     overheads = "; ".join(
-        f"b{n}: " + ", ".join(f"{t} {(_ratio(results, f'{t}-modiff-g', f'{t}-modiff', n) - 1) * 100:+.1f}%"
-                              for t in ("trt", "ort-cpu")) for n in batches if n in results["trt-modiff-g"])
-    lines += [f"`step_scale_ratio` overhead over the same step graph, per batch: {overheads}.", "",
-              f"Speed goals at batch {b}:", "",
-              "| target | goal | trt-style graph | ort-cpu graph |", "|---|---|---|---|"]
+        f"b{n}: "
+        + ", ".join(
+            f"{t} {(_ratio(results, f'{t}-modiff-g', f'{t}-modiff', n) - 1) * 100:+.1f}%" for t in ("trt", "ort-cpu")
+        )
+        for n in batches
+        if n in results["trt-modiff-g"]
+    )
+    lines += [
+        f"`step_scale_ratio` overhead over the same step graph, per batch: {overheads}.",
+        "",
+        f"Speed goals at batch {b}:",
+        "",
+        "| target | goal | trt-style graph | ort-cpu graph |",
+        "|---|---|---|---|",
+    ]
     for name, goal, num, den, overhead in targets:
         cells = []
         for target in ("trt", "ort-cpu"):
@@ -314,15 +363,26 @@ def report(rows, results, batches, loads, export_seconds, manifests, args) -> st
         lines.append(f"| {name} | {goal} | {cells[0]} | {cells[1]} |")
     ov = [
         ("OpenVINO INT8 MoDiff step vs ORT fp32", ">= 2.0x", _ratio(results, "ort-fp32", "ov-modiff", b), False),
-        ("OpenVINO INT8 MoDiff step vs torch fp32 eager", ">= 2.5x", _ratio(results, "torch-fp32", "ov-modiff", b),
-         False),
+        (
+            "OpenVINO INT8 MoDiff step vs torch fp32 eager",
+            ">= 2.5x",
+            _ratio(results, "torch-fp32", "ov-modiff", b),
+            False,
+        ),
         ("MoDiff step overhead over OpenVINO plain INT8", "<= 15%", _ratio(results, "ov-modiff", "ov-plain", b), True),
         ("state as graph I/O vs state in variables", "-", _ratio(results, "ov-modiff-io", "ov-modiff", b), True),
     ]
-    lines += ["", f"Speed goals of the `openvino` backend at batch {b}:", "",
-              "| target | goal | measured |", "|---|---|---|"]
-    lines += [f"| {name} | {goal} | {(r - 1) * 100:+.0f}% |" if overhead else f"| {name} | {goal} | {r:.2f}x |"
-              for name, goal, r, overhead in ov]
+    lines += [
+        "",
+        f"Speed goals of the `openvino` backend at batch {b}:",
+        "",
+        "| target | goal | measured |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {goal} | {(r - 1) * 100:+.0f}% |" if overhead else f"| {name} | {goal} | {r:.2f}x |"
+        for name, goal, r, overhead in ov
+    ]
     return "\n".join(lines) + "\n"
 
 

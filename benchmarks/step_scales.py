@@ -42,10 +42,15 @@ def group_scales(model, cfg, sampler: Sampler, groups: int, bits: int, cali_n: i
         collector = TrajectoryCollector(model, steps, True, 1, {}, 65536, seed=1)
         run_collectors([collector], sampler, cfg.sample_shape, cali_n, cali_n, 1, progress=False)
         stats = collector.stats
-        tables.append({n: LayerScales(act=[activation_scale(s.values(), s.absmax, bits, "minmax") for s in st.act])
-                       for n, st in stats.items()})
-    return [tables[int(np.searchsorted(bounds, k, side="right")) - 1] if k >= 1 else tables[0]
-            for k in range(sampler.steps)]
+        tables.append(
+            {
+                n: LayerScales(act=[activation_scale(s.values(), s.absmax, bits, "minmax") for s in st.act])
+                for n, st in stats.items()
+            }
+        )
+    return [
+        tables[int(np.searchsorted(bounds, k, side="right")) - 1] if k >= 1 else tables[0] for k in range(sampler.steps)
+    ]
 
 
 class StepScaled(torch.nn.Module):
@@ -85,11 +90,14 @@ def main() -> None:
         x_dyn, _ = timed_samples(dynamic, cfg, args.num_images, 256, sampler)
         for groups in args.groups:
             per_step = group_scales(fp_model, cfg, sampler, groups, bits, args.cali_n)
-            qmodel = quantize_unet(fp_model, QuantConfig(8, bits, act_scales="static"),
-                                   ScaleSet(True, dict(per_step[1]), "step-groups"))
+            qmodel = quantize_unet(
+                fp_model, QuantConfig(8, bits, act_scales="static"), ScaleSet(True, dict(per_step[1]), "step-groups")
+            )
             x0, _ = timed_samples(StepScaled(qmodel, per_step), cfg, args.num_images, 256, sampler)
             s = score_digits(x0, reference)
-            rows.append([f"W8A{bits}", f"static, {groups} step group(s)", f"{s['psnr_db']:.2f}", f"{s['digits_fid']:.2f}"])
+            rows.append(
+                [f"W8A{bits}", f"static, {groups} step group(s)", f"{s['psnr_db']:.2f}", f"{s['digits_fid']:.2f}"]
+            )
             print(rows[-1], flush=True)
         s = score_digits(x_dyn, reference)
         rows.append([f"W8A{bits}", "dynamic per call (batch absmax)", f"{s['psnr_db']:.2f}", f"{s['digits_fid']:.2f}"])

@@ -33,8 +33,16 @@ class NativeModiffLayer(nn.Module):
         super().__init__()
         self.float_layer = layer
         if isinstance(layer, nn.Conv2d):
-            self.qlayer = nnq.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                                     layer.padding, layer.dilation, layer.groups, bias=False)
+            self.qlayer = nnq.Conv2d(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.groups,
+                bias=False,
+            )
         else:
             self.qlayer = nnq.Linear(layer.in_features, layer.out_features, bias_=False)
         self.qlayer.set_weight_bias(_quantized_weight(layer.weight), None)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from modiff_trt.export.manifest import Manifest
     from modiff_trt.quant import QuantConfig
 
+
 @dataclass(frozen=True)
 class QuantOptions:
     """How to quantize (`--weight-bits`, `--act-bits`, `--act-format`, ...); None: not given.
@@ -46,8 +47,14 @@ class QuantOptions:
     split: bool | None = None
     state_dtype: str | None = None
 
-    DEFAULTS: ClassVar[dict[str, Any]] = {"weight_bits": 8, "act_format": "int", "modulate": True,
-                                          "first_step": "fp", "split": False, "state_dtype": "float32"}
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "weight_bits": 8,
+        "act_format": "int",
+        "modulate": True,
+        "first_step": "fp",
+        "split": False,
+        "state_dtype": "float32",
+    }
 
     def chosen(self, name: str) -> Any:
         """The option's value, or its default when it was not given."""
@@ -70,10 +77,16 @@ class QuantOptions:
         """The QuantConfig these options describe (QuantConfig validates the bits and combinations)."""
         from modiff_trt.quant import QuantConfig
 
-        return QuantConfig(weight_bits=self.weight_bits_or_float(), act_bits=self.act_bits_or_float(),
-                           modulate=self.chosen("modulate"), act_scales=act_scales,
-                           first_step=str(self.chosen("first_step")), split=self.chosen("split"),
-                           state_dtype=str(self.chosen("state_dtype")), act_format=str(self.chosen("act_format")))
+        return QuantConfig(
+            weight_bits=self.weight_bits_or_float(),
+            act_bits=self.act_bits_or_float(),
+            modulate=self.chosen("modulate"),
+            act_scales=act_scales,
+            first_step=str(self.chosen("first_step")),
+            split=self.chosen("split"),
+            state_dtype=str(self.chosen("state_dtype")),
+            act_format=str(self.chosen("act_format")),
+        )
 
 
 def _float_if_zero(bits: int) -> int | None:
@@ -119,8 +132,14 @@ class SamplerOptions:
         """`make_sampler(base, ...)` with these overrides; `base` is a model config or a sampler."""
         from modiff_trt.sampling.sampler import make_sampler
 
-        return make_sampler(base, sampler=self.sampler, steps=self.steps, skip_type=self.skip_type, eta=self.eta,
-                            guidance_scale=self.guidance_scale)
+        return make_sampler(
+            base,
+            sampler=self.sampler,
+            steps=self.steps,
+            skip_type=self.skip_type,
+            eta=self.eta,
+            guidance_scale=self.guidance_scale,
+        )
 
 
 @dataclass(frozen=True)
@@ -135,8 +154,9 @@ class PromptOptions:
     def conditioning(self, context_shape: Any, source: str, seed: int):
         from modiff_trt.sampling.conditioning import make_conditioning
 
-        return make_conditioning(context_shape, source, self.prompt, self.from_file, self.text_encoder,
-                                 self.random_context, seed)
+        return make_conditioning(
+            context_shape, source, self.prompt, self.from_file, self.text_encoder, self.random_context, seed
+        )
 
 
 @dataclass(frozen=True)
@@ -206,8 +226,19 @@ def sample(options: SampleOptions) -> SampleResult:
     start = time.perf_counter()
     # rank 0 writes every image: only it swaps a finished temporary folder into place
     with atomic_directory(o.out, may_replace) if world.main else contextlib.nullcontext(o.out) as target:
-        write_samples(runner, chosen, sample_shape, target, o.num_images, o.batch_size, o.seed, conditioning, decoder,
-                      o.pngs, world=world)
+        write_samples(
+            runner,
+            chosen,
+            sample_shape,
+            target,
+            o.num_images,
+            o.batch_size,
+            o.seed,
+            conditioning,
+            decoder,
+            o.pngs,
+            world=world,
+        )
     return SampleResult(o.out, o.num_images, time.perf_counter() - start, world.size, world.main)
 
 
@@ -215,13 +246,26 @@ def _export_runner(o: SampleOptions):
     """The runner of an export directory, refusing every option the export fixed."""
     from modiff_trt.engines.factory import open_runner
 
-    refuse_fixed_by_export(config=o.model.config, checkpoint=o.model.checkpoint, calibration=o.calibration,
-                           act_scales=o.act_scales, random_weights=o.model.random_weights or None,
-                           ema=o.model.ema or None, **dataclasses.asdict(o.quant))
+    refuse_fixed_by_export(
+        config=o.model.config,
+        checkpoint=o.model.checkpoint,
+        calibration=o.calibration,
+        act_scales=o.act_scales,
+        random_weights=o.model.random_weights or None,
+        ema=o.model.ema or None,
+        **dataclasses.asdict(o.quant),
+    )
     if o.cuda_graph and o.backend != "trt":
         raise OptionError(f"--cuda-graph applies to --backend trt only, not --backend {o.backend}")
-    runner, manifest = open_runner(o.export_dir, o.backend, batch_size=o.batch_size, trust=o.model.trust_checkpoint,
-                                   cuda_graph=o.cuda_graph, ort_provider=o.ort_provider, device=o.device)
+    runner, manifest = open_runner(
+        o.export_dir,
+        o.backend,
+        batch_size=o.batch_size,
+        trust=o.model.trust_checkpoint,
+        cuda_graph=o.cuda_graph,
+        ort_provider=o.ort_provider,
+        device=o.device,
+    )
     return runner, manifest.sampling, manifest.model
 
 
@@ -239,8 +283,9 @@ def _reference_runner(o: SampleOptions):
     base = load_config(o.model.config)
     checkpoint = o.model.checkpoint_file()
     quant = o.quant.config(o.act_scales or ("static" if o.calibration is not None else "dynamic"))
-    runner = load_reference(base, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint,
-                            ema=o.model.ema).qmodel
+    runner = load_reference(
+        base, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint, ema=o.model.ema
+    ).qmodel
     return runner, base, checkpoint
 
 
@@ -249,12 +294,17 @@ def refuse_fixed_by_export(**given: object) -> None:
 
     Each value is None when the option was not given (switches that default to off pass `x or None`).
     """
-    named = [("--no-" if value is False else "--") + name.replace("_", "-") for name, value in given.items()
-             if value is not None]
+    named = [
+        ("--no-" if value is False else "--") + name.replace("_", "-")
+        for name, value in given.items()
+        if value is not None
+    ]
     if named:
         fixed = "it" if len(named) == 1 else "them"
-        raise OptionError(f"{', '.join(named)} cannot apply to an export directory: the export fixed {fixed}; "
-                          "re-run `modiff-trt export` with the settings you want")
+        raise OptionError(
+            f"{', '.join(named)} cannot apply to an export directory: the export fixed {fixed}; "
+            "re-run `modiff-trt export` with the settings you want"
+        )
 
 
 def _first_stage(config: str, family: str, checkpoint: str | Path | None, trust: bool) -> torch.nn.Module | None:
@@ -305,17 +355,30 @@ def export(options: ExportOptions) -> Manifest:
     dtype = {"fp32": "float32", "fp16": "float16"}[o.float_format]
     quant = o.quant.config("static" if o.calibration is not None else "dynamic")
     checkpoint = o.model.checkpoint_file()
-    model_cfg, float_model, qmodel = load_reference(o.model.config, checkpoint, quant, o.calibration,
-                                                    trust=o.model.trust_checkpoint, ema=o.model.ema)
+    model_cfg, float_model, qmodel = load_reference(
+        o.model.config, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint, ema=o.model.ema
+    )
     guidance = model_cfg.context_shape is not None if o.guidance is None else o.guidance
     sampler = None  # the calibration's sampler becomes the export's default; without one, the config's
     if o.calibration is not None:
         from modiff_trt.calibrators import load_calibration
 
         sampler = load_calibration(o.calibration).sampler(model_cfg)
-    return export_model(float_model, qmodel, model_cfg, o.out, checkpoint=checkpoint, calibration=o.calibration,
-                        sampler=sampler, float_dtype=dtype, opset=o.opset, batch_size=o.batch_size, target=o.target,
-                        guidance=guidance, ema=o.model.ema)
+    return export_model(
+        float_model,
+        qmodel,
+        model_cfg,
+        o.out,
+        checkpoint=checkpoint,
+        calibration=o.calibration,
+        sampler=sampler,
+        float_dtype=dtype,
+        opset=o.opset,
+        batch_size=o.batch_size,
+        target=o.target,
+        guidance=guidance,
+        ema=o.model.ema,
+    )
 
 
 @dataclass(frozen=True)
@@ -358,21 +421,41 @@ def calibrate(options: CalibrateOptions) -> Calibration:
     model_cfg = load_config(o.model.config)
     chosen = o.sampling.make(model_cfg)
     fmt, modulate = str(o.quant.chosen("act_format")), o.quant.chosen("modulate")
-    settings = CalibrationOptions(weight_bits=o.quant.weight_bits_or_float(), act_bits=o.quant.act_bits_or_float(),
-                                  modulate=modulate, first_step=str(o.quant.chosen("first_step")),
-                                  split=o.quant.chosen("split"), method=o.method, cali_st=o.cali_st, cali_n=o.cali_n,
-                                  batch_size=o.batch_size, seed=o.seed, step_groups=o.step_groups, act_format=fmt)
+    settings = CalibrationOptions(
+        weight_bits=o.quant.weight_bits_or_float(),
+        act_bits=o.quant.act_bits_or_float(),
+        modulate=modulate,
+        first_step=str(o.quant.chosen("first_step")),
+        split=o.quant.chosen("split"),
+        method=o.method,
+        cali_st=o.cali_st,
+        cali_n=o.cali_n,
+        batch_size=o.batch_size,
+        seed=o.seed,
+        step_groups=o.step_groups,
+        act_format=fmt,
+    )
     if o.from_qdiffusion is not None:
         if o.model.checkpoint is not None:
-            raise OptionError("give --checkpoint or --from-qdiffusion, not both: the Q-Diffusion file holds the "
-                              "fp32 weights")
+            raise OptionError(
+                "give --checkpoint or --from-qdiffusion, not both: the Q-Diffusion file holds the fp32 weights"
+            )
         if fmt != "int":
             raise OptionError("--from-qdiffusion imports integer grids: drop --act-format")
-        return import_qdiffusion(model_cfg, o.from_qdiffusion, o.out, settings, chosen if modulate else None,
-                                 trust=o.model.trust_checkpoint)
+        return import_qdiffusion(
+            model_cfg, o.from_qdiffusion, o.out, settings, chosen if modulate else None, trust=o.model.trust_checkpoint
+        )
     conditioning = o.prompts.conditioning(model_cfg.context_shape, model_cfg.source, o.seed)
-    return measure(model_cfg, o.model.checkpoint_file(), o.out, chosen, settings, conditioning=conditioning,
-                   trust=o.model.trust_checkpoint, ema=o.model.ema)
+    return measure(
+        model_cfg,
+        o.model.checkpoint_file(),
+        o.out,
+        chosen,
+        settings,
+        conditioning=conditioning,
+        trust=o.model.trust_checkpoint,
+        ema=o.model.ema,
+    )
 
 
 @dataclass(frozen=True)
@@ -399,13 +482,15 @@ def compare(options: CompareOptions) -> list[StepDiff]:
         raise OptionError("--backends needs at least two backends, e.g. torch,ort")
     unknown = [name for name in o.backends if name not in set(Backend)]
     if unknown:
-        raise OptionError(f"--backends {','.join(o.backends)}: unknown {', '.join(unknown)}; "
-                          f"choose from {', '.join(Backend)}")
+        raise OptionError(
+            f"--backends {','.join(o.backends)}: unknown {', '.join(unknown)}; choose from {', '.join(Backend)}"
+        )
     sample_counts(o.num_images, None, o.seed)
     at_least("--steps", o.steps, 1)
     writable_file(o.json_out, "--json")
-    rows = compare_backends(o.export_dir, list(o.backends), o.num_images, o.seed, o.trust_checkpoint, steps=o.steps,
-                            skip_type=o.skip_type)
+    rows = compare_backends(
+        o.export_dir, list(o.backends), o.num_images, o.seed, o.trust_checkpoint, steps=o.steps, skip_type=o.skip_type
+    )
     if o.json_out:
         atomic_write(o.json_out, json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
     return rows

@@ -38,8 +38,10 @@ def _full_disk_named(path: Path) -> Iterator[None]:
             raise
         cause = exc.__cause__ if isinstance(exc, _NoSpaceError) else exc
         earlier = ", the earlier one is untouched" if path.exists() else ""
-        raise _NoSpaceError(f"{path}: no space left on the device while writing it, so nothing was kept{earlier}: "
-                            "free space or write somewhere else") from cause
+        raise _NoSpaceError(
+            f"{path}: no space left on the device while writing it, so nothing was kept{earlier}: "
+            "free space or write somewhere else"
+        ) from cause
 
 
 @contextlib.contextmanager

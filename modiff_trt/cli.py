@@ -114,8 +114,7 @@ def every_rank(func: F) -> F:
 
 
 def _error(message: str) -> None:
-    console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False,
-                  soft_wrap=True)
+    console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False, soft_wrap=True)
 
 
 def main() -> None:
@@ -125,55 +124,115 @@ def main() -> None:
 
 # --- options shared by several commands ---------------------------------------------------
 WEIGHT_BITS = typer.Option(None, "--weight-bits", help="Weight bits (2..8; 0 keeps weights in float) [default: 8].")
-ACT_BITS = typer.Option(None, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float) [default: 8, 4 for nvfp4].")
-ACT_FORMAT = typer.Option(None, "--act-format", help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md) [default: int].")
-MODULATE = typer.Option(None, "--modulate/--no-modulate", help="MoDiff modulation, or plain Q-Diffusion [default: modulate].")
+ACT_BITS = typer.Option(
+    None, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float) [default: 8, 4 for nvfp4]."
+)
+ACT_FORMAT = typer.Option(
+    None,
+    "--act-format",
+    help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md) [default: int].",
+)
+MODULATE = typer.Option(
+    None, "--modulate/--no-modulate", help="MoDiff modulation, or plain Q-Diffusion [default: modulate]."
+)
 FIRST_STEP = typer.Option(None, "--first-step", help="Warm-up step: float activations or quantized [default: fp].")
-SPLIT = typer.Option(None, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion) [default: no-split].")
+SPLIT = typer.Option(
+    None, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion) [default: no-split]."
+)
 STATE_DTYPE = typer.Option(None, "--state-dtype", help="Precision of a_hat/o_hat between steps [default: float32].")
 SKIP_TYPE = typer.Option(None, "--skip-type", help="DDIM timestep selection [default: quad].")
 SEED = typer.Option(0, "--seed", help="Seed (>= 0): image i's noise depends only on (seed, i).")
-TRUST = typer.Option(False, "--trust-checkpoint", help="Load pickled checkpoints with weights_only=False (only for files you trust).")
-RANDOM_WEIGHTS = typer.Option(False, "--random-weights", help="Without --checkpoint, for configs without packaged weights: run an untrained network (speed tests only).")
+TRUST = typer.Option(
+    False, "--trust-checkpoint", help="Load pickled checkpoints with weights_only=False (only for files you trust)."
+)
+RANDOM_WEIGHTS = typer.Option(
+    False,
+    "--random-weights",
+    help="Without --checkpoint, for configs without packaged weights: run an untrained network (speed tests only).",
+)
 EMA = typer.Option(False, "--ema/--no-ema", help="Latent diffusion: use the checkpoint's EMA weights (model_ema.*).")
-SAMPLER = typer.Option(None, "--sampler", help="Latent diffusion: ddim or plms (default: the config's, PLMS for SD; an export's: the one it records).")
-GUIDANCE = typer.Option(None, "--guidance-scale", help="SD classifier-free guidance scale (default 7.5; 1 disables it).")
+SAMPLER = typer.Option(
+    None,
+    "--sampler",
+    help="Latent diffusion: ddim or plms (default: the config's, PLMS for SD; an export's: the one it records).",
+)
+GUIDANCE = typer.Option(
+    None, "--guidance-scale", help="SD classifier-free guidance scale (default 7.5; 1 disables it)."
+)
 PROMPT = typer.Option(None, "--prompt", help="SD: one prompt for every image.")
 FROM_FILE = typer.Option(None, "--from-file", help="SD: prompts, one per line (image i gets line i mod n).")
-TEXT_ENCODER = typer.Option(None, "--text-encoder", help="SD: local directory of a CLIP ViT-L/14 text model (needs pip install 'modiff-trt[sd]').")
-RANDOM_CONTEXT = typer.Option(False, "--random-context", help="SD: random context tensors instead of prompts (smoke tests only).")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out (written beside it, swapped in at the end).")
+TEXT_ENCODER = typer.Option(
+    None,
+    "--text-encoder",
+    help="SD: local directory of a CLIP ViT-L/14 text model (needs pip install 'modiff-trt[sd]').",
+)
+RANDOM_CONTEXT = typer.Option(
+    False, "--random-context", help="SD: random context tensors instead of prompts (smoke tests only)."
+)
+OVERWRITE = typer.Option(
+    False, "--overwrite", help="Replace a non-empty --out (written beside it, swapped in at the end)."
+)
 
 
 @app.command()
 @user_errors
 @every_rank
 def sample(
-    export_dir: Path | None = typer.Argument(None, help="Export directory (from `modiff-trt export`). Omit to sample a config + checkpoint with the torch reference."),
-    backend: Backend = typer.Option(Backend.torch, "--backend", "-b", help="torch (PyTorch reference), ort (ONNX Runtime), openvino (OpenVINO, CPU) or trt (TensorRT engines)."),
-    config: str | None = typer.Option(None, "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="UNet checkpoint (flat state_dict, ddim training list, Q-Diffusion, safetensors)."),
+    export_dir: Path | None = typer.Argument(
+        None,
+        help="Export directory (from `modiff-trt export`). Omit to sample a config + checkpoint with the torch reference.",
+    ),
+    backend: Backend = typer.Option(
+        Backend.torch,
+        "--backend",
+        "-b",
+        help="torch (PyTorch reference), ort (ONNX Runtime), openvino (OpenVINO, CPU) or trt (TensorRT engines).",
+    ),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="UNet checkpoint (flat state_dict, ddim training list, Q-Diffusion, safetensors)."
+    ),
     calibration: Path | None = typer.Option(None, "--calibration", help="Calibration file for --act-scales static."),
     weight_bits: int | None = WEIGHT_BITS,
     act_bits: int | None = ACT_BITS,
     act_format: ActFormat | None = ACT_FORMAT,
     modulate: bool | None = MODULATE,
-    act_scales: ActScales | None = typer.Option(None, "--act-scales", help="'dynamic' (per call) or 'static' (from --calibration). Default: static with --calibration, else dynamic."),
+    act_scales: ActScales | None = typer.Option(
+        None,
+        "--act-scales",
+        help="'dynamic' (per call) or 'static' (from --calibration). Default: static with --calibration, else dynamic.",
+    ),
     first_step: FirstStep | None = FIRST_STEP,
     split: bool | None = SPLIT,
     state_dtype: StateDtype | None = STATE_DTYPE,
     num_images: int = typer.Option(16, "--num-images", "-n", help="How many images to sample."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch (MoDiff state is per batch)."),
-    steps: int | None = typer.Option(None, "--steps", help="Sampling steps (default: the export's recorded sampler; with --config 100 for ddim, the paper setting for LDM/SD)."),
+    steps: int | None = typer.Option(
+        None,
+        "--steps",
+        help="Sampling steps (default: the export's recorded sampler; with --config 100 for ddim, the paper setting for LDM/SD).",
+    ),
     skip_type: SkipType | None = SKIP_TYPE,
     eta: float | None = typer.Option(None, "--eta", help="DDIM eta (default: the export's, else 0; LSUN-Bedrooms: 1)."),
     seed: int = SEED,
-    out: Path = typer.Option(Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."),
+    out: Path = typer.Option(
+        Path("samples"), "--out", "-o", help="Output directory for PNGs, grid.png and samples.npz."
+    ),
     overwrite: bool = OVERWRITE,
     pngs: bool = typer.Option(True, "--pngs/--no-pngs", help="Write one PNG per image."),
-    cuda_graph: bool = typer.Option(False, "--cuda-graph", help="trt backend: capture one CUDA graph per state arrangement."),
-    device: str = typer.Option("cuda", "--device", help="trt backend: CUDA device the plans were built on, e.g. cuda:1."),
-    ort_provider: OrtProvider = typer.Option(OrtProvider.auto, "--ort-provider", help="ort backend: auto (CUDA if onnxruntime-gpu sees a GPU), cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider)."),
+    cuda_graph: bool = typer.Option(
+        False, "--cuda-graph", help="trt backend: capture one CUDA graph per state arrangement."
+    ),
+    device: str = typer.Option(
+        "cuda", "--device", help="trt backend: CUDA device the plans were built on, e.g. cuda:1."
+    ),
+    ort_provider: OrtProvider = typer.Option(
+        OrtProvider.auto,
+        "--ort-provider",
+        help="ort backend: auto (CUDA if onnxruntime-gpu sees a GPU), cpu, cuda or tensorrt (ONNX Runtime's TensorRT provider).",
+    ),
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
@@ -183,7 +242,11 @@ def sample(
     from_file: Path | None = FROM_FILE,
     text_encoder: Path | None = TEXT_ENCODER,
     random_context: bool = RANDOM_CONTEXT,
-    dist_timeout: float = typer.Option(1800.0, "--dist-timeout", help="torchrun runs: seconds a process waits for the others (longer than one batch takes)."),
+    dist_timeout: float = typer.Option(
+        1800.0,
+        "--dist-timeout",
+        help="torchrun runs: seconds a process waits for the others (longer than one batch takes).",
+    ),
 ) -> None:
     """Sample images: one PNG per image, grid.png and samples.npz (arr_0 uint8 NHWC, x0 float32 NCHW).
 
@@ -201,15 +264,27 @@ def sample(
     rank 0 writes the files: the same pixels at any process count for one --batch-size (a
     different --batch-size changes quantized pixels slightly). See docs/distributed.md.
     """
-    result = api.sample(api.SampleOptions(
-        out=out, export_dir=export_dir, backend=backend, calibration=calibration, act_scales=act_scales,
-        model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
-        quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
-        sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
-        prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
-        num_images=num_images, batch_size=batch_size, seed=seed, overwrite=overwrite, pngs=pngs, cuda_graph=cuda_graph,
-        device=device, ort_provider=ort_provider,
-    ))
+    result = api.sample(
+        api.SampleOptions(
+            out=out,
+            export_dir=export_dir,
+            backend=backend,
+            calibration=calibration,
+            act_scales=act_scales,
+            model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
+            quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
+            sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
+            prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
+            num_images=num_images,
+            batch_size=batch_size,
+            seed=seed,
+            overwrite=overwrite,
+            pngs=pngs,
+            cuda_graph=cuda_graph,
+            device=device,
+            ort_provider=ort_provider,
+        )
+    )
     if result.written:
         processes = f" with {result.processes} processes" if result.processes > 1 else ""
         console.print(f"wrote {result.num_images} samples to [bold]{out}[/]{processes} in {result.seconds:.1f} s")
@@ -218,17 +293,51 @@ def sample(
 @app.command()
 @user_errors
 def build(
-    export_dir: Path = typer.Argument(..., help="Export directory with manifest.json and the fp16 graphs (`modiff-trt export --float fp16`)."),
+    export_dir: Path = typer.Argument(
+        ..., help="Export directory with manifest.json and the fp16 graphs (`modiff-trt export --float fp16`)."
+    ),
     min_batch: int | None = typer.Option(None, "--min-batch", help="Smallest batch the engines accept (default 1)."),
-    opt_batch: int | None = typer.Option(None, "--opt-batch", help="Batch TensorRT tunes its kernels for: set it to the batch you sample with (default = max)."),
-    max_batch: int | None = typer.Option(None, "--max-batch", help="Largest batch (default 16). Under classifier-free guidance count the doubled batch."),
-    workspace_gb: float | None = typer.Option(None, "--workspace-gb", help="Scratch memory TensorRT may use while building (default: TensorRT's, the whole GPU)."),
-    opt_level: int = typer.Option(3, "--opt-level", help="Builder optimization level 0-5: higher tries more kernels (slower build, maybe faster engine)."),
-    timing_cache: Path | None = typer.Option(None, "--timing-cache", help="Kernel timing cache file: read if present, updated after the build; makes rebuilds much faster."),
-    version_compatible: bool = typer.Option(False, "--version-compatible", help="Plans that later TensorRT releases (same major, or the next major) can run (slightly slower)."),
-    tf32: bool = typer.Option(False, "--tf32", help="Let fp32 matmuls/convs use TF32 (TensorRT's default; off here: its rounding flips int8 codes of x - a_hat)."),
-    detailed_profile: bool = typer.Option(False, "--detailed-profile", help="Build with DETAILED profiling verbosity (layer parameters in `profile --per-layer`; adds enqueue latency)."),
-    device: str = typer.Option("cuda", "--device", help="CUDA device to build on, e.g. cuda:1 (the sidecar records it)."),
+    opt_batch: int | None = typer.Option(
+        None,
+        "--opt-batch",
+        help="Batch TensorRT tunes its kernels for: set it to the batch you sample with (default = max).",
+    ),
+    max_batch: int | None = typer.Option(
+        None, "--max-batch", help="Largest batch (default 16). Under classifier-free guidance count the doubled batch."
+    ),
+    workspace_gb: float | None = typer.Option(
+        None,
+        "--workspace-gb",
+        help="Scratch memory TensorRT may use while building (default: TensorRT's, the whole GPU).",
+    ),
+    opt_level: int = typer.Option(
+        3,
+        "--opt-level",
+        help="Builder optimization level 0-5: higher tries more kernels (slower build, maybe faster engine).",
+    ),
+    timing_cache: Path | None = typer.Option(
+        None,
+        "--timing-cache",
+        help="Kernel timing cache file: read if present, updated after the build; makes rebuilds much faster.",
+    ),
+    version_compatible: bool = typer.Option(
+        False,
+        "--version-compatible",
+        help="Plans that later TensorRT releases (same major, or the next major) can run (slightly slower).",
+    ),
+    tf32: bool = typer.Option(
+        False,
+        "--tf32",
+        help="Let fp32 matmuls/convs use TF32 (TensorRT's default; off here: its rounding flips int8 codes of x - a_hat).",
+    ),
+    detailed_profile: bool = typer.Option(
+        False,
+        "--detailed-profile",
+        help="Build with DETAILED profiling verbosity (layer parameters in `profile --per-layer`; adds enqueue latency).",
+    ),
+    device: str = typer.Option(
+        "cuda", "--device", help="CUDA device to build on, e.g. cuda:1 (the sidecar records it)."
+    ),
 ) -> None:
     """Build TensorRT plans (warmup.plan + step.plan, or unet.plan) next to the ONNX graphs.
 
@@ -252,9 +361,17 @@ def build(
         raise OptionError(f"--workspace-gb {workspace_gb} is invalid: it must be > 0")
     writable_file(timing_cache, "--timing-cache")
     plans = build_engines(
-        export_dir, min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_gb=workspace_gb,
-        opt_level=opt_level, timing_cache=timing_cache, version_compatible=version_compatible, tf32=tf32,
-        detailed_profile=detailed_profile, device=device,
+        export_dir,
+        min_batch=min_batch,
+        opt_batch=opt_batch,
+        max_batch=max_batch,
+        workspace_gb=workspace_gb,
+        opt_level=opt_level,
+        timing_cache=timing_cache,
+        version_compatible=version_compatible,
+        tf32=tf32,
+        detailed_profile=detailed_profile,
+        device=device,
     )
     table = Table(title=f"TensorRT engines in {export_dir}")
     for column in ("plan", "size MB", "build s", "batch min/opt/max", "TensorRT", "GPU"):
@@ -263,8 +380,14 @@ def build(
         side = read_sidecar(sidecar_path(plan))
         x = side.profile.get("x", {})
         batches = "/".join(str(x[k][0]) for k in ("min", "opt", "max")) if x else "-"
-        table.add_row(plan.name, f"{plan.stat().st_size / 1e6:.1f}", f"{side.build_seconds:.1f}", batches,
-                      side.tensorrt_version, f"{side.gpu_name} (sm {side.compute_capability})")
+        table.add_row(
+            plan.name,
+            f"{plan.stat().st_size / 1e6:.1f}",
+            f"{side.build_seconds:.1f}",
+            batches,
+            side.tensorrt_version,
+            f"{side.gpu_name} (sm {side.compute_capability})",
+        )
     console.print(table)
 
 
@@ -272,13 +395,31 @@ def build(
 @user_errors
 def profile(
     export_dir: Path = typer.Argument(..., help="Export directory whose plans `modiff-trt build` wrote."),
-    engine: Engine = typer.Option(Engine.step, "--engine", help="Which plan to time: 'step' (every step but the first: what dominates sampling) or 'warmup'."),
-    batch: int = typer.Option(1, "--batch", help="Batch size to time; must lie in the plan's --min-batch..--max-batch."),
-    per_layer: bool = typer.Option(False, "--per-layer", help="Also profile each layer (separate run) and show the slowest ones."),
+    engine: Engine = typer.Option(
+        Engine.step,
+        "--engine",
+        help="Which plan to time: 'step' (every step but the first: what dominates sampling) or 'warmup'.",
+    ),
+    batch: int = typer.Option(
+        1, "--batch", help="Batch size to time; must lie in the plan's --min-batch..--max-batch."
+    ),
+    per_layer: bool = typer.Option(
+        False, "--per-layer", help="Also profile each layer (separate run) and show the slowest ones."
+    ),
     top: int = typer.Option(15, "--top", help="How many layers --per-layer shows."),
-    zero_state: bool = typer.Option(False, "--zero-state", help="Feed zeros as MoDiff state instead of the state of a real warm-up step (computed with ONNX Runtime on the CPU)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Write the input files and print the exact trtexec command, without running it."),
-    trtexec: str = typer.Option("trtexec", "--trtexec", help="trtexec executable (it ships with the TensorRT tar/deb packages, not the pip wheels)."),
+    zero_state: bool = typer.Option(
+        False,
+        "--zero-state",
+        help="Feed zeros as MoDiff state instead of the state of a real warm-up step (computed with ONNX Runtime on the CPU).",
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Write the input files and print the exact trtexec command, without running it."
+    ),
+    trtexec: str = typer.Option(
+        "trtexec",
+        "--trtexec",
+        help="trtexec executable (it ships with the TensorRT tar/deb packages, not the pip wheels).",
+    ),
 ) -> None:
     """Time one engine with trtexec: throughput, GPU compute median/p90/p99, enqueue time.
 
@@ -299,8 +440,16 @@ def profile(
 
     at_least("--batch", batch, 1)
     at_least("--top", top, 1)
-    result = profile_engine(export_dir, engine=str(engine), batch=batch, per_layer=per_layer, dry_run=dry_run,
-                            trtexec=trtexec, real_state=not zero_state, top=top)
+    result = profile_engine(
+        export_dir,
+        engine=str(engine),
+        batch=batch,
+        per_layer=per_layer,
+        dry_run=dry_run,
+        trtexec=trtexec,
+        real_state=not zero_state,
+        top=top,
+    )
     if dry_run:
         typer.echo(shlex.join(result.command))
         return
@@ -309,13 +458,23 @@ def profile(
     for column in ("metric", "median", "mean", "p90", "p95", "p99", "min", "max"):
         table.add_column(column)
     for name, stats in summary.metrics.items():
-        cells = [stats.median, stats.mean, *(stats.percentiles.get(p) for p in ("90", "95", "99")), stats.min, stats.max]
+        cells = [
+            stats.median,
+            stats.mean,
+            *(stats.percentiles.get(p) for p in ("90", "95", "99")),
+            stats.min,
+            stats.max,
+        ]
         table.add_row(name, *("-" if v is None else f"{v:.4f}" for v in cells))
     console.print(table)
     if summary.throughput_qps is not None:
-        console.print(f"throughput: {summary.throughput_qps:.1f} qps = {summary.throughput_qps * result.batch:.1f} samples/s")
+        console.print(
+            f"throughput: {summary.throughput_qps:.1f} qps = {summary.throughput_qps * result.batch:.1f} samples/s"
+        )
     if result.layers is not None:
-        layers = Table(title=f"slowest {len(result.layers.layers)} layers (of {result.layers.total_average_ms:.3f} ms per run)")
+        layers = Table(
+            title=f"slowest {len(result.layers.layers)} layers (of {result.layers.total_average_ms:.3f} ms per run)"
+        )
         for column in ("layer", "avg ms", "%"):
             layers.add_column(column)
         for layer in result.layers.layers:
@@ -328,9 +487,15 @@ def profile(
 @user_errors
 def export_cmd(
     config: str = typer.Option(..., "--config", "-c", help="Model config: official ddim YAML or a built-in name."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="UNet checkpoint (omit only for built-ins with packaged weights)."),
-    calibration: Path | None = typer.Option(None, "--calibration", help="Calibration file (static scales; required unless --act-bits 0)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Export directory to write (replaced atomically if it is an earlier export)."),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="UNet checkpoint (omit only for built-ins with packaged weights)."
+    ),
+    calibration: Path | None = typer.Option(
+        None, "--calibration", help="Calibration file (static scales; required unless --act-bits 0)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Export directory to write (replaced atomically if it is an earlier export)."
+    ),
     weight_bits: int | None = WEIGHT_BITS,
     act_bits: int | None = ACT_BITS,
     act_format: ActFormat | None = ACT_FORMAT,
@@ -338,28 +503,47 @@ def export_cmd(
     first_step: FirstStep | None = FIRST_STEP,
     split: bool | None = SPLIT,
     state_dtype: StateDtype | None = STATE_DTYPE,
-    float_dtype: FloatFormat = typer.Option(FloatFormat.fp32, "--float", help="Float parts of the graph: fp32 (ONNX Runtime) or fp16 (TensorRT)."),
+    float_dtype: FloatFormat = typer.Option(
+        FloatFormat.fp32, "--float", help="Float parts of the graph: fp32 (ONNX Runtime) or fp16 (TensorRT)."
+    ),
     opset: int | None = typer.Option(None, "--opset", help="ONNX opset (17..20; default 17 for fp32, 19 for fp16)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Fix the batch size (>= 1; default: dynamic batch)."),
-    dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Dynamic batch dimension (the default when --batch-size is absent)."),
-    target: Target = typer.Option(Target.trt, "--target", help="trt (TensorRT rules, also runs on ONNX Runtime) or ort-cpu (integer CPU kernels)."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Fix the batch size (>= 1; default: dynamic batch)."
+    ),
+    dynamic_batch: bool = typer.Option(
+        False, "--dynamic-batch", help="Dynamic batch dimension (the default when --batch-size is absent)."
+    ),
+    target: Target = typer.Option(
+        Target.trt, "--target", help="trt (TensorRT rules, also runs on ONNX Runtime) or ort-cpu (integer CPU kernels)."
+    ),
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
-    guidance: bool | None = typer.Option(None, "--cfg/--no-cfg", help="SD: engines run classifier-free guidance, so the state holds cond+uncond (2 per image; default on for SD). A fixed --batch-size counts both halves."),
+    guidance: bool | None = typer.Option(
+        None,
+        "--cfg/--no-cfg",
+        help="SD: engines run classifier-free guidance, so the state holds cond+uncond (2 per image; default on for SD). A fixed --batch-size counts both halves.",
+    ),
 ) -> None:
     """Export warmup.onnx + step.onnx (MoDiff) or unet.onnx (plain) with explicit Q/DQ, and manifest.json.
 
     Example:\n
       modiff-trt export -c ddim-cifar10 --checkpoint model-790000.ckpt --calibration cifar.cal.safetensors -o exports/cifar
     """
-    manifest = api.export(api.ExportOptions(
-        out=out, model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
-        calibration=calibration,
-        quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
-        float_format=float_dtype, opset=opset, batch_size=batch_size, dynamic_batch=dynamic_batch, target=target,
-        guidance=guidance,
-    ))
+    manifest = api.export(
+        api.ExportOptions(
+            out=out,
+            model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
+            calibration=calibration,
+            quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
+            float_format=float_dtype,
+            opset=opset,
+            batch_size=batch_size,
+            dynamic_batch=dynamic_batch,
+            target=target,
+            guidance=guidance,
+        )
+    )
     console.print(
         f"exported {len(manifest.layers)} quantized layers to [bold]{out}[/] "
         f"({', '.join(g.file for g in manifest.graphs.values())}); state {manifest.state_bytes_per_sample() / 2**20:.1f} MiB/sample"
@@ -370,7 +554,9 @@ def export_cmd(
 @user_errors
 def inspect(
     export_dir: Path = typer.Argument(..., help="Export directory."),
-    lint: bool = typer.Option(False, "--lint", help="Check TensorRT's explicit-quantization rules; exit 1 on a violation."),
+    lint: bool = typer.Option(
+        False, "--lint", help="Check TensorRT's explicit-quantization rules; exit 1 on a violation."
+    ),
     batch: int = typer.Option(1, "--batch", help="Batch size for the state-memory line."),
     layers: bool = typer.Option(True, "--layers/--no-layers", help="Print the per-layer table."),
 ) -> None:
@@ -383,9 +569,11 @@ def inspect(
     manifest = load_manifest(export_dir)
     out = Console()
     export = manifest.export
-    out.print(f"[bold]{export_dir}[/]: {manifest.model.config} | {manifest.quant.label} "
-              f"| first step {manifest.quant.first_step} | float {export.float_dtype} "
-              f"| state {export.state_dtype} | opset {export.opset} | batch {manifest.batch_size or 'dynamic'}")
+    out.print(
+        f"[bold]{export_dir}[/]: {manifest.model.config} | {manifest.quant.label} "
+        f"| first step {manifest.quant.first_step} | float {export.float_dtype} "
+        f"| state {export.state_dtype} | opset {export.opset} | batch {manifest.batch_size or 'dynamic'}"
+    )
     if layers:
         table = Table("layer", "kind", "bits", "act format", "act scale", "a_hat", "o_hat", "state KiB/sample")
         item = 2 if export.state_dtype == "float16" else 4
@@ -395,16 +583,25 @@ def inspect(
             scale = ", ".join(f"{v:.3g}" for v in layer.act_scale) if layer.act_scale else "-"
             if layer.constant_input:
                 scale = "constant input: o_hat passed through"
-            table.add_row(layer.name, layer.kind, f"w{layer.weight_bits}a{layer.act_bits}", _format_name(layer), scale,
-                          str(layer.a_hat_shape) if "a_hat" in kinds else "-", str(layer.o_hat_shape),
-                          f"{n * item / 1024:.1f}")
+            table.add_row(
+                layer.name,
+                layer.kind,
+                f"w{layer.weight_bits}a{layer.act_bits}",
+                _format_name(layer),
+                scale,
+                str(layer.a_hat_shape) if "a_hat" in kinds else "-",
+                str(layer.o_hat_shape),
+                f"{n * item / 1024:.1f}",
+            )
         out.print(table)
     _print_formats(out, manifest)
     per_sample = manifest.state_bytes_per_sample() if manifest.modulated else 0
     guided = " (cond+uncond)" if export.state_batch_multiplier > 1 else ""
-    out.print(f"{len(manifest.layers)} quantized layers; MoDiff state {per_sample / 2**20:.2f} MiB per sample"
-              f"{guided}, {per_sample * batch / 2**20:.1f} MiB at batch {batch} "
-              f"(x2 for the ping-pong sets: {2 * per_sample * batch / 2**20:.1f} MiB)")
+    out.print(
+        f"{len(manifest.layers)} quantized layers; MoDiff state {per_sample / 2**20:.2f} MiB per sample"
+        f"{guided}, {per_sample * batch / 2**20:.1f} MiB at batch {batch} "
+        f"(x2 for the ping-pong sets: {2 * per_sample * batch / 2**20:.1f} MiB)"
+    )
     if lint:
         from modiff_trt.export.lint import lint_export
 
@@ -444,7 +641,9 @@ def _print_formats(out: Console, manifest) -> None:
 @user_errors
 def compare(
     export_dir: Path = typer.Argument(..., help="Export directory."),
-    backends: str = typer.Option("torch,ort", "--backends", help="Comma-separated backends; the first is the reference."),
+    backends: str = typer.Option(
+        "torch,ort", "--backends", help="Comma-separated backends; the first is the reference."
+    ),
     num_images: int = typer.Option(4, "--num-images", "-n", help="Images in the compared batch (>= 1)."),
     steps: int = typer.Option(10, "--steps", help="Sampler steps of the compared trajectory (1..T)."),
     skip_type: SkipType | None = SKIP_TYPE,
@@ -460,8 +659,9 @@ def compare(
     from rich.table import Table
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip())
-    rows = api.compare(api.CompareOptions(export_dir, names, num_images, steps, skip_type, seed, json_out,
-                                          trust_checkpoint))
+    rows = api.compare(
+        api.CompareOptions(export_dir, names, num_images, steps, skip_type, seed, json_out, trust_checkpoint)
+    )
     table = Table("step", "t", "backend", f"rel. error vs {names[0]}", "max |diff|", "mean |diff|")
     for r in rows:
         table.add_row(str(r.step), str(r.t), r.backend, f"{r.rel_err:.2e}", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}")
@@ -471,9 +671,21 @@ def compare(
 @app.command("train-digits")
 @user_errors
 def train_digits_command(
-    out: Path = typer.Option(Path("digits.safetensors"), "--out", help="Where to write the EMA weights (*.safetensors); a JSON record (seed, sha256, loss, seconds) is written beside it."),
-    iterations: int = typer.Option(4000, "--iterations", help="Training iterations at batch 128; 4000 (the shipped model) take about 6-7 minutes on one CPU core."),
-    seed: int = typer.Option(0, "--seed", help="Seed of weight init, data order, timesteps and noise: the same seed gives bitwise the same file."),
+    out: Path = typer.Option(
+        Path("digits.safetensors"),
+        "--out",
+        help="Where to write the EMA weights (*.safetensors); a JSON record (seed, sha256, loss, seconds) is written beside it.",
+    ),
+    iterations: int = typer.Option(
+        4000,
+        "--iterations",
+        help="Training iterations at batch 128; 4000 (the shipped model) take about 6-7 minutes on one CPU core.",
+    ),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        help="Seed of weight init, data order, timesteps and noise: the same seed gives bitwise the same file.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (and its JSON record)."),
 ) -> None:
     """Train the built-in `digits` model: a DDIM UNet on scikit-learn's 8x8 handwritten digits.
@@ -499,24 +711,65 @@ def train_digits_command(
 @app.command("calibrate")
 @user_errors
 def calibrate_command(
-    config: str = typer.Option(..., "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."),
-    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Float UNet checkpoint to calibrate. The file is tied to its sha256: sample with the same one."),
-    out: Path = typer.Option(..., "--out", "-o", help="Calibration file to write (.safetensors); pass it to sample/export with --calibration."),
-    from_qdiffusion: Path | None = typer.Option(None, "--from-qdiffusion", help="Import a released Q-Diffusion checkpoint (e.g. cifar_w4a8_ckpt.pth) instead of --checkpoint: its AdaRound integer weights, plus its raw activation scales (--no-modulate) or freshly calibrated residual scales (--modulate). Give the bits from the file name."),
-    steps: int | None = typer.Option(None, "--steps", help="Sampling steps to calibrate on (default: 100 for ddim, the paper setting for LDM/SD)."),
+    config: str = typer.Option(
+        ..., "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Float UNet checkpoint to calibrate. The file is tied to its sha256: sample with the same one.",
+    ),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="Calibration file to write (.safetensors); pass it to sample/export with --calibration.",
+    ),
+    from_qdiffusion: Path | None = typer.Option(
+        None,
+        "--from-qdiffusion",
+        help="Import a released Q-Diffusion checkpoint (e.g. cifar_w4a8_ckpt.pth) instead of --checkpoint: its AdaRound integer weights, plus its raw activation scales (--no-modulate) or freshly calibrated residual scales (--modulate). Give the bits from the file name.",
+    ),
+    steps: int | None = typer.Option(
+        None, "--steps", help="Sampling steps to calibrate on (default: 100 for ddim, the paper setting for LDM/SD)."
+    ),
     skip_type: SkipType | None = SKIP_TYPE,
     eta: float | None = typer.Option(None, "--eta", help="DDIM eta (default: 0; LSUN-Bedrooms: 1)."),
-    cali_st: int = typer.Option(20, "--cali-st", help="How many evenly spaced sampling steps to measure (Q-Diffusion CIFAR-10: 20 of 100)."),
-    cali_n: int = typer.Option(256, "--cali-n", help="How many full-precision trajectories to sample. Memory does not grow with it; time does."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Trajectories per batch: sets peak memory (CIFAR-10: about 15 MB per sample)."),
+    cali_st: int = typer.Option(
+        20, "--cali-st", help="How many evenly spaced sampling steps to measure (Q-Diffusion CIFAR-10: 20 of 100)."
+    ),
+    cali_n: int = typer.Option(
+        256, "--cali-n", help="How many full-precision trajectories to sample. Memory does not grow with it; time does."
+    ),
+    batch_size: int = typer.Option(
+        32, "--batch-size", help="Trajectories per batch: sets peak memory (CIFAR-10: about 15 MB per sample)."
+    ),
     weight_bits: int | None = WEIGHT_BITS,
     act_bits: int | None = ACT_BITS,
-    act_format: ActFormat = typer.Option(ActFormat.int, "--act-format", help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md)."),
-    method: Method = typer.Option(Method.minmax, "--method", help="Scale search: minmax (absmax, safe at 8 bits), mse (Q-Diffusion: 80 shrinking ranges, |x-Q(x)|^2.4; also searches weight scales; best at 4 bits), percentile (99.99th of |x|)."),
-    modulate: bool = typer.Option(True, "--modulate/--no-modulate", help="MoDiff: measure step-to-step residuals of each layer input. --no-modulate: raw inputs, for plain Q-Diffusion."),
-    first_step: FirstStep = typer.Option(FirstStep.fp, "--first-step", help="Intended warm-up. MoDiff files always hold warm-up scales, so either works at sampling time."),
+    act_format: ActFormat = typer.Option(
+        ActFormat.int,
+        "--act-format",
+        help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md).",
+    ),
+    method: Method = typer.Option(
+        Method.minmax,
+        "--method",
+        help="Scale search: minmax (absmax, safe at 8 bits), mse (Q-Diffusion: 80 shrinking ranges, |x-Q(x)|^2.4; also searches weight scales; best at 4 bits), percentile (99.99th of |x|).",
+    ),
+    modulate: bool = typer.Option(
+        True,
+        "--modulate/--no-modulate",
+        help="MoDiff: measure step-to-step residuals of each layer input. --no-modulate: raw inputs, for plain Q-Diffusion.",
+    ),
+    first_step: FirstStep = typer.Option(
+        FirstStep.fp,
+        "--first-step",
+        help="Intended warm-up. MoDiff files always hold warm-up scales, so either works at sampling time.",
+    ),
     seed: int = SEED,
-    split: bool = typer.Option(False, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion)."),
+    split: bool = typer.Option(
+        False, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion)."
+    ),
     trust_checkpoint: bool = TRUST,
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
@@ -526,7 +779,11 @@ def calibrate_command(
     from_file: Path | None = FROM_FILE,
     text_encoder: Path | None = TEXT_ENCODER,
     random_context: bool = RANDOM_CONTEXT,
-    step_groups: str = typer.Option("1", "--step-groups", help="MoDiff residual scales per G contiguous groups of sampling steps (4-bit activations gain most; the schedule is pinned: sample with the same --steps/--skip-type). 'auto' picks G from the measured scale spread."),
+    step_groups: str = typer.Option(
+        "1",
+        "--step-groups",
+        help="MoDiff residual scales per G contiguous groups of sampling steps (4-bit activations gain most; the schedule is pinned: sample with the same --steps/--skip-type). 'auto' picks G from the measured scale spread.",
+    ),
 ) -> None:
     """Measure static activation scales (what TensorRT needs) on full-precision sampler trajectories.
 
@@ -540,34 +797,54 @@ def calibrate_command(
       modiff-trt calibrate -c ddim-cifar10 --checkpoint model-790000.ckpt --act-bits 4 --method mse -o a4.safetensors\n
       modiff-trt calibrate -c ddim-cifar10 --from-qdiffusion cifar_w4a8_ckpt.pth --weight-bits 4 --act-bits 8 --no-modulate -o qd.safetensors
     """
-    result = api.calibrate(api.CalibrateOptions(
-        out=out, model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
-        from_qdiffusion=from_qdiffusion,
-        quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split),
-        sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
-        prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
-        method=method, cali_st=cali_st, cali_n=cali_n, batch_size=batch_size, seed=seed, step_groups=step_groups,
-    ))
+    result = api.calibrate(
+        api.CalibrateOptions(
+            out=out,
+            model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
+            from_qdiffusion=from_qdiffusion,
+            quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split),
+            sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
+            prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
+            method=method,
+            cali_st=cali_st,
+            cali_n=cali_n,
+            batch_size=batch_size,
+            seed=seed,
+            step_groups=step_groups,
+        )
+    )
     report = result.meta.get("report") or {}
     if result.step_groups is not None:
         g = result.step_groups
-        console.print(f"{g.count} step groups (steps {', '.join(f'{b}-{e - 1}' for b, e in zip(g.bounds, g.bounds[1:], strict=False))}) "
-                      f"for the {g.steps}-step {g.skip_type} schedule: sample with exactly that schedule")
-    console.print(f"wrote {len(result.layers)} layers of {result.kind} scales to [bold]{out}[/]"
-                  + (f" in {report['seconds']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB" if report else ""))
+        console.print(
+            f"{g.count} step groups (steps {', '.join(f'{b}-{e - 1}' for b, e in zip(g.bounds, g.bounds[1:], strict=False))}) "
+            f"for the {g.steps}-step {g.skip_type} schedule: sample with exactly that schedule"
+        )
+    console.print(
+        f"wrote {len(result.layers)} layers of {result.kind} scales to [bold]{out}[/]"
+        + (f" in {report['seconds']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB" if report else "")
+    )
 
 
 @app.command()
 @user_errors
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where grid.png, report.json and the exports go."),
-    num_images: int = typer.Option(512, "--num-images", "-n", help="Samples per configuration (digits FID needs >= 512)."),
+    num_images: int = typer.Option(
+        512, "--num-images", "-n", help="Samples per configuration (digits FID needs >= 512)."
+    ),
     steps: int = typer.Option(50, "--steps", help="DDIM steps (quad)."),
     seed: int = SEED,
     overwrite: bool = OVERWRITE,
-    backend: CpuBackend | None = typer.Option(None, "--backend", "-b", help="openvino or ort (default: the fastest installed)."),
-    nvfp4: bool = typer.Option(False, "--nvfp4", help="Add the MoDiff W8 + NVFP4 row (sampled on ONNX Runtime's "
-                               "emulation of TensorRT's NVFP4; about doubles the run time)."),
+    backend: CpuBackend | None = typer.Option(
+        None, "--backend", "-b", help="openvino or ort (default: the fastest installed)."
+    ),
+    nvfp4: bool = typer.Option(
+        False,
+        "--nvfp4",
+        help="Add the MoDiff W8 + NVFP4 row (sampled on ONNX Runtime's "
+        "emulation of TensorRT's NVFP4; about doubles the run time).",
+    ),
 ) -> None:
     """Full precision vs plain Q-Diffusion vs MoDiff on the embedded digits model, on the CPU.
 
@@ -582,15 +859,34 @@ def demo(
 
     sample_counts(num_images, None, seed)
     at_least("--steps", steps, 1)
-    report = run_demo(out, num_images=num_images, steps=steps, seed=seed, overwrite=overwrite,
-                      rows={**DEMO_ROWS, **NVFP4_ROWS} if nvfp4 else DEMO_ROWS,
-                      backend=None if backend is None else str(backend))
+    report = run_demo(
+        out,
+        num_images=num_images,
+        steps=steps,
+        seed=seed,
+        overwrite=overwrite,
+        rows={**DEMO_ROWS, **NVFP4_ROWS} if nvfp4 else DEMO_ROWS,
+        backend=None if backend is None else str(backend),
+    )
     fid_header = "digits FID" if num_images >= FID_MIN_IMAGES else f"digits FID (unreliable: < {FID_MIN_IMAGES} images)"
-    table = Table("config", "PSNR vs fp32 (dB)", fid_header, "confidence", "sampling (s)", "backend",
-                  title=f"modiff-trt demo ({report.backend}, CPU)")
+    table = Table(
+        "config",
+        "PSNR vs fp32 (dB)",
+        fid_header,
+        "confidence",
+        "sampling (s)",
+        "backend",
+        title=f"modiff-trt demo ({report.backend}, CPU)",
+    )
     for r in report.rows:
-        table.add_row(r.name, "-" if r.psnr_db is None else f"{r.psnr_db:.2f}", f"{r.digits_fid:.2f}",
-                      f"{r.confidence:.3f}", f"{r.seconds:.1f}", r.backend)
+        table.add_row(
+            r.name,
+            "-" if r.psnr_db is None else f"{r.psnr_db:.2f}",
+            f"{r.digits_fid:.2f}",
+            f"{r.confidence:.3f}",
+            f"{r.seconds:.1f}",
+            r.backend,
+        )
     Console().print(table)
     console.print(f"{report.seconds:.0f} s in all (calibration, export, sampling, scoring) on {report.machine}")
     console.print(f"wrote [bold]{out / 'grid.png'}[/] and [bold]{out / 'report.json'}[/]")

@@ -95,9 +95,17 @@ def _labelled_grid(rows: dict[str, np.ndarray], per_row: int = 16, upscale: int 
     return canvas
 
 
-def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, steps: int = 50, seed: int = 0,
-             rows: dict[str, QuantConfig] = DEMO_ROWS, progress: bool = True, overwrite: bool = False,
-             backend: str | None = None) -> DemoReport:
+def run_demo(
+    out: Path,
+    num_images: int = 512,
+    batch_size: int = 256,
+    steps: int = 50,
+    seed: int = 0,
+    rows: dict[str, QuantConfig] = DEMO_ROWS,
+    progress: bool = True,
+    overwrite: bool = False,
+    backend: str | None = None,
+) -> DemoReport:
     """Run every row through calibrate -> export -> sampling on `backend` (default: the fastest
     CPU backend installed); write grid.png and report.json. Rows OpenVINO cannot run (FP8/NVFP4
     layers) sample on ONNX Runtime, and their row says so.
@@ -109,12 +117,22 @@ def run_demo(out: Path, num_images: int = 512, batch_size: int = 256, steps: int
     """
     started = time.perf_counter()
     with atomic_directory(out, replace_any if overwrite else refuse_non_empty) as tmp:
-        return _run_demo(tmp, num_images, batch_size, steps, seed, rows, progress, backend or fastest_cpu_backend(),
-                         started)
+        return _run_demo(
+            tmp, num_images, batch_size, steps, seed, rows, progress, backend or fastest_cpu_backend(), started
+        )
 
 
-def _run_demo(out: Path, num_images: int, batch_size: int, steps: int, seed: int, rows: dict[str, QuantConfig],
-              progress: bool, backend: str, started: float) -> DemoReport:
+def _run_demo(
+    out: Path,
+    num_images: int,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    rows: dict[str, QuantConfig],
+    progress: bool,
+    backend: str,
+    started: float,
+) -> DemoReport:
     model_cfg = load_config("digits")
     sampler = make_sampler(model_cfg, steps=steps, skip_type="quad")
     checkpoint = builtin_checkpoint("digits")
@@ -122,28 +140,54 @@ def _run_demo(out: Path, num_images: int, batch_size: int, steps: int, seed: int
     samples: dict[str, np.ndarray] = {}
     reference = None
     with tempfile.TemporaryDirectory(prefix="modiff-demo-") as tmp:
-        log.info("calibrating %d configurations from one set of float trajectories",
-                 sum(quant.act_bits is not None for quant in rows.values()))
-        calibrations = calibration_files(model_cfg, checkpoint, list(rows.values()), sampler, Path(tmp), seed=seed + 1,
-                                         step_groups=[min(DEMO_STEP_GROUPS.get(name, 1), max(1, steps - 1))
-                                                      for name in rows])
+        log.info(
+            "calibrating %d configurations from one set of float trajectories",
+            sum(quant.act_bits is not None for quant in rows.values()),
+        )
+        calibrations = calibration_files(
+            model_cfg,
+            checkpoint,
+            list(rows.values()),
+            sampler,
+            Path(tmp),
+            seed=seed + 1,
+            step_groups=[min(DEMO_STEP_GROUPS.get(name, 1), max(1, steps - 1)) for name in rows],
+        )
         for (name, quant), calibration in zip(rows.items(), calibrations, strict=True):
-            export_dir = export_config(model_cfg, checkpoint, quant, calibration, out / "exports" / name, sampler,
-                                       target=ort_target(quant))
+            export_dir = export_config(
+                model_cfg, checkpoint, quant, calibration, out / "exports" / name, sampler, target=ort_target(quant)
+            )
             row_backend = cpu_backend_for(export_dir, backend)
             log.info("%s: sample %d images with %s", name, num_images, row_backend)
             runner, _ = open_runner(export_dir, row_backend)
-            x0, seconds = timed_samples(runner, model_cfg, num_images, batch_size, sampler, seed,
-                                        progress=progress, description=name)
+            x0, seconds = timed_samples(
+                runner, model_cfg, num_images, batch_size, sampler, seed, progress=progress, description=name
+            )
             reference = x0 if reference is None else reference
             scores = score_digits(x0, None if x0 is reference else reference)
             psnr = None if x0 is reference else round(scores["psnr_db"], 2)
-            results.append(DemoRow(name, psnr, round(scores["digits_fid"], 2), round(scores["confidence"], 3),
-                                   round(seconds, 2), row_backend))
+            results.append(
+                DemoRow(
+                    name,
+                    psnr,
+                    round(scores["digits_fid"], 2),
+                    round(scores["confidence"], 3),
+                    round(seconds, 2),
+                    row_backend,
+                )
+            )
             samples[name] = to_uint8(x0)
     _labelled_grid(samples).save(out / "grid.png")
-    report = DemoReport("digits (embedded)", num_images, num_images >= FID_MIN_IMAGES, sampler.steps,
-                        sampler.skip_type, backend,
-                        describe_machine(), round(time.perf_counter() - started, 1), results)
+    report = DemoReport(
+        "digits (embedded)",
+        num_images,
+        num_images >= FID_MIN_IMAGES,
+        sampler.steps,
+        sampler.skip_type,
+        backend,
+        describe_machine(),
+        round(time.perf_counter() - started, 1),
+        results,
+    )
     (out / "report.json").write_text(json.dumps(asdict(report), indent=2))
     return report

@@ -36,5 +36,7 @@ def describe_machine() -> str:
             versions.append(f"{package} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
             continue
-    return (f"{cpu_model()}, {os.cpu_count()} cores (load avg {load}), Python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), {', '.join(versions)}")
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores (load avg {load}), Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {', '.join(versions)}"
+    )

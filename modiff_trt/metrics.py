@@ -142,8 +142,11 @@ def digits_fid(images: ImageBatch) -> float:
     `FID_MIN_IMAGES` the covariance estimate is too noisy to rank configurations, so it warns.
     """
     if len(images) < FID_MIN_IMAGES:
-        log.warning("digits FID from %d images is unreliable (it needs >= %d): use it only to compare runs "
-                    "of the same size", len(images), FID_MIN_IMAGES)
+        log.warning(
+            "digits FID from %d images is unreliable (it needs >= %d): use it only to compare runs of the same size",
+            len(images),
+            FID_MIN_IMAGES,
+        )
     mu, sigma = gaussian_stats(digits_features(images))
     real_mu, real_sigma = real_statistics()
     return frechet_distance(mu, sigma, real_mu, real_sigma)

@@ -26,8 +26,16 @@ log = logging.getLogger(__name__)
 
 
 def calibration_files(
-    model_cfg: ModelConfig, checkpoint: Path | None, quants: Sequence[QuantConfig], sampler: Sampler, workdir: Path,
-    cali_st: int = 10, cali_n: int = 64, batch_size: int = 64, method: str = "minmax", seed: int = 1,
+    model_cfg: ModelConfig,
+    checkpoint: Path | None,
+    quants: Sequence[QuantConfig],
+    sampler: Sampler,
+    workdir: Path,
+    cali_st: int = 10,
+    cali_n: int = 64,
+    batch_size: int = 64,
+    method: str = "minmax",
+    seed: int = 1,
     step_groups: int | str | Sequence[int | str] = 1,
 ) -> list[Path | None]:
     """The calibration file of each of `quants` in `workdir` (None when nothing needs scales);
@@ -52,9 +60,17 @@ def calibration_files(
         paths.append(path)
         if not path.is_file():
             missing[path] = CalibrationOptions(
-                weight_bits=quant.weight_bits, act_bits=quant.act_bits, modulate=quant.modulate,
-                first_step=quant.first_step, split=quant.split, method=method, cali_st=cali_st, cali_n=cali_n,
-                batch_size=batch_size, seed=seed, step_groups=quant_groups,
+                weight_bits=quant.weight_bits,
+                act_bits=quant.act_bits,
+                modulate=quant.modulate,
+                first_step=quant.first_step,
+                split=quant.split,
+                method=method,
+                cali_st=cali_st,
+                cali_n=cali_n,
+                batch_size=batch_size,
+                seed=seed,
+                step_groups=quant_groups,
                 act_format=quant.act_format,
             )
     for split in sorted({options.split for options in missing.values()}):
@@ -64,7 +80,11 @@ def calibration_files(
 
 
 def calibration_file(
-    model_cfg: ModelConfig, checkpoint: Path | None, quant: QuantConfig, sampler: Sampler, workdir: Path,
+    model_cfg: ModelConfig,
+    checkpoint: Path | None,
+    quant: QuantConfig,
+    sampler: Sampler,
+    workdir: Path,
     **options: Any,
 ) -> Path | None:
     """`calibration_files` for one configuration."""
@@ -72,14 +92,29 @@ def calibration_file(
 
 
 def export_config(
-    model_cfg: ModelConfig, checkpoint: Path | None, quant: QuantConfig, calibration: Path | None, out: Path,
-    sampler: Sampler | None = None, float_dtype: str = "float32", target: str = "trt",
+    model_cfg: ModelConfig,
+    checkpoint: Path | None,
+    quant: QuantConfig,
+    calibration: Path | None,
+    out: Path,
+    sampler: Sampler | None = None,
+    float_dtype: str = "float32",
+    target: str = "trt",
 ) -> Path:
     """Export `quant` of the model to `out` (static scales from `calibration`, `sampler` in the manifest)."""
     static = QuantConfig(**{**quant.to_dict(), "act_scales": "static" if calibration else "dynamic"})
     _, float_model, qmodel = load_reference(model_cfg, checkpoint, static, calibration)
-    export_model(float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration,
-                 sampler=sampler, float_dtype=float_dtype, target=target)
+    export_model(
+        float_model,
+        qmodel,
+        model_cfg,
+        out,
+        checkpoint=checkpoint,
+        calibration=calibration,
+        sampler=sampler,
+        float_dtype=float_dtype,
+        target=target,
+    )
     return out
 
 
@@ -89,12 +124,28 @@ def ort_target(quant: QuantConfig) -> str:
     return "ort-cpu" if quant.act_bits is not None and quant.act_format == "nvfp4" else "trt"
 
 
-def timed_samples(runner, model_cfg: ModelConfig, num_images: int, batch_size: int, sampler: Sampler,
-                  seed: int = 0, progress: bool = False, description: str = "sampling") -> tuple[torch.Tensor, float]:
+def timed_samples(
+    runner,
+    model_cfg: ModelConfig,
+    num_images: int,
+    batch_size: int,
+    sampler: Sampler,
+    seed: int = 0,
+    progress: bool = False,
+    description: str = "sampling",
+) -> tuple[torch.Tensor, float]:
     """Final samples from per-image noise (seed, i) and the wall-clock seconds they took."""
     start = time.perf_counter()
-    x0 = sample_batches(sampler, runner, model_cfg.sample_shape, num_images, batch_size, seed, progress=progress,
-                        description=description)
+    x0 = sample_batches(
+        sampler,
+        runner,
+        model_cfg.sample_shape,
+        num_images,
+        batch_size,
+        seed,
+        progress=progress,
+        description=description,
+    )
     return x0, time.perf_counter() - start
 
 

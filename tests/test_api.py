@@ -11,13 +11,16 @@ from modiff_trt.errors import ArtifactError, OptionError
 DIGITS = api.ModelOptions("digits")
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    (api.SampleOptions(model=DIGITS, sampling=api.SamplerOptions(steps=0)), "--steps 0 is invalid"),
-    (api.SampleOptions(model=DIGITS, num_images=0), "--num-images 0 is invalid"),
-    (api.SampleOptions(model=DIGITS, sampling=api.SamplerOptions(eta=float("nan"))), "--eta nan is invalid"),
-    (api.SampleOptions(model=DIGITS, backend="ort"), "--backend ort runs an export directory"),
-    (api.SampleOptions(), "give an export directory, or --config"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (api.SampleOptions(model=DIGITS, sampling=api.SamplerOptions(steps=0)), "--steps 0 is invalid"),
+        (api.SampleOptions(model=DIGITS, num_images=0), "--num-images 0 is invalid"),
+        (api.SampleOptions(model=DIGITS, sampling=api.SamplerOptions(eta=float("nan"))), "--eta nan is invalid"),
+        (api.SampleOptions(model=DIGITS, backend="ort"), "--backend ort runs an export directory"),
+        (api.SampleOptions(), "give an export directory, or --config"),
+    ],
+)
 def test_sample_refuses_what_the_cli_refuses_before_any_work(tmp_path, options, message):
     import dataclasses
 
@@ -28,8 +31,9 @@ def test_sample_refuses_what_the_cli_refuses_before_any_work(tmp_path, options, 
 
 def test_calibrate_export_sample_compare_through_the_api(tmp_path):
     sampling = api.SamplerOptions(steps=3)
-    cal = api.calibrate(api.CalibrateOptions(tmp_path / "cal.safetensors", DIGITS, sampling=sampling, cali_st=2,
-                                             cali_n=2, batch_size=2))
+    cal = api.calibrate(
+        api.CalibrateOptions(tmp_path / "cal.safetensors", DIGITS, sampling=sampling, cali_st=2, cali_n=2, batch_size=2)
+    )
     assert cal.path == tmp_path / "cal.safetensors" and cal.meta["act_bits"] == 8
     manifest = api.export(api.ExportOptions(tmp_path / "exp", DIGITS, calibration=cal.path))
     assert manifest.quant.act_scales == "static" and (tmp_path / "exp" / "step.onnx").is_file()
@@ -37,8 +41,11 @@ def test_calibrate_export_sample_compare_through_the_api(tmp_path):
         api.sample(api.SampleOptions(tmp_path / "s", tmp_path / "exp", "ort", quant=api.QuantOptions(act_bits=4)))
     with pytest.raises(ArtifactError, match="not empty: pass --overwrite"):
         api.sample(api.SampleOptions(tmp_path / "exp", tmp_path / "exp", "ort"))
-    result = api.sample(api.SampleOptions(tmp_path / "s", tmp_path / "exp", "ort", sampling=sampling, num_images=3,
-                                          batch_size=2, ort_provider="cpu"))
+    result = api.sample(
+        api.SampleOptions(
+            tmp_path / "s", tmp_path / "exp", "ort", sampling=sampling, num_images=3, batch_size=2, ort_provider="cpu"
+        )
+    )
     assert (result.num_images, result.processes, result.written) == (3, 1, True)
     with np.load(tmp_path / "s" / "samples.npz") as npz:
         assert npz["arr_0"].shape == (3, 8, 8, 1) and npz["x0"].shape == (3, 1, 8, 8)

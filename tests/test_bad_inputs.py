@@ -46,7 +46,6 @@ EXPORT = "export -c digits --calibration {cal}"
 COMPARE = "compare {export} --backends torch,ort -n 1 --steps 2"
 
 
-
 def _set(section: str, key: str, value):
     return lambda manifest: manifest[section].update({key: value})
 
@@ -61,8 +60,10 @@ FIX = ": re-run `modiff-trt export`"
 MANIFEST_EDITS = {
     "model-missing": (_drop("model", "sample_shape"), "model.sample_shape is missing" + FIX),
     "model-bool": (_set("model", "ema", "yes"), 'model.ema is "yes"; it must be true or false' + FIX),
-    "model-shape": (_set("model", "sample_shape", [1, "8", 8]),
-                    'model.sample_shape is [1, "8", 8]; it must be a list of integers' + FIX),
+    "model-shape": (
+        _set("model", "sample_shape", [1, "8", 8]),
+        'model.sample_shape is [1, "8", 8]; it must be a list of integers' + FIX,
+    ),
     "quant-missing": (_drop("quant", "act_format"), "quant.act_format is missing" + FIX),
     "quant-type": (_set("quant", "weight_bits", "8"), 'quant.weight_bits is "8"; it must be an integer or null' + FIX),
     "quant-range": (_set("quant", "weight_bits", 16), "quant: weight_bits=16 is outside 2..8"),
@@ -71,22 +72,30 @@ MANIFEST_EDITS = {
     "sampling-type": (_set("sampling", "steps", "10"), 'sampling.steps is "10"; it must be an integer' + FIX),
     "sampling-null": (lambda m: m.update(sampling=None), "sampling is null, not sampler settings" + FIX),
     "export-missing": (_drop("export", "float"), "export.float is missing" + FIX),
-    "export-batch": (_set("export", "batch_size", "4"),
-                     'export.batch_size is "4"; it must be an integer or null' + FIX),
+    "export-batch": (
+        _set("export", "batch_size", "4"),
+        'export.batch_size is "4"; it must be an integer or null' + FIX,
+    ),
     "export-bool-batch": (_set("export", "batch_size", True), "export.batch_size is true; it must be an integer"),
-    "export-target": (_set("export", "target", "tensorrt"),
-                      'export.target is "tensorrt"; it must be one of "trt", "ort-cpu"' + FIX),
+    "export-target": (
+        _set("export", "target", "tensorrt"),
+        'export.target is "tensorrt"; it must be one of "trt", "ort-cpu"' + FIX,
+    ),
     "export-unknown": (_set("export", "precision", "int8"), "export.precision is not a known field" + FIX),
     "export-list": (lambda m: m.update(export=[17]), "export is [17], not an object" + FIX),
 }
 
 CASES: dict[str, Case] = {
-    **{f"inspect-manifest-{name}": case(f"inspect {{manifest_{name}}}", needle)
-       for name, (_, needle) in MANIFEST_EDITS.items()},
-    "sample-manifest-export-batch": case("sample {manifest_export-batch} -b ort -n 1 --steps 2 -o {tmp}/s",
-                                         "export.batch_size"),
-    "compare-manifest-sampling-type": case("compare {manifest_sampling-type} --backends torch,ort -n 1 --steps 2",
-                                           "sampling.steps"),
+    **{
+        f"inspect-manifest-{name}": case(f"inspect {{manifest_{name}}}", needle)
+        for name, (_, needle) in MANIFEST_EDITS.items()
+    },
+    "sample-manifest-export-batch": case(
+        "sample {manifest_export-batch} -b ort -n 1 --steps 2 -o {tmp}/s", "export.batch_size"
+    ),
+    "compare-manifest-sampling-type": case(
+        "compare {manifest_sampling-type} --backends torch,ort -n 1 --steps 2", "sampling.steps"
+    ),
     # --- sample: ranges --------------------------------------------------------------------
     "sample-steps-0": case(f"{SAMPLE} --steps 0", "--steps 0"),
     "sample-steps-negative": case(f"{SAMPLE} --steps -1", "--steps -1"),
@@ -99,8 +108,9 @@ CASES: dict[str, Case] = {
     "sample-eta-inf": case(f"{SAMPLE} --eta inf", "--eta inf"),
     "sample-eta-negative": case(f"{SAMPLE} --eta -0.5", "--eta -0.5"),
     "sample-eta-above-1-diverges": case(f"{SAMPLE} --eta 20", "--eta 20.0"),
-    "export-sample-eta-above-1-diverges": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --eta 20",
-                                               "--eta 20.0"),
+    "export-sample-eta-above-1-diverges": case(
+        "sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --eta 20", "--eta 20.0"
+    ),
     "sample-weight-bits-1": case(f"{SAMPLE} --weight-bits 1", "weight"),
     "sample-act-bits-9": case(f"{SAMPLE} --act-bits 9", "act"),
     # --- sample: choices -------------------------------------------------------------------
@@ -116,8 +126,9 @@ CASES: dict[str, Case] = {
     "sample-no-config": case("sample -n 1 -o {tmp}/s", "--config"),
     "sample-backend-without-export": case(f"{SAMPLE} --backend ort", "--backend ort"),
     "sample-cuda-graph-without-export": case(f"{SAMPLE} --cuda-graph", "--cuda-graph"),
-    "sample-random-weights-with-checkpoint": case(f"{SAMPLE} --checkpoint {{ckpt}} --random-weights",
-                                                  "--random-weights"),
+    "sample-random-weights-with-checkpoint": case(
+        f"{SAMPLE} --checkpoint {{ckpt}} --random-weights", "--random-weights"
+    ),
     "sample-checkpoint-dir": case(f"{SAMPLE} --checkpoint {{tmp}}", "--checkpoint {tmp} is a directory"),
     "sample-checkpoint-missing": case(f"{SAMPLE} --checkpoint {{tmp}}/none.ckpt", "none.ckpt"),
     "sample-checkpoint-junk": case(f"{SAMPLE} --checkpoint {{junk}}", "junk.ckpt"),
@@ -126,8 +137,9 @@ CASES: dict[str, Case] = {
     "sample-calibration-act-bits": case(f"{SAMPLE} --calibration {{cal}} --act-bits 4", "--act-bits 4"),
     "sample-calibration-no-modulate": case(f"{SAMPLE} --calibration {{cal}} --no-modulate", "--modulate off"),
     "sample-calibration-float": case(f"{SAMPLE} --calibration {{cal}} --act-bits 0", "--act-bits 0"),
-    "sample-calibration-scale-edited": case(f"{SAMPLE} --calibration {{cal_edited}}",
-                                            "act scale 1e+30 cannot come from its measured absmax"),
+    "sample-calibration-scale-edited": case(
+        f"{SAMPLE} --calibration {{cal_edited}}", "act scale 1e+30 cannot come from its measured absmax"
+    ),
     "sample-config-missing": case("sample -c {tmp}/none.yml -n 1 --steps 2 -o {tmp}/s", "none.yml"),
     "sample-config-fraction": case("sample -c {yaml_fraction} --random-weights -n 1 --steps 2 -o {tmp}/s", "model.ch"),
     "sample-config-negative": case("sample -c {yaml_negative} --random-weights -n 1 --steps 2 -o {tmp}/s", "model.ch"),
@@ -136,38 +148,48 @@ CASES: dict[str, Case] = {
     "sample-config-missing-field": case("sample -c {yaml_no_ch} --random-weights -n 1 --steps 2 -o {tmp}/s", "'ch'"),
     # --- sample: outputs -------------------------------------------------------------------
     "sample-out-is-file": case("sample -c digits -n 1 --steps 2 -o {notes}", "--out", keep=("notes",)),
-    "sample-out-not-empty": case("sample -c digits -n 1 --steps 2 -o {old_samples}", "--overwrite",
-                                 keep=("old_samples",)),
-    "sample-out-under-file": case("sample -c digits -n 1 --steps 2 -o {notes}/s", "not a writable directory",
-                                  keep=("notes",)),
+    "sample-out-not-empty": case(
+        "sample -c digits -n 1 --steps 2 -o {old_samples}", "--overwrite", keep=("old_samples",)
+    ),
+    "sample-out-under-file": case(
+        "sample -c digits -n 1 --steps 2 -o {notes}/s", "not a writable directory", keep=("notes",)
+    ),
     # --- sample with an export: options the export fixed ----------------------------------
     "export-sample-act-bits": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --act-bits 4", "--act-bits"),
-    "export-sample-weight-bits": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --weight-bits 4",
-                                      "--weight-bits"),
-    "export-sample-modulate": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --no-modulate",
-                                   "--no-modulate cannot apply to an export directory: the export fixed it"),
-    "export-sample-act-format": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --act-format fp8",
-                                     "--act-format"),
-    "export-sample-act-scales": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --act-scales dynamic",
-                                     "--act-scales"),
+    "export-sample-weight-bits": case(
+        "sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --weight-bits 4", "--weight-bits"
+    ),
+    "export-sample-modulate": case(
+        "sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --no-modulate",
+        "--no-modulate cannot apply to an export directory: the export fixed it",
+    ),
+    "export-sample-act-format": case(
+        "sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --act-format fp8", "--act-format"
+    ),
+    "export-sample-act-scales": case(
+        "sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --act-scales dynamic", "--act-scales"
+    ),
     "export-sample-config": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s -c digits", "--config"),
-    "export-sample-checkpoint": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --checkpoint {ckpt}",
-                                     "--checkpoint"),
-    "export-sample-calibration": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --calibration {cal}",
-                                      "--calibration"),
-    "export-sample-cuda-graph-ort": case("sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --cuda-graph",
-                                         "--cuda-graph"),
+    "export-sample-checkpoint": case(
+        "sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --checkpoint {ckpt}", "--checkpoint"
+    ),
+    "export-sample-calibration": case(
+        "sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --calibration {cal}", "--calibration"
+    ),
+    "export-sample-cuda-graph-ort": case(
+        "sample {export} -b ort -n 1 --steps 2 -o {tmp}/s --cuda-graph", "--cuda-graph"
+    ),
     "export-sample-steps-0": case("sample {export} -b ort -n 1 --steps 0 -o {tmp}/s", "--steps 0"),
     "export-sample-not-export": case("sample {tmp} -b ort -n 1 --steps 2 -o {tmp}/s", "manifest.json"),
-    "export-sample-out-not-empty": case("sample {export} -b ort -n 1 --steps 2 -o {old_samples}", "--overwrite",
-                                        keep=("old_samples",)),
+    "export-sample-out-not-empty": case(
+        "sample {export} -b ort -n 1 --steps 2 -o {old_samples}", "--overwrite", keep=("old_samples",)
+    ),
     # --- calibrate -------------------------------------------------------------------------
     "calibrate-out-is-checkpoint": case(f"{CAL} --checkpoint {{ckpt}} -o {{ckpt}}", "--checkpoint", keep=("ckpt",)),
     "calibrate-out-is-weights": case(f"{CAL} -o {{ckpt}}", "not a calibration file", keep=("ckpt",)),
     "calibrate-out-is-notes": case(f"{CAL} -o {{notes}}", "not a calibration file", keep=("notes",)),
     "calibrate-out-is-dir": case(f"{CAL} -o {{old_samples}}", "is a directory", keep=("old_samples",)),
-    "calibrate-out-under-file": case(f"{CAL} -o {{notes}}/c.safetensors", "not a writable directory",
-                                     keep=("notes",)),
+    "calibrate-out-under-file": case(f"{CAL} -o {{notes}}/c.safetensors", "not a writable directory", keep=("notes",)),
     "calibrate-cali-n-0": case(f"{CAL} --cali-n 0 -o {{tmp}}/c.safetensors", "--cali-n 0"),
     "calibrate-cali-st-0": case(f"{CAL} --cali-st 0 -o {{tmp}}/c.safetensors", "--cali-st 0"),
     "calibrate-batch-0": case(f"{CAL} --batch-size 0 -o {{tmp}}/c.safetensors", "--batch-size 0"),
@@ -179,17 +201,22 @@ CASES: dict[str, Case] = {
     "calibrate-nvfp4-mse": case(f"{CAL} --act-format nvfp4 --method mse -o {{tmp}}/c.safetensors", "--method mse"),
     "calibrate-first-step": case(f"{CAL} --first-step foo -o {{tmp}}/c.safetensors", "--first-step"),
     "calibrate-skip-type": case(f"{CAL} --skip-type foo -o {{tmp}}/c.safetensors", "--skip-type"),
-    "calibrate-both-sources": case(f"{CAL} --checkpoint {{ckpt}} --from-qdiffusion {{junk}} -o {{tmp}}/c.safetensors",
-                                   "--from-qdiffusion"),
-    "calibrate-random-weights-with-checkpoint": case(f"{CAL} --checkpoint {{ckpt}} --random-weights "
-                                                     "-o {tmp}/c.safetensors", "--random-weights"),
-    "calibrate-checkpoint-dir": case(f"{CAL} --checkpoint {{tmp}} -o {{tmp}}/c.safetensors",
-                                     "--checkpoint {tmp} is a directory"),
-    "calibrate-qdiffusion-dir": case(f"{CAL} --from-qdiffusion {{tmp}} -o {{tmp}}/c.safetensors",
-                                     "--from-qdiffusion {tmp} is a directory"),
+    "calibrate-both-sources": case(
+        f"{CAL} --checkpoint {{ckpt}} --from-qdiffusion {{junk}} -o {{tmp}}/c.safetensors", "--from-qdiffusion"
+    ),
+    "calibrate-random-weights-with-checkpoint": case(
+        f"{CAL} --checkpoint {{ckpt}} --random-weights -o {{tmp}}/c.safetensors", "--random-weights"
+    ),
+    "calibrate-checkpoint-dir": case(
+        f"{CAL} --checkpoint {{tmp}} -o {{tmp}}/c.safetensors", "--checkpoint {tmp} is a directory"
+    ),
+    "calibrate-qdiffusion-dir": case(
+        f"{CAL} --from-qdiffusion {{tmp}} -o {{tmp}}/c.safetensors", "--from-qdiffusion {tmp} is a directory"
+    ),
     "export-checkpoint-dir": case(f"{EXPORT} --checkpoint {{tmp}} -o {{tmp}}/e", "--checkpoint {tmp} is a directory"),
-    "export-calibration-dir": case("export -c digits --calibration {tmp} -o {tmp}/e",
-                                   "--calibration {tmp} is a directory"),
+    "export-calibration-dir": case(
+        "export -c digits --calibration {tmp} -o {tmp}/e", "--calibration {tmp} is a directory"
+    ),
     "sample-calibration-dir": case(f"{SAMPLE} --calibration {{tmp}}", "--calibration {tmp} is a directory"),
     # --- export ----------------------------------------------------------------------------
     "export-batch-0": case(f"{EXPORT} --batch-size 0 -o {{tmp}}/e", "--batch-size 0"),
@@ -199,8 +226,9 @@ CASES: dict[str, Case] = {
     "export-target": case(f"{EXPORT} --target foo -o {{tmp}}/e", "--target"),
     "export-opset": case(f"{EXPORT} --opset 5 -o {{tmp}}/e", "opset 5"),
     "export-out-unrelated": case(f"{EXPORT} -o {{user_dir}}", "NOTES.md", keep=("user_dir",)),
-    "export-out-skeletal-manifest": case(f"{EXPORT} -o {{skeletal}}", "not a complete earlier export",
-                                         keep=("skeletal",)),
+    "export-out-skeletal-manifest": case(
+        f"{EXPORT} -o {{skeletal}}", "not a complete earlier export", keep=("skeletal",)
+    ),
     "export-out-export-plus-notes": case(f"{EXPORT} -o {{export_notes}}", "NOTES.md", keep=("export_notes",)),
     "export-out-is-file": case(f"{EXPORT} -o {{notes}}", "--out", keep=("notes",)),
     "export-calibration-act-bits": case(f"{EXPORT} --act-bits 4 -o {{tmp}}/e", "--act-bits 4"),
@@ -209,12 +237,15 @@ CASES: dict[str, Case] = {
     "export-calibration-first-step": case(f"{EXPORT} --first-step quantized -o {{tmp}}/e", "--first-step quantized"),
     "export-calibration-float": case(f"{EXPORT} --act-bits 0 -o {{tmp}}/e", "--act-bits 0"),
     "export-calibration-act-format": case(f"{EXPORT} --act-format fp8 -o {{tmp}}/e", "--act-format fp8 (file: int)"),
-    "sample-calibration-act-format": case(f"{SAMPLE} --calibration {{cal}} --act-format nvfp4",
-                                          "--act-format nvfp4 (file: int)"),
-    "export-calibration-scale-edited": case("export -c digits --calibration {cal_edited} -o {tmp}/e",
-                                            "act scale 1e+30 cannot come from its measured absmax"),
-    "export-random-weights-with-checkpoint": case(f"{EXPORT} --checkpoint {{ckpt}} --random-weights -o {{tmp}}/e",
-                                                  "--random-weights"),
+    "sample-calibration-act-format": case(
+        f"{SAMPLE} --calibration {{cal}} --act-format nvfp4", "--act-format nvfp4 (file: int)"
+    ),
+    "export-calibration-scale-edited": case(
+        "export -c digits --calibration {cal_edited} -o {tmp}/e", "act scale 1e+30 cannot come from its measured absmax"
+    ),
+    "export-random-weights-with-checkpoint": case(
+        f"{EXPORT} --checkpoint {{ckpt}} --random-weights -o {{tmp}}/e", "--random-weights"
+    ),
     # --- inspect ---------------------------------------------------------------------------
     "inspect-batch-0": case("inspect {export} --batch 0", "--batch 0"),
     "inspect-batch-negative": case("inspect {export} --batch -4", "--batch -4"),
@@ -224,8 +255,9 @@ CASES: dict[str, Case] = {
     "inspect-manifest-schema": case("inspect {skeletal}", "not a modiff-trt manifest"),
     "inspect-manifest-edited-bits": case("inspect {edited_bits}", "other bits"),
     "inspect-manifest-edited-io": case("inspect {edited_io} --lint", "inputs differ"),
-    "inspect-manifest-dropped-layer": case("inspect {dropped_layer}",
-                                           "carries state for 51 layers, the manifest lists 50"),
+    "inspect-manifest-dropped-layer": case(
+        "inspect {dropped_layer}", "carries state for 51 layers, the manifest lists 50"
+    ),
     "sample-manifest-edited-io": case("sample {edited_io} -b ort -n 1 --steps 2 -o {tmp}/s", "inputs differ"),
     # --- compare ---------------------------------------------------------------------------
     "compare-n-0": case(f"{COMPARE} -n 0", "--num-images 0"),
@@ -268,10 +300,18 @@ def _write_yaml(path: Path, edit) -> Path:
 def world(tmp_path_factory) -> dict[str, Path]:
     """Files a user might have lying around, plus a real calibration and export of `digits`."""
     root = tmp_path_factory.mktemp("world")
-    paths = {"ckpt": root / "digits-copy.safetensors", "junk": root / "junk.ckpt",
-             "notes": root / "NOTES.md", "old_samples": root / "old-samples", "user_dir": root / "user-dir",
-             "skeletal": root / "skeletal", "bad_json": root / "bad-json", "cal": root / "digits.cal.safetensors",
-             "export": root / "exp", "export_notes": root / "exp-notes"}
+    paths = {
+        "ckpt": root / "digits-copy.safetensors",
+        "junk": root / "junk.ckpt",
+        "notes": root / "NOTES.md",
+        "old_samples": root / "old-samples",
+        "user_dir": root / "user-dir",
+        "skeletal": root / "skeletal",
+        "bad_json": root / "bad-json",
+        "cal": root / "digits.cal.safetensors",
+        "export": root / "exp",
+        "export_notes": root / "exp-notes",
+    }
     shutil.copy(builtin_checkpoint("digits"), paths["ckpt"])
     paths["junk"].write_text("not a checkpoint")
     paths["notes"].write_text("my notes\n")
@@ -296,10 +336,10 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["cal_edited"] = _edited_calibration(paths["cal"], root / "edited.cal.safetensors")
     shutil.copytree(paths["export"], paths["export_notes"])
     (paths["export_notes"] / "NOTES.md").write_text("mine\n")
-    paths["edited_bits"] = _edited_export(paths["export"], root / "exp-bits",
-                                          lambda m: m["quant"].update(act_bits=4))
-    paths["edited_io"] = _edited_export(paths["export"], root / "exp-io",
-                                        lambda m: m["graphs"]["step"]["inputs"][0].update(name="image"))
+    paths["edited_bits"] = _edited_export(paths["export"], root / "exp-bits", lambda m: m["quant"].update(act_bits=4))
+    paths["edited_io"] = _edited_export(
+        paths["export"], root / "exp-io", lambda m: m["graphs"]["step"]["inputs"][0].update(name="image")
+    )
     paths["dropped_layer"] = _edited_export(paths["export"], root / "exp-layers", lambda m: m["layers"].pop())
     for name, (edit, _) in MANIFEST_EDITS.items():
         paths[f"manifest_{name}"] = _edited_export(paths["export"], root / f"exp-{name}", edit)
@@ -352,15 +392,28 @@ def test_bad_input_is_refused_in_one_line(name, world, tmp_path):
     assert len(ours) <= 1 and (ours or "Invalid value" in output or "Error" in output), output
     for key in bad.keep:
         assert snapshot(world[key]) == before[key], f"{key} changed"
-    leftovers = [p.name for folder in (tmp_path, world["notes"].parent) for p in folder.iterdir()
-                 if ".tmp-" in p.name or ".old-" in p.name]
+    leftovers = [
+        p.name
+        for folder in (tmp_path, world["notes"].parent)
+        for p in folder.iterdir()
+        if ".tmp-" in p.name or ".old-" in p.name
+    ]
     assert not leftovers and not (tmp_path / "s").exists()
 
 
 def test_corpus_covers_every_command():
     commands = {c.args[0] for c in CASES.values()}
-    assert commands == {"sample", "calibrate", "export", "inspect", "compare", "train-digits", "demo", "build",
-                        "profile"}
+    assert commands == {
+        "sample",
+        "calibrate",
+        "export",
+        "inspect",
+        "compare",
+        "train-digits",
+        "demo",
+        "build",
+        "profile",
+    }
     assert len(CASES) >= 80
 
 
@@ -420,11 +473,28 @@ def test_a_full_disk_mid_sample_leaves_nothing_new(world, tmp_path, monkeypatch,
     if earlier:
         shutil.copytree(world["old_samples"], out)
     before = _tree(tmp_path)
-    result = runner.invoke(app, ["sample", "-c", "digits", "-n", "4", "--batch-size", "2", "--steps", "2", "-o",
-                                 str(out), *(["--overwrite"] if earlier else [])])
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "-c",
+            "digits",
+            "-n",
+            "4",
+            "--batch-size",
+            "2",
+            "--steps",
+            "2",
+            "-o",
+            str(out),
+            *(["--overwrite"] if earlier else []),
+        ],
+    )
     assert result.exit_code == 2 and batches == [0, 2], result.output
     untouched = ", the earlier one is untouched" if earlier else ""
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {out}: no space left on the device while writing it, so nothing was kept{untouched}: "
-                      "free space or write somewhere else"], result.output
+    assert errors == [
+        f"error: {out}: no space left on the device while writing it, so nothing was kept{untouched}: "
+        "free space or write somewhere else"
+    ], result.output
     assert _tree(tmp_path) == before  # no partial PNGs, no temporary folder, the earlier run intact

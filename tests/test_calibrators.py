@@ -31,8 +31,9 @@ FAST = dict(cali_st=5, cali_n=8, batch_size=4, reservoir=4096)
 def run_calibrate(config, checkpoint, out, steps: int = 10, **options) -> Calibration:
     """`calibrate` on 10 DDIM steps and a small trajectory budget (FAST), `options` on top."""
     cfg = load_config(config)
-    return calibrate(cfg, checkpoint, out, make_sampler(cfg, steps=steps), CalibrationOptions(**{**FAST, **options}),
-                     progress=False)
+    return calibrate(
+        cfg, checkpoint, out, make_sampler(cfg, steps=steps), CalibrationOptions(**{**FAST, **options}), progress=False
+    )
 
 
 def run_import(config, checkpoint, out, **options) -> Calibration:
@@ -40,8 +41,9 @@ def run_import(config, checkpoint, out, **options) -> Calibration:
     cfg = load_config(config)
     if not options.setdefault("modulate", False):
         return import_qdiffusion(cfg, checkpoint, out, CalibrationOptions(**options))
-    return import_qdiffusion(cfg, checkpoint, out, CalibrationOptions(**{**FAST, **options}),
-                             make_sampler(cfg, steps=10), progress=False)
+    return import_qdiffusion(
+        cfg, checkpoint, out, CalibrationOptions(**{**FAST, **options}), make_sampler(cfg, steps=10), progress=False
+    )
 
 
 # -- a checkpoint in Q-Diffusion's exact key layout -----------------------------------------
@@ -102,8 +104,9 @@ def test_qdiffusion_import_rebuilds_adaround_weights_exactly(tmp_path, tiny_mode
     assert cal.meta["weights"]["rounding"] == "adaround"
     loaded = load_calibration(tmp_path / "q.safetensors")
     state = torch.load(ckpt)
-    q = static_model(tiny_model, loaded, load_config(tiny_config), ckpt,
-                     weight_bits=4, act_bits=8, modulate=False, split=True)
+    q = static_model(
+        tiny_model, loaded, load_config(tiny_config), ckpt, weight_bits=4, act_bits=8, modulate=False, split=True
+    )
     splits = tiny_model.split_points()
     assert splits and all(len(q.layers[n].groups) == 2 for n in splits)
     for name, layer in q.layers.items():
@@ -140,7 +143,9 @@ def test_qdiffusion_raw_scales_refuse_a_modulated_model(tmp_path, tiny_model, ti
     ckpt = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
     cal = run_import(tiny_config, ckpt, tmp_path / "q.safetensors", weight_bits=4, act_bits=8)
     with pytest.raises(ConfigError, match="raw activations.*calibrate with --modulate"):
-        static_model(tiny_model, cal, load_config(tiny_config), ckpt, weight_bits=4, act_bits=8, modulate=True, split=True)
+        static_model(
+            tiny_model, cal, load_config(tiny_config), ckpt, weight_bits=4, act_bits=8, modulate=True, split=True
+        )
 
 
 def test_qdiffusion_import_with_modulate_calibrates_residuals_and_keeps_weights(tmp_path, tiny_model, tiny_config):
@@ -173,8 +178,10 @@ def test_qdiffusion_import_errors_name_the_problem(tmp_path, tiny_model, tiny_co
 
 # -- calibration ---------------------------------------------------------------------------
 def test_calibration_is_deterministic_for_a_seed(tmp_path, tiny_config, tiny_checkpoint):
-    runs = [run_calibrate(tiny_config, tiny_checkpoint, tmp_path / f"{i}.safetensors", method="mse", seed=seed)
-            for i, seed in enumerate((3, 3, 4))]
+    runs = [
+        run_calibrate(tiny_config, tiny_checkpoint, tmp_path / f"{i}.safetensors", method="mse", seed=seed)
+        for i, seed in enumerate((3, 3, 4))
+    ]
     a, b, c = (load_calibration(tmp_path / f"{i}.safetensors") for i in range(3))
     assert a.layers.keys() == b.layers.keys() and len(a.layers) == len(runs[0].layers)
     for name in a.layers:
@@ -190,8 +197,14 @@ def test_static_modiff_tracks_float_better_than_plain_at_4bit(tmp_path, tiny_mod
     reference = ddim_sample(tiny_model, noise, seq, betas)
     errors = {}
     for modulate in (True, False):
-        cal = run_calibrate(tiny_config, tiny_checkpoint, tmp_path / f"{modulate}.safetensors", act_bits=4,
-                        modulate=modulate, method="mse")
+        cal = run_calibrate(
+            tiny_config,
+            tiny_checkpoint,
+            tmp_path / f"{modulate}.safetensors",
+            act_bits=4,
+            modulate=modulate,
+            method="mse",
+        )
         assert cal.kind == ("residual" if modulate else "raw")
         q = static_model(tiny_model, cal, config, tiny_checkpoint, weight_bits=8, act_bits=4, modulate=modulate)
         errors[modulate] = rel_err(ddim_sample(q, noise, seq, betas), reference)
@@ -204,26 +217,37 @@ def test_files_calibrated_together_equal_files_calibrated_alone(tmp_path, tiny_c
     three step groups), and files whose trajectories differ are refused."""
     cfg = load_config(tiny_config)
     sampler = make_sampler(cfg, steps=10)
-    options = {"raw8": CalibrationOptions(**FAST, act_bits=8, modulate=False),
-               "res4": CalibrationOptions(**FAST, act_bits=4, modulate=True),
-               "res8mse": CalibrationOptions(**FAST, act_bits=8, modulate=True, method="mse"),
-               "res4g3": CalibrationOptions(**FAST, act_bits=4, modulate=True, step_groups=3),
-               "res-fp8": CalibrationOptions(**FAST, act_bits=8, modulate=True, act_format="fp8")}
-    together = calibrate_together(cfg, tiny_checkpoint, {tmp_path / f"{k}.t": o for k, o in options.items()}, sampler,
-                                  progress=False)
+    options = {
+        "raw8": CalibrationOptions(**FAST, act_bits=8, modulate=False),
+        "res4": CalibrationOptions(**FAST, act_bits=4, modulate=True),
+        "res8mse": CalibrationOptions(**FAST, act_bits=8, modulate=True, method="mse"),
+        "res4g3": CalibrationOptions(**FAST, act_bits=4, modulate=True, step_groups=3),
+        "res-fp8": CalibrationOptions(**FAST, act_bits=8, modulate=True, act_format="fp8"),
+    }
+    together = calibrate_together(
+        cfg, tiny_checkpoint, {tmp_path / f"{k}.t": o for k, o in options.items()}, sampler, progress=False
+    )
     for (key, entry), joint in zip(options.items(), together, strict=True):
         alone = calibrate(cfg, tiny_checkpoint, tmp_path / f"{key}.a", sampler, entry, progress=False)
         assert joint.kind == alone.kind and joint.layers.keys() == alone.layers.keys()
         assert joint.meta["step_groups"] == alone.meta["step_groups"] and joint.meta["act_format"] == entry.act_format
         for name, scales in alone.layers.items():
             mine = joint.layers[name]
-            assert (mine.act, mine.warmup, mine.act_groups, mine.act_format) == \
-                (scales.act, scales.warmup, scales.act_groups, scales.act_format), (key, name)
+            assert (mine.act, mine.warmup, mine.act_groups, mine.act_format) == (
+                scales.act,
+                scales.warmup,
+                scales.act_groups,
+                scales.act_format,
+            ), (key, name)
     assert together[3].meta["step_groups"]["count"] == 3 and together[1].meta["step_groups"] is None
     assert together[0].meta["report"]["files_from_these_trajectories"] == 5
     with pytest.raises(ConfigError, match="cali_n differ"):
-        calibrate_together(cfg, tiny_checkpoint, {tmp_path / "a": options["raw8"],
-                                                  tmp_path / "b": CalibrationOptions(**{**FAST, "cali_n": 4})}, sampler)
+        calibrate_together(
+            cfg,
+            tiny_checkpoint,
+            {tmp_path / "a": options["raw8"], tmp_path / "b": CalibrationOptions(**{**FAST, "cali_n": 4})},
+            sampler,
+        )
 
 
 def test_split_calibration_has_per_group_scales(tmp_path, tiny_model, tiny_config, tiny_checkpoint):
@@ -249,10 +273,23 @@ def test_file_round_trip_and_metadata(tmp_path, tiny_config, tiny_checkpoint):
     assert meta["format"] == "modiff-trt/calibration" and meta["version"] == 4 and meta["step_groups"] is None
     assert meta["kind"] == "residual" and meta["modulate"] is True and meta["first_step"] == "fp"
     assert meta["weight_bits"] == 6 and meta["act_bits"] == 8 and meta["method"] == "percentile"
-    assert meta["sampler"] == {"sampler": "ddim", "steps": 10, "skip_type": "quad", "eta": 0.0, "beta_schedule": "linear",
-                               "beta_start": 0.0001, "beta_end": 0.02, "num_train_timesteps": 1000}
-    assert meta["trajectories"] == {"cali_st": 5, "cali_n": 8, "batch_size": 4, "seed": 0,
-                                    "calibration_steps": [1, 3, 5, 7, 9]}
+    assert meta["sampler"] == {
+        "sampler": "ddim",
+        "steps": 10,
+        "skip_type": "quad",
+        "eta": 0.0,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "beta_end": 0.02,
+        "num_train_timesteps": 1000,
+    }
+    assert meta["trajectories"] == {
+        "cali_st": 5,
+        "cali_n": 8,
+        "batch_size": 4,
+        "seed": 0,
+        "calibration_steps": [1, 3, 5, 7, 9],
+    }
     assert meta["layers"] == list(written.layers) and meta["report"]["peak_rss_mb"] > 0
     assert len(meta["checkpoint"]["sha256"]) == 64 and meta["config"]["sha256"] == load_config(tiny_config).sha256
     assert loaded.sampler(load_config(tiny_config)) == make_sampler(load_config(tiny_config), steps=10)
@@ -266,10 +303,22 @@ def test_version_1_files_still_load_and_give_their_sampler(tmp_path, tiny_config
 
     new = run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "v2.safetensors", steps=6)
     meta = {k: v for k, v in new.meta.items() if k not in ("sampler", "trajectories")}
-    meta.update(version=1, schedule={"steps": 6, "skip_type": "uniform", "eta": 0.5, "cali_st": 5, "cali_n": 8,
-                                     "batch_size": 4, "seed": 0, "calibration_steps": [1, 2, 3, 4, 5]})
-    save_file(load_file(tmp_path / "v2.safetensors"), tmp_path / "v1.safetensors",
-              metadata={"modiff_trt": json.dumps(meta)})
+    meta.update(
+        version=1,
+        schedule={
+            "steps": 6,
+            "skip_type": "uniform",
+            "eta": 0.5,
+            "cali_st": 5,
+            "cali_n": 8,
+            "batch_size": 4,
+            "seed": 0,
+            "calibration_steps": [1, 2, 3, 4, 5],
+        },
+    )
+    save_file(
+        load_file(tmp_path / "v2.safetensors"), tmp_path / "v1.safetensors", metadata={"modiff_trt": json.dumps(meta)}
+    )
     old = load_calibration(tmp_path / "v1.safetensors")
     cfg = load_config(tiny_config)
     assert old.sampler(cfg) == make_sampler(cfg, steps=6, skip_type="uniform", eta=0.5)
@@ -309,8 +358,9 @@ def test_scales_that_no_calibration_could_give_are_refused(tmp_path, tiny_config
     with pytest.raises(ArtifactError, match=rf"layer {name}'s act scale 1e\+30 cannot come from its measured absmax"):
         load_calibration(_rewrite(path, tmp_path / "huge.safetensors", huge))
     with pytest.raises(ArtifactError, match=rf"layer {name} lacks the measured absmax of its warmup scales"):
-        load_calibration(_rewrite(path, tmp_path / "no-absmax.safetensors",
-                                  lambda tensors: tensors.pop(f"{name}.warmup_absmax")))
+        load_calibration(
+            _rewrite(path, tmp_path / "no-absmax.safetensors", lambda tensors: tensors.pop(f"{name}.warmup_absmax"))
+        )
 
     def version_3(tensors):
         for key in [k for k in tensors if k.endswith("_absmax")]:
@@ -389,51 +439,108 @@ def test_scale_search_methods():
 
 
 # -- command line --------------------------------------------------------------------------
-def test_cli_calibrate_then_sample_static_and_refuse_other_checkpoint(tmp_path, tiny_model, tiny_config, tiny_checkpoint):
+def test_cli_calibrate_then_sample_static_and_refuse_other_checkpoint(
+    tmp_path, tiny_model, tiny_config, tiny_checkpoint
+):
     from typer.testing import CliRunner
 
     from modiff_trt.cli import app
 
     runner, out = CliRunner(), tmp_path / "c.safetensors"
-    args = ["calibrate", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "-o", str(out),
-            "--steps", "10", "--cali-st", "3", "--cali-n", "4", "--batch-size", "4", "--act-bits", "6"]
+    args = [
+        "calibrate",
+        "-c",
+        str(tiny_config),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "-o",
+        str(out),
+        "--steps",
+        "10",
+        "--cali-st",
+        "3",
+        "--cali-n",
+        "4",
+        "--batch-size",
+        "4",
+        "--act-bits",
+        "6",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert load_calibration(out).meta["act_bits"] == 6
-    sample = ["sample", "-c", str(tiny_config), "--act-bits", "6", "--act-scales", "static", "--calibration", str(out),
-              "-n", "2", "--steps", "10", "--no-pngs", "-o", str(tmp_path / "s")]
+    sample = [
+        "sample",
+        "-c",
+        str(tiny_config),
+        "--act-bits",
+        "6",
+        "--act-scales",
+        "static",
+        "--calibration",
+        str(out),
+        "-n",
+        "2",
+        "--steps",
+        "10",
+        "--no-pngs",
+        "-o",
+        str(tmp_path / "s"),
+    ]
     result = runner.invoke(app, sample + ["--checkpoint", str(tiny_checkpoint)])
     assert result.exit_code == 0, result.output
     other = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
     result = runner.invoke(app, sample + ["--checkpoint", str(other), "--overwrite"])
     assert result.exit_code == 2 and "scales do not carry over between checkpoints" in result.output
-    result = runner.invoke(app, ["calibrate", "-c", str(tiny_config), "--from-qdiffusion", str(other), "--weight-bits", "4",
-                                 "--act-bits", "8", "--no-modulate", "-o", str(tmp_path / "q.safetensors")])
+    result = runner.invoke(
+        app,
+        [
+            "calibrate",
+            "-c",
+            str(tiny_config),
+            "--from-qdiffusion",
+            str(other),
+            "--weight-bits",
+            "4",
+            "--act-bits",
+            "8",
+            "--no-modulate",
+            "-o",
+            str(tmp_path / "q.safetensors"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert load_calibration(tmp_path / "q.safetensors").kind == "raw"
 
 
 # -- step groups ---------------------------------------------------------------------------
 def test_step_group_calibration_round_trips_pins_the_schedule_and_runs_the_reference(
-        tmp_path, tiny_model, tiny_config, tiny_checkpoint):
+    tmp_path, tiny_model, tiny_config, tiny_checkpoint
+):
     """Residual scales per step group: the file holds [G, channel groups] scales and the schedule;
     the reference switches groups per call, and sampling another schedule is refused with the fix."""
     out = tmp_path / "g.safetensors"
     written = run_calibrate(tiny_config, tiny_checkpoint, out, act_bits=4, step_groups=3, cali_st=9)
     loaded = load_calibration(out)
     groups = loaded.step_groups
-    assert groups.bounds == (1, 4, 7, 10) and groups.timesteps == tuple(sorted(ddim_timesteps(10, "quad"), reverse=True))
+    assert groups.bounds == (1, 4, 7, 10) and groups.timesteps == tuple(
+        sorted(ddim_timesteps(10, "quad"), reverse=True)
+    )
     for name, entry in loaded.layers.items():
         assert len(entry.act_groups) == 3 and entry.act == entry.act_groups[0]
         assert torch.allclose(torch.tensor(entry.act_groups), torch.tensor(written.layers[name].act_groups), rtol=1e-7)
     config = load_config(tiny_config)
-    qmodel = quantize_unet(tiny_model, QuantConfig(8, 4, act_scales="static"), loaded.to_scale_set(config, tiny_checkpoint))
+    qmodel = quantize_unet(
+        tiny_model, QuantConfig(8, 4, act_scales="static"), loaded.to_scale_set(config, tiny_checkpoint)
+    )
     noise = torch.randn(2, *config.sample_shape, generator=torch.Generator().manual_seed(0))
     ddim_sample(qmodel, noise, ddim_timesteps(10, "quad"), BETAS)
     with pytest.raises(ConfigError, match="--steps 10 --skip-type quad, or recalibrate"):
         ddim_sample(qmodel, noise, ddim_timesteps(10, "uniform"), BETAS)
     with pytest.raises(ConfigError, match="--step-groups applies to MoDiff"):
-        run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", act_bits=4, modulate=False, step_groups=2)
+        run_calibrate(
+            tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", act_bits=4, modulate=False, step_groups=2
+        )
     with pytest.raises(ConfigError, match="without a calibration step: raise --cali-st"):
         run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "x.safetensors", step_groups=9, cali_st=2)
 
@@ -441,8 +548,9 @@ def test_step_group_calibration_round_trips_pins_the_schedule_and_runs_the_refer
 def test_auto_step_groups_pick_a_pooling_of_the_measured_groups(tmp_path, tiny_config, tiny_checkpoint, caplog):
     """'auto' measures the finest power-of-two groups and keeps the fewest whose scales agree."""
     with caplog.at_level("INFO"):
-        cal = run_calibrate(tiny_config, tiny_checkpoint, tmp_path / "auto.safetensors", act_bits=4,
-                            step_groups="auto", cali_st=9)
+        cal = run_calibrate(
+            tiny_config, tiny_checkpoint, tmp_path / "auto.safetensors", act_bits=4, step_groups="auto", cali_st=9
+        )
     assert "--step-groups auto picked" in caplog.text
     count = 1 if cal.step_groups is None else cal.step_groups.count
     assert count in (1, 2, 4, 8) and load_calibration(tmp_path / "auto.safetensors").meta["version"] == 4

@@ -21,8 +21,26 @@ def test_version_and_help():
 
 def test_sample_writes_pngs_grid_and_npz_in_documented_layout(tmp_path, tiny_config, tiny_checkpoint):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["sample", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "-n", "3",
-                                 "--batch-size", "2", "--steps", "3", "--act-bits", "4", "-o", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "-c",
+            str(tiny_config),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "-n",
+            "3",
+            "--batch-size",
+            "2",
+            "--steps",
+            "3",
+            "--act-bits",
+            "4",
+            "-o",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.glob("0*.png")) == ["000000.png", "000001.png", "000002.png"]
     assert Image.open(out / "000000.png").size == (16, 16)
@@ -35,12 +53,16 @@ def test_sample_writes_pngs_grid_and_npz_in_documented_layout(tmp_path, tiny_con
 
 
 def test_missing_checkpoint_is_refused_not_silently_random(tmp_path, tiny_config):
-    result = runner.invoke(app, ["sample", "-c", str(tiny_config), "-n", "1", "--steps", "2", "-o", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["sample", "-c", str(tiny_config), "-n", "1", "--steps", "2", "-o", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2
     assert "--checkpoint is required" in result.output and "--random-weights" in result.output
     assert not (tmp_path / "o").exists()
-    ok = runner.invoke(app, ["sample", "-c", str(tiny_config), "--random-weights", "-n", "1", "--steps", "2",
-                             "-o", str(tmp_path / "o")])
+    ok = runner.invoke(
+        app,
+        ["sample", "-c", str(tiny_config), "--random-weights", "-n", "1", "--steps", "2", "-o", str(tmp_path / "o")],
+    )
     assert ok.exit_code == 0, ok.output
 
 
@@ -55,8 +77,9 @@ def test_bad_inputs_exit_2_with_the_file_named(tmp_path, tiny_config):
 
 def test_export_inspect_lint_and_compare(tmp_path, tiny_config, tiny_checkpoint):
     out = tmp_path / "exp"
-    result = runner.invoke(app, ["export", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint),
-                                 "--act-bits", "0", "-o", str(out)])
+    result = runner.invoke(
+        app, ["export", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "--act-bits", "0", "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["inspect", str(out), "--lint", "--batch", "4"])
     assert result.exit_code == 0, result.output
@@ -73,15 +96,49 @@ def test_export_inspect_lint_and_compare(tmp_path, tiny_config, tiny_checkpoint)
 
 def test_sample_with_calibration_uses_its_static_scales_by_default(tmp_path, tiny_config, tiny_checkpoint):
     cal = tmp_path / "cal.safetensors"
-    result = runner.invoke(app, ["calibrate", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "--steps", "6",
-                                 "--cali-st", "3", "--cali-n", "4", "--batch-size", "4", "--act-bits", "4", "-o", str(cal)])
+    result = runner.invoke(
+        app,
+        [
+            "calibrate",
+            "-c",
+            str(tiny_config),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--steps",
+            "6",
+            "--cali-st",
+            "3",
+            "--cali-n",
+            "4",
+            "--batch-size",
+            "4",
+            "--act-bits",
+            "4",
+            "-o",
+            str(cal),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    common = ["sample", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), "-n", "2", "--steps", "6",
-              "--act-bits", "4", "--no-pngs"]
+    common = [
+        "sample",
+        "-c",
+        str(tiny_config),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "-n",
+        "2",
+        "--steps",
+        "6",
+        "--act-bits",
+        "4",
+        "--no-pngs",
+    ]
     outputs = {}
-    for name, extra in {"default": ["--calibration", str(cal)],
-                        "static": ["--calibration", str(cal), "--act-scales", "static"],
-                        "dynamic": ["--act-scales", "dynamic"]}.items():
+    for name, extra in {
+        "default": ["--calibration", str(cal)],
+        "static": ["--calibration", str(cal), "--act-scales", "static"],
+        "dynamic": ["--act-scales", "dynamic"],
+    }.items():
         assert runner.invoke(app, common + extra + ["-o", str(tmp_path / name)]).exit_code == 0
         outputs[name] = np.load(tmp_path / name / "samples.npz")["x0"]
     assert np.array_equal(outputs["default"], outputs["static"])

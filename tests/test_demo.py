@@ -27,12 +27,16 @@ def test_demo_writes_grid_and_report_and_shows_modiff_beating_plain_at_4_bits(tm
     assert report["machine"].startswith(f"{cpu_model()}, {os.cpu_count()} cores") and cpu_model() in printed
     assert 0 < sum(row["seconds"] for row in report["rows"]) < report["seconds"]
     rows = {row["name"]: row for row in report["rows"]}
-    assert list(rows) == ["fp32", "qdiff-w8a8", "modiff-w8a8", "qdiff-w8a4", "modiff-w8a4", "modiff-w8a4-g4",
-                          "modiff-w8-nvfp4"] == list(DEMO_ROWS) + list(NVFP4_ROWS)
+    assert (
+        list(rows)
+        == ["fp32", "qdiff-w8a8", "modiff-w8a8", "qdiff-w8a4", "modiff-w8a4", "modiff-w8a4-g4", "modiff-w8-nvfp4"]
+        == list(DEMO_ROWS) + list(NVFP4_ROWS)
+    )
     assert set(rows["fp32"]) == {"name", "psnr_db", "digits_fid", "confidence", "seconds", "backend"}
     # OpenVINO has no FP8/NVFP4 kernels: that row samples on ONNX Runtime, every other on the fastest backend
-    assert {name: row["backend"] for name, row in rows.items() if row["backend"] != report["backend"]} == \
-        ({"modiff-w8-nvfp4": "ort"} if report["backend"] == "openvino" else {})
+    assert {name: row["backend"] for name, row in rows.items() if row["backend"] != report["backend"]} == (
+        {"modiff-w8-nvfp4": "ort"} if report["backend"] == "openvino" else {}
+    )
     assert rows["fp32"]["psnr_db"] is None
     assert rows["modiff-w8a8"]["psnr_db"] > 30
     assert rows["modiff-w8a4"]["psnr_db"] > rows["qdiff-w8a4"]["psnr_db"] + 6

@@ -63,7 +63,10 @@ def test_an_error_is_exchanged_once_even_when_ranks_fail_at_different_depths():
     # rank 0 hears of rank 1's setup error inside run_batches; the enclosing together must not ask again
     results = run_in_processes(fail_in_setup_on_rank_1)
     assert results[1] == ("ValueError", "no export on rank 1")
-    assert results[0] == ("RankFailedError", "rank 1 of 2 failed, so rank 0 stopped too: ValueError: no export on rank 1")
+    assert results[0] == (
+        "RankFailedError",
+        "rank 1 of 2 failed, so rank 0 stopped too: ValueError: no export on rank 1",
+    )
 
 
 def _batch(start: int, n: int) -> torch.Tensor:
@@ -82,7 +85,10 @@ def test_writer_streams_batches_in_any_order_into_the_npz_np_savez_would_write(t
         assert npz["x0"].tobytes() == x0.numpy().tobytes()
         np.testing.assert_array_equal(npz["arr_0"], to_uint8(x0))
         assert npz["z0"].shape == (7, 1, 4, 4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in range(7)] + ["grid.png", "samples.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:06d}.png" for i in range(7)] + [
+        "grid.png",
+        "samples.npz",
+    ]
 
 
 def test_writer_interrupted_leaves_only_complete_pngs(tmp_path):
@@ -104,8 +110,11 @@ def _check_same_samples_with_two_processes(tmp_path, args):
     assert both.returncode == 0, both.stderr
     assert _npz_bytes(tmp_path / "two" / "samples.npz") == _npz_bytes(tmp_path / "one" / "samples.npz")
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files == [f"{i:06d}.png" for i in range(5)] + [
-        "grid.png", "samples.npz"]
+    assert (
+        sorted(p.name for p in (tmp_path / "two").iterdir())
+        == files
+        == [f"{i:06d}.png" for i in range(5)] + ["grid.png", "samples.npz"]
+    )
 
 
 # 5 images at batch 2: neither the batch size nor the world size divides the image count
@@ -115,15 +124,18 @@ COMMON = ["-n", "5", "--batch-size", "2", "--steps", "3"]
 @pytest.mark.slow
 def test_torchrun_two_processes_write_the_single_process_samples_torch_dynamic(tmp_path, tiny_config, tiny_checkpoint):
     _check_same_samples_with_two_processes(
-        tmp_path, ["sample", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), *COMMON])
+        tmp_path, ["sample", "-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint), *COMMON]
+    )
 
 
 @pytest.fixture
 def static_export(tmp_path, tiny_config, tiny_checkpoint):
     cal, out = tmp_path / "cal.safetensors", tmp_path / "export"
     base = ["-c", str(tiny_config), "--checkpoint", str(tiny_checkpoint)]
-    for args in (["calibrate", *base, "--steps", "3", "--cali-n", "4", "--cali-st", "3", "-o", str(cal)],
-                 ["export", *base, "--calibration", str(cal), "-o", str(out)]):
+    for args in (
+        ["calibrate", *base, "--steps", "3", "--cali-n", "4", "--cali-st", "3", "-o", str(cal)],
+        ["export", *base, "--calibration", str(cal), "-o", str(out)],
+    ):
         result = run_cli(args)
         assert result.returncode == 0, result.stderr
     return out

@@ -48,9 +48,16 @@ def test_weight_only_modiff_graphs_match_reference_over_trajectory(tmp_path, tin
     assert err < 1e-5
 
 
-@pytest.mark.parametrize("config", [
-    QuantConfig(8, 8), QuantConfig(8, 4, split=True), QuantConfig(4, 8), QuantConfig(8, 4, first_step="quantized"),
-], ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}")
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(8, 8),
+        QuantConfig(8, 4, split=True),
+        QuantConfig(4, 8),
+        QuantConfig(8, 4, first_step="quantized"),
+    ],
+    ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}",
+)
 def test_every_layer_of_ort_step_graph_follows_modiff_at_every_step(tmp_path, tiny_model, noise, config):
     """On ONNX Runtime's own tensors, per layer and step: rq = Q(x - a_hat_in) exactly (but at
     rounding ties), a_hat_out = a_hat_in + rq, o_hat_out = o_hat_in + f(rq, Wq)."""
@@ -66,11 +73,19 @@ def test_quantized_trajectory_stays_close_and_modiff_beats_plain_on_ort(tmp_path
     assert rel_err(ort8, trajectory(q8, noise)) < 5e-3
     _, plain = export(tmp_path, tiny_model, QuantConfig(8, 4, modulate=False), "plain")
     _, modiff = export(tmp_path, tiny_model, QuantConfig(8, 4), "modiff")
-    assert rel_err(trajectory(OrtRunner(modiff), noise)[-1], fp) < 0.5 * rel_err(trajectory(OrtRunner(plain), noise)[-1], fp)
+    assert rel_err(trajectory(OrtRunner(modiff), noise)[-1], fp) < 0.5 * rel_err(
+        trajectory(OrtRunner(plain), noise)[-1], fp
+    )
 
 
-@pytest.mark.parametrize("config", [QuantConfig(8, 8), QuantConfig(8, 4, modulate=False, split=True),
-                                    QuantConfig(4, 8, first_step="quantized", state_dtype="float16")])
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(8, 8),
+        QuantConfig(8, 4, modulate=False, split=True),
+        QuantConfig(4, 8, first_step="quantized", state_dtype="float16"),
+    ],
+)
 def test_lint_passes_on_exports_and_manifest_round_trips(tmp_path, tiny_model, config):
     qmodel, out = export(tmp_path, tiny_model, config)
     assert lint_export(out) == []
@@ -87,11 +102,16 @@ def test_lint_passes_on_exports_and_manifest_round_trips(tmp_path, tiny_model, c
 
 def _tiny_qdq_graph(zero_point=0, scale_const=True, per_channel_act=False, weight_dq=True, op="Conv"):
     """A one-layer graph in the exporter's style, with one rule broken on request."""
-    nodes, inits = [], [numpy_helper.from_array(np.array(0, np.int8), "zp"),
-                        numpy_helper.from_array(np.ones((4, 4, 1, 1), np.int8), "w"),
-                        numpy_helper.from_array(np.full(4, 0.1, np.float32), "ws"),
-                        numpy_helper.from_array(np.zeros(4, np.int8), "wzp"),
-                        numpy_helper.from_array(np.array(zero_point, np.int8), "zp_bad")]
+    nodes, inits = (
+        [],
+        [
+            numpy_helper.from_array(np.array(0, np.int8), "zp"),
+            numpy_helper.from_array(np.ones((4, 4, 1, 1), np.int8), "w"),
+            numpy_helper.from_array(np.full(4, 0.1, np.float32), "ws"),
+            numpy_helper.from_array(np.zeros(4, np.int8), "wzp"),
+            numpy_helper.from_array(np.array(zero_point, np.int8), "zp_bad"),
+        ],
+    )
     scale = "s"
     if per_channel_act:
         inits.append(numpy_helper.from_array(np.full(4, 0.1, np.float32), "s"))
@@ -99,28 +119,41 @@ def _tiny_qdq_graph(zero_point=0, scale_const=True, per_channel_act=False, weigh
         inits.append(numpy_helper.from_array(np.array(0.1, np.float32), "s"))
     else:
         nodes.append(helper.make_node("ReduceMax", ["x"], ["s"], keepdims=0))
-    nodes += [helper.make_node("QuantizeLinear", ["x", scale, "zp_bad"], ["q"], axis=1),
-              helper.make_node("DequantizeLinear", ["q", scale, "zp_bad"], ["xq"], axis=1)]
+    nodes += [
+        helper.make_node("QuantizeLinear", ["x", scale, "zp_bad"], ["q"], axis=1),
+        helper.make_node("DequantizeLinear", ["q", scale, "zp_bad"], ["xq"], axis=1),
+    ]
     if weight_dq:
         nodes.append(helper.make_node("DequantizeLinear", ["w", "ws", "wzp"], ["wf"], axis=0))
     else:
         inits.append(numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "wf"))
-    nodes.append(helper.make_node(op, ["xq", "wf"], ["y"]) if op == "Conv"
-                 else helper.make_node("ConvInteger", ["q", "w"], ["y"]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 2, 2])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    nodes.append(
+        helper.make_node(op, ["xq", "wf"], ["y"])
+        if op == "Conv"
+        else helper.make_node("ConvInteger", ["q", "w"], ["y"])
+    )
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 2, 2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
 
 
-@pytest.mark.parametrize("broken,rule", [
-    (dict(zero_point=3), "zero-point"),
-    (dict(scale_const=False), "scale"),
-    (dict(per_channel_act=True), "scale"),
-    (dict(weight_dq=False), "qdq-inputs"),
-    (dict(op="ConvInteger"), "forbidden-op"),
-])
+@pytest.mark.parametrize(
+    "broken,rule",
+    [
+        (dict(zero_point=3), "zero-point"),
+        (dict(scale_const=False), "scale"),
+        (dict(per_channel_act=True), "scale"),
+        (dict(weight_dq=False), "qdq-inputs"),
+        (dict(op="ConvInteger"), "forbidden-op"),
+    ],
+)
 def test_lint_catches_seeded_violations(broken, rule):
     assert lint_graph(_tiny_qdq_graph()) == []
     issues = lint_graph(_tiny_qdq_graph(**broken))
@@ -160,7 +193,9 @@ def test_fp16_export_floors_tiny_scales_and_records_them(tmp_path, tiny_model):
 def test_export_refuses_a_graph_that_fails_lint_and_writes_nothing(tmp_path, tiny_model, monkeypatch):
     qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, None))
     before = (out / "manifest.json").read_text()
-    seeded = [LintIssue("step", "scale", f"/layer{i}/QuantizeLinear", "scale must be finite and > 0") for i in range(25)]
+    seeded = [
+        LintIssue("step", "scale", f"/layer{i}/QuantizeLinear", "scale must be finite and > 0") for i in range(25)
+    ]
     monkeypatch.setattr(exporter, "lint_export", lambda directory: seeded)
     with pytest.raises(ArtifactError) as info:
         export_model(tiny_model, qmodel, tiny_model_config(tiny_model), out)
@@ -313,12 +348,19 @@ def test_asymmetric_imported_activation_grid_runs_exactly_on_int8(tmp_path, tiny
     layer = qmodel.layers["conv_in"]
     em = Emitter("conv_in", np.dtype("float32"))
     y = _fake_quant(em, "x", act_grid(layer, 0.05, 5.0))
-    graph = helper.make_graph(em.nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4096])],
-                              [helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [4096])], em.initializers)
+    graph = helper.make_graph(
+        em.nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4096])],
+        [helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [4096])],
+        em.initializers,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     x = torch.linspace(-1.0, 1.0, 4096)
-    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.numpy()}
+    )[0]
     want = fake_quantize(x, torch.tensor(0.05), 4, torch.tensor(5.0))
     assert torch.equal(torch.from_numpy(got), want)
     out = tmp_path / "asym"

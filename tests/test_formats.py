@@ -116,7 +116,12 @@ def test_nvfp4_blocks_run_along_channels_and_a_short_last_block_keeps_its_own_sc
 
 def test_layer_policy_follows_tensorrt_support():
     gemm, odd = nn.Linear(32, 64), nn.Linear(40, 64)
-    conv, first, grouped, wide = nn.Conv2d(32, 64, 3), nn.Conv2d(1, 32, 3), nn.Conv2d(32, 32, 3, groups=4), nn.Conv2d(32, 32, 7)
+    conv, first, grouped, wide = (
+        nn.Conv2d(32, 64, 3),
+        nn.Conv2d(1, 32, 3),
+        nn.Conv2d(32, 32, 3, groups=4),
+        nn.Conv2d(32, 32, 7),
+    )
     assert layer_format(gemm, "nvfp4", 4).format == "nvfp4"
     assert layer_format(odd, "nvfp4", 4).format == "fp8" and "multiple of 16" in layer_format(odd, "nvfp4", 4).note
     fallback = layer_format(conv, "nvfp4", 4)

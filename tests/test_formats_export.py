@@ -32,9 +32,11 @@ def noise():
     return torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(7))
 
 
-@pytest.mark.parametrize("config", [QuantConfig(8, 8, act_format="fp8"),
-                                    QuantConfig(8, 8, act_format="fp8", split=True, first_step="quantized")],
-                         ids=["fp8", "fp8-split-quantized-warmup"])
+@pytest.mark.parametrize(
+    "config",
+    [QuantConfig(8, 8, act_format="fp8"), QuantConfig(8, 8, act_format="fp8", split=True, first_step="quantized")],
+    ids=["fp8", "fp8-split-quantized-warmup"],
+)
 def test_fp8_step_graph_follows_modiff_per_layer_and_passes_lint(tmp_path, tiny_model, noise, config):
     """TensorRT's FP8 Q/DQ graph on ONNX Runtime: rq on the FP8 grid equals the reference's Q(x - a_hat)
     bit for bit and o_hat accumulates f(rq, Wq); narrow convs stay INT8 and say why."""
@@ -49,9 +51,13 @@ def test_fp8_step_graph_follows_modiff_per_layer_and_passes_lint(tmp_path, tiny_
         assert (formats[name].act_format, formats[name].act_bits) == ("int", 8)
         assert "channels: TensorRT's FP8 convs need >= 16" in formats[name].format_note
     step = onnx.load(str(out / "step.onnx"))
-    fp8_q = [n for n in step.graph.node if n.op_type == "QuantizeLinear"
-             and numpy_helper.to_array(next(i for i in step.graph.initializer if i.name == n.input[2])).dtype.name
-             == "float8_e4m3fn"]
+    fp8_q = [
+        n
+        for n in step.graph.node
+        if n.op_type == "QuantizeLinear"
+        and numpy_helper.to_array(next(i for i in step.graph.initializer if i.name == n.input[2])).dtype.name
+        == "float8_e4m3fn"
+    ]
     assert len(fp8_q) == sum(len(qmodel.layers[n].groups) for n, s in formats.items() if s.act_format == "fp8")
 
 
@@ -67,27 +73,49 @@ def test_float_format_exports_of_an_sd_shaped_model(tmp_path, fmt):
     cfg = load_config(path)
     context, sampler = RandomContext(cfg.context_shape), make_sampler(cfg, steps=2)
     cal = tmp_path / f"sd-{fmt}.safetensors"
-    calibrate(cfg, ckpt, cal, sampler, CalibrationOptions(act_bits=bits, act_format=fmt, cali_st=3, cali_n=2,
-                                                          batch_size=2), conditioning=context, progress=False)
+    calibrate(
+        cfg,
+        ckpt,
+        cal,
+        sampler,
+        CalibrationOptions(act_bits=bits, act_format=fmt, cali_st=3, cali_n=2, batch_size=2),
+        conditioning=context,
+        progress=False,
+    )
     assert load_calibration(cal).meta["act_format"] == fmt
     cfg, unet, qmodel = load_reference(path, ckpt, QuantConfig(8, bits, act_scales="static", act_format=fmt), cal)
     kinds = {(layer.kind, layer.format.format) for layer in qmodel.layers.values()}
     assert kinds == {("linear", fmt), ("conv2d", "fp8"), ("conv2d", "int")}
     targets = ("ort-cpu", "trt") if fmt == "nvfp4" else ("trt",)
     for target in targets:
-        export_model(unet, qmodel, cfg, tmp_path / target, checkpoint=ckpt, calibration=cal, guidance=True,
-                     sampler=sampler, target=target)
+        export_model(
+            unet,
+            qmodel,
+            cfg,
+            tmp_path / target,
+            checkpoint=ckpt,
+            calibration=cal,
+            guidance=True,
+            sampler=sampler,
+            target=target,
+        )
         assert lint_export(tmp_path / target) == []
     noise = torch.randn(1, *cfg.sample_shape, generator=torch.Generator().manual_seed(5))
-    checked = check_step_layers(tmp_path / targets[0], qmodel, noise,
-                                run=lambda m: ldm_states(m, sampler, noise, context))
+    checked = check_step_layers(
+        tmp_path / targets[0], qmodel, noise, run=lambda m: ldm_states(m, sampler, noise, context)
+    )
     assert checked == len(qmodel.layers) * (sampler.model_calls() - 1)
     if fmt == "nvfp4":
         trt_step = onnx.load(str(tmp_path / "trt" / "step.onnx"))
         quantizers = [n for n in trt_step.graph.node if n.op_type == "TRT_FP4DynamicQuantize"]
         # layers whose input never changes (cross-attention K/V on the context) pass o_hat through
-        assert len(quantizers) == sum(layer.format.format == "nvfp4" and not layer.scales.constant_input
-                                      for layer in qmodel.layers.values()) > 0
+        assert (
+            len(quantizers)
+            == sum(
+                layer.format.format == "nvfp4" and not layer.scales.constant_input for layer in qmodel.layers.values()
+            )
+            > 0
+        )
         with pytest.raises(ArtifactError, match="--target ort-cpu"):
             OrtRunner(tmp_path / "trt")
 
@@ -146,9 +174,12 @@ def _layer_subgraph(path, layer: str) -> onnx.ModelProto:
             keep.add(id(node))
             todo.extend(node.input)
     graph = helper.make_graph(
-        [n for n in model.graph.node if id(n) in keep], "layer",
+        [n for n in model.graph.node if id(n) in keep],
+        "layer",
         [helper.make_tensor_value_info(residual, onnx.TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info(gemm, onnx.TensorProto.FLOAT, None)], [inits[n] for n in sorted(used)])
+        [helper.make_tensor_value_info(gemm, onnx.TensorProto.FLOAT, None)],
+        [inits[n] for n in sorted(used)],
+    )
     sub = helper.make_model(graph, opset_imports=list(model.opset_import))
     sub.ir_version = model.ir_version
     return sub
@@ -168,8 +199,11 @@ def test_tensorrt_nvfp4_form_computes_the_emulated_arithmetic(tmp_path, tiny_mod
     residuals = {}
     nvfp4 = [name for name, layer in qmodel.layers.items() if layer.format.format == "nvfp4"]
     for name in nvfp4:
-        qmodel.layers[name].register_forward_pre_hook(lambda m, args, name=name: residuals.setdefault(
-            name, []).append(args[0] - m.a_hat if m.a_hat is not None else None))
+        qmodel.layers[name].register_forward_pre_hook(
+            lambda m, args, name=name: residuals.setdefault(name, []).append(
+                args[0] - m.a_hat if m.a_hat is not None else None
+            )
+        )
     ddim_sample(qmodel, noise, SEQ[:3], BETAS)
     assert len(nvfp4) == 10 and set(residuals) == set(nvfp4)  # the time-embedding Linears
     for name, seen in residuals.items():
@@ -179,8 +213,9 @@ def test_tensorrt_nvfp4_form_computes_the_emulated_arithmetic(tmp_path, tiny_mod
         evaluator = ReferenceEvaluator(trt_graph, new_ops=[TRT_FP4DynamicQuantize, *DEQUANTIZE])
         got_trt = evaluator.run(None, {trt_graph.graph.input[0].name: r.numpy()})[0]
         ort_graph = _layer_subgraph(ort_dir / "step.onnx", name)
-        session = ort.InferenceSession(ort_graph.SerializeToString(), session_options(),
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            ort_graph.SerializeToString(), session_options(), providers=["CPUExecutionProvider"]
+        )
         got_ort = session.run(None, {ort_graph.graph.input[0].name: r.numpy()})[0]
         assert np.allclose(got_trt, want, rtol=1e-5, atol=1e-6) and np.allclose(got_ort, want, rtol=1e-5, atol=1e-6)
         assert np.abs(r.numpy()).max() > 0
@@ -211,11 +246,17 @@ def test_lint_catches_float_format_violations(tmp_path, tiny_model):
     # conv_in (3 channels) stays INT8; feeding it FP8 codes is what TensorRT has no kernel for
     bad_conv = onnx.ModelProto()
     bad_conv.CopyFrom(plain)
-    fp8_zp = next(n.input[2] for n in bad_conv.graph.node if n.name.startswith("down.0.") and n.op_type == "QuantizeLinear")
+    fp8_zp = next(
+        n.input[2] for n in bad_conv.graph.node if n.name.startswith("down.0.") and n.op_type == "QuantizeLinear"
+    )
     for node in bad_conv.graph.node:
-        if node.name.startswith("conv_in/") and node.op_type in ("QuantizeLinear", "DequantizeLinear") \
-                and node.input[0] != "conv_in.weight" and len(node.input) > 2 and node.input[0] not in {
-                    i.name for i in bad_conv.graph.initializer}:
+        if (
+            node.name.startswith("conv_in/")
+            and node.op_type in ("QuantizeLinear", "DequantizeLinear")
+            and node.input[0] != "conv_in.weight"
+            and len(node.input) > 2
+            and node.input[0] not in {i.name for i in bad_conv.graph.initializer}
+        ):
             node.input[2] = fp8_zp
     assert "fp8-conv" in rules(bad_conv)
     nonzero = onnx.ModelProto()
@@ -237,20 +278,30 @@ def test_float_format_calibration_and_export_errors(tmp_path, tiny_config, tiny_
     settings that cannot hold are refused with the option that fixes them."""
     cfg = load_config(tiny_config)
     sampler, common = make_sampler(cfg, steps=4), {"cali_st": 2, "cali_n": 2, "batch_size": 2}
-    fp8 = calibrate(cfg, tiny_checkpoint, tmp_path / "fp8.safetensors", sampler,
-                    CalibrationOptions(act_format="fp8", **common), progress=False)
-    int8 = calibrate(cfg, tiny_checkpoint, tmp_path / "int8.safetensors", sampler, CalibrationOptions(**common),
-                     progress=False)
+    fp8 = calibrate(
+        cfg,
+        tiny_checkpoint,
+        tmp_path / "fp8.safetensors",
+        sampler,
+        CalibrationOptions(act_format="fp8", **common),
+        progress=False,
+    )
+    int8 = calibrate(
+        cfg, tiny_checkpoint, tmp_path / "int8.safetensors", sampler, CalibrationOptions(**common), progress=False
+    )
     loaded = load_calibration(tmp_path / "fp8.safetensors")
     assert loaded.meta["act_format"] == "fp8" and loaded.layers["conv_in"].act_format == "int"
     layer = "down.0.block.0.conv1"
     assert loaded.layers[layer].act_format == "fp8"
     assert fp8.layers[layer].act[0] * 448 == pytest.approx(int8.layers[layer].act[0] * 127, rel=1e-6)
     with pytest.raises(ArtifactError, match=r"--act-format int \(file: fp8\)"):
-        load_reference(tiny_config, tiny_checkpoint, QuantConfig(8, 8, act_scales="static"), tmp_path / "fp8.safetensors")
+        load_reference(
+            tiny_config, tiny_checkpoint, QuantConfig(8, 8, act_scales="static"), tmp_path / "fp8.safetensors"
+        )
     with pytest.raises(ConfigError, match="method mse"):
         CalibrationOptions(act_bits=4, act_format="nvfp4", method="mse")
-    _, float_model, every = load_reference(tiny_config, tiny_checkpoint,
-                                           QuantConfig(8, 8, act_format="fp8", format_layers="all"))
+    _, float_model, every = load_reference(
+        tiny_config, tiny_checkpoint, QuantConfig(8, 8, act_format="fp8", format_layers="all")
+    )
     with pytest.raises(ConfigError, match="format_layers='all'"):
         export_model(float_model, every, load_config(tiny_config), tmp_path / "all")

@@ -26,9 +26,7 @@ from tests.helpers.models import SMALL, VQ_SMALL, inputs, lightning_ckpt, random
 # ---------------------------------------------------------------- architecture
 
 
-@pytest.mark.parametrize(
-    ("name", "params_m"), [("ldm-churches", 294.96), ("ldm-bedrooms", 274.06), ("sd-v1", 859.52)]
-)
+@pytest.mark.parametrize(("name", "params_m"), [("ldm-churches", 294.96), ("ldm-bedrooms", 274.06), ("sd-v1", 859.52)])
 def test_builtin_parameter_counts(name: str, params_m: float) -> None:
     """Full-size built-ins on the meta device have the published parameter counts."""
     with torch.device("meta"):
@@ -39,17 +37,24 @@ def test_builtin_parameter_counts(name: str, params_m: float) -> None:
 def test_official_key_layout_and_plain_layers() -> None:
     sd_keys = build_ldm_unet(UNetConfig.from_params(SMALL["sd"]["unet_config"]["params"])).state_dict()
     for key in (
-        "time_embed.0.weight", "time_embed.2.bias", "input_blocks.0.0.weight",
-        "input_blocks.1.0.in_layers.2.weight", "input_blocks.1.0.emb_layers.1.weight",
-        "input_blocks.1.0.out_layers.3.weight", "input_blocks.1.1.proj_in.weight",
+        "time_embed.0.weight",
+        "time_embed.2.bias",
+        "input_blocks.0.0.weight",
+        "input_blocks.1.0.in_layers.2.weight",
+        "input_blocks.1.0.emb_layers.1.weight",
+        "input_blocks.1.0.out_layers.3.weight",
+        "input_blocks.1.1.proj_in.weight",
         "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
         "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight",
         "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight",
         "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias",
-        "input_blocks.2.0.op.weight", "middle_block.1.proj_out.weight",
-        "output_blocks.0.0.skip_connection.weight", "output_blocks.1.1.conv.weight",
+        "input_blocks.2.0.op.weight",
+        "middle_block.1.proj_out.weight",
+        "output_blocks.0.0.skip_connection.weight",
+        "output_blocks.1.1.conv.weight",
         "output_blocks.2.1.transformer_blocks.0.norm3.weight",
-        "out.0.weight", "out.2.weight",
+        "out.0.weight",
+        "out.2.weight",
     ):
         assert key in sd_keys, key
     assert sd_keys["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape == (32, 16)
@@ -102,13 +107,16 @@ def test_bad_unet_params_raise_config_error(params: dict[str, Any], message: str
 # ---------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize(("edit", "field"), [
-    (lambda p: p.update(timesteps=-5), "model.params.timesteps is -5"),
-    (lambda p: p.update(channels=4.5), "model.params.channels is 4.5"),
-    (lambda p: p["unet_config"]["params"].update(model_channels=32.5), "unet_config.params.model_channels is 32.5"),
-    (lambda p: p["unet_config"]["params"].update(channel_mult=[1, 0]), "unet_config.params.channel_mult is 0"),
-    (lambda p: p["first_stage_config"]["params"]["ddconfig"].update(ch=-8), "ddconfig.ch is -8"),
-])
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda p: p.update(timesteps=-5), "model.params.timesteps is -5"),
+        (lambda p: p.update(channels=4.5), "model.params.channels is 4.5"),
+        (lambda p: p["unet_config"]["params"].update(model_channels=32.5), "unet_config.params.model_channels is 32.5"),
+        (lambda p: p["unet_config"]["params"].update(channel_mult=[1, 0]), "unet_config.params.channel_mult is 0"),
+        (lambda p: p["first_stage_config"]["params"]["ddconfig"].update(ch=-8), "ddconfig.ch is -8"),
+    ],
+)
 def test_ldm_yaml_integer_fields_must_be_positive_integers(tmp_path: Path, edit, field) -> None:
     params = copy.deepcopy(SMALL["churches"])
     edit(params)
@@ -225,9 +233,7 @@ def test_qdiffusion_wrapped_state_dict(tmp_path: Path) -> None:
         assert torch.equal(loaded(x, t), source(x, t))
 
 
-def test_mismatched_checkpoint_names_file_and_fitting_builtin(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mismatched_checkpoint_names_file_and_fitting_builtin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Register the small configs as "built-ins" so the suggestion search stays cheap.
     builtins = {f"tiny-{k}": copy.deepcopy(v) for k, v in SMALL.items()}
     monkeypatch.setattr(ldm_builtins, "LDM_BUILTINS", builtins)
@@ -312,8 +318,6 @@ def test_vq_decoder_codebook_lookup_and_stored_scale(tmp_path: Path) -> None:
 def test_decoder_mismatch_raises(tmp_path: Path) -> None:
     yml = write_yaml(tmp_path, "sd", SMALL["sd"])
     other = FirstStageConfig.from_yaml(VQ_SMALL)
-    ckpt = lightning_ckpt(
-        tmp_path, "mixed", randomize(build_ldm_unet(yml), 0), decoder=build_first_stage(other)
-    )
+    ckpt = lightning_ckpt(tmp_path, "mixed", randomize(build_ldm_unet(yml), 0), decoder=build_first_stage(other))
     with pytest.raises(CheckpointError, match="mixed.ckpt: first-stage decoder weights"):
         load_first_stage(yml, ckpt)

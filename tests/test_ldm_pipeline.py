@@ -88,8 +88,9 @@ def test_sd_weight_only_ort_follows_torch_under_guidance_and_compare_runs_it(tmp
     rows = compare_backends(tmp_path / "exp", ["torch", "ort"], num_images=2, steps=2)
     assert [(r.step, r.t, r.backend) for r in rows] == [(0, 501, "ort"), (1, 1, "ort")]  # LDM timesteps of 2 steps
     assert all(r.rel_err < 1e-4 for r in rows), rows
-    result = CliRunner().invoke(app, ["compare", str(tmp_path / "exp"), "--backends", "torch,ort", "--steps", "2",
-                                      "-n", "1"])
+    result = CliRunner().invoke(
+        app, ["compare", str(tmp_path / "exp"), "--backends", "torch,ort", "--steps", "2", "-n", "1"]
+    )
     assert result.exit_code == 0 and "rel. error vs torch" in result.output, result.output
 
 
@@ -99,19 +100,23 @@ def test_sd_calibrate_export_and_every_layer_follows_modiff(tmp_path):
     context, sampler = RandomContext(cfg.context_shape), make_sampler(cfg, steps=2)
     with pytest.raises(ConfigError, match="text-conditioned"):
         calibrate(cfg, ckpt, tmp_path / "x.safetensors", sampler, CalibrationOptions(cali_n=1), progress=False)
-    cal = calibrate(cfg, ckpt, tmp_path / "sd.safetensors", sampler,
-                    CalibrationOptions(cali_st=3, cali_n=2, batch_size=2), conditioning=context, progress=False)
+    cal = calibrate(
+        cfg,
+        ckpt,
+        tmp_path / "sd.safetensors",
+        sampler,
+        CalibrationOptions(cali_st=3, cali_n=2, batch_size=2),
+        conditioning=context,
+        progress=False,
+    )
     # PLMS: 2 steps are 3 UNet calls (the first step calls twice); residuals exist at calls 1 and 2
     assert cal.meta["sampler"] == sampler.to_dict() and cal.meta["trajectories"]["calibration_steps"] == [1, 2]
     assert cal.meta["sampler"]["sampler"] == "plms" and cal.meta["sampler"]["guidance_scale"] == 7.5
-    cfg, unet, qmodel = load_reference(
-        path, ckpt, QuantConfig(8, 8, act_scales="static"), tmp_path / "sd.safetensors")
-    export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt, guidance=True,
-                 sampler=cal.sampler(cfg))
+    cfg, unet, qmodel = load_reference(path, ckpt, QuantConfig(8, 8, act_scales="static"), tmp_path / "sd.safetensors")
+    export_model(unet, qmodel, cfg, tmp_path / "exp", checkpoint=ckpt, guidance=True, sampler=cal.sampler(cfg))
     assert load_manifest(tmp_path / "exp").sampling == sampler
     noise = torch.randn(1, *cfg.sample_shape, generator=torch.Generator().manual_seed(5))
-    checked = check_step_layers(tmp_path / "exp", qmodel, noise,
-                                run=lambda m: ldm_states(m, sampler, noise, context))
+    checked = check_step_layers(tmp_path / "exp", qmodel, noise, run=lambda m: ldm_states(m, sampler, noise, context))
     assert checked == len(qmodel.layers) * (sampler.model_calls() - 1)
 
 
@@ -123,16 +128,24 @@ def test_sd_constant_input_layers_pass_o_hat_through_and_fp16_export_lints_clean
     path, ckpt, unet = small_ldm(tmp_path, "sd", seed=2)
     cfg = load_config(path)
     context = RandomContext(cfg.context_shape)
-    cal = calibrate(cfg, ckpt, tmp_path / "sd.safetensors", make_sampler(cfg, steps=6),
-                    CalibrationOptions(cali_st=5, cali_n=2, batch_size=2), conditioning=context, progress=False)
+    cal = calibrate(
+        cfg,
+        ckpt,
+        tmp_path / "sd.safetensors",
+        make_sampler(cfg, steps=6),
+        CalibrationOptions(cali_st=5, cali_n=2, batch_size=2),
+        conditioning=context,
+        progress=False,
+    )
     expected = {name for name in quantizable_layers(unet) if name.endswith(("attn2.to_k", "attn2.to_v"))}
     assert expected and set(cal.meta["constant_input"]) == expected
     loaded = load_calibration(tmp_path / "sd.safetensors")
     assert {name for name, entry in loaded.layers.items() if entry.constant_input} == expected
     cfg, unet, qmodel = load_reference(path, ckpt, QuantConfig(8, 8, act_scales="static"), tmp_path / "sd.safetensors")
     out = tmp_path / "fp16"
-    manifest = export_model(unet, qmodel, cfg, out, checkpoint=ckpt, guidance=True, float_dtype="float16",
-                            sampler=cal.sampler(cfg))
+    manifest = export_model(
+        unet, qmodel, cfg, out, checkpoint=ckpt, guidance=True, float_dtype="float16", sampler=cal.sampler(cfg)
+    )
     assert lint_export(out) == []
     assert {layer.name for layer in manifest.layers if layer.constant_input} == expected
     step = onnx.load(str(out / "step.onnx"))
@@ -146,8 +159,10 @@ def test_sd_constant_input_layers_pass_o_hat_through_and_fp16_export_lints_clean
     scales = [inits[n.input[1]] for n in step.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert scales and min(float(v.min()) for v in scales) > 0
     # The state memory counts no a_hat for them, and the CPU runner lays out exactly the graph's I/O.
-    elements = sum(int(np.prod(layer.o_hat_shape)) + (0 if layer.constant_input else int(np.prod(layer.a_hat_shape)))
-                   for layer in manifest.layers)
+    elements = sum(
+        int(np.prod(layer.o_hat_shape)) + (0 if layer.constant_input else int(np.prod(layer.a_hat_shape)))
+        for layer in manifest.layers
+    )
     assert manifest.state_bytes_per_sample() == elements * 4 * 2  # fp32 state, cond + uncond
     layout = layout_from_manifest(manifest, 2)
     assert {slot.input_name for slot in layout.slots} == {n for n in inputs if "_hat_in." in n}
@@ -163,13 +178,32 @@ def test_churches_export_parity_and_cli_sample_decodes(tmp_path):
     sampler = make_sampler(cfg, steps=5)
     assert (sampler.name, sampler.guided) == ("ldm-ddim", False)
     noise = torch.randn(2, *cfg.sample_shape, generator=torch.Generator().manual_seed(4))
-    assert rel_err(ldm_states(OrtRunner(tmp_path / "exp"), sampler, noise, None),
-                   ldm_states(qmodel, sampler, noise, None)) < 1e-4
-    result = CliRunner().invoke(app, ["sample", str(tmp_path / "exp"), "--backend", "ort", "-n", "3",
-                                      "--batch-size", "2", "--steps", "4", "-o", str(tmp_path / "out")])
+    assert (
+        rel_err(ldm_states(OrtRunner(tmp_path / "exp"), sampler, noise, None), ldm_states(qmodel, sampler, noise, None))
+        < 1e-4
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            str(tmp_path / "exp"),
+            "--backend",
+            "ort",
+            "-n",
+            "3",
+            "--batch-size",
+            "2",
+            "--steps",
+            "4",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     npz = np.load(tmp_path / "out" / "samples.npz")
-    assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["z0"].shape == (3, 4, 8, 8) and npz["x0"].shape == (3, 3, 16, 16)
+    assert (
+        npz["arr_0"].shape == (3, 16, 16, 3) and npz["z0"].shape == (3, 4, 8, 8) and npz["x0"].shape == (3, 3, 16, 16)
+    )
     assert (tmp_path / "out" / "000002.png").is_file()
 
 
@@ -179,8 +213,23 @@ def test_bedrooms_vq_decoder_and_eta_sampling(tmp_path):
     runner = load_reference(cfg, ckpt, QuantConfig(8, None)).qmodel
     decoder = load_first_stage(cfg.ldm, ckpt)
     sampler = make_sampler(cfg, steps=2, eta=1.0)
-    first, second = (np.load(write_samples(runner, sampler, cfg.sample_shape, tmp_path / name, 3, 2, seed=1,
-                                           decoder=decoder, pngs=False, progress=False)) for name in ("out", "again"))
+    first, second = (
+        np.load(
+            write_samples(
+                runner,
+                sampler,
+                cfg.sample_shape,
+                tmp_path / name,
+                3,
+                2,
+                seed=1,
+                decoder=decoder,
+                pngs=False,
+                progress=False,
+            )
+        )
+        for name in ("out", "again")
+    )
     assert first["z0"].shape == (3, 3, 8, 8) and first["x0"].shape == (3, 3, 32, 32)
     assert first["x0"].tobytes() == second["x0"].tobytes()
 
@@ -206,8 +255,10 @@ def test_ema_export_is_recorded_and_the_torch_backend_rebuilds_ema_weights(tmp_p
     path, _, unet = small_ldm(tmp_path, "churches")
     ema = randomize(load_config(path).build(), seed=5).eval()
     ckpt = lightning_ckpt(tmp_path, "with_ema", unet, ema=ema)
-    result = CliRunner().invoke(app, ["export", "-c", str(path), "--checkpoint", str(ckpt), "--ema", "--act-bits", "0",
-                                      "-o", str(tmp_path / "exp")])
+    result = CliRunner().invoke(
+        app,
+        ["export", "-c", str(path), "--checkpoint", str(ckpt), "--ema", "--act-bits", "0", "-o", str(tmp_path / "exp")],
+    )
     assert result.exit_code == 0, result.output
     manifest = load_manifest(tmp_path / "exp")
     assert manifest.model.ema is True

@@ -126,9 +126,16 @@ def test_ddim_eta_noise_is_seeded() -> None:
 
 def test_plms_with_small_sd_unet_is_deterministic_and_sees_2n() -> None:
     cfg = UNetConfig(
-        in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
-        attention_resolutions=(1,), channel_mult=(1,), num_heads=2,
-        use_spatial_transformer=True, context_dim=8, legacy=False,
+        in_channels=4,
+        model_channels=32,
+        out_channels=4,
+        num_res_blocks=1,
+        attention_resolutions=(1,),
+        channel_mult=(1,),
+        num_heads=2,
+        use_spatial_transformer=True,
+        context_dim=8,
+        legacy=False,
     )
     torch.manual_seed(0)
     unet = build_ldm_unet(cfg)
@@ -156,6 +163,8 @@ def test_ldm_ddim_eta_noise_is_per_image_so_batch_size_does_not_matter():
     acp = alphas_cumprod(make_betas("scaled_linear", 0.0015, 0.0155))
     noise = image_noise(3, range(4), (2, 4, 4))
     whole = sample_ddim(model, noise, acp, 10, eta=1.0, generator=step_generators(3, range(4)))
-    halves = [sample_ddim(model, noise[i:i + 2], acp, 10, eta=1.0, generator=step_generators(3, range(i, i + 2)))
-              for i in (0, 2)]
+    halves = [
+        sample_ddim(model, noise[i : i + 2], acp, 10, eta=1.0, generator=step_generators(3, range(i, i + 2)))
+        for i in (0, 2)
+    ]
     assert torch.allclose(whole, torch.cat(halves), atol=1e-6)

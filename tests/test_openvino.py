@@ -47,26 +47,35 @@ def noise():
     return torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(7))
 
 
-@pytest.mark.parametrize("config", [
-    QuantConfig(8, 8), QuantConfig(8, 4, split=True), QuantConfig(4, 8, first_step="quantized"),
-], ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}")
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(8, 8),
+        QuantConfig(8, 4, split=True),
+        QuantConfig(4, 8, first_step="quantized"),
+    ],
+    ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}",
+)
 def test_every_layer_follows_modiff_on_openvino_state_read_from_variables(tmp_path, tiny_model, noise, config):
     """The per-layer check ONNX Runtime passes, on OpenVINO's own tensors: the state read back
     from the compiled model's variables (query_state) before and after every step."""
     qmodel, out = export(tmp_path, tiny_model, config)
-    assert check_step_layers(out, qmodel, noise, runtime="openvino", workdir=tmp_path) == \
-        len(qmodel.layers) * (len(SEQ) - 1)
+    assert check_step_layers(out, qmodel, noise, runtime="openvino", workdir=tmp_path) == len(qmodel.layers) * (
+        len(SEQ) - 1
+    )
 
 
 def test_step_groups_follow_modiff_per_layer_on_openvino_and_the_runner_feeds_each_calls_ratios(
-        tmp_path, tiny_model, noise):
+    tmp_path, tiny_model, noise
+):
     """Step groups (issue 12) on OpenVINO: W8A3 with split layers and 3 groups, per-group scales
     folded around one constant quantizer by `step_scale_ratio`. The per-layer check passes with
     each call's ratio row; the runner (through StatefulRunner) hands the step graph exactly the
     manifest's row of the call's group, and refuses another schedule."""
     qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, 3, split=True), step_groups=3)
-    assert check_step_layers(out, qmodel, noise, runtime="openvino", workdir=tmp_path) == \
-        len(qmodel.layers) * (len(SEQ) - 1)
+    assert check_step_layers(out, qmodel, noise, runtime="openvino", workdir=tmp_path) == len(qmodel.layers) * (
+        len(SEQ) - 1
+    )
     runner = OpenVinoRunner(out)
     seen = []
 
@@ -186,12 +195,39 @@ def test_cli_compare_and_sample_accept_backend_openvino(tmp_path, tiny_model):
     from modiff_trt.cli import app
 
     _, out = export(tmp_path, tiny_model, QuantConfig(8, 8))
-    result = CliRunner().invoke(app, ["compare", str(out), "--backends", "ort,openvino", "-n", "2", "--steps", "4",
-                                      "--json", str(tmp_path / "cmp.json")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            str(out),
+            "--backends",
+            "ort,openvino",
+            "-n",
+            "2",
+            "--steps",
+            "4",
+            "--json",
+            str(tmp_path / "cmp.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "cmp.json").read_text())
     assert {r["backend"] for r in rows} == {"openvino"} and max(r["rel_err"] for r in rows) < 5e-3
-    result = CliRunner().invoke(app, ["sample", str(out), "--backend", "openvino", "-n", "2", "--steps", "4",
-                                      "--no-pngs", "-o", str(tmp_path / "s")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "sample",
+            str(out),
+            "--backend",
+            "openvino",
+            "-n",
+            "2",
+            "--steps",
+            "4",
+            "--no-pngs",
+            "-o",
+            str(tmp_path / "s"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert np.load(tmp_path / "s" / "samples.npz")["x0"].shape == (2, *SHAPE)

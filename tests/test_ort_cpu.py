@@ -14,8 +14,8 @@ from modiff_trt.errors import ConfigError
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import lint_export, lint_graph
 from modiff_trt.quant import QuantConfig
-from tests.helpers.models import rel_err
 from tests.helpers.export import SEQ, SHAPE, check_step_layers, export, tiny_model_config, trajectory
+from tests.helpers.models import rel_err
 
 
 @pytest.fixture
@@ -27,16 +27,22 @@ def _ops(path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
-@pytest.mark.parametrize("config", [
-    QuantConfig(8, 8), QuantConfig(8, 4, split=True), QuantConfig(4, 8, first_step="quantized"),
-], ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}")
+@pytest.mark.parametrize(
+    "config",
+    [
+        QuantConfig(8, 8),
+        QuantConfig(8, 4, split=True),
+        QuantConfig(4, 8, first_step="quantized"),
+    ],
+    ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}",
+)
 def test_every_layer_of_integer_step_graph_follows_modiff_at_every_step(tmp_path, tiny_model, noise, config):
     """Same per-layer check as the TensorRT-style graph: codes exact, a_hat/o_hat updates exact."""
     qmodel, out = export(tmp_path, tiny_model, config, target="ort-cpu")
     assert check_step_layers(out, qmodel, noise) == len(qmodel.layers) * (len(SEQ) - 1)
     ops = _ops(out / "step.onnx")
-    convs = sum(len(l.groups) for l in qmodel.layers.values() if l.kind == "conv2d")
-    linears = sum(l.kind == "linear" for l in qmodel.layers.values())
+    convs = sum(len(layer.groups) for layer in qmodel.layers.values() if layer.kind == "conv2d")
+    linears = sum(layer.kind == "linear" for layer in qmodel.layers.values())
     assert ops["ConvInteger"] == convs and ops["MatMulInteger"] == linears
     assert ops["Conv"] == ops["Gemm"] == 0  # no float conv/linear left (attention matmuls stay float)
     assert lint_export(out) == []
@@ -58,8 +64,11 @@ def test_integer_graph_matches_trt_graph_and_reference_over_trajectory(tmp_path,
 
     feeds = {"x": noise.numpy(), "t": np.full(4, float(SEQ[-1]), np.float32)}
     warm = ort.InferenceSession(str(trt / "warmup.onnx"), providers=["CPUExecutionProvider"])
-    state = {o.name.replace("_out.", "_in."): v for o, v in zip(warm.get_outputs(), warm.run(None, feeds))
-             if "_out." in o.name}
+    state = {
+        o.name.replace("_out.", "_in."): v
+        for o, v in zip(warm.get_outputs(), warm.run(None, feeds))
+        if "_out." in o.name
+    }
     feeds = {"x": (noise * 0.9).numpy(), "t": np.full(4, float(SEQ[-2]), np.float32), **state}
     results = []
     for out in (trt, cpu):

@@ -132,7 +132,9 @@ def test_static_scales_are_used(tiny_model):
     q = quantize_unet(tiny_model, QuantConfig(8, 8, modulate=False, act_scales="static"), scales)
     layer = q.layers["conv_in"]
     x = torch.randn(1, 3, 16, 16)
-    want = torch.nn.functional.conv2d(fake_quantize(x, torch.tensor(0.05), 8), layer.w_deq, layer.module.bias, padding=1)
+    want = torch.nn.functional.conv2d(
+        fake_quantize(x, torch.tensor(0.05), 8), layer.w_deq, layer.module.bias, padding=1
+    )
     assert torch.allclose(layer(x), want, atol=1e-6)
 
 

@@ -49,11 +49,14 @@ def test_options_override_and_ddim_means_ldm_ddim_for_latent_models():
     assert make_sampler(ddim, steps=4) == DDIMSampler(ddim.schedule, 4, "uniform", 1.0)  # a sampler as the base
 
 
-@pytest.mark.parametrize("sampler", [
-    DDIMSampler(NoiseSchedule("linear", 1e-4, 0.02), 20, "uniform", 0.5),
-    LDMDDIMSampler(NoiseSchedule("scaled_linear", 0.0015, 0.0195), 200, eta=1.0),
-    PLMSSampler(NoiseSchedule("scaled_linear", 0.00085, 0.012), 50, guidance_scale=7.5),
-])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        DDIMSampler(NoiseSchedule("linear", 1e-4, 0.02), 20, "uniform", 0.5),
+        LDMDDIMSampler(NoiseSchedule("scaled_linear", 0.0015, 0.0195), 200, eta=1.0),
+        PLMSSampler(NoiseSchedule("scaled_linear", 0.00085, 0.012), 50, guidance_scale=7.5),
+    ],
+)
 def test_to_dict_round_trips_exactly(sampler):
     data = sampler.to_dict()
     assert data["sampler"] == sampler.name and data["steps"] == sampler.steps

@@ -103,7 +103,9 @@ def test_nan_from_the_model_stops_sampling_with_a_clear_error():
         return torch.where(t[:, None, None, None] < 500, torch.full_like(x, float("nan")), x)
 
     with pytest.raises(ModiffError, match=r"NaN/Inf at step \d+ \(t=\d+\)"):
-        ddim_sample(broken, torch.randn(1, 1, 2, 2), ddim_timesteps(10, "uniform"), make_betas("linear", 1e-4, 0.02).float())
+        ddim_sample(
+            broken, torch.randn(1, 1, 2, 2), ddim_timesteps(10, "uniform"), make_betas("linear", 1e-4, 0.02).float()
+        )
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ldm-ddim"])

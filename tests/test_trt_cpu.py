@@ -98,9 +98,16 @@ def test_parse_performance_summary() -> None:
     assert gpu is not None
     assert gpu.median == pytest.approx(0.911377)
     assert gpu.min == pytest.approx(0.905273) and gpu.max == pytest.approx(1.41406)
-    assert gpu.percentiles == {"90": pytest.approx(0.918457), "95": pytest.approx(0.921387), "99": pytest.approx(0.933838)}
+    assert gpu.percentiles == {
+        "90": pytest.approx(0.918457),
+        "95": pytest.approx(0.921387),
+        "99": pytest.approx(0.933838),
+    }
     assert summary.metrics["Enqueue Time"].mean == pytest.approx(0.00368)
-    assert summary.totals == {"Total Host Walltime": pytest.approx(3.00246), "Total GPU Compute Time": pytest.approx(2.98393)}
+    assert summary.totals == {
+        "Total Host Walltime": pytest.approx(3.00246),
+        "Total GPU Compute Time": pytest.approx(2.98393),
+    }
     json.dumps(summary.to_dict())  # JSON-serialisable
 
 
@@ -148,7 +155,12 @@ def test_state_layout_offsets_are_aligned_and_disjoint(dtype: torch.dtype, batch
     layout = state_layout(_layers(), batch, dtype)
     item = torch.empty((), dtype=dtype).element_size()
     assert [s.input_name for s in layout.slots] == [
-        "a_hat_in.a", "o_hat_in.a", "a_hat_in.b", "o_hat_in.b", "a_hat_in.c", "o_hat_in.c",
+        "a_hat_in.a",
+        "o_hat_in.a",
+        "a_hat_in.b",
+        "o_hat_in.b",
+        "a_hat_in.c",
+        "o_hat_in.c",
     ]
     assert layout.slots[2].shape == (batch, 13) and layout.slots[3].output_name == "o_hat_out.b"
     end = 0
@@ -165,7 +177,7 @@ def test_state_buffers_views_share_one_aligned_allocation() -> None:
     assert buffers.base_ptr % ALIGNMENT == 0
     storages = set()
     for index in (0, 1):
-        for name, view in buffers.inputs(index).items():
+        for view in buffers.inputs(index).values():
             assert view.data_ptr() % ALIGNMENT == 0
             assert view.is_contiguous() and view.dtype == torch.float16
             storages.add(view.untyped_storage().data_ptr())
@@ -193,9 +205,15 @@ def test_layout_from_manifest_uses_state_dtype(tmp_path: Path) -> None:
 
 def _sidecar(**kw) -> EngineSidecar:
     base = dict(
-        engine="step", plan_file="step.plan", onnx_file="step.onnx", onnx_sha256="ab" * 32,
-        tensorrt_version="10.13.0.35", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
-        profile={"x": {"min": [1, 3], "opt": [8, 3], "max": [16, 3]}}, build_seconds=12.5,
+        engine="step",
+        plan_file="step.plan",
+        onnx_file="step.onnx",
+        onnx_sha256="ab" * 32,
+        tensorrt_version="10.13.0.35",
+        gpu_name="NVIDIA H100 80GB HBM3",
+        compute_capability="9.0",
+        profile={"x": {"min": [1, 3], "opt": [8, 3], "max": [16, 3]}},
+        build_seconds=12.5,
         modiff_trt_version="0.1.0",
     )
     base.update(kw)
@@ -340,7 +358,7 @@ def test_profile_dry_run_prints_command_and_writes_real_state(tmp_path: Path) ->
     shapes = next(a for a in cmd if a.startswith("--shapes="))
     assert "x:2x4x4x4" in shapes and "t:2" in shapes and f"a_hat_in.{LAYERS[1]}:2x4x4x4" in shapes
     load = next(a for a in cmd if a.startswith("--loadInputs="))
-    files = dict(item.split(":", 1) for item in load[len("--loadInputs="):].split(","))
+    files = dict(item.split(":", 1) for item in load[len("--loadInputs=") :].split(","))
     manifest = load_manifest(tmp_path)
     assert set(files) == {t.name for t in manifest.graphs["step"].inputs}
     # The state files hold a real warm-up state: a_hat of layer 1 is x itself (fp warm-up).
@@ -364,7 +382,7 @@ def test_profile_zero_state_when_asked(tmp_path: Path) -> None:
     make_tiny_export(tmp_path)
     result = trtexec.profile_engine(tmp_path, engine="step", batch=1, dry_run=True, real_state=False)
     load = next(a for a in result.command if a.startswith("--loadInputs="))
-    files = dict(item.split(":", 1) for item in load[len("--loadInputs="):].split(","))
+    files = dict(item.split(":", 1) for item in load[len("--loadInputs=") :].split(","))
     assert not np.fromfile(files[f"o_hat_in.{LAYERS[1]}"], dtype=np.float32).any()
 
 
@@ -396,8 +414,10 @@ def test_load_inputs_paths_with_separators_are_refused(tmp_path: Path) -> None:
 
 def test_layer_profile_with_bare_nan_and_inf(tmp_path: Path) -> None:
     path = tmp_path / "profile.json"
-    path.write_text('[{ "count" : 10 }\n, { "name" : "fast", "timeMs" : 0.5, "averageMs" : 0.05, "medianMs" : nan, '
-                    '"percentage" : -nan }\n, { "name" : "slow", "timeMs" : 9, "averageMs" : inf, "percentage" : 90 }]')
+    path.write_text(
+        '[{ "count" : 10 }\n, { "name" : "fast", "timeMs" : 0.5, "averageMs" : 0.05, "medianMs" : nan, '
+        '"percentage" : -nan }\n, { "name" : "slow", "timeMs" : 9, "averageMs" : inf, "percentage" : 90 }]'
+    )
     summary = trtexec.summarize_layer_profile(path)
     fast = next(layer for layer in summary.layers if layer.name == "fast")
     assert summary.runs == 10 and fast.median_ms is None and fast.percentage == 0.0
@@ -407,7 +427,9 @@ def test_layer_profile_with_bare_nan_and_inf(tmp_path: Path) -> None:
 def _fake_trtexec(tmp_path: Path, version_code: int) -> str:
     """A script that prints trtexec's banner, to test version parsing (it is not trtexec)."""
     script = tmp_path / f"trtexec-{version_code}"
-    script.write_text(f"#!/bin/sh\necho '&&&& RUNNING TensorRT.trtexec [TensorRT v{version_code}] [b11] # trtexec $*'\n")
+    script.write_text(
+        f"#!/bin/sh\necho '&&&& RUNNING TensorRT.trtexec [TensorRT v{version_code}] [b11] # trtexec $*'\n"
+    )
     script.chmod(0o755)
     return str(script)
 

@@ -27,8 +27,9 @@ from tests.helpers.trt import digits_export, sample_recorded
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
-                       reason="tensorrt is not installed (GPU machine only)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("tensorrt") is None, reason="tensorrt is not installed (GPU machine only)"
+    ),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch"),
 ]
 

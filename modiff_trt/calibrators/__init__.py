@@ -26,6 +26,11 @@ from modiff_trt.calibrators.fileformat import (
 from modiff_trt.calibrators.qdiffusion import import_qdiffusion
 
 __all__ = [
-    "Calibration", "CalibrationOptions", "calibrate", "calibrate_together", "import_qdiffusion", "load_calibration",
+    "Calibration",
+    "CalibrationOptions",
+    "calibrate",
+    "calibrate_together",
+    "import_qdiffusion",
+    "load_calibration",
     "save_calibration",
 ]

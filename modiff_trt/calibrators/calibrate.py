@@ -101,8 +101,14 @@ class CalibrationOptions:
     @property
     def quant(self) -> QuantConfig:
         """The quantization these scales are for."""
-        return QuantConfig(self.weight_bits, self.act_bits, modulate=self.modulate, first_step=self.first_step,
-                           split=self.split, act_format=self.act_format)  # type: ignore[arg-type]
+        return QuantConfig(
+            self.weight_bits,
+            self.act_bits,
+            modulate=self.modulate,
+            first_step=self.first_step,
+            split=self.split,
+            act_format=self.act_format,
+        )  # type: ignore[arg-type]
 
     @property
     def resolved_weight_method(self) -> str:
@@ -169,24 +175,51 @@ def measure_activations(
         if key in collectors:
             continue
         steps = calibration_steps(sampler.model_calls(), entry.cali_st, entry.modulate)
-        log.info("calibrating %s at UNet calls %s of %d (%d trajectories)",
-                 "residuals" if entry.modulate else "raw inputs", steps, sampler.model_calls(), entry.cali_n)
+        log.info(
+            "calibrating %s at UNet calls %s of %d (%d trajectories)",
+            "residuals" if entry.modulate else "raw inputs",
+            steps,
+            sampler.model_calls(),
+            entry.cali_n,
+        )
         if requested is not None:
             for g in range(requested.count):
                 if not set(requested.steps_of(g)) & set(steps):
                     raise ConfigError(
                         f"--cali-st {entry.cali_st} leaves step group {g} (steps {requested.steps_of(g)}) without a "
-                        f"calibration step: raise --cali-st (up to {sampler.model_calls() - 1}) or use fewer groups")
-        collectors[key] = TrajectoryCollector(model, steps, entry.modulate, n_batches, splits, entry.reservoir,
-                                              entry.seed, step_group=None if requested is None else requested.group_of)
-    run_collectors(list(collectors.values()), sampler, model_cfg.sample_shape, first.cali_n, first.batch_size,
-                   first.seed, conditioning, progress)
-    return [_scales_of(model, entry, collectors[key].stats, requested)
-            for entry, key, requested in zip(options, keys, groups, strict=True)]
+                        f"calibration step: raise --cali-st (up to {sampler.model_calls() - 1}) or use fewer groups"
+                    )
+        collectors[key] = TrajectoryCollector(
+            model,
+            steps,
+            entry.modulate,
+            n_batches,
+            splits,
+            entry.reservoir,
+            entry.seed,
+            step_group=None if requested is None else requested.group_of,
+        )
+    run_collectors(
+        list(collectors.values()),
+        sampler,
+        model_cfg.sample_shape,
+        first.cali_n,
+        first.batch_size,
+        first.seed,
+        conditioning,
+        progress,
+    )
+    return [
+        _scales_of(model, entry, collectors[key].stats, requested)
+        for entry, key, requested in zip(options, keys, groups, strict=True)
+    ]
 
 
 def _scales_of(
-    model: torch.nn.Module, options: CalibrationOptions, stats: dict[str, LayerStats], step_groups: StepGroups | None,
+    model: torch.nn.Module,
+    options: CalibrationOptions,
+    stats: dict[str, LayerStats],
+    step_groups: StepGroups | None,
 ) -> tuple[dict[str, LayerScales], StepGroups | None]:
     """One file's scales from the collected statistics (the scale search of `options`)."""
     fine = step_groups.count if step_groups is not None else 1
@@ -194,8 +227,10 @@ def _scales_of(
         step_groups = choose_step_groups(stats, step_groups)
 
     def scales(group_stats, fmt: LayerFormat):
-        return [activation_scale(s.values(), s.absmax, fmt.bits, options.method, options.percentile, fmt.format)
-                for s in group_stats]
+        return [
+            activation_scale(s.values(), s.absmax, fmt.bits, options.method, options.percentile, fmt.format)
+            for s in group_stats
+        ]
 
     out = {}
     for name, s in stats.items():
@@ -203,18 +238,25 @@ def _scales_of(
         if step_groups is None:
             measured = [s.act]
         else:  # the fine (measured) groups pooled per chosen group
-            measured = [[pool(s.act_by_group[f][c] for f in members) for c in range(len(s.groups))]
-                        for members in _fine_members(fine, step_groups)]
+            measured = [
+                [pool(s.act_by_group[f][c] for f in members) for c in range(len(s.groups))]
+                for members in _fine_members(fine, step_groups)
+            ]
         per_group, absmax = [scales(g, fmt) for g in measured], [[c.absmax for c in g] for g in measured]
         grouped = step_groups is not None and step_groups.count > 1
         # A residual that is exactly 0 at every calibrated step (SD's to_k/to_v read the unchanging text
         # context) has no scale to find: such layers pass o_hat through instead of quantizing zeros.
         constant = options.modulate and all(g.count > 0 and g.absmax == 0.0 for step in s.act_by_group for g in step)
-        out[name] = LayerScales(act=per_group[0], warmup=None if s.warmup is None else scales(s.warmup, fmt),
-                                act_groups=per_group if grouped else None, constant_input=constant,
-                                act_format=fmt.format, act_absmax=absmax[0],
-                                act_groups_absmax=absmax if grouped else None,
-                                warmup_absmax=None if s.warmup is None else [c.absmax for c in s.warmup])
+        out[name] = LayerScales(
+            act=per_group[0],
+            warmup=None if s.warmup is None else scales(s.warmup, fmt),
+            act_groups=per_group if grouped else None,
+            constant_input=constant,
+            act_format=fmt.format,
+            act_absmax=absmax[0],
+            act_groups_absmax=absmax if grouped else None,
+            warmup_absmax=None if s.warmup is None else [c.absmax for c in s.warmup],
+        )
     return out, step_groups if step_groups is not None and step_groups.count > 1 else None
 
 
@@ -249,15 +291,19 @@ def choose_step_groups(stats: dict[str, LayerStats], fine: StepGroups) -> StepGr
             for c in range(len(s.groups)):
                 amax = np.array([max(s.act_by_group[f][c].absmax, 1e-12) for f in range(fine.count)])
                 for g in range(count):
-                    chunk = amax[g * per:(g + 1) * per]
+                    chunk = amax[g * per : (g + 1) * per]
                     worst = max(worst, float(np.log2(chunk.max() / chunk.min())))
             spreads.append(worst)
         spread = float(np.mean(spreads))
         log.info("step groups %d: mean residual scale spread within a group %.2f bits", count, spread)
         if spread <= AUTO_SPREAD_BITS or count * 2 > fine.count:
             chosen = StepGroups(fine.bounds[::per], fine.timesteps, fine.skip_type)
-            log.info("--step-groups auto picked %d group(s) (spread %.2f bits; limit %.2f)",
-                     chosen.count, spread, AUTO_SPREAD_BITS)
+            log.info(
+                "--step-groups auto picked %d group(s) (spread %.2f bits; limit %.2f)",
+                chosen.count,
+                spread,
+                AUTO_SPREAD_BITS,
+            )
             return chosen
         count *= 2
 
@@ -276,8 +322,10 @@ def requested_groups(options: CalibrationOptions, sampler: Sampler) -> StepGroup
         if count == 1:
             return None
     if not options.modulate or options.act_bits is None or sampler.name != "ddim":
-        raise ConfigError("--step-groups applies to MoDiff residual scales (--modulate, activation bits) with the "
-                          "ddim sampler: use --step-groups 1 here")
+        raise ConfigError(
+            "--step-groups applies to MoDiff residual scales (--modulate, activation bits) with the "
+            "ddim sampler: use --step-groups 1 here"
+        )
     return StepGroups.even(count, sampler.timesteps(), sampler.skip_type)
 
 
@@ -346,11 +394,15 @@ def calibrate_together(
     for out, entry in entries[1:]:
         differ = [f for f in TRAJECTORY_FIELDS if getattr(entry, f) != getattr(first, f)]
         if differ:
-            raise ConfigError(f"{out}: calibrated together with {entries[0][0]}, but its {', '.join(differ)} "
-                              "differ: calibrate it separately")
+            raise ConfigError(
+                f"{out}: calibrated together with {entries[0][0]}, but its {', '.join(differ)} "
+                "differ: calibrate it separately"
+            )
     if model_cfg.context_shape is not None and conditioning is None:
-        raise ConfigError(f"{model_cfg.source} is text-conditioned: calibrate with prompts (--prompt/--from-file "
-                          "and --text-encoder DIR) or random context (--random-context, for tests)")
+        raise ConfigError(
+            f"{model_cfg.source} is text-conditioned: calibrate with prompts (--prompt/--from-file "
+            "and --text-encoder DIR) or random context (--random-context, for tests)"
+        )
     try:
         steps = {e.modulate: calibration_steps(sampler.model_calls(), e.cali_st, e.modulate) for _, e in entries}
     except ValueError as exc:
@@ -360,16 +412,33 @@ def calibrate_together(
     splits = imported.splits if imported is not None else split_points(model, first.split)
     measured = [(e, requested[i]) for i, (_, e) in enumerate(entries) if e.act_bits is not None]
     with torch.no_grad():
-        scales = iter(measure_activations(model, model_cfg, sampler, [e for e, _ in measured], splits, conditioning,
-                                          progress, step_groups=[g for _, g in measured]) if measured else [])
+        scales = iter(
+            measure_activations(
+                model,
+                model_cfg,
+                sampler,
+                [e for e, _ in measured],
+                splits,
+                conditioning,
+                progress,
+                step_groups=[g for _, g in measured],
+            )
+            if measured
+            else []
+        )
     seconds, peak = time.perf_counter() - started, peak_rss_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.device(device).type == "cuda" else None
-    log.info("calibration took %.1f s, peak RSS %.0f MB%s", seconds, peak,
-             "" if gpu_peak is None else f", peak CUDA memory {gpu_peak:.0f} MB")
+    log.info(
+        "calibration took %.1f s, peak RSS %.0f MB%s",
+        seconds,
+        peak,
+        "" if gpu_peak is None else f", peak CUDA memory {gpu_peak:.0f} MB",
+    )
     written = []
     for out, options in entries:
-        layers, groups = ({n: LayerScales() for n in quantizable_layers(model)}, None) if options.act_bits is None \
-            else next(scales)
+        layers, groups = (
+            ({n: LayerScales() for n in quantizable_layers(model)}, None) if options.act_bits is None else next(scales)
+        )
         weight_method = options.resolved_weight_method
         if imported is not None:
             weight_method = imported.origin
@@ -379,20 +448,36 @@ def calibrate_together(
             for name, (codes, scale) in mse_weights(model, options.weight_bits, splits).items():
                 layers[name].weight_codes, layers[name].weight_scale = codes, scale
         meta = base_meta(
-            model_cfg, checkpoint,
-            kind="residual" if options.modulate else "raw", modulate=options.modulate,
-            first_step=options.first_step, split=bool(splits), weight_bits=options.weight_bits,
-            act_bits=options.act_bits, act_format=options.act_format, method=options.method,
-            weight_method=weight_method, percentile=options.percentile if options.method == "percentile" else None,
-            reservoir=options.reservoir, origin="calibration" if imported is None else f"{imported.origin}+calibration",
+            model_cfg,
+            checkpoint,
+            kind="residual" if options.modulate else "raw",
+            modulate=options.modulate,
+            first_step=options.first_step,
+            split=bool(splits),
+            weight_bits=options.weight_bits,
+            act_bits=options.act_bits,
+            act_format=options.act_format,
+            method=options.method,
+            weight_method=weight_method,
+            percentile=options.percentile if options.method == "percentile" else None,
+            reservoir=options.reservoir,
+            origin="calibration" if imported is None else f"{imported.origin}+calibration",
             weights=imported.notes if imported is not None else None,
             sampler=sampler.to_dict(),
             step_groups=None if groups is None else groups.to_dict(),
-            trajectories={"cali_st": options.cali_st, "cali_n": options.cali_n, "batch_size": options.batch_size,
-                          "seed": options.seed, "calibration_steps": steps[options.modulate]},
-            report={"seconds": round(seconds, 2), "peak_rss_mb": round(peak, 1),
-                    "peak_cuda_mb": None if gpu_peak is None else round(gpu_peak, 1),
-                    "files_from_these_trajectories": len(entries)},
+            trajectories={
+                "cali_st": options.cali_st,
+                "cali_n": options.cali_n,
+                "batch_size": options.batch_size,
+                "seed": options.seed,
+                "calibration_steps": steps[options.modulate],
+            },
+            report={
+                "seconds": round(seconds, 2),
+                "peak_rss_mb": round(peak, 1),
+                "peak_cuda_mb": None if gpu_peak is None else round(gpu_peak, 1),
+                "files_from_these_trajectories": len(entries),
+            },
         )
         written.append(save_calibration(out, layers, meta))
     return written

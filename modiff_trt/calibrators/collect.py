@@ -119,8 +119,9 @@ class TrajectoryCollector:
         per_group: dict[int, int] = {}
         for step in self.steps:
             per_group[self.step_group(step)] = per_group.get(self.step_group(step), 0) + 1
-        act_chunks = [max(1, math.ceil(reservoir / (per_group.get(g, 1) * n_batches)))
-                      for g in range(max(per_group) + 1)]
+        act_chunks = [
+            max(1, math.ceil(reservoir / (per_group.get(g, 1) * n_batches))) for g in range(max(per_group) + 1)
+        ]
         warm_chunk = max(1, math.ceil(reservoir / n_batches))
         self.stats: dict[str, LayerStats] = {}
         for name in quantizable_layers(model):
@@ -189,8 +190,18 @@ def run_collectors(
             collector._new_trajectory()
 
     try:
-        sample_batches(sampler, model, sample_shape, cali_n, batch_size, seed, conditioning,
-                       on_batch=new_trajectory, progress=progress, description="calibration trajectories")
+        sample_batches(
+            sampler,
+            model,
+            sample_shape,
+            cali_n,
+            batch_size,
+            seed,
+            conditioning,
+            on_batch=new_trajectory,
+            progress=progress,
+            description="calibration trajectories",
+        )
     finally:
         for handle in handles:
             handle.remove()

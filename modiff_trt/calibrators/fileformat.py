@@ -114,9 +114,14 @@ class Calibration:
         old = self.meta.get("schedule")
         if old is None:
             return None
-        return make_sampler(model_cfg, sampler=old.get("sampler"), steps=old["steps"], eta=old["eta"],
-                            skip_type=None if old.get("sampler") else old["skip_type"],
-                            guidance_scale=old.get("guidance_scale"))
+        return make_sampler(
+            model_cfg,
+            sampler=old.get("sampler"),
+            steps=old["steps"],
+            eta=old["eta"],
+            skip_type=None if old.get("sampler") else old["skip_type"],
+            guidance_scale=old.get("guidance_scale"),
+        )
 
     def check_matches(self, config: ModelConfig | str | None, checkpoint: str | Path | None) -> None:
         """Raise ArtifactError unless this calibration belongs to `config` and `checkpoint`.
@@ -138,6 +143,7 @@ class Calibration:
         have = _checkpoint_sha(checkpoint)
         recorded = self.meta["checkpoint"]
         if have != recorded["sha256"]:
+
             def show(path: Any, sha: str | None) -> str:
                 return "no checkpoint (random weights)" if sha is None else f"{path} (sha256 {sha[:12]})"
 
@@ -153,16 +159,30 @@ class Calibration:
         Scales measured for 4-bit activations used at 8 bits (or residual scales used on raw
         inputs) run without error and silently cost tens of dB, so every mismatch is named.
         """
-        recorded = {"--act-format": self.meta.get("act_format", "int"), "--weight-bits": self.meta.get("weight_bits"),
-                    "--act-bits": self.meta.get("act_bits"), "--modulate": self.meta.get("modulate"),
-                    "--first-step": self.meta.get("first_step")}
-        wanted = {"--act-format": quant.act_format, "--weight-bits": quant.weight_bits, "--act-bits": quant.act_bits,
-                  "--modulate": quant.modulate, "--first-step": quant.first_step}
-        differ = [f"{flag} {_show(wanted[flag])} (file: {_show(value)})" for flag, value in recorded.items()
-                  if value is not None and value != wanted[flag]]
+        recorded = {
+            "--act-format": self.meta.get("act_format", "int"),
+            "--weight-bits": self.meta.get("weight_bits"),
+            "--act-bits": self.meta.get("act_bits"),
+            "--modulate": self.meta.get("modulate"),
+            "--first-step": self.meta.get("first_step"),
+        }
+        wanted = {
+            "--act-format": quant.act_format,
+            "--weight-bits": quant.weight_bits,
+            "--act-bits": quant.act_bits,
+            "--modulate": quant.modulate,
+            "--first-step": quant.first_step,
+        }
+        differ = [
+            f"{flag} {_show(wanted[flag])} (file: {_show(value)})"
+            for flag, value in recorded.items()
+            if value is not None and value != wanted[flag]
+        ]
         if differ:
-            raise ArtifactError(f"{self.source} was calibrated for other settings: {'; '.join(differ)}; use the "
-                                "calibration's settings or run `modiff-trt calibrate` with these")
+            raise ArtifactError(
+                f"{self.source} was calibrated for other settings: {'; '.join(differ)}; use the "
+                "calibration's settings or run `modiff-trt calibrate` with these"
+            )
 
     def _check_layers(self, config: ModelConfig) -> None:
         with torch.device("meta"):
@@ -179,8 +199,13 @@ class Calibration:
     def to_scale_set(self, config: ModelConfig | str | None, checkpoint: str | Path | None) -> ScaleSet:
         """The scales for `quantize_unet`, after checking they belong to this config and checkpoint."""
         self.check_matches(config, checkpoint)
-        return ScaleSet(modulate=self.modulate, layers=dict(self.layers), source=self.source,
-                        step_groups=self.step_groups, act_format=self.meta.get("act_format", "int"))
+        return ScaleSet(
+            modulate=self.modulate,
+            layers=dict(self.layers),
+            source=self.source,
+            step_groups=self.step_groups,
+            act_format=self.meta.get("act_format", "int"),
+        )
 
 
 def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:
@@ -214,10 +239,15 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
     from safetensors.torch import save_file
 
     path = Path(path)
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, **meta, "layers": list(layers),
-            "groups": {n: len(e.act or e.warmup or [0]) for n, e in layers.items()},
-            "constant_input": [n for n, e in layers.items() if e.constant_input],
-            "formats": {n: e.act_format for n, e in layers.items()}}
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        **meta,
+        "layers": list(layers),
+        "groups": {n: len(e.act or e.warmup or [0]) for n, e in layers.items()},
+        "constant_input": [n for n, e in layers.items() if e.constant_input],
+        "formats": {n: e.act_format for n, e in layers.items()},
+    }
     check_scales(layers, meta, str(path), measured=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
@@ -266,8 +296,12 @@ def load_calibration(path: str | Path) -> Calibration:
         )
     measured = meta["version"] >= 4
     if not measured:
-        log.warning("%s is calibration format version %s, which keeps no measured absmax: its scales are only "
-                    "checked for being finite and positive (recalibrate to have them checked)", path, meta["version"])
+        log.warning(
+            "%s is calibration format version %s, which keeps no measured absmax: its scales are only "
+            "checked for being finite and positive (recalibrate to have them checked)",
+            path,
+            meta["version"],
+        )
     check_scales(layers, meta, str(path), measured=measured)
     return Calibration(meta=meta, layers=layers, path=path)
 
@@ -289,8 +323,9 @@ def check_scales(layers: dict[str, LayerScales], meta: dict[str, Any], source: s
                 continue
             values = np.asarray(scales, dtype=np.float64)
             if not np.all(np.isfinite(values)) or np.any(values <= 0):
-                raise ArtifactError(f"{source}: layer {name} has a {key} scale that is not a finite positive number; "
-                                    f"{fix}")
+                raise ArtifactError(
+                    f"{source}: layer {name} has a {key} scale that is not a finite positive number; {fix}"
+                )
             absmax = getattr(entry, absmax_key)
             if not measured or getattr(entry, ZERO_POINTS[key]) is not None:
                 continue  # nothing measured to hold it to (an older file, imported asymmetric scales)
@@ -304,7 +339,8 @@ def check_scales(layers: dict[str, LayerScales], meta: dict[str, Any], source: s
                 raise ArtifactError(
                     f"{source}: layer {name}'s {key} scale {values[i]:.4g} cannot come from its measured absmax "
                     f"{np.asarray(absmax)[i]:.4g} on the {grid} grid (a calibration gives {SCALE_FLOOR:g}.."
-                    f"{top[i]:.4g}); {fix}")
+                    f"{top[i]:.4g}); {fix}"
+                )
 
 
 def _holds_calibration(path: Path) -> bool:
@@ -329,8 +365,10 @@ def check_calibration_out(out: str | Path, inputs: dict[str, str | Path | None])
         if path is not None and out.exists() and Path(path).exists() and out.samefile(path):
             raise ArtifactError(f"--out {out} is the {option} file: calibrating would replace it; choose another --out")
     if out.is_file() and not _holds_calibration(out):
-        raise ArtifactError(f"--out {out} exists and is not a calibration file: calibrate never replaces other "
-                            "files; choose another --out")
+        raise ArtifactError(
+            f"--out {out} exists and is not a calibration file: calibrate never replaces other "
+            "files; choose another --out"
+        )
     writable_file(out, "--out")
     return out
 

@@ -30,8 +30,8 @@ attention matmuls stay in float here, as upstream MoDiff does.
 
 from __future__ import annotations
 
-import logging
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def qdiffusion_state(obj: Any, source: str) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     for prefix in ("module.", "model."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     if not any(".weight_quantizer." in k for k in state):
         raise CheckpointError(
             f"{source} has no weight_quantizer tensors: it is not a Q-Diffusion quantized checkpoint; "
@@ -116,7 +116,7 @@ def _to_int8(codes: torch.Tensor, scale: torch.Tensor, report: dict[str, Any]) -
 
 def _quantizer(state: dict[str, torch.Tensor], layer: str, name: str) -> dict[str, torch.Tensor] | None:
     prefix = f"{layer}.{name}."
-    found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    found = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return found or None
 
 
@@ -220,8 +220,11 @@ def read_qdiffusion(
     if report.get("requantized_channels"):
         log.warning(
             "%s: %d weight channel(s) had 8-bit asymmetric codes outside int8 and were re-rounded to symmetric "
-            "8-bit; max weight error %.3g (%.2f x delta)", source, report["requantized_channels"],
-            report["max_weight_error"], report["max_weight_error_in_delta"],
+            "8-bit; max weight error %.3g (%.2f x delta)",
+            source,
+            report["requantized_channels"],
+            report["max_weight_error"],
+            report["max_weight_error_in_delta"],
         )
     report["ignored_quantizers"] = len(ignored)
     label = rounding.pop() if len(rounding) == 1 else ("mixed" if rounding else "none")
@@ -249,25 +252,54 @@ def import_qdiffusion(
     model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
     model = load_unet(model_cfg, checkpoint, trust=trust)
     state = qdiffusion_state(read_checkpoint(checkpoint, trust=trust), str(checkpoint))
-    imported = read_qdiffusion(state, model, options.weight_bits, None if options.modulate else options.act_bits,
-                               str(checkpoint))
+    imported = read_qdiffusion(
+        state, model, options.weight_bits, None if options.modulate else options.act_bits, str(checkpoint)
+    )
     if options.split != bool(imported.splits):
-        log.info("split flag ignored: %s splits %d layer(s), read from its quantizer shapes",
-                 checkpoint, len(imported.splits))
+        log.info(
+            "split flag ignored: %s splits %d layer(s), read from its quantizer shapes",
+            checkpoint,
+            len(imported.splits),
+        )
     if options.modulate:
         options = dataclasses.replace(options, split=bool(imported.splits))
-        return calibrate(model_cfg, checkpoint, out, sampler or make_sampler(model_cfg), options,
-                         imported=imported, trust=trust, progress=progress)
+        return calibrate(
+            model_cfg,
+            checkpoint,
+            out,
+            sampler or make_sampler(model_cfg),
+            options,
+            imported=imported,
+            trust=trust,
+            progress=progress,
+        )
     if sampler is not None:
-        raise ConfigError("sampler settings only apply when calibrating (modulate=True); a plain Q-Diffusion "
-                          "import takes the file's own scales")
+        raise ConfigError(
+            "sampler settings only apply when calibrating (modulate=True); a plain Q-Diffusion "
+            "import takes the file's own scales"
+        )
     meta = base_meta(
-        model_cfg, checkpoint, kind="raw", modulate=False, first_step="fp", split=bool(imported.splits),
-        weight_bits=options.weight_bits, act_bits=options.act_bits, method="qdiffusion", weight_method="qdiffusion",
-        origin="qdiffusion", weights=imported.notes,
+        model_cfg,
+        checkpoint,
+        kind="raw",
+        modulate=False,
+        first_step="fp",
+        split=bool(imported.splits),
+        weight_bits=options.weight_bits,
+        act_bits=options.act_bits,
+        method="qdiffusion",
+        weight_method="qdiffusion",
+        origin="qdiffusion",
+        weights=imported.notes,
         act_scales="raw asymmetric Q-Diffusion scales: valid for plain mode (--no-modulate) only",
-        sampler=None, trajectories=None,
+        sampler=None,
+        trajectories=None,
     )
-    log.info("imported %d layers from %s (%s rounding, %d split)", len(imported.layers), checkpoint,
-             imported.notes["rounding"], len(imported.splits))
+    log.info(
+        "imported %d layers from %s (%s rounding, %d split)",
+        len(imported.layers),
+        checkpoint,
+        imported.notes["rounding"],
+        len(imported.splits),
+    )
     return save_calibration(out, imported.layers, meta)

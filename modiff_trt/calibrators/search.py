@@ -41,8 +41,9 @@ def check_method(method: str, allowed: tuple[str, ...] = METHODS) -> str:
     return method
 
 
-def _mse_loss(x: torch.Tensor, scale: torch.Tensor, bits: int, dim: int | None = None,
-              fmt: str = "int") -> torch.Tensor:
+def _mse_loss(
+    x: torch.Tensor, scale: torch.Tensor, bits: int, dim: int | None = None, fmt: str = "int"
+) -> torch.Tensor:
     fq = fake_quantize(x, scale, bits) if fmt == "int" else fake_quantize_fp8(x, scale)
     err = (x - fq).abs().pow(MSE_POWER)
     return err.mean() if dim is None else err.mean(dim=dim)
@@ -66,7 +67,11 @@ def mse_scale(values: torch.Tensor, absmax: float, bits: int, fmt: str = "int") 
 
 
 def activation_scale(
-    values: torch.Tensor, absmax: float, bits: int, method: str, percentile: float = DEFAULT_PERCENTILE,
+    values: torch.Tensor,
+    absmax: float,
+    bits: int,
+    method: str,
+    percentile: float = DEFAULT_PERCENTILE,
     fmt: str = "int",
 ) -> float:
     """One symmetric activation scale of format `fmt` from a value subsample and the exact absmax
@@ -86,8 +91,10 @@ def activation_scale(
 def check_format_method(fmt: str, method: str) -> None:
     """NVFP4 has no MSE search (see the module docstring): refuse it before trajectories are sampled."""
     if fmt == "nvfp4" and method == "mse":
-        raise ConfigError("--method mse cannot search NVFP4 scales (its block scales are set per tensor at run "
-                          "time): use --method minmax or percentile for --act-format nvfp4")
+        raise ConfigError(
+            "--method mse cannot search NVFP4 scales (its block scales are set per tensor at run "
+            "time): use --method minmax or percentile for --act-format nvfp4"
+        )
 
 
 def mse_weight(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

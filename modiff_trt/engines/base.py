@@ -24,7 +24,5 @@ class UNetRunner(Protocol):
     def reset_state(self) -> None:
         """Forget the MoDiff state: the next call is a warm-up step."""
 
-    def __call__(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise for `x` at timesteps `t` (shape [B], float32)."""

@@ -60,8 +60,12 @@ def trajectory(
 ) -> list[tuple[int, torch.Tensor]]:
     """(t, x) after every sampler step (x float32, CPU), from `noise` (images 0..n-1)."""
     steps: list[tuple[int, torch.Tensor]] = []
-    sampler.trajectory(runner, noise.to(getattr(runner, "device", "cpu")), conditioning=conditioning,
-                       callback=lambda step, t, x: steps.append((t, x.float().cpu().clone())))
+    sampler.trajectory(
+        runner,
+        noise.to(getattr(runner, "device", "cpu")),
+        conditioning=conditioning,
+        callback=lambda step, t, x: steps.append((t, x.float().cpu().clone())),
+    )
     return steps
 
 

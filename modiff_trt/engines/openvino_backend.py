@@ -72,8 +72,10 @@ def unsupported(manifest: Manifest) -> str | None:
     formats = sorted({layer.act_format for layer in manifest.layers if layer.act_format not in (None, "int")})
     if not formats:
         return None
-    return (f"quantizes layers to {'/'.join(f.upper() for f in formats)}, which OpenVINO's CPU plugin cannot run "
-            "(no FP8 kernels, no NVFP4 op): use --backend ort (NVFP4: an export with --target ort-cpu)")
+    return (
+        f"quantizes layers to {'/'.join(f.upper() for f in formats)}, which OpenVINO's CPU plugin cannot run "
+        "(no FP8 kernels, no NVFP4 op): use --backend ort (NVFP4: an export with --target ort-cpu)"
+    )
 
 
 def read_graph(path: str | Path, batch: int) -> ov.Model:
@@ -87,8 +89,13 @@ def read_graph(path: str | Path, batch: int) -> ov.Model:
         model = ov.Core().read_model(str(path))
     except RuntimeError as exc:
         raise ArtifactError(f"OpenVINO cannot read {path}: {exc}") from exc
-    model.reshape({port.get_any_name(): [batch, *list(port.get_partial_shape())[1:]] for port in model.inputs
-                   if not port.get_names() & naming.UNBATCHED})
+    model.reshape(
+        {
+            port.get_any_name(): [batch, *list(port.get_partial_shape())[1:]]
+            for port in model.inputs
+            if not port.get_names() & naming.UNBATCHED
+        }
+    )
     return model
 
 
@@ -214,6 +221,12 @@ class OpenVinoRunner(StatefulRunner):
             arrays[name] = np.ascontiguousarray(feeds[name].detach().cpu().numpy().astype(dtype, copy=False))
         request.infer(arrays, share_inputs=True)
         if arrangement.graph == "warmup":
-            seed_state(requests["step"], {_state_name(port.get_names(), "out"): request.get_tensor(port)
-                                          for port in request.model_outputs if naming.EPS not in port.get_names()})
+            seed_state(
+                requests["step"],
+                {
+                    _state_name(port.get_names(), "out"): request.get_tensor(port)
+                    for port in request.model_outputs
+                    if naming.EPS not in port.get_names()
+                },
+            )
         return torch.from_numpy(request.get_tensor(naming.EPS).data.copy())

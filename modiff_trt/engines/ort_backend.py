@@ -53,8 +53,13 @@ def _providers(provider: str, export_dir: Path) -> tuple[list, torch.device]:
     index = torch.cuda.current_device()  # cuda:LOCAL_RANK in a distributed run (torch.cuda.set_device)
     providers: list = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
     if provider == "tensorrt":
-        options = {"device_id": index, "trt_int8_enable": True, "trt_fp16_enable": True,
-                   "trt_engine_cache_enable": True, "trt_engine_cache_path": str(export_dir / "ort-trt-cache")}
+        options = {
+            "device_id": index,
+            "trt_int8_enable": True,
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(export_dir / "ort-trt-cache"),
+        }
         providers.insert(0, ("TensorrtExecutionProvider", options))
     return providers, torch.device("cuda", index)
 
@@ -133,8 +138,10 @@ class OrtRunner(StatefulRunner):
         batch = x.shape[0]
         binding = self.sessions[arrangement.graph].io_binding()
         # IO binding keeps raw pointers only: `feeds` keeps the converted inputs alive until the run.
-        feeds = {naming.X: x.to(self.device, self.float_dtype).contiguous(),
-                 naming.T: t.to(self.device, torch.float32).contiguous()}
+        feeds = {
+            naming.X: x.to(self.device, self.float_dtype).contiguous(),
+            naming.T: t.to(self.device, torch.float32).contiguous(),
+        }
         if context is not None:
             feeds[naming.CONTEXT] = context.to(self.device, self.float_dtype).contiguous()
         for name, tensor in feeds.items():

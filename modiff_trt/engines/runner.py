@@ -86,8 +86,9 @@ class InputContract:
         inputs = {spec.name: spec for spec in next(iter(manifest.graphs.values())).inputs}
         if X not in inputs:
             raise ModiffError("the export's graphs have no `x` input: re-run `modiff-trt export`")
-        return cls(_per_sample(inputs[X]), _per_sample(inputs[CONTEXT]) if CONTEXT in inputs else None,
-                   manifest.batch_size)
+        return cls(
+            _per_sample(inputs[X]), _per_sample(inputs[CONTEXT]) if CONTEXT in inputs else None, manifest.batch_size
+        )
 
     def check(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, source: str) -> None:
         """One clear error for the first input that does not fit `source`'s graphs."""
@@ -147,7 +148,8 @@ class StatefulRunner(ABC):
         self.source = str(self.export_dir)
         # Step groups: the `step_scale_ratio` buffer the step graph reads, refilled per call below.
         self.step_scales = StepScaleInput.from_manifest(
-            manifest, self.device, torch_dtype(manifest.export.float_dtype), self.source)
+            manifest, self.device, torch_dtype(manifest.export.float_dtype), self.source
+        )
         self.step_groups = None if self.step_scales is None else self.step_scales.groups  # read by the samplers
 
     def reset_state(self) -> None:

@@ -30,8 +30,9 @@ class StepScaleInput:
         self._group: int | None = None
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, device: torch.device, dtype: torch.dtype,
-                      source: str) -> StepScaleInput | None:
+    def from_manifest(
+        cls, manifest: Manifest, device: torch.device, dtype: torch.dtype, source: str
+    ) -> StepScaleInput | None:
         """None for exports without step groups (their step graph has no ratio input)."""
         return None if manifest.step_groups is None else cls(manifest, device, dtype, source)
 

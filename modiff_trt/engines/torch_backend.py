@@ -13,8 +13,12 @@ from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant import QuantConfig, QuantUNet, ScaleSet, quantize_unet
 
 
-def load_scales(calibration: str | Path | None, model_cfg: ModelConfig, checkpoint: str | Path | None,
-                quant: QuantConfig | None = None) -> ScaleSet | None:
+def load_scales(
+    calibration: str | Path | None,
+    model_cfg: ModelConfig,
+    checkpoint: str | Path | None,
+    quant: QuantConfig | None = None,
+) -> ScaleSet | None:
     """A calibration file's scales, checked against the config, checkpoint and settings they belong to."""
     if calibration is None:
         return None
@@ -60,5 +64,6 @@ def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
                 f"the export's {label} {path} is gone: the torch backend rebuilds the reference from it; "
                 "restore the file or use --backend ort"
             )
-    return load_reference(manifest.model.config, checkpoint, manifest.quant, calibration, trust,
-                          ema=manifest.model.ema).qmodel
+    return load_reference(
+        manifest.model.config, checkpoint, manifest.quant, calibration, trust, ema=manifest.model.ema
+    ).qmodel

@@ -80,9 +80,7 @@ def resolve_batch_range(
     opt_b = opt_batch if opt_batch is not None else max_b
     min_b = min_batch if min_batch is not None else 1
     if not 1 <= min_b <= opt_b <= max_b:
-        raise ConfigError(
-            f"batch range must satisfy 1 <= min <= opt <= max, got min {min_b}, opt {opt_b}, max {max_b}"
-        )
+        raise ConfigError(f"batch range must satisfy 1 <= min <= opt <= max, got min {min_b}, opt {opt_b}, max {max_b}")
     return BatchRange(min_b, opt_b, max_b)
 
 
@@ -191,21 +189,35 @@ def build_engines(
             manifest.export.float_dtype,
         )
     shapes = {
-        key: profile_shapes(graph, batch, source=str(export_dir / graph.file))
-        for key, graph in manifest.graphs.items()
+        key: profile_shapes(graph, batch, source=str(export_dir / graph.file)) for key, graph in manifest.graphs.items()
     }
     trt = import_tensorrt()
     index = cuda_index(device)
     gpu_name, capability = cuda_device_info(index)
-    options = _BuildOptions(workspace_gb, opt_level, Path(timing_cache) if timing_cache else None, version_compatible,
-                            tf32, detailed_profile)
+    options = _BuildOptions(
+        workspace_gb,
+        opt_level,
+        Path(timing_cache) if timing_cache else None,
+        version_compatible,
+        tf32,
+        detailed_profile,
+    )
     logger = trt.Logger(trt.Logger.WARNING)
     cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
     plans = []
     with torch.cuda.device(index):
         for key, graph in manifest.graphs.items():
             plan, cache_bytes = _build_one(
-                trt, logger, export_dir, key, graph, shapes[key], options, cache_bytes, gpu_name, capability,
+                trt,
+                logger,
+                export_dir,
+                key,
+                graph,
+                shapes[key],
+                options,
+                cache_bytes,
+                gpu_name,
+                capability,
                 manifest_sha256,
             )
             plans.append(plan)
@@ -322,8 +334,11 @@ def _attach_timing_cache(config: Any, cache_bytes: bytes, source: Path | None) -
     if config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False):
         return
     if cache_bytes:
-        log.warning("TensorRT refused the timing cache %s (made on another GPU or TensorRT release?): building "
-                    "with a fresh cache, which will replace it", source)
+        log.warning(
+            "TensorRT refused the timing cache %s (made on another GPU or TensorRT release?): building "
+            "with a fresh cache, which will replace it",
+            source,
+        )
         if config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
             return
     log.warning("TensorRT refused a timing cache: building without one")

@@ -61,8 +61,9 @@ def cuda_index(device: str | int | None = None) -> int:
     index = torch.cuda.current_device() if index is None else index
     count = torch.cuda.device_count()
     if not 0 <= index < count:
-        raise ModiffError(f"CUDA device {index} does not exist (this machine has {count}): "
-                          f"use --device cuda:0..{count - 1}")
+        raise ModiffError(
+            f"CUDA device {index} does not exist (this machine has {count}): use --device cuda:0..{count - 1}"
+        )
     return index
 
 

@@ -171,8 +171,15 @@ class TensorRTRunner(StatefulRunner):
         if not plan.is_file():
             raise ArtifactError(f"{plan} not found: build the engines with `modiff-trt build {self.export_dir}`")
         sidecar = read_sidecar(sidecar_path(plan))
-        check_sidecar(sidecar, str(self.trt.__version__), gpu_name, capability, onnx_sha256, source=str(plan),
-                      manifest_sha256=manifest_sha256)
+        check_sidecar(
+            sidecar,
+            str(self.trt.__version__),
+            gpu_name,
+            capability,
+            onnx_sha256,
+            source=str(plan),
+            manifest_sha256=manifest_sha256,
+        )
         if sidecar.version_compatible:
             # Version-compatible plans embed a lean runtime that TensorRT must be allowed to load.
             self._runtime.engine_host_code_allowed = True
@@ -221,8 +228,12 @@ class TensorRTRunner(StatefulRunner):
             replay = self.launcher.capture(launch)
             if replay is None:
                 bound.eager.add(key)
-                log.warning("CUDA graph capture failed for %s at batch %d: the engine enqueues work that "
-                            "cannot be captured; that arrangement runs without a CUDA graph", key, bound.batch)
+                log.warning(
+                    "CUDA graph capture failed for %s at batch %d: the engine enqueues work that "
+                    "cannot be captured; that arrangement runs without a CUDA graph",
+                    key,
+                    bound.batch,
+                )
             else:
                 bound.graphs[key] = replay
                 log.debug("captured a CUDA graph for %s at batch %d", key, bound.batch)
@@ -266,13 +277,18 @@ class TensorRTRunner(StatefulRunner):
         engine = self.engines[arrangement.graph]
         context = engine.create_execution_context()
         if context is None:
-            raise ModiffError(f"TensorRT could not create an execution context for {arrangement.name} "
-                              "(out of GPU memory?): use a smaller batch")
+            raise ModiffError(
+                f"TensorRT could not create an execution context for {arrangement.name} "
+                "(out of GPU memory?): use a smaller batch"
+            )
         state_in = bound.state.inputs(arrangement.read) if arrangement.read is not None else {}
         state_out = bound.state.outputs(arrangement.write) if arrangement.write is not None else {}
         # Step groups: the step graph also reads the one `step_scale_ratio` buffer (any batch, refilled per call).
-        ratios = {self.step_scales.name: self.step_scales.buffer} if (
-            self.step_scales is not None and arrangement.graph == "step") else {}
+        ratios = (
+            {self.step_scales.name: self.step_scales.buffer}
+            if (self.step_scales is not None and arrangement.graph == "step")
+            else {}
+        )
         tensors = {"input": {**bound.inputs, **state_in, **ratios}, "output": {EPS: bound.eps, **state_out}}
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         for name in names:
@@ -297,8 +313,10 @@ class TensorRTRunner(StatefulRunner):
                 raise ModiffError(f"TensorRT rejected the buffer address of {name} for {arrangement.name}")
         unbound = sorted(set(tensors["input"]) - set(names))
         if unbound:
-            raise ArtifactError(f"the {arrangement.graph} plan lacks inputs {unbound[:5]} that the manifest lists: "
-                                "rebuild with `modiff-trt build`")
+            raise ArtifactError(
+                f"the {arrangement.graph} plan lacks inputs {unbound[:5]} that the manifest lists: "
+                "rebuild with `modiff-trt build`"
+            )
         for name in names:
             if engine.get_tensor_mode(name) != trt.TensorIOMode.INPUT:
                 got = tuple(context.get_tensor_shape(name))

@@ -232,8 +232,9 @@ _NON_FINITE = re.compile(r"([:\[,]\s*)(-?)(nan|inf)\b", re.IGNORECASE)
 def _bare_non_finite(text: str) -> str:
     """trtexec writes C's `nan`/`-nan`/`inf` into --exportProfile JSON (a layer too fast to time):
     turn them into the NaN/Infinity tokens Python's json reads."""
-    return _NON_FINITE.sub(lambda m: m.group(1) + ("NaN" if m.group(3).lower() == "nan" else m.group(2) + "Infinity"),
-                           text)
+    return _NON_FINITE.sub(
+        lambda m: m.group(1) + ("NaN" if m.group(3).lower() == "nan" else m.group(2) + "Infinity"), text
+    )
 
 
 def _finite(value: Any) -> float | None:
@@ -297,8 +298,10 @@ def warmup_state(export_dir: str | Path, manifest: Manifest, batch: int) -> dict
 
     runner = OrtRunner(export_dir, manifest=manifest, provider="cpu")
     rng = np.random.default_rng(0)
-    values = {X: torch.from_numpy(rng.standard_normal((batch, *runner.inputs.sample_shape)).astype(np.float32)),
-              T: torch.full((batch,), 500.0)}
+    values = {
+        X: torch.from_numpy(rng.standard_normal((batch, *runner.inputs.sample_shape)).astype(np.float32)),
+        T: torch.full((batch,), 500.0),
+    }
     if runner.inputs.context_shape is not None:
         values[CONTEXT] = torch.zeros(batch, *runner.inputs.context_shape)
     runner(values[X], values[T], values.get(CONTEXT))
@@ -417,8 +420,11 @@ def profile_engine(
     side = sidecar_path(plan)
     sidecar = read_sidecar(side) if side.is_file() else None
     if per_layer and sidecar is not None and sidecar.builder.get("profiling_verbosity") != "detailed":
-        log.warning("%s was built without --detailed-profile: per-layer times name fused layers only, without "
-                    "their parameters; rebuild with `modiff-trt build --detailed-profile` for the full detail", plan)
+        log.warning(
+            "%s was built without --detailed-profile: per-layer times name fused layers only, without "
+            "their parameters; rebuild with `modiff-trt build --detailed-profile` for the full detail",
+            plan,
+        )
 
     work = export_dir / "profile"
     stem = f"{key}-b{batch}"

@@ -97,20 +97,22 @@ def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]
     table = []
     for name, layer in qmodel.layers.items():
         s = layer.scales
-        table.append(LayerSpec(
-            name=name,
-            kind=layer.kind,
-            weight_bits=layer.config.weight_bits or 0,
-            act_bits=layer.act_bits or 0,
-            act_scale=None if s.act is None else [float(v) for v in s.act],
-            warmup_act_scale=None if s.warmup is None else [float(v) for v in s.warmup],
-            a_hat_shape=shapes[name][0],
-            o_hat_shape=shapes[name][1],
-            act_zero_point=None if s.act_zero_point is None else [float(v) for v in s.act_zero_point],
-            constant_input=s.constant_input,
-            act_format=layer.format.format,
-            format_note=layer.format.note,
-        ))
+        table.append(
+            LayerSpec(
+                name=name,
+                kind=layer.kind,
+                weight_bits=layer.config.weight_bits or 0,
+                act_bits=layer.act_bits or 0,
+                act_scale=None if s.act is None else [float(v) for v in s.act],
+                warmup_act_scale=None if s.warmup is None else [float(v) for v in s.warmup],
+                a_hat_shape=shapes[name][0],
+                o_hat_shape=shapes[name][1],
+                act_zero_point=None if s.act_zero_point is None else [float(v) for v in s.act_zero_point],
+                constant_input=s.constant_input,
+                act_format=layer.format.format,
+                format_note=layer.format.note,
+            )
+        )
     return table
 
 
@@ -127,7 +129,9 @@ def check_exportable(config: QuantConfig) -> None:
             "pass --calibration FILE from `modiff-trt calibrate`, or --act-bits 0 for weight-only"
         )
     if not config.act_symmetric:
-        raise ConfigError("TensorRT needs symmetric activation quantization (zero point 0): drop asymmetric activations")
+        raise ConfigError(
+            "TensorRT needs symmetric activation quantization (zero point 0): drop asymmetric activations"
+        )
 
 
 def export_model(
@@ -169,8 +173,9 @@ def export_model(
     if not 17 <= opset <= 20:
         raise ConfigError(f"opset {opset} is outside 17..20, the range TensorRT 10 and onnxruntime both parse")
     if float_formats and opset < FLOAT_FORMAT_OPSET:
-        raise ConfigError(f"{'/'.join(float_formats)} activations need FP8 Q/DQ, opset >= {FLOAT_FORMAT_OPSET} "
-                          f"(got --opset {opset})")
+        raise ConfigError(
+            f"{'/'.join(float_formats)} activations need FP8 Q/DQ, opset >= {FLOAT_FORMAT_OPSET} (got --opset {opset})"
+        )
     started = time.perf_counter()
     sample_shape = tuple(model_cfg.sample_shape)
     context_shape = model_cfg.context_shape
@@ -188,13 +193,18 @@ def export_model(
     out = Path(out)
     with atomic_directory(out, check_replaceable_export) as tmp:
         for kind in kinds:
-            graph = insert_quantization(float_graph, qmodel, sites, kind, shapes, float_dtype, config.state_dtype,
-                                        KERNELS[target])
+            graph = insert_quantization(
+                float_graph, qmodel, sites, kind, shapes, float_dtype, config.state_dtype, KERNELS[target]
+            )
             file = "unet.onnx" if kind == "plain" else f"{kind}.onnx"
             _save_graph(graph, tmp / file)
             key = "unet" if kind == "plain" else kind
-            graphs[key] = GraphSpec(file, sha256_graph(tmp / file), tensor_specs(list(graph.graph.input)),
-                                    tensor_specs(list(graph.graph.output)))
+            graphs[key] = GraphSpec(
+                file,
+                sha256_graph(tmp / file),
+                tensor_specs(list(graph.graph.input)),
+                tensor_specs(list(graph.graph.output)),
+            )
             log.info("wrote %s (%d nodes)", file, len(graph.graph.node))
         config_file = Path(model_cfg.source)
         manifest = Manifest(
@@ -223,13 +233,16 @@ def export_model(
             ),
             graphs=graphs,
             layers=_layer_table(qmodel, shapes),
-            calibration=None if calibration is None else {
+            calibration=None
+            if calibration is None
+            else {
                 "path": str(Path(calibration).resolve()),
                 "sha256": sha256_file(calibration),
             },
             tool_version=__version__,
-            step_groups=None if qmodel.step_groups is None else {
-                **qmodel.step_groups.to_dict(), "ratios": step_ratio_table(qmodel)},
+            step_groups=None
+            if qmodel.step_groups is None
+            else {**qmodel.step_groups.to_dict(), "ratios": step_ratio_table(qmodel)},
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         issues = lint_export(tmp)
@@ -242,8 +255,11 @@ def export_model(
             )
     floored = manifest.export.floored_scales
     if floored:
-        log.warning("%d scale(s) raised to fp16's smallest normal %.3g (recorded in the manifest): %s",
-                    len(floored), scale_floor(float_dtype), ", ".join(floored[:5]))
+        log.warning(
+            "%d scale(s) raised to fp16's smallest normal %.3g (recorded in the manifest): %s",
+            len(floored),
+            scale_floor(float_dtype),
+            ", ".join(floored[:5]),
+        )
     log.info("export written to %s in %.1f s", out, time.perf_counter() - started)
     return manifest
-

@@ -50,14 +50,31 @@ def nvfp4_trt(em, x: str, tensor_scale: float) -> str:
     """TensorRT's NVFP4 dynamic block quantization of x (channels last); the result is in the graph's float type."""
     g = em.const("nvfp4_tensor_scale", np.array(tensor_scale, dtype=np.float32))
     x_f4, b_f8 = em.fresh("x_fp4"), em.fresh("block_scale_fp8")
-    em.nodes.append(helper.make_node(
-        TRT_FP4_QUANTIZE, [x, g], [x_f4, b_f8], name=em.fresh(TRT_FP4_QUANTIZE), domain=TRT_DOMAIN,
-        axis=-1, block_size=NVFP4_BLOCK, scale_type=TensorProto.FLOAT8E4M3FN,
-    ))
+    em.nodes.append(
+        helper.make_node(
+            TRT_FP4_QUANTIZE,
+            [x, g],
+            [x_f4, b_f8],
+            name=em.fresh(TRT_FP4_QUANTIZE),
+            domain=TRT_DOMAIN,
+            axis=-1,
+            block_size=NVFP4_BLOCK,
+            scale_type=TensorProto.FLOAT8E4M3FN,
+        )
+    )
     block_scale = em.op("DequantizeLinear", [b_f8, g, fp8_zero_point(em)])
     xq = em.fresh("x_nvfp4")
-    em.nodes.append(helper.make_node("DequantizeLinear", [x_f4, block_scale], [xq], name=em.fresh("DequantizeLinear"),
-                                     domain=TRT_DOMAIN, axis=-1, block_size=NVFP4_BLOCK))
+    em.nodes.append(
+        helper.make_node(
+            "DequantizeLinear",
+            [x_f4, block_scale],
+            [xq],
+            name=em.fresh("DequantizeLinear"),
+            domain=TRT_DOMAIN,
+            axis=-1,
+            block_size=NVFP4_BLOCK,
+        )
+    )
     if em.float_dtype != np.float32:  # the DQs return fp32, the scale's type; fp16 graphs cast back
         xq = em.op("Cast", [xq], to=helper.np_dtype_to_tensor_dtype(em.float_dtype))
     return xq
@@ -73,9 +90,21 @@ def nvfp4_emulated(em, x: str, tensor_scale: float) -> str:
     live = em.op("Greater", [scale, em.float_const("zero", 0.0)])
     y = em.op("Div", [blocks, em.op("Where", [live, scale, em.float_const("one", 1.0)])])
     a = em.op("Abs", [y])
-    step = em.op("Where", [em.op("Less", [a, em.float_const("two", 2.0)]), em.float_const("half", 0.5),
-                           em.op("Where", [em.op("Less", [a, em.float_const("four", 4.0)]), em.float_const("one", 1.0),
-                                           em.float_const("two", 2.0)])])
+    step = em.op(
+        "Where",
+        [
+            em.op("Less", [a, em.float_const("two", 2.0)]),
+            em.float_const("half", 0.5),
+            em.op(
+                "Where",
+                [
+                    em.op("Less", [a, em.float_const("four", 4.0)]),
+                    em.float_const("one", 1.0),
+                    em.float_const("two", 2.0),
+                ],
+            ),
+        ],
+    )
     q = em.op("Mul", [em.op("Round", [em.op("Div", [y, step])]), step])
     q = em.op("Clip", [q, em.float_const("lo", -FP4_MAX), em.float_const("hi", FP4_MAX)])
     return em.op("Reshape", [em.op("Mul", [q, scale]), em.op("Shape", [x])])

@@ -68,8 +68,11 @@ def convert_to_fp16(
     out.CopyFrom(model)
     graph = out.graph
     inferred = onnx.shape_inference.infer_shapes(_weightless(model)).graph
-    float_tensors = {v.name for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
-                     if v.type.tensor_type.elem_type == FP32}
+    float_tensors = {
+        v.name
+        for v in list(inferred.value_info) + list(inferred.input) + list(inferred.output)
+        if v.type.tensor_type.elem_type == FP32
+    }
     region = _fp32_region(graph, stop_nodes)
     region_outputs = {o for i in region for o in graph.node[i].output}
     initializers = {init.name: init for init in graph.initializer}

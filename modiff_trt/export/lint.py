@@ -40,8 +40,18 @@ from modiff_trt.export.manifest import load_manifest
 from modiff_trt.export.qdq import FP16_MIN_NORMAL
 from modiff_trt.quant.formats import NVFP4_BLOCK, conv_fp8_blocker
 
-FORBIDDEN = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
-             "QLinearAdd", "QLinearMul", "QLinearConcat", "MatMulIntegerToFloat", "QGemm"}
+FORBIDDEN = {
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+    "DynamicQuantizeLinear",
+    "QLinearAdd",
+    "QLinearMul",
+    "QLinearConcat",
+    "MatMulIntegerToFloat",
+    "QGemm",
+}
 OPSET_RANGE = (17, 20)
 MAX_IR = 10
 PASS_THROUGH = {"Transpose", "Reshape", "Identity", "Cast"}
@@ -88,8 +98,11 @@ def _inferred_shapes(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     except Exception:  # noqa: BLE001 - a graph that cannot be inferred is linted without shapes
         return {}
     values = [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
-    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values
-            if v.type.tensor_type.HasField("shape")}
+    return {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in values
+        if v.type.tensor_type.HasField("shape")
+    }
 
 
 def _is_fp8(array: np.ndarray) -> bool:
@@ -104,7 +117,9 @@ def _check_qdq(g: _Graph, node: onnx.NodeProto, name: str, opset: int, target: s
     issues = []
     label = node.name or node.output[0]
     if len(node.input) < 3 or not node.input[2]:
-        issues.append(LintIssue(name, "zero-point", label, "no zero point (defaults to uint8): give an int8 constant 0"))
+        issues.append(
+            LintIssue(name, "zero-point", label, "no zero point (defaults to uint8): give an int8 constant 0")
+        )
     elif node.input[2] not in g.consts:
         issues.append(LintIssue(name, "zero-point", label, "zero point is computed, not a constant"))
     else:
@@ -113,31 +128,48 @@ def _check_qdq(g: _Graph, node: onnx.NodeProto, name: str, opset: int, target: s
             pass  # symmetric int8 grid shifted onto uint8 for ONNX Runtime's u8 kernels
         elif _is_fp8(zp):
             if opset < FP8_OPSET:
-                issues.append(LintIssue(name, "opset", label, f"FP8 Q/DQ need opset >= {FP8_OPSET} (graph has {opset})"))
+                issues.append(
+                    LintIssue(name, "opset", label, f"FP8 Q/DQ need opset >= {FP8_OPSET} (graph has {opset})")
+                )
             if np.any(zp.astype(np.float32) != 0):
                 issues.append(LintIssue(name, "zero-point", label, "non-zero FP8 zero point: TensorRT needs 0"))
         elif zp.dtype != np.int8:
-            issues.append(LintIssue(name, "zero-point", label, f"zero point is {zp.dtype}, TensorRT needs int8 or FP8 E4M3"))
+            issues.append(
+                LintIssue(name, "zero-point", label, f"zero point is {zp.dtype}, TensorRT needs int8 or FP8 E4M3")
+            )
         elif np.any(zp != 0):
             issues.append(LintIssue(name, "zero-point", label, "non-zero zero point: TensorRT needs symmetric Q/DQ"))
     scale = g.consts.get(node.input[1])
     if scale is None:
-        issues.append(LintIssue(name, "scale", label, "scale is computed at run time: TensorRT needs a build-time constant"))
+        issues.append(
+            LintIssue(name, "scale", label, "scale is computed at run time: TensorRT needs a build-time constant")
+        )
         return issues
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
         issues.append(LintIssue(name, "scale", label, "scale must be finite and > 0"))
     elif scale.dtype == np.float16 and np.any(scale < FP16_MIN_NORMAL):
-        issues.append(LintIssue(name, "scale", label, f"fp16 scale {float(scale.min()):.3g} is below fp16's smallest "
-                                f"normal {FP16_MIN_NORMAL:.3g} (subnormal): re-export, the exporter floors it"))
+        issues.append(
+            LintIssue(
+                name,
+                "scale",
+                label,
+                f"fp16 scale {float(scale.min()):.3g} is below fp16's smallest "
+                f"normal {FP16_MIN_NORMAL:.3g} (subnormal): re-export, the exporter floors it",
+            )
+        )
     if scale.dtype == np.float16 and opset < 19:
         issues.append(LintIssue(name, "opset", label, f"fp16 Q/DQ scales need opset >= 19 (graph has {opset})"))
     if scale.size > 1:
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
         on_weight = node.op_type == "DequantizeLinear" and node.input[0] in g.consts
         if not on_weight:
-            issues.append(LintIssue(name, "scale", label, "per-channel scale on an activation: activations need a scalar scale"))
+            issues.append(
+                LintIssue(name, "scale", label, "per-channel scale on an activation: activations need a scalar scale")
+            )
         elif axis != 0 or scale.ndim != 1:
-            issues.append(LintIssue(name, "scale", label, f"per-channel weight scale must be 1-D on axis 0 (axis={axis})"))
+            issues.append(
+                LintIssue(name, "scale", label, f"per-channel weight scale must be 1-D on axis 0 (axis={axis})")
+            )
     return issues
 
 
@@ -156,7 +188,9 @@ def lint_graph(model: onnx.ModelProto, name: str = "graph", target: str = "trt")
             issues.append(LintIssue(name, "forbidden-op", label, f"{node.op_type} is not allowed in a TensorRT graph"))
         if node.domain == TRT_DOMAIN:
             if target != "trt":
-                issues.append(LintIssue(name, "forbidden-op", label, f"TensorRT's {node.op_type} cannot run on ONNX Runtime"))
+                issues.append(
+                    LintIssue(name, "forbidden-op", label, f"TensorRT's {node.op_type} cannot run on ONNX Runtime")
+                )
             if node.op_type == TRT_FP4_QUANTIZE:
                 issues.extend(_check_nvfp4(g, node, name))
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear"):
@@ -167,7 +201,9 @@ def lint_graph(model: onnx.ModelProto, name: str = "graph", target: str = "trt")
             fed = [(src := g.source(i)) is not None and src.op_type == "DequantizeLinear" for i in node.input[:2]]
             if any(fed) and not all(fed):
                 which = "activation" if not fed[0] else "weight"
-                issues.append(LintIssue(name, "qdq-inputs", label, f"quantized {node.op_type} without Q/DQ on its {which} input"))
+                issues.append(
+                    LintIssue(name, "qdq-inputs", label, f"quantized {node.op_type} without Q/DQ on its {which} input")
+                )
     issues.extend(_state_pairs(model, name))
     return issues
 
@@ -179,8 +215,14 @@ def _attr(node: onnx.NodeProto, key: str, default=None):
 def _fp8_dq(g: _Graph, tensor: str) -> bool:
     """Whether `tensor` comes (through layout ops) from a DequantizeLinear of FP8 codes."""
     src = g.source(tensor)
-    return (src is not None and src.op_type == "DequantizeLinear" and src.domain != TRT_DOMAIN and len(src.input) > 2
-            and src.input[2] in g.consts and _is_fp8(g.consts[src.input[2]]))
+    return (
+        src is not None
+        and src.op_type == "DequantizeLinear"
+        and src.domain != TRT_DOMAIN
+        and len(src.input) > 2
+        and src.input[2] in g.consts
+        and _is_fp8(g.consts[src.input[2]])
+    )
 
 
 def _conv_weight_shape(g: _Graph, tensor: str) -> tuple[int, ...] | None:
@@ -243,23 +285,33 @@ def _check_nvfp4(g: _Graph, node: onnx.NodeProto, name: str) -> list[LintIssue]:
             if not isinstance(extent, int) or extent <= 0 or extent % NVFP4_BLOCK:
                 issues.append(issue(f"blocked dim {extent!r} must be a static multiple of {NVFP4_BLOCK}"))
     block_dq = [c for c in g.consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
-    scale_dq = [c for c in g.consumers.get(node.output[1], []) if c.op_type == "DequantizeLinear"] \
-        if len(node.output) > 1 else []
+    scale_dq = (
+        [c for c in g.consumers.get(node.output[1], []) if c.op_type == "DequantizeLinear"]
+        if len(node.output) > 1
+        else []
+    )
     if len(block_dq) != 1 or len(scale_dq) != 1 or block_dq[0].input[1] != scale_dq[0].output[0]:
-        issues.append(issue("outputs must feed DQ(x_fp4, DQ(block_scales, tensor_scale)), TensorRT's double quantization"))
+        issues.append(
+            issue("outputs must feed DQ(x_fp4, DQ(block_scales, tensor_scale)), TensorRT's double quantization")
+        )
         return issues
     if _attr(block_dq[0], "block_size") != NVFP4_BLOCK or _attr(block_dq[0], "axis", 1) != axis:
         issues.append(issue("the FP4 DequantizeLinear must block like the quantizer (block_size 16, same axis)"))
     users = _consumer_ops(g, block_dq[0].output[0]) & {"MatMul", "Gemm", "Conv", "ConvTranspose"}
     if users != {"MatMul"} and users != {"Gemm"}:  # element-wise readers (MoDiff's a_hat Add) are fine
-        issues.append(issue(f"dequantized NVFP4 feeds {sorted(users) or 'no GEMM'}: "
-                            "TensorRT runs NVFP4 activations only into GEMMs"))
+        issues.append(
+            issue(
+                f"dequantized NVFP4 feeds {sorted(users) or 'no GEMM'}: TensorRT runs NVFP4 activations only into GEMMs"
+            )
+        )
     return issues
 
 
 def _io(values) -> dict[str, tuple[int, list]]:
-    return {v.name: (v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-            for v in values}
+    return {
+        v.name: (v.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
+        for v in values
+    }
 
 
 def _state_pairs(model: onnx.ModelProto, name: str) -> list[LintIssue]:
@@ -271,7 +323,9 @@ def _state_pairs(model: onnx.ModelProto, name: str) -> list[LintIssue]:
             if out not in outputs:
                 issues.append(LintIssue(name, "state-pairs", tensor, f"state input without output {out}"))
             elif outputs[out] != spec:
-                issues.append(LintIssue(name, "state-pairs", tensor, f"{out} differs in dtype/shape ({outputs[out]} vs {spec})"))
+                issues.append(
+                    LintIssue(name, "state-pairs", tensor, f"{out} differs in dtype/shape ({outputs[out]} vs {spec})")
+                )
     return issues
 
 
@@ -285,7 +339,9 @@ def lint_export(export_dir: str | Path) -> list[LintIssue]:
         warm, step = _io(models["warmup"].graph.output), _io(models["step"].graph.output)
         step_inputs = {k for k in _io(models["step"].graph.input) if k.split(".", 1)[0] in ("a_hat_in", "o_hat_in")}
         if set(warm) != set(step):
-            issues.append(LintIssue("warmup", "state-pairs", "outputs", "warm-up and step graphs return different state"))
+            issues.append(
+                LintIssue("warmup", "state-pairs", "outputs", "warm-up and step graphs return different state")
+            )
         missing = {naming.output_for_input(i) for i in step_inputs} ^ {o for o in step if o != naming.EPS}
         if missing:
             issues.append(LintIssue("step", "state-pairs", "outputs", f"unpaired state tensors: {sorted(missing)[:5]}"))

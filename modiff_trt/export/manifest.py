@@ -258,8 +258,10 @@ def check_graph_io(manifest: Manifest, export_dir: Path, source: str) -> None:
     fix = "re-run `modiff-trt export` instead of editing the manifest"
     for key, graph in manifest.graphs.items():
         model = onnx.load(str(export_dir / graph.file), load_external_data=False)
-        for side, recorded, actual in (("inputs", graph.inputs, model.graph.input),
-                                       ("outputs", graph.outputs, model.graph.output)):
+        for side, recorded, actual in (
+            ("inputs", graph.inputs, model.graph.input),
+            ("outputs", graph.outputs, model.graph.output),
+        ):
             if recorded != tensor_specs(list(actual)):
                 raise ArtifactError(f"{source}: the {key} graph's {side} differ from what the manifest lists; {fix}")
         if manifest.modulated:
@@ -270,15 +272,21 @@ def check_graph_io(manifest: Manifest, export_dir: Path, source: str) -> None:
             if carried != listed:
                 o_hat = naming.state_output("o_hat", "")
                 layers = sum(name.startswith(o_hat) for name in carried)
-                raise ArtifactError(f"{source}: the {key} graph carries state for {layers} layers, the manifest "
-                                    f"lists {len(manifest.layers)}; {fix}")
+                raise ArtifactError(
+                    f"{source}: the {key} graph carries state for {layers} layers, the manifest "
+                    f"lists {len(manifest.layers)}; {fix}"
+                )
     quant = manifest.quant
     bits = (quant.weight_bits or 0, quant.act_bits or 0)
-    odd = [layer.name for layer in manifest.layers if (layer.weight_bits, layer.act_bits) != (
-        bits[0], grid_bits(layer.act_format, quant.act_format, bits[1]))]
+    odd = [
+        layer.name
+        for layer in manifest.layers
+        if (layer.weight_bits, layer.act_bits) != (bits[0], grid_bits(layer.act_format, quant.act_format, bits[1]))
+    ]
     if odd:
-        raise ArtifactError(f"{source}: layer {odd[0]} has other bits than the manifest's quant section "
-                            f"(w{bits[0]}a{bits[1]}); {fix}")
+        raise ArtifactError(
+            f"{source}: layer {odd[0]} has other bits than the manifest's quant section (w{bits[0]}a{bits[1]}); {fix}"
+        )
 
 
 def load_manifest(export_dir: str | Path, verify_files: bool = True) -> Manifest:
@@ -287,8 +295,7 @@ def load_manifest(export_dir: str | Path, verify_files: bool = True) -> Manifest
     path = export_dir / MANIFEST_NAME
     if not path.is_file():
         raise ArtifactError(
-            f"{path} not found: {export_dir} is not an export directory; create one with "
-            "`modiff-trt export --out DIR`"
+            f"{path} not found: {export_dir} is not an export directory; create one with `modiff-trt export --out DIR`"
         )
     try:
         data = json.loads(path.read_text())

@@ -23,7 +23,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from modiff_trt.export.qdq import ONNX_TYPE, ActGrid, Emitter, dequantized_op, op_attributes, quantize_codes, weight_codes
+from modiff_trt.export.qdq import (
+    ONNX_TYPE,
+    ActGrid,
+    Emitter,
+    dequantized_op,
+    op_attributes,
+    quantize_codes,
+    weight_codes,
+)
 from modiff_trt.export.sites import LayerSite
 from modiff_trt.quant import QuantLayer
 
@@ -35,8 +43,16 @@ def to_uint8(codes: np.ndarray) -> np.ndarray:
     return (codes.astype(np.int16) + 128).astype(np.uint8)
 
 
-def integer_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, grid: ActGrid,
-                   bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]:
+def integer_kernel(
+    em: Emitter,
+    site: LayerSite,
+    layer: QuantLayer,
+    x: str,
+    group: int,
+    grid: ActGrid,
+    bias: np.ndarray | None,
+    output: str | None = None,
+) -> tuple[str, str]:
     """One channel group on an integer kernel: (dequantized input for a_hat, float output).
 
     Conv -> ConvInteger with the node's own attributes; Gemm(transB)/MatMul -> MatMulInteger on

@@ -187,19 +187,45 @@ class GroupKernel(Protocol):
     every target; only how `Op(Q(x), Wq)` is computed differs, so targets plug in here.
     """
 
-    def __call__(self, em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, grid: ActGrid,
-                 bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]: ...
+    def __call__(
+        self,
+        em: Emitter,
+        site: LayerSite,
+        layer: QuantLayer,
+        x: str,
+        group: int,
+        grid: ActGrid,
+        bias: np.ndarray | None,
+        output: str | None = None,
+    ) -> tuple[str, str]: ...
 
 
-def dequantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, grid: ActGrid,
-                   bias: np.ndarray | None, output: str | None = None, emulate_nvfp4: bool = False) -> tuple[str, str]:
+def dequantized_op(
+    em: Emitter,
+    site: LayerSite,
+    layer: QuantLayer,
+    x: str,
+    group: int,
+    grid: ActGrid,
+    bias: np.ndarray | None,
+    output: str | None = None,
+    emulate_nvfp4: bool = False,
+) -> tuple[str, str]:
     """Op(DQ(Q(x)), DQ(W_int8)) (+ bias), float output: the Q/DQ form of any activation format."""
     xq = _fake_quant(em, x, grid, emulate_nvfp4)
     return xq, _apply(em, site, xq, _weight(em, layer, group, True), bias, output)
 
 
-def qdq_kernel(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, group: int, grid: ActGrid,
-               bias: np.ndarray | None, output: str | None = None) -> tuple[str, str]:
+def qdq_kernel(
+    em: Emitter,
+    site: LayerSite,
+    layer: QuantLayer,
+    x: str,
+    group: int,
+    grid: ActGrid,
+    bias: np.ndarray | None,
+    output: str | None = None,
+) -> tuple[str, str]:
     """TensorRT form: Op(DQ(Q(Clip(x))), DQ(W_int8)) (+ bias), float output; NVFP4 through TensorRT's op."""
     return dequantized_op(em, site, layer, x, group, grid, bias, output)
 
@@ -209,15 +235,25 @@ Ratios = list[tuple[str, str]]  # per channel group: (pre, post) scalar tensor n
 
 def _ratio_scalars(em: Emitter, first: int, count: int) -> Ratios:
     """This layer's (pre, post) multipliers: columns first..first+count-1 of `step_scale_ratio`."""
+
     def pick(row: int, column: int) -> str:
         return em.op("GatherND", [naming.STEP_SCALE_RATIO, em.const("ratio_index", np.array([row, column]))])
 
     return [(pick(0, first + i), pick(1, first + i)) for i in range(count)]
 
 
-def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scales: list[float] | None,
-                  zero_points: list[float] | None, bias: np.ndarray | None, output: str | None = None,
-                  kernel: GroupKernel = qdq_kernel, ratios: Ratios | None = None) -> tuple[str, str]:
+def _quantized_op(
+    em: Emitter,
+    site: LayerSite,
+    layer: QuantLayer,
+    x: str,
+    scales: list[float] | None,
+    zero_points: list[float] | None,
+    bias: np.ndarray | None,
+    output: str | None = None,
+    kernel: GroupKernel = qdq_kernel,
+    ratios: Ratios | None = None,
+) -> tuple[str, str]:
     """(fake-quantized input, Op output): per channel group when the layer is split; `ratios`
     fold a step group's scale around each group's constant quantizer (no bias then)."""
     if layer.act_bits is None:  # weight-only: float activations, so the (exact) dequantized weight stays float too
@@ -225,8 +261,14 @@ def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scale
     if scales is None:
         raise ArtifactError(f"layer {layer.name} has no static activation scale: export needs a calibration")
     # NVFP4's tensor scale stays an fp32 constant in every graph (TensorRT takes it so), so no fp16 floor
-    grids = [act_grid(layer, float(scale if layer.format.format == "nvfp4" else em.floor(scale)),
-                      None if zero_points is None else zero_points[i]) for i, scale in enumerate(scales)]
+    grids = [
+        act_grid(
+            layer,
+            float(scale if layer.format.format == "nvfp4" else em.floor(scale)),
+            None if zero_points is None else zero_points[i],
+        )
+        for i, scale in enumerate(scales)
+    ]
 
     def run(group: int, part: str, b: np.ndarray | None, out: str | None) -> tuple[str, str]:
         if ratios is None:
@@ -247,8 +289,15 @@ def _quantized_op(em: Emitter, site: LayerSite, layer: QuantLayer, x: str, scale
     return em.op("Concat", [q for q, _ in pairs], axis=1), em.op("Add", [y for _, y in pairs], output)
 
 
-def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind, state_dtype: np.dtype,
-                kernel: GroupKernel, ratio_column: int | None = None) -> None:
+def _emit_layer(
+    em: Emitter,
+    site: LayerSite,
+    layer: QuantLayer,
+    kind: GraphKind,
+    state_dtype: np.dtype,
+    kernel: GroupKernel,
+    ratio_column: int | None = None,
+) -> None:
     """Rewrite one layer; `ratio_column`: its first column of `step_scale_ratio` (step groups)."""
     bias = None if layer.module.bias is None else layer.module.bias.detach().numpy()
     s = layer.scales
@@ -261,8 +310,9 @@ def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind
             a_hat = site.x
             _apply(em, site, site.x, _weight(em, layer, 0, quantized=False), bias, output=site.y)
         else:
-            a_hat, _ = _quantized_op(em, site, layer, site.x, s.warmup, s.warmup_zero_point, bias, output=site.y,
-                                     kernel=kernel)
+            a_hat, _ = _quantized_op(
+                em, site, layer, site.x, s.warmup, s.warmup_zero_point, bias, output=site.y, kernel=kernel
+            )
     elif layer.scales.constant_input:
         # The input never changes, so the residual is exactly 0 and f(0) = 0: o_hat passes through.
         o_in = naming.state_input("o_hat", layer.name)
@@ -287,8 +337,13 @@ def _emit_layer(em: Emitter, site: LayerSite, layer: QuantLayer, kind: GraphKind
     em.convert(site.y, state_dtype, o_out)
 
 
-def _state_value_infos(layers: dict[str, QuantLayer], shapes: dict[str, tuple[list[int], list[int]]],
-                       direction: str, state_dtype: np.dtype, batch: int | str) -> list[onnx.ValueInfoProto]:
+def _state_value_infos(
+    layers: dict[str, QuantLayer],
+    shapes: dict[str, tuple[list[int], list[int]]],
+    direction: str,
+    state_dtype: np.dtype,
+    batch: int | str,
+) -> list[onnx.ValueInfoProto]:
     infos = []
     for name, layer in layers.items():
         for kind, shape in zip(naming.STATE_KINDS, shapes[name]):
@@ -310,16 +365,21 @@ def floored_scales(qmodel: QuantUNet, float_dtype: str) -> list[str]:
             "warmup": s.warmup if floored and config.modulate and config.first_step == "quantized" else None,
             "weight": layer.weight_scale if layer.weight_codes is not None else None,
         }
-        found += [f"{name}/{kind}" for kind, values in used.items()
-                  if values is not None and bool((np.asarray(values, dtype=np.float64) < floor).any())]
+        found += [
+            f"{name}/{kind}"
+            for kind, values in used.items()
+            if values is not None and bool((np.asarray(values, dtype=np.float64) < floor).any())
+        ]
     return found
 
 
 def layer_weights(qmodel: QuantUNet) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """(weight, bias) of every quantized layer as the float32 graph stores them (`find_sites`)."""
     return {
-        name: (layer.module.weight.detach().numpy().astype(np.float32),
-               None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(np.float32))
+        name: (
+            layer.module.weight.detach().numpy().astype(np.float32),
+            None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(np.float32),
+        )
         for name, layer in qmodel.layers.items()
     }
 

@@ -35,13 +35,17 @@ def check_replaceable_export(out: Path) -> None:
         ours = export_files(out)
     except ArtifactError as exc:
         held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise ArtifactError(f"--out {out} is not empty and not a complete earlier export (it holds {held}): "
-                            "choose another --out") from exc
+        raise ArtifactError(
+            f"--out {out} is not empty and not a complete earlier export (it holds {held}): choose another --out"
+        ) from exc
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
     if foreign:
-        raise ArtifactError(f"--out {out} holds files modiff-trt did not write ({', '.join(foreign[:5])}): "
-                            "move them away or choose another --out")
+        raise ArtifactError(
+            f"--out {out} holds files modiff-trt did not write ({', '.join(foreign[:5])}): "
+            "move them away or choose another --out"
+        )
     plans = sorted(p.name for p in out.glob("*.plan"))
     if plans:
-        log.warning("replacing the export in %s also removes the engines built from its graphs: %s",
-                    out, ", ".join(plans))
+        log.warning(
+            "replacing the export in %s also removes the engines built from its graphs: %s", out, ", ".join(plans)
+        )

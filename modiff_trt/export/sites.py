@@ -48,8 +48,13 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
     return users
 
 
-def _bias_add(graph: onnx.GraphProto, users: dict[str, list[int]], tensor: str, bias: np.ndarray | None,
-              inits: dict[str, np.ndarray]) -> int | None:
+def _bias_add(
+    graph: onnx.GraphProto,
+    users: dict[str, list[int]],
+    tensor: str,
+    bias: np.ndarray | None,
+    inits: dict[str, np.ndarray],
+) -> int | None:
     """Index of the Add that adds `bias` to `tensor` (MatMul + Add form of a Linear)."""
     if bias is None:
         return None
@@ -62,7 +67,9 @@ def _bias_add(graph: onnx.GraphProto, users: dict[str, list[int]], tensor: str, 
     return None
 
 
-def find_sites(graph: onnx.GraphProto, weights: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> dict[str, LayerSite]:
+def find_sites(
+    graph: onnx.GraphProto, weights: dict[str, tuple[np.ndarray, np.ndarray | None]]
+) -> dict[str, LayerSite]:
     """Locate every layer in `weights` (name -> (weight, bias)); error if one is missing.
 
     Reads every initializer into numpy (gigabytes for SD), so an export calls it once and hands

@@ -70,11 +70,15 @@ class FirstStageConfig:
                 out_ch=positive_int(source, f"{ddconfig}.out_ch", dd["out_ch"]),
                 ch_mult=positive_ints(source, f"{ddconfig}.ch_mult", dd["ch_mult"]),
                 num_res_blocks=positive_int(source, f"{ddconfig}.num_res_blocks", dd["num_res_blocks"]),
-                attn_resolutions=positive_ints(source, f"{ddconfig}.attn_resolutions",
-                                               dd.get("attn_resolutions") or ()),
+                attn_resolutions=positive_ints(
+                    source, f"{ddconfig}.attn_resolutions", dd.get("attn_resolutions") or ()
+                ),
                 resolution=positive_int(source, f"{ddconfig}.resolution", dd["resolution"]),
-                n_embed=(positive_int(source, "first_stage_config.params.n_embed", params["n_embed"])
-                         if kind == "vq" else None),
+                n_embed=(
+                    positive_int(source, "first_stage_config.params.n_embed", params["n_embed"])
+                    if kind == "vq"
+                    else None
+                ),
                 resamp_with_conv=bool(dd.get("resamp_with_conv", True)),
                 tanh_out=bool(dd.get("tanh_out", False)),
             )
@@ -147,11 +151,7 @@ class VectorQuantizer(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, c)
         codes = self.embedding.weight
         # Same expansion as upstream (|z|^2 + |e|^2 - 2 z.e) so near-ties resolve identically.
-        dist = (
-            flat.pow(2).sum(1, keepdim=True)
-            + codes.pow(2).sum(1)[None]
-            - 2 * flat @ codes.t()
-        )
+        dist = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1)[None] - 2 * flat @ codes.t()
         idx = torch.argmin(dist, dim=1)
         return self.embedding(idx).reshape(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 

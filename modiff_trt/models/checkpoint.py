@@ -66,7 +66,7 @@ def _is_state_dict(obj: Any) -> bool:
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
+        return {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -93,9 +93,7 @@ def extract_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 
-def diff_state_dict(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], limit: int = 5
-) -> list[str]:
+def diff_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], limit: int = 5) -> list[str]:
     """Human-readable differences between a model's parameters and a state_dict (first `limit` each)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

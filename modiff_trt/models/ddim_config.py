@@ -55,15 +55,18 @@ def parse_ddim_config(raw: dict[str, Any], source: str, sha: str) -> DDIMModelCo
             raise ConfigError(f"{source}: beta_schedule {schedule!r} is not supported; modiff-trt reads 'linear'")
         beta_start, beta_end = float(diffusion["beta_start"]), float(diffusion["beta_end"])
         if not 0 < beta_start < beta_end < 1:
-            raise ConfigError(f"{source}: diffusion.beta_start {beta_start} and beta_end {beta_end} must satisfy "
-                              "0 < beta_start < beta_end < 1")
+            raise ConfigError(
+                f"{source}: diffusion.beta_start {beta_start} and beta_end {beta_end} must satisfy "
+                "0 < beta_start < beta_end < 1"
+            )
         return DDIMModelConfig(
             unet=unet,
             beta_schedule=schedule,
             beta_start=beta_start,
             beta_end=beta_end,
-            num_train_timesteps=positive_int(source, "diffusion.num_diffusion_timesteps",
-                                             diffusion["num_diffusion_timesteps"]),
+            num_train_timesteps=positive_int(
+                source, "diffusion.num_diffusion_timesteps", diffusion["num_diffusion_timesteps"]
+            ),
             source=source,
             sha256=sha,
             raw=raw,

@@ -214,8 +214,7 @@ class DDIMUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[2] != self.resolution or x.shape[3] != self.resolution:
             raise ValueError(
-                f"input is {tuple(x.shape[2:])} pixels, this UNet was built for "
-                f"{self.resolution}x{self.resolution}"
+                f"input is {tuple(x.shape[2:])} pixels, this UNet was built for {self.resolution}x{self.resolution}"
             )
         temb = self.temb.dense[0](timestep_embedding(t, self.ch))
         temb = self.temb.dense[1](swish(temb))

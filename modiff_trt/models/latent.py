@@ -66,11 +66,17 @@ class LatentModelConfig(ModelConfig):
         """The paper's sampler settings; an official SD YAML names none, so SD gets PLMS with guidance 7.5."""
         if self.family == "sd" and (self.ldm.sampler, self.ldm.guidance_scale) == ("ddim", 1.0):
             return {"sampler": "plms", "steps": 50, "guidance_scale": 7.5}
-        return {"sampler": "ldm-ddim" if self.ldm.sampler == "ddim" else self.ldm.sampler, "steps": self.ldm.steps,
-                "eta": self.ldm.eta, "guidance_scale": self.ldm.guidance_scale}
+        return {
+            "sampler": "ldm-ddim" if self.ldm.sampler == "ddim" else self.ldm.sampler,
+            "steps": self.ldm.steps,
+            "eta": self.ldm.eta,
+            "guidance_scale": self.ldm.guidance_scale,
+        }
 
 
-def latent_model_config(ldm: LDMConfig, source: str, sha256: str, raw: dict[str, Any] | None = None) -> LatentModelConfig:
+def latent_model_config(
+    ldm: LDMConfig, source: str, sha256: str, raw: dict[str, Any] | None = None
+) -> LatentModelConfig:
     """Wrap a parsed LDM config; family 'sd' when the UNet takes cross-attention context."""
     if ldm.beta_schedule not in LDM_TO_SCHEDULE:
         raise ConfigError(f"{source}: beta_schedule {ldm.beta_schedule!r} is not supported (linear, sqrt_linear)")

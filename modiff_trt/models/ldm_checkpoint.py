@@ -35,9 +35,7 @@ def read_checkpoint_mapping(path: str | Path, trust: bool = False) -> Mapping[st
     (weights_only, magic-byte and truncation checks, safetensors)."""
     obj = read_checkpoint(path, trust=trust)
     if not isinstance(obj, Mapping):
-        raise CheckpointError(
-            f"{path}: expected a dict (Lightning checkpoint or state_dict), got {type(obj).__name__}"
-        )
+        raise CheckpointError(f"{path}: expected a dict (Lightning checkpoint or state_dict), got {type(obj).__name__}")
     return obj
 
 
@@ -59,7 +57,7 @@ def to_fp32(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> StateDict:
     """Sub-dict of keys starting with ``prefix``, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def is_quantizer_key(key: str) -> bool:
@@ -68,7 +66,9 @@ def is_quantizer_key(key: str) -> bool:
 
 
 def ema_state(
-    state: Mapping[str, torch.Tensor], param_names: Iterable[str], path: str | Path,
+    state: Mapping[str, torch.Tensor],
+    param_names: Iterable[str],
+    path: str | Path,
     wrapper: str = "diffusion_model.",
 ) -> StateDict:
     """Map LitEma buffers back to parameter names.
@@ -79,26 +79,20 @@ def ema_state(
     """
     ema = strip_prefix(state, EMA_PREFIX)
     if not any(k not in ("decay", "num_updates") for k in ema):
-        raise CheckpointError(
-            f"{path}: no EMA weights ({EMA_PREFIX}*) in this checkpoint; load without --ema"
-        )
+        raise CheckpointError(f"{path}: no EMA weights ({EMA_PREFIX}*) in this checkpoint; load without --ema")
     out: StateDict = {}
     seen: dict[str, str] = {}
     for name in param_names:
         squashed = (wrapper + name).replace(".", "")
         if squashed in seen:
-            raise CheckpointError(
-                f"{path}: EMA names of {seen[squashed]!r} and {name!r} collide; cannot map them"
-            )
+            raise CheckpointError(f"{path}: EMA names of {seen[squashed]!r} and {name!r} collide; cannot map them")
         seen[squashed] = name
         if squashed in ema:
             out[name] = ema[squashed]
     return out
 
 
-def describe_mismatch(
-    expected: Mapping[str, torch.Size], got: Mapping[str, torch.Tensor], limit: int = 5
-) -> list[str]:
+def describe_mismatch(expected: Mapping[str, torch.Size], got: Mapping[str, torch.Tensor], limit: int = 5) -> list[str]:
     """Human-readable key/shape differences (empty when the state_dict fits)."""
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]

@@ -69,9 +69,7 @@ def parse_ldm_params(params: Mapping[str, Any], name: str, source: str) -> LDMCo
         raise ConfigError(f"{source}: model.params.unet_config.params is missing")
     unet = UNetConfig.from_params(unet_section["params"], source)
     fs_section = params.get("first_stage_config")
-    first_stage = (
-        FirstStageConfig.from_yaml(fs_section, source) if isinstance(fs_section, Mapping) else None
-    )
+    first_stage = FirstStageConfig.from_yaml(fs_section, source) if isinstance(fs_section, Mapping) else None
     key = _conditioning_key(params)
     if key not in _SUPPORTED_CONDITIONING:
         raise ConfigError(f"{source}: conditioning_key {key!r} is not supported (None, crossattn)")
@@ -123,7 +121,4 @@ def resolve_ldm_config(config: str | Path | LDMConfig) -> LDMConfig:
     path = Path(config)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         return load_ldm_yaml(path)
-    raise ConfigError(
-        f"{config}: not a built-in LDM config ({', '.join(ldm_builtins.LDM_BUILTINS)}) nor a YAML file"
-    )
-
+    raise ConfigError(f"{config}: not a built-in LDM config ({', '.join(ldm_builtins.LDM_BUILTINS)}) nor a YAML file")

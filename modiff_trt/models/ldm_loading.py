@@ -123,8 +123,7 @@ def _load_first_stage_from(tensors: StateDict, cfg: LDMConfig, path: Path) -> Fi
     if "scale_factor" in tensors:  # scale_by_std models store the measured factor
         scale = float(tensors["scale_factor"])
     elif cfg.scale_by_std:
-        log.warning("%s: config uses scale_by_std but the file has no scale_factor; using %g",
-                    path, scale)
+        log.warning("%s: config uses scale_by_std but the file has no scale_factor; using %g", path, scale)
     with torch.device("meta"):
         decoder = build_first_stage(cfg.first_stage, scale)
     _fill(decoder, to_fp32(state), path, cfg, "first-stage decoder")
@@ -172,9 +171,7 @@ def load_ldm_unet(
     return load_ldm(config, checkpoint, ema=ema, trust=trust, with_first_stage=False).unet
 
 
-def load_first_stage(
-    config: str | Path | LDMConfig, checkpoint: str | Path, trust: bool = False
-) -> FirstStageDecoder:
+def load_first_stage(config: str | Path | LDMConfig, checkpoint: str | Path, trust: bool = False) -> FirstStageDecoder:
     """Load the first-stage decoder from a Lightning checkpoint (``first_stage_model.*``) or a
     standalone autoencoder checkpoint; ``scale_factor`` comes from the file when stored there."""
     cfg = resolve_ldm_config(config)

@@ -48,9 +48,7 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], chec
             if fits
             else "check that --config is the YAML this checkpoint was trained with"
         )
-        raise CheckpointError(
-            f"{checkpoint} does not fit config {config}:\n  " + "\n  ".join(problems) + f"\n{hint}"
-        )
+        raise CheckpointError(f"{checkpoint} does not fit config {config}:\n  " + "\n  ".join(problems) + f"\n{hint}")
     model.load_state_dict(state, strict=True)
 
 

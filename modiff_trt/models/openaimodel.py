@@ -30,8 +30,15 @@ from modiff_trt.validate import positive_int, positive_ints
 # Keys of the official ``unet_config.params`` that change nothing at inference here.
 _IGNORED_PARAMS = frozenset({"use_checkpoint", "use_fp16", "image_size", "dropout", "dims"})
 # Sizes that must be positive integers (num_heads & co. take -1 for "derive it").
-_POSITIVE_INTS = ("in_channels", "model_channels", "out_channels", "num_res_blocks", "transformer_depth",
-                  "num_classes", "image_size")
+_POSITIVE_INTS = (
+    "in_channels",
+    "model_channels",
+    "out_channels",
+    "num_res_blocks",
+    "transformer_depth",
+    "num_classes",
+    "image_size",
+)
 
 
 @dataclass(frozen=True)
@@ -108,8 +115,7 @@ class UNetConfig:
         for mult in self.channel_mult:
             if (mult * self.model_channels) % 32:
                 raise ConfigError(
-                    f"{source}: channels {mult * self.model_channels} not divisible by the 32 "
-                    "GroupNorm groups"
+                    f"{source}: channels {mult * self.model_channels} not divisible by the 32 GroupNorm groups"
                 )
 
 
@@ -192,9 +198,7 @@ class ResBlock(nn.Module):
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.updown = up or down
-        self.in_layers = nn.Sequential(
-            _norm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
-        )
+        self.in_layers = nn.Sequential(_norm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         if up:
             self.h_upd: nn.Module = Upsample(channels, False)
             self.x_upd: nn.Module = Upsample(channels, False)
@@ -271,9 +275,7 @@ class AttentionBlock(nn.Module):
         else:
             q, k, v = qkv.reshape(b * heads, 3 * ch, length).split(ch, dim=1)
         scale = 1.0 / math.sqrt(math.sqrt(ch))
-        out = _softmax_attention(
-            (q * scale).transpose(1, 2), (k * scale).transpose(1, 2), v.transpose(1, 2)
-        )
+        out = _softmax_attention((q * scale).transpose(1, 2), (k * scale).transpose(1, 2), v.transpose(1, 2))
         h = self.proj_out(out.transpose(1, 2).reshape(b, c, length))
         return (x + h).reshape(b, c, *spatial)
 
@@ -357,9 +359,7 @@ class SpatialTransformer(nn.Module):
     Its GroupNorm uses eps 1e-6 (not GroupNorm32's 1e-5), as in the official code.
     """
 
-    def __init__(
-        self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int | None
-    ) -> None:
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int | None) -> None:
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
@@ -425,17 +425,13 @@ class UNetModel(nn.Module):
                 skip_channels.append(ch)
             if level != len(config.channel_mult) - 1:
                 down = (
-                    resblock(ch, ch, down=True)
-                    if config.resblock_updown
-                    else Downsample(ch, config.conv_resample, ch)
+                    resblock(ch, ch, down=True) if config.resblock_updown else Downsample(ch, config.conv_resample, ch)
                 )
                 self.input_blocks.append(EmbedSequential(down))
                 skip_channels.append(ch)
                 ds *= 2
 
-        self.middle_block = EmbedSequential(
-            resblock(ch, ch), self._attention(ch, upsample=False), resblock(ch, ch)
-        )
+        self.middle_block = EmbedSequential(resblock(ch, ch), self._attention(ch, upsample=False), resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
@@ -446,9 +442,7 @@ class UNetModel(nn.Module):
                     layers.append(self._attention(ch, upsample=True))
                 if level and i == config.num_res_blocks:
                     layers.append(
-                        resblock(ch, ch, up=True)
-                        if config.resblock_updown
-                        else Upsample(ch, config.conv_resample, ch)
+                        resblock(ch, ch, up=True) if config.resblock_updown else Upsample(ch, config.conv_resample, ch)
                     )
                     ds //= 2
                 self.output_blocks.append(EmbedSequential(*layers))

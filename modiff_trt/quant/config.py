@@ -56,10 +56,14 @@ class QuantConfig:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}")
         width = FORMAT_BITS.get(self.act_format)
         if width is not None and self.act_bits not in (None, width):
-            raise ConfigError(f"act_format={self.act_format!r} is a {width}-bit format: set act_bits to {width} "
-                              f"(--act-bits {width}), not {self.act_bits}")
+            raise ConfigError(
+                f"act_format={self.act_format!r} is a {width}-bit format: set act_bits to {width} "
+                f"(--act-bits {width}), not {self.act_bits}"
+            )
         if width is not None and not self.act_symmetric:
-            raise ConfigError(f"act_format={self.act_format!r} is symmetric by construction: drop asymmetric activations")
+            raise ConfigError(
+                f"act_format={self.act_format!r} is symmetric by construction: drop asymmetric activations"
+            )
 
     @property
     def label(self) -> str:

@@ -90,7 +90,7 @@ def fake_quantize_nvfp4(x: torch.Tensor, tensor_scale: torch.Tensor, dim: int) -
     channels = x.shape[dim]
     pad = -channels % NVFP4_BLOCK
     if pad:  # zeros never raise a block's amax, so padding leaves every block scale unchanged
-        x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1:])], dim=dim)
+        x = torch.cat([x, x.new_zeros(*x.shape[:dim], pad, *x.shape[dim + 1 :])], dim=dim)
     blocks = x.unflatten(dim, (-1, NVFP4_BLOCK))
     scale = nvfp4_block_scales(blocks, tensor_scale, dim + 1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a zero scale then zeroes its block below
@@ -130,8 +130,9 @@ def conv_fp8_blocker(in_channels: int, out_channels: int, groups: int, kernel: t
     if groups != 1:
         return f"grouped conv (groups={groups}): TensorRT has no FP8 grouped/depthwise kernels"
     if min(in_channels, out_channels) < FP8_MIN_CONV_CHANNELS:
-        return (f"conv with {in_channels} -> {out_channels} channels: "
-                f"TensorRT's FP8 convs need >= {FP8_MIN_CONV_CHANNELS}")
+        return (
+            f"conv with {in_channels} -> {out_channels} channels: TensorRT's FP8 convs need >= {FP8_MIN_CONV_CHANNELS}"
+        )
     if taps > FP8_MAX_CONV_KERNEL:
         return f"conv with a {taps}-tap filter: TensorRT's FP8 convs take <= {FP8_MAX_CONV_KERNEL} taps"
     return None
@@ -153,9 +154,11 @@ def layer_format(module: nn.Module, act_format: str, act_bits: int | None, every
     if act_format == "nvfp4":
         if isinstance(module, nn.Linear) and module.in_features % NVFP4_BLOCK == 0:
             return LayerFormat("nvfp4", 4)
-        note = ("convolution: TensorRT quantizes NVFP4 activations only on GEMM (Linear) inputs"
-                if not isinstance(module, nn.Linear) else
-                f"{module.in_features} input features: NVFP4 blocks need a multiple of {NVFP4_BLOCK}")
+        note = (
+            "convolution: TensorRT quantizes NVFP4 activations only on GEMM (Linear) inputs"
+            if not isinstance(module, nn.Linear)
+            else f"{module.in_features} input features: NVFP4 blocks need a multiple of {NVFP4_BLOCK}"
+        )
     if isinstance(module, nn.Linear):
         return LayerFormat("fp8", 8, note)
     weight = module.weight

@@ -97,8 +97,13 @@ class QuantLayer(nn.Module):
         self.register_buffer("w_deq", deq, persistent=False)
 
     # -- activations ------------------------------------------------------------------------
-    def _quantize_act(self, x: torch.Tensor, scales: list[float] | None, zero_points: list[float] | None,
-                      ratio: tuple[list[float], list[float]] | None = None) -> torch.Tensor:
+    def _quantize_act(
+        self,
+        x: torch.Tensor,
+        scales: list[float] | None,
+        zero_points: list[float] | None,
+        ratio: tuple[list[float], list[float]] | None = None,
+    ) -> torch.Tensor:
         bits, fmt = self.act_bits, self.format.format
         if bits is None:
             return x
@@ -123,8 +128,11 @@ class QuantLayer(nn.Module):
             if ratio is not None:  # step group g: Q(r * s_0/s_g) * s_g/s_0 around group 0's scale
                 pre, post = (torch.tensor(r[i], dtype=x.dtype, device=x.device) for r in ratio)
                 part = part * pre
-            fq = (fake_quantize(part, scale, bits, zp) if fmt == "int"
-                  else fake_quantize_float(fmt, part, scale, self.channel_dim))
+            fq = (
+                fake_quantize(part, scale, bits, zp)
+                if fmt == "int"
+                else fake_quantize_float(fmt, part, scale, self.channel_dim)
+            )
             parts.append(fq if ratio is None else fq * post)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.channel_dim)
 
@@ -176,5 +184,7 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"{self.name}, {self.kind}, w{c.weight_bits}a{self.act_bits} {self.format.format}, "
-                f"modulate={c.modulate}, split={self.split}")
+        return (
+            f"{self.name}, {self.kind}, w{c.weight_bits}a{self.act_bits} {self.format.format}, "
+            f"modulate={c.modulate}, split={self.split}"
+        )

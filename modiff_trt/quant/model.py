@@ -33,7 +33,7 @@ class QuantUNet(nn.Module):
     @property
     def layers(self) -> dict[str, QuantLayer]:
         """Quantized layers by their module path in the float UNet (`down.0.block.0.conv1`)."""
-        return {name[len("unet."):]: m for name, m in self.named_modules() if isinstance(m, QuantLayer)}
+        return {name[len("unet.") :]: m for name, m in self.named_modules() if isinstance(m, QuantLayer)}
 
     def reset_state(self) -> None:
         """Drop every layer's `a_hat`/`o_hat`: the next call is a warm-up step."""
@@ -99,8 +99,10 @@ def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
                     "channel group(s): the calibration and --split setting disagree"
                 )
         if scales.step_groups is not None and len(entry.act_groups or []) != scales.step_groups.count:
-            raise ConfigError(f"{scales.source}: layer {name} lacks scales for {scales.step_groups.count} step groups; "
-                              "recalibrate with `modiff-trt calibrate --step-groups`")
+            raise ConfigError(
+                f"{scales.source}: layer {name} lacks scales for {scales.step_groups.count} step groups; "
+                "recalibrate with `modiff-trt calibrate --step-groups`"
+            )
         if entry.act is not None and layer.act_bits is not None and entry.act_format != layer.format.format:
             raise ConfigError(
                 f"{scales.source}: layer {name} holds {entry.act_format} scales, but the model quantizes it as "

@@ -96,8 +96,9 @@ class StepGroups:
         """`count` contiguous groups of (nearly) equal length over steps 1..S-1 (call order)."""
         steps = len(timesteps)
         if not 1 <= count <= steps - 1:
-            raise ConfigError(f"--step-groups {count}: a {steps}-step schedule has {steps - 1} modulated steps; "
-                              f"choose 1..{steps - 1}")
+            raise ConfigError(
+                f"--step-groups {count}: a {steps}-step schedule has {steps - 1} modulated steps; choose 1..{steps - 1}"
+            )
         bounds = tuple(int(b) for b in np.linspace(1, steps, count + 1).round().astype(int))
         return cls(bounds, tuple(int(t) for t in sorted(timesteps, reverse=True)), skip_type)
 
@@ -120,13 +121,20 @@ class StepGroups:
             raise ConfigError(self._refusal(source, f"step {call} (the schedule ends at step {self.steps - 1})"))
 
     def _refusal(self, source: str, got: str) -> str:
-        return (f"{source} has {self.count} step groups calibrated for the {self.steps}-step {self.skip_type} "
-                f"schedule (t = {_head(self.timesteps)}), but sampling ran {got}: sample with --steps {self.steps} "
-                f"--skip-type {self.skip_type}, or recalibrate for this schedule (or with --step-groups 1)")
+        return (
+            f"{source} has {self.count} step groups calibrated for the {self.steps}-step {self.skip_type} "
+            f"schedule (t = {_head(self.timesteps)}), but sampling ran {got}: sample with --steps {self.steps} "
+            f"--skip-type {self.skip_type}, or recalibrate for this schedule (or with --step-groups 1)"
+        )
 
     def to_dict(self) -> dict:
-        return {"count": self.count, "bounds": list(self.bounds), "steps": self.steps,
-                "skip_type": self.skip_type, "timesteps": list(self.timesteps)}
+        return {
+            "count": self.count,
+            "bounds": list(self.bounds),
+            "steps": self.steps,
+            "skip_type": self.skip_type,
+            "timesteps": list(self.timesteps),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> StepGroups:

@@ -38,9 +38,9 @@ class RandomContext:
     seed: int = 0
 
     def context(self, indices: Sequence[int]) -> torch.Tensor:
-        return torch.stack([
-            torch.randn(tuple(self.shape), generator=image_generator(self.seed, i, CONTEXT_STREAM)) for i in indices
-        ])
+        return torch.stack(
+            [torch.randn(tuple(self.shape), generator=image_generator(self.seed, i, CONTEXT_STREAM)) for i in indices]
+        )
 
     def uncond(self) -> torch.Tensor:
         return torch.randn(tuple(self.shape), generator=image_generator(self.seed, 0, CONTEXT_STREAM + 1))[None]
@@ -100,8 +100,10 @@ def make_conditioning(
     if random_context:
         return RandomContext(tuple(context_shape), seed)
     if text_encoder is None:
-        raise ConfigError(f"{source} is text-conditioned: give --text-encoder DIR (a local CLIP ViT-L/14 "
-                          "text model) with --prompt or --from-file, or --random-context for a smoke test")
+        raise ConfigError(
+            f"{source} is text-conditioned: give --text-encoder DIR (a local CLIP ViT-L/14 "
+            "text model) with --prompt or --from-file, or --random-context for a smoke test"
+        )
     try:
         prompts = read_prompts(prompt, None if from_file is None else str(from_file))
     except (OSError, ValueError) as exc:

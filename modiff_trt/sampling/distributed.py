@@ -127,8 +127,10 @@ def world_from_env(environ: dict[str, str] | None = None) -> World:
     if size > 1:
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
         if missing:
-            raise ConfigError(f"WORLD_SIZE={size} but {', '.join(missing)} is not set: launch with torchrun, "
-                              "or set MASTER_ADDR and MASTER_PORT to rank 0's address and a free port")
+            raise ConfigError(
+                f"WORLD_SIZE={size} but {', '.join(missing)} is not set: launch with torchrun, "
+                "or set MASTER_ADDR and MASTER_PORT to rank 0's address and a free port"
+            )
     return World(rank=rank, size=size, local_rank=local_rank)
 
 
@@ -154,14 +156,17 @@ def process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
 
     if torch.cuda.is_available():
         if world.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={world.local_rank} but this node has {torch.cuda.device_count()} GPUs: "
-                              "start at most one process per GPU (torchrun --nproc-per-node)")
+            raise ConfigError(
+                f"LOCAL_RANK={world.local_rank} but this node has {torch.cuda.device_count()} GPUs: "
+                "start at most one process per GPU (torchrun --nproc-per-node)"
+            )
         torch.cuda.set_device(world.local_rank)
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, rank=world.rank, world_size=world.size, timeout=datetime.timedelta(seconds=timeout_s)
+    )
     log.debug("rank %d of %d joined (%s, %s)", world.rank, world.size, backend, world.device())
     try:
         yield world

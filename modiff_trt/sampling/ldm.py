@@ -54,9 +54,7 @@ class DDIMSchedule:
         return len(self.timesteps)
 
 
-def make_ddim_schedule(
-    alphas_cumprod: torch.Tensor, num_steps: int, eta: float = 0.0
-) -> DDIMSchedule:
+def make_ddim_schedule(alphas_cumprod: torch.Tensor, num_steps: int, eta: float = 0.0) -> DDIMSchedule:
     """Select the DDIM alphas; ``alphas_prev`` of the first step is ``alphas_cumprod[0]``."""
     acp = alphas_cumprod.float().cpu()
     ts = ldm_ddim_timesteps(num_steps, len(acp))
@@ -185,8 +183,11 @@ def sample_plms(
     x = x_T
     for i, index in enumerate(order):
         next_index = order[min(i + 1, len(order) - 1)]
-        eps = check_finite(guided_eps(model, x, _t(sched.timesteps[index], x), context, uncond, guidance_scale),
-                           i, int(sched.timesteps[index]))
+        eps = check_finite(
+            guided_eps(model, x, _t(sched.timesteps[index], x), context, uncond, guidance_scale),
+            i,
+            int(sched.timesteps[index]),
+        )
         if not history:
             x_guess, _ = ddim_update(x, eps, sched, index)
             t_next = _t(sched.timesteps[next_index], x)

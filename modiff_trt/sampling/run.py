@@ -70,13 +70,24 @@ def sample_batches(
     own = sum(min(batch_size, num_images - start) for start in world.batch_starts(num_images, batch_size))
     description = description or f"sampling ({sampler.name})"
     with progress_bar(disable=not (progress and world.main)) as bar:
-        task = bar.add_task(f"{description} (rank 0 of {world.size})" if world.distributed else description,
-                            total=own * steps)
+        task = bar.add_task(
+            f"{description} (rank 0 of {world.size})" if world.distributed else description, total=own * steps
+        )
 
         def run(indices: list[int]) -> torch.Tensor:
             noise = image_noise(seed, indices, sample_shape).to(device)
-            return sampler.trajectory(model, noise, indices, seed=seed, conditioning=conditioning,
-                                      callback=lambda *_: bar.advance(task, len(indices))).float().cpu()
+            return (
+                sampler.trajectory(
+                    model,
+                    noise,
+                    indices,
+                    seed=seed,
+                    conditioning=conditioning,
+                    callback=lambda *_: bar.advance(task, len(indices)),
+                )
+                .float()
+                .cpu()
+            )
 
         run_batches(world, num_images, batch_size, run, on_batch or (lambda _, x0: outputs.append(x0)))
     return torch.cat(outputs) if outputs else None
@@ -119,8 +130,18 @@ def write_samples(
             writer.add(start, decode_latents(decoder, batch), z0=batch)
 
     with sample_writer(out, num_images, pngs, grid_images) if world.main else contextlib.nullcontext() as writer:
-        sample_batches(sampler, runner, sample_shape, num_images, batch_size, seed, conditioning,
-                       on_batch=write if writer else lambda *_: None, progress=progress, world=world)
+        sample_batches(
+            sampler,
+            runner,
+            sample_shape,
+            num_images,
+            batch_size,
+            seed,
+            conditioning,
+            on_batch=write if writer else lambda *_: None,
+            progress=progress,
+            world=world,
+        )
         if writer is None:
             return None
         if decoder is not None:

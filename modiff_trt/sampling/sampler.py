@@ -137,8 +137,15 @@ class DDIMSampler(Sampler):
             raise ConfigError("the ddim sampler runs unconditional UNets: it takes no context")
         indices = range(len(noise)) if indices is None else indices
         generator = step_generators(seed, indices) if self.eta > 0 else None
-        return ddim_sample(model, noise, self.timesteps(), self.schedule.betas().float(), eta=self.eta,
-                           generator=generator, callback=callback)
+        return ddim_sample(
+            model,
+            noise,
+            self.timesteps(),
+            self.schedule.betas().float(),
+            eta=self.eta,
+            generator=generator,
+            callback=callback,
+        )
 
 
 @dataclass(frozen=True)
@@ -150,11 +157,19 @@ class _LatentSampler(Sampler):
         requested, got = self.steps, len(self.timesteps())
         stride = self.schedule.num_train_timesteps // requested
         if stride * (got - 1) + 1 >= self.schedule.num_train_timesteps:
-            raise ConfigError(f"--steps {requested}: the LDM timesteps range(0, T, T // S) + 1 reach T; "
-                              "choose a step count that divides the training timesteps (e.g. 50, 100, 200, 250)")
+            raise ConfigError(
+                f"--steps {requested}: the LDM timesteps range(0, T, T // S) + 1 reach T; "
+                "choose a step count that divides the training timesteps (e.g. 50, 100, 200, 250)"
+            )
         if got != requested:
-            log.warning("%d %s steps requested; the LDM discretisation range(0, %d, %d) gives %d steps",
-                        requested, self.name, self.schedule.num_train_timesteps, stride, got)
+            log.warning(
+                "%d %s steps requested; the LDM discretisation range(0, %d, %d) gives %d steps",
+                requested,
+                self.name,
+                self.schedule.num_train_timesteps,
+                stride,
+                got,
+            )
 
     def timesteps(self) -> list[int]:
         return ldm_ddim_timesteps(self.steps, self.schedule.num_train_timesteps).tolist()
@@ -181,8 +196,16 @@ class LDMDDIMSampler(_LatentSampler):
     def trajectory(self, model, noise, indices=None, *, seed=0, conditioning=None, callback=None) -> torch.Tensor:
         indices = list(range(len(noise)) if indices is None else indices)
         generator = step_generators(seed, indices) if self.eta > 0 else None
-        return sample_ddim(model, noise, alphas_cumprod(self.schedule.betas()), self.steps, eta=self.eta,
-                           generator=generator, callback=callback, **self._context(conditioning, indices, noise.device))
+        return sample_ddim(
+            model,
+            noise,
+            alphas_cumprod(self.schedule.betas()),
+            self.steps,
+            eta=self.eta,
+            generator=generator,
+            callback=callback,
+            **self._context(conditioning, indices, noise.device),
+        )
 
 
 @dataclass(frozen=True)
@@ -197,8 +220,14 @@ class PLMSSampler(_LatentSampler):
 
     def trajectory(self, model, noise, indices=None, *, seed=0, conditioning=None, callback=None) -> torch.Tensor:
         indices = list(range(len(noise)) if indices is None else indices)
-        return sample_plms(model, noise, alphas_cumprod(self.schedule.betas()), self.steps, callback=callback,
-                           **self._context(conditioning, indices, noise.device))
+        return sample_plms(
+            model,
+            noise,
+            alphas_cumprod(self.schedule.betas()),
+            self.steps,
+            callback=callback,
+            **self._context(conditioning, indices, noise.device),
+        )
 
 
 SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIMSampler, LDMDDIMSampler, PLMSSampler)}
@@ -246,8 +275,13 @@ def make_sampler(
     if isinstance(base, Sampler):
         defaults, conditional = base.to_dict(), None
     else:
-        defaults = {**base.sampler_defaults(), "beta_schedule": base.beta_schedule, "beta_start": base.beta_start,
-                    "beta_end": base.beta_end, "num_train_timesteps": base.num_train_timesteps}
+        defaults = {
+            **base.sampler_defaults(),
+            "beta_schedule": base.beta_schedule,
+            "beta_start": base.beta_start,
+            "beta_end": base.beta_end,
+            "num_train_timesteps": base.num_train_timesteps,
+        }
         conditional = base.context_shape is not None
     latent = defaults["sampler"] != DDIMSampler.name
     name = defaults["sampler"] if sampler is None else sampler
@@ -255,16 +289,23 @@ def make_sampler(
         name = LDMDDIMSampler.name
     valid = (LDMDDIMSampler.name, PLMSSampler.name) if latent else (DDIMSampler.name,)
     if name not in valid:
-        raise ConfigError(f"sampler {sampler!r}: choose one of {', '.join(('ddim', 'plms') if latent else ('ddim',))}"
-                          + ("" if latent else " (PLMS runs latent-diffusion models)"))
+        raise ConfigError(
+            f"sampler {sampler!r}: choose one of {', '.join(('ddim', 'plms') if latent else ('ddim',))}"
+            + ("" if latent else " (PLMS runs latent-diffusion models)")
+        )
     given = {"steps": steps, "skip_type": skip_type, "eta": eta, "guidance_scale": guidance_scale}
     fields = {f.name for f in dataclasses.fields(SAMPLERS[name])}
     for key, value in given.items():
         if value is not None and key not in fields and not (key == "eta" and value == 0):
-            raise ConfigError(f"--{key.replace('_', '-')} does not apply to the {name} sampler"
-                              + (": PLMS is deterministic (use --sampler ddim for eta > 0)" if key == "eta" else ""))
-    settings = {k: v for k, v in {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()
-                if k in fields or k in _SCHEDULE_FIELDS}
+            raise ConfigError(
+                f"--{key.replace('_', '-')} does not apply to the {name} sampler"
+                + (": PLMS is deterministic (use --sampler ddim for eta > 0)" if key == "eta" else "")
+            )
+    settings = {
+        k: v
+        for k, v in {**defaults, **{k: v for k, v in given.items() if v is not None}}.items()
+        if k in fields or k in _SCHEDULE_FIELDS
+    }
     chosen = sampler_from_dict({"sampler": name, **settings}, "sampler options")
     if chosen.guided and conditional is False:
         raise ConfigError(f"{base.source} is unconditional: classifier-free guidance needs a text-conditioned model")

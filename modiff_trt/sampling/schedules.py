@@ -40,8 +40,9 @@ def ddim_timesteps(num_steps: int, skip_type: str = "uniform", num_train_timeste
     official runner keeps the repeats, and so do we, so trajectories stay comparable.
     """
     if num_steps < 1 or num_steps > num_train_timesteps:
-        raise OptionError(f"--steps {num_steps} is invalid: choose 1..{num_train_timesteps} "
-                          "(the model's num_diffusion_timesteps)")
+        raise OptionError(
+            f"--steps {num_steps} is invalid: choose 1..{num_train_timesteps} (the model's num_diffusion_timesteps)"
+        )
     if skip_type == "uniform":
         return list(range(0, num_train_timesteps, num_train_timesteps // num_steps))
     if skip_type == "quad":

@@ -38,7 +38,11 @@ def check_finite(values: torch.Tensor, step: int, t: int, eta: float = 0.0, sour
         return values
     where = f"{source} returned NaN/Inf at step {step} (t={t})"
     if not 0.0 <= eta <= 1.0:
-        raise OptionError(f"{where} with --eta {eta}: an eta outside [0, 1] asks DDIM for more noise than this "
-                          "schedule holds; choose --eta in [0, 1]")
-    raise ModiffError(f"{where}: check that the checkpoint matches the config and, for quantized runs, that the "
-                      "calibration belongs to this checkpoint (or try more bits)")
+        raise OptionError(
+            f"{where} with --eta {eta}: an eta outside [0, 1] asks DDIM for more noise than this "
+            "schedule holds; choose --eta in [0, 1]"
+        )
+    raise ModiffError(
+        f"{where}: check that the checkpoint matches the config and, for quantized runs, that the "
+        "calibration belongs to this checkpoint (or try more bits)"
+    )

@@ -46,6 +46,7 @@ class ClipTextEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(prompts), truncation=True, max_length=MAX_TOKENS, padding="max_length",
-                                return_tensors="pt")
+        tokens = self.tokenizer(
+            list(prompts), truncation=True, max_length=MAX_TOKENS, padding="max_length", return_tensors="pt"
+        )
         return self.model(input_ids=tokens["input_ids"].to(self.device)).last_hidden_state.float()

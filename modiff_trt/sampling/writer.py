@@ -51,7 +51,7 @@ class SampleWriter:
         columns = {"arr_0": images, "x0": x0.detach().float().cpu().numpy()}
         columns.update({name: value.detach().float().cpu().numpy() for name, value in extra.items()})
         for name, rows in columns.items():
-            self._column(name, rows)[first_index:first_index + len(rows)] = rows
+            self._column(name, rows)[first_index : first_index + len(rows)] = rows
         for i, image in enumerate(images[: max(0, self.grid_images - first_index)]):
             self._grid[first_index + i] = image
         self._written += len(images)

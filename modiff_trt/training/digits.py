@@ -56,8 +56,7 @@ def load_digits_images() -> torch.Tensor:
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise ModiffError(
-            "the digits data set comes from scikit-learn, which is not installed: "
-            "pip install 'modiff-trt[digits]'"
+            "the digits data set comes from scikit-learn, which is not installed: pip install 'modiff-trt[digits]'"
         ) from exc
     images = torch.from_numpy(load_digits().images).float()
     return (images / 8.0 - 1.0).unsqueeze(1)
@@ -163,7 +162,11 @@ def train_digits(
                 log.log(
                     logging.INFO if progress else logging.DEBUG,
                     "iteration %d/%d  loss %.4f (mean of last %d)  %.1f s",
-                    it, iterations, sum(recent) / len(recent), len(recent), time.perf_counter() - start,
+                    it,
+                    iterations,
+                    sum(recent) / len(recent),
+                    len(recent),
+                    time.perf_counter() - start,
                 )
         seconds = time.perf_counter() - start
     finally:
@@ -198,7 +201,9 @@ CLASSIFIER_EPOCHS = 40
 CLASSIFIER_BATCH = 64
 
 
-def train_digits_classifier(out: Path, seed: int = 0, epochs: int = CLASSIFIER_EPOCHS, threads: int = TRAIN_THREADS) -> Path:
+def train_digits_classifier(
+    out: Path, seed: int = 0, epochs: int = CLASSIFIER_EPOCHS, threads: int = TRAIN_THREADS
+) -> Path:
     """Train the digits-FID feature extractor on all 1,797 real digits and ship it with stats.
 
     Adam 1e-3, batch 64, `epochs` seeded epochs, weight decay 1e-4, no augmentation: a few

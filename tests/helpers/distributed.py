@@ -27,8 +27,13 @@ def free_port() -> int:
 
 def loopback_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """What torchrun would set for local rank `rank` of a one-node job on the loopback interface."""
-    return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable[[World], object], results) -> None:
@@ -47,8 +52,9 @@ def run_in_processes(fn: Callable[[World], object], world_size: int = 2) -> dict
     with ctx.Manager() as manager:
         results = manager.dict()
         port = free_port()
-        processes = [ctx.Process(target=_worker, args=(rank, world_size, port, fn, results))
-                     for rank in range(world_size)]
+        processes = [
+            ctx.Process(target=_worker, args=(rank, world_size, port, fn, results)) for rank in range(world_size)
+        ]
         for process in processes:
             process.start()
         for process in processes:
@@ -61,13 +67,19 @@ def run_in_processes(fn: Callable[[World], object], world_size: int = 2) -> dict
 def collect_batches(world: World, num_images: int = 11, batch_size: int = 3) -> list[tuple[int, int, list[int]]]:
     """(first index, rank that ran it, indices) of every batch, as rank 0 receives them."""
     delivered: list[tuple[int, int, list[int]]] = []
-    run_batches(world, num_images, batch_size, lambda indices: (world.rank, indices),
-                lambda start, result: delivered.append((start, *result)))
+    run_batches(
+        world,
+        num_images,
+        batch_size,
+        lambda indices: (world.rank, indices),
+        lambda start, result: delivered.append((start, *result)),
+    )
     return delivered
 
 
 def fail_on_rank_1(world: World) -> None:
     """Rank 1's second batch raises; rank 0 must stop too instead of waiting for it."""
+
     def run(indices: list[int]) -> list[int]:
         if world.rank == 1 and indices[0] > 3:
             raise ValueError(f"cannot run batch {indices}")
@@ -86,25 +98,54 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def run_cli(args: list[str], timeout: float = CLI_TIMEOUT_S, **env: str) -> subprocess.CompletedProcess:
     """`python -m modiff_trt ARGS` in one process."""
-    return subprocess.run([sys.executable, "-m", "modiff_trt", *args], env=cli_env(**env), capture_output=True, check=False,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "modiff_trt", *args],
+        env=cli_env(**env),
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def torchrun_cli(args: list[str], nproc: int = 2, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node NPROC -m modiff_trt ARGS` on 127.0.0.1 (gloo: no GPU here)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    return subprocess.run([*launcher, "-m", "modiff_trt", *args], env=cli_env(), capture_output=True, text=True, check=False,
-                          timeout=timeout)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+    ]
+    return subprocess.run(
+        [*launcher, "-m", "modiff_trt", *args],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
 
 
 def launch_ranks(args_per_rank: list[list[str]], timeout: float = CLI_TIMEOUT_S) -> list[subprocess.Popen]:
     """One `python -m modiff_trt` per rank with torchrun's variables set by hand (any launcher does this)."""
     port = free_port()
-    processes = [subprocess.Popen([sys.executable, "-m", "modiff_trt", *args],
-                                  env=cli_env(**loopback_env(rank, len(args_per_rank), port)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for rank, args in enumerate(args_per_rank)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "modiff_trt", *args],
+            env=cli_env(**loopback_env(rank, len(args_per_rank), port)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, args in enumerate(args_per_rank)
+    ]
     for process in processes:
         try:
             process.wait(timeout)

@@ -46,6 +46,7 @@ def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10, step_
             amax = torch.stack([value[:, g].abs().amax() for g in layer.groups])
             entry[key] = amax if entry.get(key) is None else torch.maximum(entry[key], amax)
             prev[name] = x.clone()
+
         return record
 
     for name, layer in probe.layers.items():
@@ -61,8 +62,12 @@ def absmax_scales(model, config: QuantConfig, sample_shape, n=4, steps=10, step_
             return [activation_scale(torch.empty(0), float(v), fmt.bits, "minmax", fmt=fmt.format) for v in amax]
 
         per_group = [scales(s[f"act{g}" if groups else "act"]) for g in range(count)]
-        layers[name] = LayerScales(act=per_group[0], warmup=None if s["warmup"] is None else scales(s["warmup"]),
-                                   act_groups=None if groups is None else per_group, act_format=fmt.format)
+        layers[name] = LayerScales(
+            act=per_group[0],
+            warmup=None if s["warmup"] is None else scales(s["warmup"]),
+            act_groups=None if groups is None else per_group,
+            act_format=fmt.format,
+        )
     return ScaleSet(modulate=config.modulate, layers=layers, source="test-absmax", step_groups=groups)
 
 
@@ -121,8 +126,9 @@ class OrtProbe:
 
         cpu, options = ["CPUExecutionProvider"], session_options()
         self.warm = ort.InferenceSession(str(out / "warmup.onnx"), options, providers=cpu)
-        self.step_session = ort.InferenceSession(_expose_layer_inputs(out / "step.onnx", layers).SerializeToString(),
-                                                 options, providers=cpu)
+        self.step_session = ort.InferenceSession(
+            _expose_layer_inputs(out / "step.onnx", layers).SerializeToString(), options, providers=cpu
+        )
 
     def warmup(self, feed) -> None:
         outs = dict(zip([o.name for o in self.warm.get_outputs()], self.warm.run(None, feed), strict=True))
@@ -130,10 +136,17 @@ class OrtProbe:
 
     def step(self, feed):
         """(state read, outputs: a_hat_out.L, o_hat_out.L and each layer's input x_of.L)."""
-        result = dict(zip([o.name for o in self.step_session.get_outputs()],
-                          self.step_session.run(None, {**feed, **self.state}), strict=True))
-        state, self.state = self.state, {output_to_input(n): v for n, v in result.items()
-                                         if n.startswith(("a_hat_out.", "o_hat_out."))}
+        result = dict(
+            zip(
+                [o.name for o in self.step_session.get_outputs()],
+                self.step_session.run(None, {**feed, **self.state}),
+                strict=True,
+            )
+        )
+        state, self.state = (
+            self.state,
+            {output_to_input(n): v for n, v in result.items() if n.startswith(("a_hat_out.", "o_hat_out."))},
+        )
         return state, result
 
 
@@ -163,16 +176,23 @@ class OpenVinoProbe:
 
     @staticmethod
     def request_outputs(request) -> list[str]:
-        return [next(n for n in port.get_names() if n.startswith(("a_hat_out.", "o_hat_out.")))
-                for port in request.model_outputs if "eps" not in port.get_names()]
+        return [
+            next(n for n in port.get_names() if n.startswith(("a_hat_out.", "o_hat_out.")))
+            for port in request.model_outputs
+            if "eps" not in port.get_names()
+        ]
 
     def step(self, feed):
         from modiff_trt.engines.openvino_backend import read_state
 
         state = read_state(self.request)
         self.request.infer(feed)
-        result = {n: self.request.get_tensor(n).data.copy() for port in self.request.model_outputs
-                  for n in port.get_names() if n.startswith("x_of.")}
+        result = {
+            n: self.request.get_tensor(n).data.copy()
+            for port in self.request.model_outputs
+            for n in port.get_names()
+            if n.startswith("x_of.")
+        }
         result.update({input_to_output(n): v for n, v in read_state(self.request).items()})
         return state, result
 

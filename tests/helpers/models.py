@@ -21,11 +21,22 @@ def ddim_yaml(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), re
     return {
         "data": {"dataset": "TINY", "image_size": resolution, "channels": channels},
         "model": {
-            "type": "simple", "in_channels": channels, "out_ch": channels, "ch": ch, "ch_mult": list(ch_mult),
-            "num_res_blocks": num_res_blocks, "attn_resolutions": list(attn_resolutions), "dropout": 0.1,
+            "type": "simple",
+            "in_channels": channels,
+            "out_ch": channels,
+            "ch": ch,
+            "ch_mult": list(ch_mult),
+            "num_res_blocks": num_res_blocks,
+            "attn_resolutions": list(attn_resolutions),
+            "dropout": 0.1,
             "resamp_with_conv": True,
         },
-        "diffusion": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "num_diffusion_timesteps": 1000},
+        "diffusion": {
+            "beta_schedule": "linear",
+            "beta_start": 0.0001,
+            "beta_end": 0.02,
+            "num_diffusion_timesteps": 1000,
+        },
     }
 
 
@@ -33,10 +44,16 @@ def tiny_unet(seed: int = 0, **overrides) -> DDIMUNet:
     """A small DDIM UNet with non-trivial random weights (GroupNorm affine and biases perturbed)."""
     torch.manual_seed(seed)
     cfg = dict(TINY, **overrides)
-    model = DDIMUNet(DDIMUNetConfig(
-        ch=cfg["ch"], ch_mult=tuple(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"],
-        attn_resolutions=tuple(cfg["attn_resolutions"]), resolution=cfg["resolution"], dropout=0.1,
-    ))
+    model = DDIMUNet(
+        DDIMUNetConfig(
+            ch=cfg["ch"],
+            ch_mult=tuple(cfg["ch_mult"]),
+            num_res_blocks=cfg["num_res_blocks"],
+            attn_resolutions=tuple(cfg["attn_resolutions"]),
+            resolution=cfg["resolution"],
+            dropout=0.1,
+        )
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
@@ -50,52 +67,113 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 KL_SMALL = {
     "target": "ldm.models.autoencoder.AutoencoderKL",
-    "params": {"embed_dim": 4, "ddconfig": {
-        "double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3,
-        "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
-    }},
+    "params": {
+        "embed_dim": 4,
+        "ddconfig": {
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 32,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,
+            "ch_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+    },
 }
 VQ_SMALL = {
     "target": "ldm.models.autoencoder.VQModelInterface",
-    "params": {"embed_dim": 3, "n_embed": 16, "ddconfig": {
-        "double_z": False, "z_channels": 3, "resolution": 32, "in_channels": 3, "out_ch": 3,
-        "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [8],
-        "dropout": 0.0,
-    }},
+    "params": {
+        "embed_dim": 3,
+        "n_embed": 16,
+        "ddconfig": {
+            "double_z": False,
+            "z_channels": 3,
+            "resolution": 32,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,
+            "ch_mult": [1, 2, 2],
+            "num_res_blocks": 1,
+            "attn_resolutions": [8],
+            "dropout": 0.0,
+        },
+    },
 }
 
 # model.params of shrunk configs shaped like the three paper models.
 SMALL: dict[str, dict[str, Any]] = {
     "churches": {
-        "linear_start": 0.0015, "linear_end": 0.0155, "image_size": 8, "channels": 4,
-        "concat_mode": False, "scale_by_std": True, "cond_stage_config": "__is_unconditional__",
-        "unet_config": {"params": {
-            "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-            "attention_resolutions": [2], "num_res_blocks": 1, "channel_mult": [1, 2],
-            "num_heads": 4, "use_scale_shift_norm": True, "resblock_updown": True,
-        }},
+        "linear_start": 0.0015,
+        "linear_end": 0.0155,
+        "image_size": 8,
+        "channels": 4,
+        "concat_mode": False,
+        "scale_by_std": True,
+        "cond_stage_config": "__is_unconditional__",
+        "unet_config": {
+            "params": {
+                "image_size": 8,
+                "in_channels": 4,
+                "out_channels": 4,
+                "model_channels": 32,
+                "attention_resolutions": [2],
+                "num_res_blocks": 1,
+                "channel_mult": [1, 2],
+                "num_heads": 4,
+                "use_scale_shift_norm": True,
+                "resblock_updown": True,
+            }
+        },
         "first_stage_config": KL_SMALL,
     },
     "bedrooms": {
-        "linear_start": 0.0015, "linear_end": 0.0195, "image_size": 8, "channels": 3,
+        "linear_start": 0.0015,
+        "linear_end": 0.0195,
+        "image_size": 8,
+        "channels": 3,
         "cond_stage_config": "__is_unconditional__",
-        "unet_config": {"params": {
-            "image_size": 8, "in_channels": 3, "out_channels": 3, "model_channels": 32,
-            "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2],
-            "num_head_channels": 16,
-        }},
+        "unet_config": {
+            "params": {
+                "image_size": 8,
+                "in_channels": 3,
+                "out_channels": 3,
+                "model_channels": 32,
+                "attention_resolutions": [1, 2],
+                "num_res_blocks": 1,
+                "channel_mult": [1, 2],
+                "num_head_channels": 16,
+            }
+        },
         "first_stage_config": VQ_SMALL,
     },
     "sd": {
-        "linear_start": 0.00085, "linear_end": 0.012, "image_size": 8, "channels": 4,
-        "conditioning_key": "crossattn", "scale_factor": 0.18215,
+        "linear_start": 0.00085,
+        "linear_end": 0.012,
+        "image_size": 8,
+        "channels": 4,
+        "conditioning_key": "crossattn",
+        "scale_factor": 0.18215,
         "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
-        "unet_config": {"params": {
-            "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-            "attention_resolutions": [1], "num_res_blocks": 1, "channel_mult": [1, 2],
-            "num_heads": 2, "use_spatial_transformer": True, "transformer_depth": 1,
-            "context_dim": 16, "use_checkpoint": True, "legacy": False,
-        }},
+        "unet_config": {
+            "params": {
+                "image_size": 8,
+                "in_channels": 4,
+                "out_channels": 4,
+                "model_channels": 32,
+                "attention_resolutions": [1],
+                "num_res_blocks": 1,
+                "channel_mult": [1, 2],
+                "num_heads": 2,
+                "use_spatial_transformer": True,
+                "transformer_depth": 1,
+                "context_dim": 16,
+                "use_checkpoint": True,
+                "legacy": False,
+            }
+        },
         "first_stage_config": KL_SMALL,
     },
 }
@@ -118,18 +196,19 @@ def randomize(module: nn.Module, seed: int) -> nn.Module:
 
 
 def lightning_ckpt(
-    tmp_path: Path, name: str, unet: nn.Module, decoder: nn.Module | None = None,
-    ema: nn.Module | None = None, **extra: torch.Tensor,
+    tmp_path: Path,
+    name: str,
+    unet: nn.Module,
+    decoder: nn.Module | None = None,
+    ema: nn.Module | None = None,
+    **extra: torch.Tensor,
 ) -> Path:
     sd = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     if decoder is not None:
         sd.update({f"first_stage_model.{k}": v for k, v in decoder.state_dict().items()})
         sd["first_stage_model.encoder.conv_in.weight"] = torch.zeros(1)  # ignored: decode only
     if ema is not None:
-        sd.update({
-            "model_ema." + f"diffusion_model.{k}".replace(".", ""): v
-            for k, v in ema.state_dict().items()
-        })
+        sd.update({"model_ema." + f"diffusion_model.{k}".replace(".", ""): v for k, v in ema.state_dict().items()})
         sd["model_ema.decay"] = torch.tensor(0.9999)
     sd.update(extra)
     path = tmp_path / f"{name}.ckpt"

@@ -49,7 +49,10 @@ def _graph(kind: str, dtype: str) -> onnx.ModelProto:
     npf = np.dtype(dtype)
     nodes, inits = [], []
     batch_shape = ["batch", C, H, W]
-    inputs = [helper.make_tensor_value_info(X, fdt, batch_shape), helper.make_tensor_value_info(T, TensorProto.FLOAT, ["batch"])]
+    inputs = [
+        helper.make_tensor_value_info(X, fdt, batch_shape),
+        helper.make_tensor_value_info(T, TensorProto.FLOAT, ["batch"]),
+    ]
     outputs = [helper.make_tensor_value_info(EPS, fdt, batch_shape)]
     if kind == "step":
         inits.append(numpy_helper.from_array(np.array(ACT_SCALE, dtype=npf), "act_scale"))
@@ -127,8 +130,14 @@ def make_tiny_export(out: Path, dtype: str = "float32", batch_size: int | None =
     return manifest
 
 
-def digits_export(out: Path, workdir: Path, float_dtype: str = "float16", batch_size: int | None = None,
-                  modulate: bool = True, step_groups: int = 1) -> Path:
+def digits_export(
+    out: Path,
+    workdir: Path,
+    float_dtype: str = "float16",
+    batch_size: int | None = None,
+    modulate: bool = True,
+    step_groups: int = 1,
+) -> Path:
     """The embedded digits model, W8A8 with static scales calibrated on 10-step trajectories, exported
     to `out` with the real exporter (what users build): MoDiff warm-up + step, or the plain unet graph.
 
@@ -145,11 +154,21 @@ def digits_export(out: Path, workdir: Path, float_dtype: str = "float16", batch_
     quant = QuantConfig(8, 8, modulate=modulate, act_scales="static")
     sampler = make_sampler(model_cfg, steps=10)
     workdir.mkdir(parents=True, exist_ok=True)
-    calibration = calibration_file(model_cfg, checkpoint, quant, sampler, workdir, cali_st=9, cali_n=8, batch_size=8,
-                                   step_groups=step_groups)
+    calibration = calibration_file(
+        model_cfg, checkpoint, quant, sampler, workdir, cali_st=9, cali_n=8, batch_size=8, step_groups=step_groups
+    )
     _, float_model, qmodel = load_reference(model_cfg, checkpoint, quant, calibration)
-    export_model(float_model, qmodel, model_cfg, out, checkpoint=checkpoint, calibration=calibration,
-                 sampler=sampler, float_dtype=float_dtype, batch_size=batch_size)
+    export_model(
+        float_model,
+        qmodel,
+        model_cfg,
+        out,
+        checkpoint=checkpoint,
+        calibration=calibration,
+        sampler=sampler,
+        float_dtype=float_dtype,
+        batch_size=batch_size,
+    )
     return out
 
 

@@ -421,8 +421,9 @@ class SimulatedGPUs:
         monkeypatch.setattr(cuda, "device", self.device)
 
 
-def install_double(monkeypatch: Any, version: str = "10.13.0.35", gpus: tuple[str, ...] = ("Double GPU 0",),
-                   threads: int = 2) -> types.ModuleType:
+def install_double(
+    monkeypatch: Any, version: str = "10.13.0.35", gpus: tuple[str, ...] = ("Double GPU 0",), threads: int = 2
+) -> types.ModuleType:
     """Make `import tensorrt` return the double and torch.cuda report `gpus`; undone by monkeypatch."""
     double = make_double(version, threads)
     SimulatedGPUs(list(gpus)).install(monkeypatch)
