@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-import click
 import numpy as np
 import typer
 from rich.console import Console
@@ -84,7 +83,7 @@ def user_errors(func: F) -> F:
         except ModiffError as exc:
             _error(str(exc))
             raise typer.Exit(code=2) from None
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, typer.BadParameter):  # the framework's own signals pass through
             raise
         except Exception as exc:  # noqa: BLE001 - the catch-all the CLI promises
             command = func.__name__.removesuffix("_command").removesuffix("_cmd").replace("_", "-")
