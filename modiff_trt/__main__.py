@@ -1,5 +1,5 @@
-"""`python -m modiff_trt` runs the same Typer app as the `modiff-trt` console script."""
+"""`python -m modiff_trt` starts the same entry point as the `modiff-trt` console script."""
 
-from modiff_trt.cli import main
+from modiff_trt.entry import main
 
 main()

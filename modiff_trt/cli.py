@@ -116,11 +116,6 @@ def _error(message: str) -> None:
     console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())), highlight=False, soft_wrap=True)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
-
-
 # --- options shared by several commands ---------------------------------------------------
 WEIGHT_BITS = typer.Option(None, "--weight-bits", help="Weight bits (2..8; 0 keeps weights in float) [default: 8].")
 ACT_BITS = typer.Option(

@@ -201,7 +201,9 @@ def external_fid(image_dir: str | Path, reference: str | Path) -> float | None:
     try:
         from cleanfid import fid
     except ImportError:
-        log.info("real FID skipped: pip install torch-fidelity (or clean-fid) to compute it")
+        log.info(
+            "real FID skipped: pip install 'modiff-trt[fid]' (torch-fidelity) or 'modiff-trt[clean-fid]' to compute it"
+        )
         return None
     if Path(ref).is_dir():
         return float(fid.compute_fid(image_dir, ref))

@@ -35,7 +35,8 @@ ALLOWED: dict[str, set[str]] = {
     "demo": {"atomic", "engines", "machine", "metrics", "models", "pipeline", "quant", "sampling"},
     "api": {"*"},
     "cli": {"*"},
-    "__main__": {"cli"},
+    "entry": {"cli"},
+    "__main__": {"entry"},
 }
 EVERYWHERE = {"errors", "__init__"}
 
