@@ -71,6 +71,11 @@ class QuantOptions:
 
         if self.act_bits is None:
             return FORMAT_BITS.get(str(self.chosen("act_format")), 8)
+        if self.act_bits == 0 and self.act_format is not None:
+            raise OptionError(
+                f"--act-format {self.act_format} with --act-bits 0: activations stay in float, so no format "
+                "applies; drop --act-format, or give the bits (e.g. --act-bits 8)"
+            )
         return _float_if_zero(self.act_bits)
 
     def config(self, act_scales: str) -> QuantConfig:
@@ -204,6 +209,7 @@ def sample(options: SampleOptions) -> SampleResult:
     from modiff_trt.atomic import atomic_directory, check_destination, refuse_non_empty, replace_any
     from modiff_trt.sampling.distributed import current_world
     from modiff_trt.sampling.run import write_samples
+    from modiff_trt.sampling.writer import check_disk_room
 
     o = options
     world = current_world()
@@ -220,6 +226,8 @@ def sample(options: SampleOptions) -> SampleResult:
         runner, base, checkpoint = _reference_runner(o)
         sample_shape, context_shape, family = base.sample_shape, base.context_shape, base.family
         source, config = base.source, o.model.config
+    if world.main:
+        check_disk_room(o.out, o.num_images, sample_shape)
     chosen = o.sampling.make(base)
     conditioning = o.prompts.conditioning(context_shape, source, o.seed)
     decoder = _first_stage(config, family, checkpoint, o.model.trust_checkpoint)
@@ -435,6 +443,11 @@ def calibrate(options: CalibrateOptions) -> Calibration:
         step_groups=o.step_groups,
         act_format=fmt,
     )
+    if settings.act_bits is None and o.from_qdiffusion is None:
+        raise OptionError(
+            "--act-bits 0 keeps activations in float, so calibrate has no activation scales to measure "
+            "(weights are rounded at export): export with --act-bits 0 and no --calibration"
+        )
     if o.from_qdiffusion is not None:
         if o.model.checkpoint is not None:
             raise OptionError(
@@ -469,6 +482,7 @@ class CompareOptions:
     skip_type: str | None = None
     seed: int = 0
     json_out: Path | None = None  # also write the rows as JSON
+    overwrite: bool = False  # replace an existing json_out
     trust_checkpoint: bool = False
 
 
@@ -487,7 +501,12 @@ def compare(options: CompareOptions) -> list[StepDiff]:
         )
     sample_counts(o.num_images, None, o.seed)
     at_least("--steps", o.steps, 1)
-    writable_file(o.json_out, "--json")
+    writable_file(o.json_out, "--json", overwrite=o.overwrite)
+    if o.json_out is not None and Path(o.json_out).resolve().is_relative_to(Path(o.export_dir).resolve()):
+        raise OptionError(
+            f"--json {o.json_out} is inside the export directory {o.export_dir}, whose files are the export's: "
+            "write it elsewhere"
+        )
     rows = compare_backends(
         o.export_dir, list(o.backends), o.num_images, o.seed, o.trust_checkpoint, steps=o.steps, skip_type=o.skip_type
     )

@@ -54,6 +54,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with _full_disk_named(path):
             yield tmp
         os.replace(tmp, path)

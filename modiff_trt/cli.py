@@ -37,7 +37,7 @@ from modiff_trt.choices import (
     Target,
 )
 from modiff_trt.errors import ModiffError, OptionError
-from modiff_trt.validate import at_least, sample_counts
+from modiff_trt.validate import at_least, positive_seconds, sample_counts
 
 app = typer.Typer(
     name="modiff-trt",
@@ -106,7 +106,7 @@ def every_rank(func: F) -> F:
     def wrapper(*args, **kwargs):
         from modiff_trt.sampling.distributed import process_group, together
 
-        with process_group(kwargs["dist_timeout"]) as world, together(world):
+        with process_group(positive_seconds("--dist-timeout", kwargs["dist_timeout"])) as world, together(world):
             return func(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -642,7 +642,10 @@ def compare(
     steps: int = typer.Option(10, "--steps", help="Sampler steps of the compared trajectory (1..T)."),
     skip_type: SkipType | None = SKIP_TYPE,
     seed: int = SEED,
-    json_out: Path | None = typer.Option(None, "--json", help="Also write the table as JSON."),
+    json_out: Path | None = typer.Option(
+        None, "--json", help="Also write the table as JSON (outside the export directory; its folders are created)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     trust_checkpoint: bool = TRUST,
 ) -> None:
     """Per-step error table between backends over one trajectory from the same noise.
@@ -654,7 +657,7 @@ def compare(
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip())
     rows = api.compare(
-        api.CompareOptions(export_dir, names, num_images, steps, skip_type, seed, json_out, trust_checkpoint)
+        api.CompareOptions(export_dir, names, num_images, steps, skip_type, seed, json_out, overwrite, trust_checkpoint)
     )
     table = Table("step", "t", "backend", f"rel. error vs {names[0]}", "max |diff|", "mean |diff|")
     for r in rows:
@@ -740,11 +743,7 @@ def calibrate_command(
     ),
     weight_bits: int | None = WEIGHT_BITS,
     act_bits: int | None = ACT_BITS,
-    act_format: ActFormat = typer.Option(
-        ActFormat.int,
-        "--act-format",
-        help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md).",
-    ),
+    act_format: ActFormat | None = ACT_FORMAT,
     method: Method = typer.Option(
         Method.minmax,
         "--method",

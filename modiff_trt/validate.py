@@ -31,6 +31,13 @@ def finite_eta(eta: float | None, option: str = "--eta") -> float | None:
     return eta
 
 
+def positive_seconds(option: str, value: float) -> float:
+    """A time limit: finite and > 0 (0 or a negative limit would fail every wait, nan none)."""
+    if not math.isfinite(value) or value <= 0:
+        raise OptionError(f"{option} {value} is invalid: it must be a finite number of seconds > 0")
+    return value
+
+
 def not_a_directory(option: str, path: str | Path | None, what: str) -> None:
     """An input file option that names a folder: say so, instead of 'not found' or a loader's errno."""
     if path is not None and Path(path).is_dir():

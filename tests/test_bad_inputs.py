@@ -199,6 +199,20 @@ CASES: dict[str, Case] = {
     "calibrate-method": case(f"{CAL} --method foo -o {{tmp}}/c.safetensors", "--method"),
     "calibrate-act-format": case(f"{CAL} --act-format fp4 -o {{tmp}}/c.safetensors", "--act-format"),
     "calibrate-nvfp4-mse": case(f"{CAL} --act-format nvfp4 --method mse -o {{tmp}}/c.safetensors", "--method mse"),
+    "calibrate-act-bits-0": case(f"{CAL} --act-bits 0 -o {{tmp}}/c.safetensors", "no activation scales to measure"),
+    "calibrate-act-format-without-bits": case(
+        f"{CAL} --act-bits 0 --act-format fp8 -o {{tmp}}/c.safetensors", "--act-format fp8 with --act-bits 0"
+    ),
+    "sample-act-format-without-bits": case(f"{SAMPLE} --act-bits 0 --act-format nvfp4", "--act-format nvfp4 with"),
+    "export-act-format-without-bits": case(
+        "export -c digits --act-bits 0 --act-format fp8 -o {tmp}/e", "--act-format fp8 with --act-bits 0"
+    ),
+    "sample-dist-timeout-0": case(f"{SAMPLE} --dist-timeout 0", "--dist-timeout 0.0 is invalid"),
+    "sample-dist-timeout-negative": case(f"{SAMPLE} --dist-timeout -1", "--dist-timeout -1.0 is invalid"),
+    "sample-dist-timeout-nan": case(f"{SAMPLE} --dist-timeout nan", "--dist-timeout nan is invalid"),
+    "sample-n-beyond-the-disk": case(
+        "sample -c digits -n 1000000000000 --steps 2 -o {tmp}/s", "-n 1000000000000 needs at least"
+    ),
     "calibrate-first-step": case(f"{CAL} --first-step foo -o {{tmp}}/c.safetensors", "--first-step"),
     "calibrate-skip-type": case(f"{CAL} --skip-type foo -o {{tmp}}/c.safetensors", "--skip-type"),
     "calibrate-both-sources": case(
@@ -269,6 +283,10 @@ CASES: dict[str, Case] = {
     "compare-seed-negative": case(f"{COMPARE} --seed -1", "--seed -1"),
     "compare-json-under-file": case(f"{COMPARE} --json {{notes}}/x.json", "--json", keep=("notes",)),
     "compare-json-is-dir": case(f"{COMPARE} --json {{tmp}}", "--json"),
+    "compare-json-exists": case(f"{COMPARE} --json {{notes}}", "--overwrite", keep=("notes",)),
+    "compare-json-into-the-export": case(
+        f"{COMPARE} --json {{export}}/manifest.json --overwrite", "inside the export directory", keep=("export",)
+    ),
     # --- train-digits ----------------------------------------------------------------------
     "train-out-exists": case("train-digits --iterations 1 --out {ckpt}", "--overwrite", keep=("ckpt",)),
     "train-iterations-0": case("train-digits --iterations 0 --out {tmp}/w.safetensors", "--iterations 0"),

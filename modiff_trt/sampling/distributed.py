@@ -59,9 +59,9 @@ class World:
         """cuda:LOCAL_RANK when CUDA is available, else the CPU."""
         return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
-    def batch_starts(self, num_images: int, batch_size: int) -> list[int]:
+    def batch_starts(self, num_images: int, batch_size: int) -> range:
         """First image index of each batch this rank runs: batches rank, rank+W, rank+2W, ..."""
-        return list(range(self.rank * batch_size, num_images, self.size * batch_size))
+        return range(self.rank * batch_size, num_images, self.size * batch_size)
 
     def rounds(self, num_images: int, batch_size: int) -> int:
         """Rounds of collection: every rank takes part in each, with a batch or with nothing."""

@@ -13,7 +13,9 @@ complete PNGs.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from modiff_trt.atomic import atomic_file
+from modiff_trt.errors import OptionError
 from modiff_trt.sampling.images import make_grid, save_image, save_samples
 
 
@@ -75,6 +78,28 @@ class SampleWriter:
         self._arrays.clear()
         for path in paths:
             path.unlink(missing_ok=True)
+
+
+def bytes_at_least(num_images: int, sample_shape: tuple[int, ...] | list[int]) -> int:
+    """A lower bound of the disk a run writes: samples.npz's uint8 and float32 columns, twice.
+
+    Twice because the rows go to memory-mapped .npy files first and are then copied into the npz.
+    PNGs, latent models' decoded images (larger than their latents) and the grid come on top.
+    """
+    return 2 * (1 + 4) * num_images * math.prod(sample_shape)
+
+
+def check_disk_room(out: Path, num_images: int, sample_shape: tuple[int, ...] | list[int]) -> None:
+    """Refuse a run whose arrays cannot fit on `out`'s disk, before the first batch instead of at the end."""
+    folder = Path(out).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    needed, free = bytes_at_least(num_images, sample_shape), shutil.disk_usage(folder).free
+    if needed > free:
+        raise OptionError(
+            f"-n {num_images} needs at least {needed / 2**30:,.1f} GiB for samples.npz under {folder}, "
+            f"which has {free / 2**30:,.1f} GiB free: lower -n, or choose an --out on a larger disk"
+        )
 
 
 @contextlib.contextmanager
