@@ -128,6 +128,7 @@ class SamplerOptions:
     skip_type: str | None = None
     eta: float | None = None
     guidance_scale: float | None = None
+    scheduler: str | None = None
 
     def check(self) -> None:
         at_least("--steps", self.steps, 1)
@@ -144,6 +145,7 @@ class SamplerOptions:
             skip_type=self.skip_type,
             eta=self.eta,
             guidance_scale=self.guidance_scale,
+            scheduler=None if self.scheduler is None else str(self.scheduler),
         )
 
 

@@ -95,6 +95,15 @@ class LatentSampler(StrEnum):
     plms = "plms"
 
 
+class Scheduler(StrEnum):
+    """A diffusers scheduler that drives the UNet calls (needs the diffusers extra)."""
+
+    ddim = "ddim"
+    pndm = "pndm"
+    dpm_solver_pp = "dpm-solver++"
+    euler = "euler"
+
+
 class Engine(StrEnum):
     """Which TensorRT plan `profile` times."""
 

@@ -32,6 +32,7 @@ from modiff_trt.choices import (
     LatentSampler,
     Method,
     OrtProvider,
+    Scheduler,
     SkipType,
     StateDtype,
     Target,
@@ -150,6 +151,11 @@ SAMPLER = typer.Option(
     "--sampler",
     help="Latent diffusion: ddim or plms (default: the config's, PLMS for SD; an export's: the one it records).",
 )
+SCHEDULER = typer.Option(
+    None,
+    "--scheduler",
+    help="Drive the UNet with a diffusers scheduler instead of --sampler, on any model (pip install 'modiff-trt[diffusers]'); a diffusers model folder uses its own scheduler by default.",
+)
 GUIDANCE = typer.Option(
     None, "--guidance-scale", help="SD classifier-free guidance scale (default 7.5; 1 disables it)."
 )
@@ -183,7 +189,10 @@ def sample(
         help="torch (PyTorch reference), ort (ONNX Runtime), openvino (OpenVINO, CPU) or trt (TensorRT engines).",
     ),
     config: str | None = typer.Option(
-        None, "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."
+        None,
+        "--config",
+        "-c",
+        help="Model config: a YAML (official ddim or latent-diffusion layout), a built-in name, or a diffusers UNet/pipeline folder.",
     ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="UNet checkpoint (flat state_dict, ddim training list, Q-Diffusion, safetensors)."
@@ -231,6 +240,7 @@ def sample(
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
     sampler: LatentSampler | None = SAMPLER,
+    scheduler: Scheduler | None = SCHEDULER,
     guidance_scale: float | None = GUIDANCE,
     prompt: str | None = PROMPT,
     from_file: Path | None = FROM_FILE,
@@ -267,7 +277,7 @@ def sample(
             act_scales=act_scales,
             model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
             quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
-            sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
+            sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale, scheduler),
             prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
             num_images=num_images,
             batch_size=batch_size,
@@ -480,7 +490,12 @@ def profile(
 @app.command("export")
 @user_errors
 def export_cmd(
-    config: str = typer.Option(..., "--config", "-c", help="Model config: official ddim YAML or a built-in name."),
+    config: str = typer.Option(
+        ...,
+        "--config",
+        "-c",
+        help="Model config: a YAML (official ddim or latent-diffusion layout), a built-in name, or a diffusers UNet/pipeline folder.",
+    ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="UNet checkpoint (omit only for built-ins with packaged weights)."
     ),
@@ -709,7 +724,10 @@ def train_digits_command(
 @user_errors
 def calibrate_command(
     config: str = typer.Option(
-        ..., "--config", "-c", help="Model config: a YAML in the official ddim layout or a built-in name."
+        ...,
+        "--config",
+        "-c",
+        help="Model config: a YAML (official ddim or latent-diffusion layout), a built-in name, or a diffusers UNet/pipeline folder.",
     ),
     checkpoint: Path | None = typer.Option(
         None,
@@ -767,6 +785,7 @@ def calibrate_command(
     random_weights: bool = RANDOM_WEIGHTS,
     ema: bool = EMA,
     sampler: LatentSampler | None = SAMPLER,
+    scheduler: Scheduler | None = SCHEDULER,
     guidance_scale: float | None = GUIDANCE,
     prompt: str | None = PROMPT,
     from_file: Path | None = FROM_FILE,
@@ -796,7 +815,7 @@ def calibrate_command(
             model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
             from_qdiffusion=from_qdiffusion,
             quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split),
-            sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale),
+            sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale, scheduler),
             prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
             method=method,
             cali_st=cali_st,

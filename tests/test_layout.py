@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "metrics": set(),
     "machine": set(),
     "plugins": set(),
-    "models": {"sampling.schedules", "validate"},
+    "models": {"sampling.schedules", "sampling.schedulers", "validate"},
     "sampling": {"atomic", "validate"},
     "training": {"atomic", "metrics", "models"},
     "export": {"atomic", "models", "quant", "sampling", "validate"},

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from modiff_trt.errors import CheckpointError, OptionError
+from modiff_trt.models.diffusers_unet import diffusers_config, is_diffusers_folder
 from modiff_trt.validate import not_a_directory
 
 ASSET_DIR = "assets"
@@ -55,6 +56,8 @@ def checkpoint_for(config: str | Path, checkpoint: str | Path | None, random_wei
     packaged = builtin_checkpoint(str(config))
     if packaged is not None:
         return packaged
+    if is_diffusers_folder(config):  # a diffusers folder carries its weights
+        return diffusers_config(config).weights
     raise CheckpointError(
         f"--checkpoint is required: config {config} has no packaged weights (only 'digits' ships with its "
         "weights); pass --random-weights to run an untrained network (speed tests only)"

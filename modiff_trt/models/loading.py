@@ -13,6 +13,7 @@ from modiff_trt.models.checkpoint import (
     read_checkpoint,
 )
 from modiff_trt.models.config import ModelConfig
+from modiff_trt.models.diffusers_unet import DiffusersModelConfig
 from modiff_trt.models.latent import LatentModelConfig
 from modiff_trt.models.ldm_loading import load_ldm_unet
 from modiff_trt.models.registry import ddim_builtin_names, load_config
@@ -62,6 +63,11 @@ def load_unet(
     copy is the file itself or the last list entry).
     """
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
+    if isinstance(cfg, DiffusersModelConfig):  # the folder's own weights, in diffusers' names
+        model = cfg.build()
+        if checkpoint is not None:
+            load_state_into(model.net, read_checkpoint(checkpoint, trust=trust), str(checkpoint), cfg.source)
+        return model.eval()
     latent = isinstance(cfg, LatentModelConfig)
     if latent and checkpoint is not None:
         return load_ldm_unet(cfg.ldm, checkpoint, ema=ema, trust=trust)

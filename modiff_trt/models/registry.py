@@ -18,6 +18,7 @@ from modiff_trt.errors import ConfigError
 from modiff_trt.models import ldm_builtins
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.models.ddim_config import parse_ddim_config
+from modiff_trt.models.diffusers_unet import diffusers_config
 from modiff_trt.models.latent import builtin_latent_config, yaml_latent_config
 
 BUILTIN_DIR = "configs"
@@ -60,10 +61,13 @@ def load_config(config: str | Path) -> ModelConfig:
 
     ddim YAMLs and built-ins give a `DDIMModelConfig`; latent-diffusion YAMLs (they have
     `model.params.unet_config`) and the built-ins `ldm-churches`, `ldm-bedrooms`, `sd-v1` give a
-    `LatentModelConfig` (family 'ldm' or 'sd').
+    `LatentModelConfig` (family 'ldm' or 'sd'); a diffusers UNet or pipeline folder gives a
+    `DiffusersModelConfig` (family 'diffusers').
     """
     if isinstance(config, str) and not Path(config).is_file() and config in ldm_builtins.LDM_BUILTINS:
         return builtin_latent_config(config)
+    if Path(config).is_dir():
+        return diffusers_config(config)
     raw, source, data = _read_yaml(config)
     sha = hashlib.sha256(data).hexdigest()
     if isinstance(raw.get("model"), dict) and "params" in raw["model"]:

@@ -33,6 +33,7 @@ from modiff_trt.sampling.conditioning import ContextSource
 from modiff_trt.sampling.ddim import ddim_sample
 from modiff_trt.sampling.ldm import ldm_ddim_timesteps, sample_ddim, sample_plms
 from modiff_trt.sampling.noise import step_generators
+from modiff_trt.sampling.schedulers import call_timesteps, make_scheduler, scheduler_sample
 from modiff_trt.sampling.schedules import BETA_SCHEDULES, alphas_cumprod, ddim_timesteps, make_betas
 from modiff_trt.sampling.step import StepCallback
 from modiff_trt.validate import wrong_type
@@ -148,6 +149,20 @@ class DDIMSampler(Sampler):
         )
 
 
+def guidance_inputs(
+    sampler: Sampler, conditioning: ContextSource | None, indices: Sequence[int], device: torch.device
+) -> dict[str, Any]:
+    """The context, unconditional context and guidance scale a guided loop takes (`guided_eps`)."""
+    context = uncond = None
+    if conditioning is not None:
+        context = conditioning.context(indices).to(device)
+        if sampler.guided:
+            uncond = conditioning.uncond().to(device)
+    elif sampler.guided:
+        raise ConfigError("classifier-free guidance needs context: give prompts and a text encoder")
+    return {"context": context, "uncond": uncond, "guidance_scale": sampler.guidance_scale}
+
+
 @dataclass(frozen=True)
 class _LatentSampler(Sampler):
     """What the LDM samplers share: LDM timesteps, LatentDiffusion's alphas_cumprod, guidance."""
@@ -175,14 +190,7 @@ class _LatentSampler(Sampler):
         return ldm_ddim_timesteps(self.steps, self.schedule.num_train_timesteps).tolist()
 
     def _context(self, conditioning: ContextSource | None, indices: Sequence[int], device: torch.device) -> dict:
-        context = uncond = None
-        if conditioning is not None:
-            context = conditioning.context(indices).to(device)
-            if self.guided:
-                uncond = conditioning.uncond().to(device)
-        elif self.guided:
-            raise ConfigError("classifier-free guidance needs context: give prompts and a text encoder")
-        return {"context": context, "uncond": uncond, "guidance_scale": self.guidance_scale}
+        return guidance_inputs(self, conditioning, indices, device)
 
 
 @dataclass(frozen=True)
@@ -230,7 +238,68 @@ class PLMSSampler(_LatentSampler):
         )
 
 
-SAMPLERS: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIMSampler, LDMDDIMSampler, PLMSSampler)}
+@dataclass(frozen=True)
+class SchedulerSampler(Sampler):
+    """A diffusers scheduler (`scheduler`: ddim, pndm, dpm-solver++, euler) on the model's betas, any family."""
+
+    name: ClassVar[str] = "diffusers"
+    scheduler: str = "dpm-solver++"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = False
+    guidance_scale: float = 1.0  # type: ignore[assignment]
+
+    def make(self) -> Any:
+        """A fresh diffusers scheduler object with these settings (schedulers keep per-run state)."""
+        return make_scheduler(
+            self.scheduler, self.schedule.betas(), self.timestep_spacing, self.steps_offset, self.set_alpha_to_one
+        )
+
+    def timesteps(self) -> list[int]:
+        return sorted(int(t) for t in call_timesteps(self.make(), self.steps))
+
+    def trajectory(self, model, noise, indices=None, *, seed=0, conditioning=None, callback=None) -> torch.Tensor:
+        indices = list(range(len(noise)) if indices is None else indices)
+        pinned = getattr(model, "step_groups", None)
+        if pinned is not None:
+            pinned.check_timesteps(self.timesteps(), getattr(model, "source", "the model"))
+        return scheduler_sample(
+            model,
+            noise,
+            self.make(),
+            self.steps,
+            callback=callback,
+            **guidance_inputs(self, conditioning, indices, noise.device),
+        )
+
+
+def _sampler_name(default: str, sampler: str | None, scheduler: str | None) -> str:
+    """The sampler class a user's `--sampler`/`--scheduler` ask for, given the model's default one."""
+    if scheduler is not None:
+        if sampler is not None:
+            raise ConfigError("--sampler and --scheduler exclude each other: --scheduler picks a diffusers scheduler")
+        return SchedulerSampler.name
+    if default == SchedulerSampler.name:
+        if sampler is not None:
+            raise ConfigError(f"sampler {sampler!r}: a diffusers model samples with --scheduler (ddim, pndm, ...)")
+        return default
+    latent = default != DDIMSampler.name
+    name = default if sampler is None else sampler
+    if latent and name == "ddim":
+        name = LDMDDIMSampler.name
+    valid = (LDMDDIMSampler.name, PLMSSampler.name) if latent else (DDIMSampler.name,)
+    if name not in valid:
+        raise ConfigError(
+            f"sampler {sampler!r}: choose one of {', '.join(('ddim', 'plms') if latent else ('ddim',))}"
+            + ("" if latent else " (PLMS runs latent-diffusion models)")
+            + ", or a diffusers --scheduler"
+        )
+    return name
+
+
+SAMPLERS: dict[str, type[Sampler]] = {
+    cls.name: cls for cls in (DDIMSampler, LDMDDIMSampler, PLMSSampler, SchedulerSampler)
+}
 _SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(NoiseSchedule))
 
 
@@ -265,12 +334,15 @@ def make_sampler(
     skip_type: str | None = None,
     eta: float | None = None,
     guidance_scale: float | None = None,
+    scheduler: str | None = None,
 ) -> Sampler:
     """The one sampler factory: `base`'s settings, overridden by the options that are not None.
 
     `base` is a model config (its paper settings, `ModelConfig.sampler_defaults()`) or a
     sampler (e.g. an export's, `manifest.sampling`). `sampler` is 'ddim' or
     'plms'; for latent-diffusion models 'ddim' means the LDM DDIM sampler ('ldm-ddim').
+    A `scheduler` (ddim, pndm, dpm-solver++, euler) picks a diffusers scheduler instead, on any
+    model; diffusers model folders sample with one by default.
     """
     if isinstance(base, Sampler):
         defaults, conditional = base.to_dict(), None
@@ -283,17 +355,11 @@ def make_sampler(
             "num_train_timesteps": base.num_train_timesteps,
         }
         conditional = base.context_shape is not None
-    latent = defaults["sampler"] != DDIMSampler.name
-    name = defaults["sampler"] if sampler is None else sampler
-    if latent and name == "ddim":
-        name = LDMDDIMSampler.name
-    valid = (LDMDDIMSampler.name, PLMSSampler.name) if latent else (DDIMSampler.name,)
-    if name not in valid:
-        raise ConfigError(
-            f"sampler {sampler!r}: choose one of {', '.join(('ddim', 'plms') if latent else ('ddim',))}"
-            + ("" if latent else " (PLMS runs latent-diffusion models)")
-        )
+    name = _sampler_name(defaults["sampler"], sampler, scheduler)
+    if name == SchedulerSampler.name and defaults["sampler"] != name:
+        defaults = {k: v for k, v in defaults.items() if k in _SCHEDULE_FIELDS or k == "steps"}
     given = {"steps": steps, "skip_type": skip_type, "eta": eta, "guidance_scale": guidance_scale}
+    given["scheduler"] = scheduler
     fields = {f.name for f in dataclasses.fields(SAMPLERS[name])}
     for key, value in given.items():
         if value is not None and key not in fields and not (key == "eta" and value == 0):

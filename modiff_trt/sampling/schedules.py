@@ -16,6 +16,18 @@ import torch
 from modiff_trt.errors import OptionError
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
+#: The diffusers schedulers `--scheduler` names, by their class in diffusers.
+SCHEDULER_CLASSES = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "dpm-solver++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+
+def scheduler_name(class_name: str | None) -> str | None:
+    """`--scheduler`'s name of a diffusers scheduler class (None when it is none of them)."""
+    return {cls: name for name, cls in SCHEDULER_CLASSES.items()}.get(class_name or "")
 
 
 def make_betas(schedule: str, beta_start: float, beta_end: float, num_train_timesteps: int = 1000) -> torch.Tensor:
