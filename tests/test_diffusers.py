@@ -138,3 +138,61 @@ def test_float_reference_matches_between_runs_of_the_same_scheduler(folders) -> 
     noise = torch.randn(2, *cfg.sample_shape, generator=torch.Generator().manual_seed(1))
     first, second = sampler.trajectory(model, noise), sampler.trajectory(model, noise)
     assert np.array_equal(first.numpy(), second.numpy())
+
+
+def test_a_stable_diffusion_pipeline_samples_through_the_deployed_export_with_its_state_reset_per_call(
+    tmp_path,
+) -> None:
+    from helpers.diffusers_models import stable_diffusion_pipeline
+
+    from modiff_trt.engines.diffusers_unet import DeployedUNet, deploy_unet
+
+    pipe = stable_diffusion_pipeline(tmp_path / "sd")
+    pipe.set_progress_bar_config(disable=True)
+    steps = 3
+    _, out = _calibrate_and_export(tmp_path, tmp_path / "sd", "pndm", steps=steps)
+    float_unet = pipe.unet
+    runs: dict[str, list[np.ndarray]] = {}
+    for backend in ("ort", "torch"):
+        deployed = deploy_unet(
+            float_unet, out, backend=backend, **({"ort_provider": "cpu"} if backend == "ort" else {})
+        )
+        calls, resets = [], []  # what reaches the runner: each UNet call's batch, each new trajectory
+        pipe.unet = DeployedUNet(_Spy(deployed.runner, calls, resets), deployed.config)
+        runs[backend] = [
+            pipe(
+                "a cat", num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np"
+            ).images
+            for _ in range(2)
+        ]
+        assert len(calls) == 2 * (steps + 1) and resets == [0, steps + 1]  # PNDM: one extra call per run
+        assert all(batch == 2 for batch in calls)  # guidance: [uncond; cond] in one call
+    ort_first, ort_second = runs["ort"]
+    assert np.array_equal(ort_first, ort_second)  # a second call starts from the warm-up, not stale state
+    assert float(np.abs(ort_first - runs["torch"][0]).max()) < 2e-2
+
+
+class _Spy:
+    """A runner that records the batch of each call and each reset, then delegates."""
+
+    def __init__(self, runner, calls: list[int], resets: list[int]) -> None:
+        self.runner, self.calls, self.resets = runner, calls, resets
+        self.device = getattr(runner, "device", torch.device("cpu"))
+
+    def reset_state(self) -> None:
+        self.resets.append(len(self.calls))
+        self.runner.reset_state()
+
+    def __call__(self, x, t, context=None):
+        self.calls.append(x.shape[0])
+        return self.runner(x, t, context)
+
+
+def test_deploy_unet_refuses_an_export_of_another_unet(folders, tmp_path) -> None:
+    from modiff_trt.engines.diffusers_unet import deploy_unet
+
+    quant = api.QuantOptions(weight_bits=0, act_bits=0, modulate=False)
+    api.export(api.ExportOptions(tmp_path / "e", api.ModelOptions(config=str(folders["unet"])), quant=quant))
+    other = diffusers.UNet2DConditionModel.from_pretrained(folders["pipeline"] / "unet")
+    with pytest.raises(ConfigError, match="export the pipeline's own unet/ folder"):
+        deploy_unet(other, tmp_path / "e", backend="ort")
