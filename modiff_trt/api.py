@@ -322,6 +322,11 @@ def _first_stage(config: str, family: str, checkpoint: str | Path | None, trust:
     pixels (so a ddim export samples without its config file)."""
     if family == "ddim":
         return None
+    if family == "diffusers":  # the pipeline folder's own VAE, when it has one
+        from modiff_trt.models import load_config
+        from modiff_trt.models.diffusers_unet import first_stage
+
+        return first_stage(load_config(config))
     if checkpoint is None:
         raise ConfigError("latent diffusion needs --checkpoint: its first-stage decoder turns latents into images")
     from modiff_trt.models import load_config

@@ -203,6 +203,11 @@ CASES: dict[str, Case] = {
     "calibrate-act-format-without-bits": case(
         f"{CAL} --act-bits 0 --act-format fp8 -o {{tmp}}/c.safetensors", "--act-format fp8 with --act-bits 0"
     ),
+    "sample-scheduler-unknown": case(f"{SAMPLE} --scheduler heun", "--scheduler"),
+    "sample-scheduler-and-sampler": case(f"{SAMPLE} --scheduler pndm --sampler ddim", "--sampler and --scheduler"),
+    "sample-config-folder-not-diffusers": case(
+        "sample -c {old_samples} -n 1 --steps 2 -o {tmp}/s", "neither a diffusers UNet folder", keep=("old_samples",)
+    ),
     "sample-act-format-without-bits": case(f"{SAMPLE} --act-bits 0 --act-format nvfp4", "--act-format nvfp4 with"),
     "export-act-format-without-bits": case(
         "export -c digits --act-bits 0 --act-format fp8 -o {tmp}/e", "--act-format fp8 with --act-bits 0"

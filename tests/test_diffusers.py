@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers.diffusers_models import pipeline_folder, unet_folder
+from helpers.diffusers_models import pipeline_folder, stable_diffusion_pipeline, unet_folder
 from helpers.export import check_step_layers
 
 from modiff_trt import api
@@ -25,7 +25,8 @@ diffusers = pytest.importorskip("diffusers")
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("diffusers")
-    return {"unet": unet_folder(root / "unet"), "pipeline": pipeline_folder(root / "pipe")}
+    stable_diffusion_pipeline(root / "sd")
+    return {"unet": unet_folder(root / "unet"), "pipeline": pipeline_folder(root / "pipe"), "sd": root / "sd"}
 
 
 def _calibrate_and_export(tmp_path, folder, scheduler: str, steps: int, act_bits: int = 8):
@@ -143,8 +144,6 @@ def test_float_reference_matches_between_runs_of_the_same_scheduler(folders) -> 
 def test_a_stable_diffusion_pipeline_samples_through_the_deployed_export_with_its_state_reset_per_call(
     tmp_path,
 ) -> None:
-    from helpers.diffusers_models import stable_diffusion_pipeline
-
     from modiff_trt.engines.diffusers_unet import DeployedUNet, deploy_unet
 
     pipe = stable_diffusion_pipeline(tmp_path / "sd")
@@ -196,3 +195,28 @@ def test_deploy_unet_refuses_an_export_of_another_unet(folders, tmp_path) -> Non
     other = diffusers.UNet2DConditionModel.from_pretrained(folders["pipeline"] / "unet")
     with pytest.raises(ConfigError, match="export the pipeline's own unet/ folder"):
         deploy_unet(other, tmp_path / "e", backend="ort")
+
+
+def test_cli_samples_and_calibrates_a_diffusers_folder_with_a_scheduler(folders, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from modiff_trt.cli import app
+
+    cli = CliRunner()
+    folder = str(folders["sd"])
+    common = ["-c", folder, "--random-context", "--scheduler", "dpm-solver++", "--steps", "3"]
+    made = cli.invoke(app, ["sample", *common, "-n", "2", "--act-bits", "0", "-o", str(tmp_path / "s")])
+    assert made.exit_code == 0, made.output
+    with np.load(tmp_path / "s" / "samples.npz") as npz:  # latents, decoded by the folder's vae/
+        assert npz["z0"].shape == (2, 4, 8, 8) and npz["arr_0"].shape == (2, 8, 8, 3)
+    made = cli.invoke(app, ["sample", "-c", str(folders["pipeline"]), "--random-context", "-o", str(tmp_path / "s2")])
+    assert made.exit_code == 2 and "no vae/ lies beside it" in made.output
+    cal = tmp_path / "c.safetensors"
+    made = cli.invoke(
+        app, ["calibrate", *common, "--cali-n", "2", "--cali-st", "3", "--batch-size", "2", "-o", str(cal)]
+    )
+    assert made.exit_code == 0, made.output
+    made = cli.invoke(app, ["export", "-c", folder, "--calibration", str(cal), "-o", str(tmp_path / "e")])
+    assert made.exit_code == 0, made.output
+    sampling = json.loads((tmp_path / "e" / "manifest.json").read_text())["sampling"]
+    assert (sampling["sampler"], sampling["scheduler"], sampling["steps"]) == ("diffusers", "dpm-solver++", 3)

@@ -182,3 +182,33 @@ def diffusers_config(path: str | Path) -> DiffusersModelConfig:
         scheduler_config=scheduler,
         context_tokens=_context_tokens(pipeline),
     )
+
+
+class DiffusersDecoder(nn.Module):
+    """A pipeline's VAE as the project's first stage: `decode(latents)` -> images in [-1, 1]."""
+
+    def __init__(self, vae: nn.Module, scaling_factor: float) -> None:
+        super().__init__()
+        self.vae, self.scaling_factor = vae, scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+
+
+def first_stage(cfg: DiffusersModelConfig) -> DiffusersDecoder | None:
+    """The pipeline folder's `vae/` (AutoencoderKL); None for a UNet that denoises pixels itself.
+
+    A UNet whose samples are not images (not 1 or 3 channels) without a VAE beside it is
+    refused: its latents cannot be written as pictures.
+    """
+    vae_dir = Path(cfg.folder).parent / "vae"
+    if not (vae_dir / "config.json").is_file():
+        channels = cfg.sample_shape[0]
+        if channels not in (1, 3):
+            raise ConfigError(
+                f"--config {cfg.source}: its UNet denoises {channels}-channel latents and no vae/ lies beside it: "
+                "give the pipeline folder (with vae/)"
+            )
+        return None
+    vae = import_diffusers().AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    return DiffusersDecoder(vae, float(vae.config.get("scaling_factor", 0.18215)))
