@@ -31,7 +31,7 @@ from modiff_trt.sampling.schedulers import import_diffusers
 from modiff_trt.sampling.schedules import scheduler_name
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")  # preferred first
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 DEFAULT_TOKENS = 77  # CLIP's context length, when the folder has no text encoder to ask
 #: Config entries that make a UNet need inputs beyond (x, t, context): refused, with the reason.
@@ -104,8 +104,9 @@ class DiffusersModelConfig(ModelConfig):
 
     @property
     def weights(self) -> Path:
-        """The folder's weights, the checkpoint every command loads for this config."""
-        return Path(self.folder) / WEIGHTS_NAME
+        """The folder's weights (safetensors, else the .bin state_dict), the checkpoint commands load."""
+        candidates = [Path(self.folder) / name for name in WEIGHTS_NAMES]
+        return next((path for path in candidates if path.is_file()), candidates[0])
 
     def sampler_defaults(self) -> dict[str, Any]:
         """The folder's scheduler (DDIM when it names another or none), 50 steps, no guidance."""
