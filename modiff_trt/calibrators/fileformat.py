@@ -256,18 +256,17 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
     return Calibration(meta=meta, layers=layers, path=path)
 
 
-def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file; ArtifactError when it is missing, corrupt or of another format."""
+def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked metadata of a calibration file, and its tensors when `tensors`."""
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     not_a_directory("--calibration", path, "calibration file (.safetensors)")
     if not path.is_file():
         raise ArtifactError(f"calibration file {path} not found: create it with `modiff-trt calibrate --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            values = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is not a readable safetensors calibration file ({exc}); recalibrate") from exc
     try:
@@ -281,6 +280,18 @@ def load_calibration(path: str | Path) -> Calibration:
             f"{path} is calibration format version {meta.get('version')}; this modiff-trt reads version "
             f"{FORMAT_VERSION}: recalibrate or use the modiff-trt release that wrote it"
         )
+    return meta, values
+
+
+def calibration_meta(path: str | Path) -> dict[str, Any]:
+    """Only the metadata of a calibration file (what made its weights and scales), no tensors."""
+    return _read(Path(path), tensors=False)[0]
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file; ArtifactError when it is missing, corrupt or of another format."""
+    path = Path(path)
+    meta, tensors = _read(path, tensors=True)
     layers = {}
     constant = set(meta.get("constant_input", []))
     formats = meta.get("formats", {})
