@@ -107,6 +107,7 @@ class UnitReport:
     loss: float
     flipped: float  # fraction of weights rounded the other way than nearest
     seconds: float
+    collect_seconds: float  # of `seconds`: collecting the unit's inputs and targets
 
 
 @dataclass
@@ -233,6 +234,7 @@ def reconstruct_unit(
     device = model_device(work)
     module = work.get_submodule(block.name)
     data = UnitData(work, fp, block.name, inputs, options.memory_mb * 2**20)
+    collected = time.perf_counter() - started
     rounders, scales = {}, {}
     for name in block.layers:
         layer = work.get_submodule(name)
@@ -267,7 +269,7 @@ def reconstruct_unit(
     n_weights = sum(r.v.numel() for r in rounders.values())
     flipped = sum(r.flipped() * r.v.numel() for r in rounders.values()) / n_weights
     report = UnitReport(
-        block.name, len(block.layers), n_weights, nearest_loss, loss, flipped, time.perf_counter() - started
+        block.name, len(block.layers), n_weights, nearest_loss, loss, flipped, time.perf_counter() - started, collected
     )
     log.info(
         "reconstructed %s (%d layer(s), %d weights): block loss %.4g nearest -> %.4g adaround, %.1f%% flipped, %.1f s",
