@@ -66,11 +66,12 @@ def main() -> None:
     cfg = load_config("ddim-cifar10")
     model = load_unet(cfg, None)  # random weights: the timing does not depend on them
     sampler = make_sampler(cfg, steps=10)
-    collector = UNetInputCollector(
-        model, calibration_steps(sampler.model_calls(), 10, False), args.samples, -(-args.samples // 32), 0
-    )
+    steps = calibration_steps(sampler.model_calls(), 10, False)
+    cali_n = -(-args.samples // len(steps))  # every trajectory gives one input per calibration step
+    batch = min(32, cali_n)
+    collector = UNetInputCollector(model, steps, args.samples, -(-cali_n // batch), 0)
     started = time.perf_counter()
-    run_collectors([collector], sampler, cfg.sample_shape, max(1, args.samples // 10), 32, 0, progress=False)
+    run_collectors([collector], sampler, cfg.sample_shape, cali_n, batch, 0, progress=False)
     trajectories = time.perf_counter() - started
     inputs = collector.inputs(args.samples)
     blocks = find_blocks(model, lambda m: m(inputs.x[:1], inputs.t[:1]))
