@@ -191,3 +191,18 @@ def test_reconstruction_runs_on_cuda(tmp_path, tiny_config, tiny_checkpoint):
     units = cal.meta["reconstruction"]["units"]
     assert sum(u["loss"] for u in units) < sum(u["nearest_loss"] for u in units)
     assert json.dumps(cal.meta)  # the report is plain JSON
+
+
+def test_unit_data_spills_to_disk_above_its_budget_and_reads_back_the_same():
+    from modiff_trt.calibrators.recon_data import SampleStore
+
+    x, temb = torch.randn(10, 4, 3, 3), torch.randn(10, 8)
+    for budget, on_disk in ((1 << 30, False), (1, True)):
+        store = SampleStore(10, budget)
+        store.write(0, [x[:6], temb[:6], None])
+        store.write(6, [x[6:], temb[6:], None])
+        assert store.on_disk is on_disk
+        index = torch.tensor([9, 0, 3])
+        got = store.read(index, torch.device("cpu"))
+        assert torch.equal(got[0], x[index]) and torch.equal(got[1], temb[index]) and got[2] is None
+        store.close()
