@@ -806,7 +806,7 @@ def calibrate_command(
     weight_method: WeightMethod | None = typer.Option(
         None,
         "--weight-method",
-        help="Integer weights: minmax or mse (nearest rounding on absmax / MSE-searched per-channel scales), or adaround (rounding learned block by block on the calibration trajectories, Q-Diffusion's BRECQ + AdaRound; minutes; needed at 4 bits). Default: mse with --method mse, else minmax.",
+        help="Integer weights: minmax or mse (nearest rounding on absmax / MSE-searched per-channel scales), or adaround (rounding learned block by block on the calibration trajectories, Q-Diffusion's BRECQ + AdaRound; takes minutes; meant for 4-bit weights). Default: mse with --method mse, else minmax.",
     ),
     recon_iters: int = typer.Option(1000, "--recon-iters", help="adaround: optimisation steps per block."),
     recon_lr: float = typer.Option(1e-3, "--recon-lr", help="adaround: Adam learning rate of the rounding variables."),
@@ -872,6 +872,13 @@ def calibrate_command(
         console.print(
             f"{g.count} step groups (steps {', '.join(f'{b}-{e - 1}' for b, e in zip(g.bounds, g.bounds[1:], strict=False))}) "
             f"for the {g.steps}-step {g.skip_type} schedule: sample with exactly that schedule"
+        )
+    recon = result.meta.get("reconstruction")
+    if recon:
+        units = recon["units"]
+        console.print(
+            f"AdaRound weights: {len(units)} units in {recon['seconds']:.0f} s, summed block loss "
+            f"{sum(u['nearest_loss'] for u in units):.4g} (nearest) -> {sum(u['loss'] for u in units):.4g}"
         )
     console.print(
         f"wrote {len(result.layers)} layers of {result.kind} scales to [bold]{out}[/]"

@@ -206,3 +206,15 @@ def test_unit_data_spills_to_disk_above_its_budget_and_reads_back_the_same():
         got = store.read(index, torch.device("cpu"))
         assert torch.equal(got[0], x[index]) and torch.equal(got[1], temb[index]) and got[2] is None
         store.close()
+
+
+def test_cli_calibrate_adaround_writes_the_weights_and_says_so(tmp_path, tiny_config, tiny_checkpoint):
+    out = tmp_path / "w4.safetensors"
+    args = f"calibrate -c {tiny_config} --checkpoint {tiny_checkpoint} -o {out} --steps 5 --cali-st 3 --cali-n 4"
+    args += " --batch-size 4 --weight-bits 4 --act-bits 0 --weight-method adaround --recon-iters 5 --recon-samples 8"
+    result = CliRunner().invoke(app, args.split())
+    assert result.exit_code == 0, result.output
+    assert "AdaRound weights" in result.output
+    cal = load_calibration(out)
+    assert cal.meta["weight_method"] == "adaround" and cal.meta["reconstruction"]["options"]["iterations"] == 5
+    assert all(entry.weight_codes is not None for entry in cal.layers.values())
