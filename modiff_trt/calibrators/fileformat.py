@@ -206,6 +206,7 @@ class Calibration:
             source=self.source,
             step_groups=self.step_groups,
             act_format=self.meta.get("act_format", "int"),
+            weight_method=self.meta.get("weight_method"),
         )
 
 
@@ -257,17 +258,18 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
     return Calibration(meta=meta, layers=layers, path=path)
 
 
-def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The checked metadata of a calibration file, and its tensors when `tensors`."""
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file; ArtifactError when it is missing, corrupt or of another format."""
     from safetensors import SafetensorError, safe_open
 
+    path = Path(path)
     not_a_directory("--calibration", path, "calibration file (.safetensors)")
     if not path.is_file():
         raise ArtifactError(f"calibration file {path} not found: create it with `modiff-trt calibrate --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            values = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is not a readable safetensors calibration file ({exc}); recalibrate") from exc
     try:
@@ -281,18 +283,6 @@ def _read(path: Path, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Te
             f"{path} is calibration format version {meta.get('version')}; this modiff-trt reads version "
             f"{FORMAT_VERSION}: recalibrate or use the modiff-trt release that wrote it"
         )
-    return meta, values
-
-
-def calibration_meta(path: str | Path) -> dict[str, Any]:
-    """Only the metadata of a calibration file (what made its weights and scales), no tensors."""
-    return _read(Path(path), tensors=False)[0]
-
-
-def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file; ArtifactError when it is missing, corrupt or of another format."""
-    path = Path(path)
-    meta, tensors = _read(path, tensors=True)
     layers = {}
     constant = set(meta.get("constant_input", []))
     formats = meta.get("formats", {})

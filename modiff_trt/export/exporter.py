@@ -134,17 +134,12 @@ def check_exportable(config: QuantConfig) -> None:
         )
 
 
-def calibration_record(calibration: str | Path) -> dict[str, object]:
-    """The manifest's `calibration`: the file, and what made its scales and weights (`inspect` shows it)."""
-    from modiff_trt.calibrators.fileformat import calibration_meta
-
-    meta = calibration_meta(calibration)
+def calibration_record(calibration: str | Path, qmodel: QuantUNet) -> dict[str, object]:
+    """The manifest's `calibration`: the file, and what made the integer weights (`inspect` shows it)."""
     return {
         "path": str(Path(calibration).resolve()),
         "sha256": sha256_file(calibration),
-        "method": meta.get("method"),
-        "weight_method": meta.get("weight_method"),
-        "origin": meta.get("origin"),
+        "weight_method": qmodel.weight_method,
     }
 
 
@@ -247,7 +242,7 @@ def export_model(
             ),
             graphs=graphs,
             layers=_layer_table(qmodel, shapes),
-            calibration=None if calibration is None else calibration_record(calibration),
+            calibration=None if calibration is None else calibration_record(calibration, qmodel),
             tool_version=__version__,
             step_groups=None
             if qmodel.step_groups is None
