@@ -412,6 +412,9 @@ class CalibrateOptions:
     batch_size: int = 32
     seed: int = 0
     step_groups: str = "1"
+    weight_method: str | None = None  # minmax | mse | adaround; None follows `method` (mse -> mse, else minmax)
+    reconstruction: dict[str, Any] = field(default_factory=dict)  # ReconstructionOptions fields (adaround)
+    device: str = "cpu"
 
 
 def calibrate(options: CalibrateOptions) -> Calibration:
@@ -422,9 +425,11 @@ def calibrate(options: CalibrateOptions) -> Calibration:
     from modiff_trt.calibrators import CalibrationOptions, import_qdiffusion
     from modiff_trt.calibrators import calibrate as measure
     from modiff_trt.calibrators.fileformat import check_calibration_out
+    from modiff_trt.calibrators.reconstruct import ReconstructionOptions
     from modiff_trt.models import load_config
 
     o = options
+    device = calibration_device(o.device)
     for option, value in (("--cali-n", o.cali_n), ("--cali-st", o.cali_st), ("--batch-size", o.batch_size)):
         at_least(option, value, 1)
     at_least("--seed", o.seed, 0)
@@ -449,6 +454,8 @@ def calibrate(options: CalibrateOptions) -> Calibration:
         seed=o.seed,
         step_groups=o.step_groups,
         act_format=fmt,
+        weight_method=None if o.weight_method is None else str(o.weight_method),
+        reconstruction=ReconstructionOptions(**o.reconstruction),
     )
     if settings.act_bits is None and o.from_qdiffusion is None:
         raise OptionError(
@@ -462,6 +469,12 @@ def calibrate(options: CalibrateOptions) -> Calibration:
             )
         if fmt != "int":
             raise OptionError("--from-qdiffusion imports integer grids: drop --act-format")
+        if settings.reconstructs:
+            raise OptionError(
+                "--weight-method adaround learns integer weights, --from-qdiffusion brings its own: drop one"
+            )
+        if device != "cpu":
+            raise OptionError("--from-qdiffusion imports on the CPU: drop --device")
         return import_qdiffusion(
             model_cfg, o.from_qdiffusion, o.out, settings, chosen if modulate else None, trust=o.model.trust_checkpoint
         )
@@ -475,7 +488,27 @@ def calibrate(options: CalibrateOptions) -> Calibration:
         conditioning=conditioning,
         trust=o.model.trust_checkpoint,
         ema=o.model.ema,
+        device=device,
     )
+
+
+def calibration_device(device: str) -> str:
+    """`--device` of calibrate: cpu, or a CUDA device torch can see (refused here, before any work)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if kind not in ("cpu", "cuda"):
+        raise OptionError(f"--device {device}: calibrate runs on cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        from modiff_trt.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            f"--device {device}: CUDA is not available to torch (no GPU, no driver, or a CPU-only torch): use --device cpu"
+        )
+    return device
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,15 @@ class Method(StrEnum):
     percentile = "percentile"
 
 
+class WeightMethod(StrEnum):
+    """Integer weights of `calibrate`: nearest rounding on absmax or MSE-searched scales, or AdaRound
+    rounding learned by block reconstruction (Q-Diffusion/BRECQ) on the MSE grid."""
+
+    minmax = "minmax"
+    mse = "mse"
+    adaround = "adaround"
+
+
 class LatentSampler(StrEnum):
     """Latent-diffusion sampler."""
 

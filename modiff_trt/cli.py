@@ -36,6 +36,7 @@ from modiff_trt.choices import (
     SkipType,
     StateDtype,
     Target,
+    WeightMethod,
 )
 from modiff_trt.errors import ModiffError, OptionError
 from modiff_trt.validate import at_least, positive_seconds, sample_counts
@@ -583,6 +584,7 @@ def inspect(
         f"| first step {manifest.quant.first_step} | float {export.float_dtype} "
         f"| state {export.state_dtype} | opset {export.opset} | batch {manifest.batch_size or 'dynamic'}"
     )
+    out.print(_weights_line(manifest))
     if layers:
         table = Table("layer", "kind", "bits", "act format", "act scale", "a_hat", "o_hat", "state KiB/sample")
         item = 2 if export.state_dtype == "float16" else 4
@@ -621,6 +623,24 @@ def inspect(
             console.print(Text(f"lint: {len(issues)} violation(s)", style="bold red"))
             raise typer.Exit(code=1)
         out.print(Text("lint: all TensorRT explicit-quantization rules hold", style="green"))
+
+
+WEIGHT_SOURCES = {
+    "minmax": "nearest rounding, absmax per-channel scales",
+    "mse": "nearest rounding, MSE-searched per-channel scales",
+    "adaround": "AdaRound rounding learned by block reconstruction (BRECQ) on MSE-searched scales",
+    "qdiffusion": "imported from a Q-Diffusion checkpoint (its AdaRound rounding)",
+}
+
+
+def _weights_line(manifest) -> str:
+    """Which method made the exported integer weights (from the calibration the export recorded)."""
+    if not manifest.quant.weight_bits:
+        return "weights: float"
+    cal = manifest.calibration or {}
+    method = cal.get("weight_method") or "minmax"
+    source = "" if manifest.calibration is None else f" (calibration {Path(cal['path']).name})"
+    return f"weights: W{manifest.quant.weight_bits} {method}: {WEIGHT_SOURCES.get(method, method)}{source}"
 
 
 def _format_name(layer) -> str:
@@ -796,6 +816,28 @@ def calibrate_command(
         "--step-groups",
         help="MoDiff residual scales per G contiguous groups of sampling steps (4-bit activations gain most; the schedule is pinned: sample with the same --steps/--skip-type). 'auto' picks G from the measured scale spread.",
     ),
+    weight_method: WeightMethod | None = typer.Option(
+        None,
+        "--weight-method",
+        help="Integer weights: minmax or mse (nearest rounding on absmax / MSE-searched per-channel scales), or adaround (rounding learned block by block on the calibration trajectories, Q-Diffusion's BRECQ + AdaRound; takes minutes; meant for 4-bit weights). Default: mse with --method mse, else minmax.",
+    ),
+    recon_iters: int = typer.Option(1000, "--recon-iters", help="adaround: optimisation steps per block."),
+    recon_lr: float = typer.Option(1e-3, "--recon-lr", help="adaround: Adam learning rate of the rounding variables."),
+    recon_samples: int = typer.Option(
+        1024,
+        "--recon-samples",
+        help="adaround: UNet inputs (x_t, t) kept from the calibration trajectories, evenly over the --cali-st steps.",
+    ),
+    recon_batch_size: int = typer.Option(32, "--recon-batch-size", help="adaround: samples per optimisation step."),
+    recon_beta: str = typer.Option(
+        "20,2",
+        "--recon-beta",
+        help="adaround: START,END of the rounding regulariser's exponent, annealed linearly after the warm-up.",
+    ),
+    recon_warmup: float = typer.Option(
+        0.2, "--recon-warmup", help="adaround: fraction of the iterations without the rounding regulariser."
+    ),
+    device: str = typer.Option("cpu", "--device", help="Where trajectories and reconstruction run: cpu, cuda, cuda:N."),
 ) -> None:
     """Measure static activation scales (what TensorRT needs) on full-precision sampler trajectories.
 
@@ -807,7 +849,8 @@ def calibrate_command(
     Examples:\n
       modiff-trt calibrate -c ddim-cifar10 --checkpoint model-790000.ckpt -o cifar-a8.safetensors\n
       modiff-trt calibrate -c ddim-cifar10 --checkpoint model-790000.ckpt --act-bits 4 --method mse -o a4.safetensors\n
-      modiff-trt calibrate -c ddim-cifar10 --from-qdiffusion cifar_w4a8_ckpt.pth --weight-bits 4 --act-bits 8 --no-modulate -o qd.safetensors
+      modiff-trt calibrate -c ddim-cifar10 --from-qdiffusion cifar_w4a8_ckpt.pth --weight-bits 4 --act-bits 8 --no-modulate -o qd.safetensors\n
+      modiff-trt calibrate -c digits --weight-bits 4 --act-bits 8 --weight-method adaround -o w4a8.safetensors
     """
     result = api.calibrate(
         api.CalibrateOptions(
@@ -823,6 +866,17 @@ def calibrate_command(
             batch_size=batch_size,
             seed=seed,
             step_groups=step_groups,
+            weight_method=weight_method,
+            reconstruction={
+                "iterations": recon_iters,
+                "learning_rate": recon_lr,
+                "samples": recon_samples,
+                "batch_size": recon_batch_size,
+                **_beta_range(recon_beta),
+                "warmup": recon_warmup,
+                "seed": seed,
+            },
+            device=device,
         )
     )
     report = result.meta.get("report") or {}
@@ -832,10 +886,26 @@ def calibrate_command(
             f"{g.count} step groups (steps {', '.join(f'{b}-{e - 1}' for b, e in zip(g.bounds, g.bounds[1:], strict=False))}) "
             f"for the {g.steps}-step {g.skip_type} schedule: sample with exactly that schedule"
         )
+    recon = result.meta.get("reconstruction")
+    if recon:
+        units = recon["units"]
+        console.print(
+            f"AdaRound weights: {len(units)} units in {recon['seconds']:.0f} s, summed block loss "
+            f"{sum(u['nearest_loss'] for u in units):.4g} (nearest) -> {sum(u['loss'] for u in units):.4g}"
+        )
     console.print(
         f"wrote {len(result.layers)} layers of {result.kind} scales to [bold]{out}[/]"
         + (f" in {report['seconds']:.1f} s, peak memory {report['peak_rss_mb']:.0f} MB" if report else "")
     )
+
+
+def _beta_range(text: str) -> dict[str, float]:
+    """--recon-beta START,END -> ReconstructionOptions' beta_start/beta_end."""
+    try:
+        start, end = (float(v) for v in text.split(","))
+    except ValueError:
+        raise OptionError(f"--recon-beta {text!r}: give START,END, e.g. 20,2") from None
+    return {"beta_start": start, "beta_end": end}
 
 
 @app.command()

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from modiff_trt.calibrators import CalibrationOptions, calibrate_together
+from modiff_trt.calibrators.reconstruct import ReconstructionOptions
 from modiff_trt.engines.torch_backend import load_reference
 from modiff_trt.export.exporter import export_model
 from modiff_trt.models.config import ModelConfig
@@ -37,9 +38,13 @@ def calibration_files(
     method: str = "minmax",
     seed: int = 1,
     step_groups: int | str | Sequence[int | str] = 1,
+    weight_method: str | None | Sequence[str | None] = None,
+    reconstruction: ReconstructionOptions | None = None,
 ) -> list[Path | None]:
-    """The calibration file of each of `quants` in `workdir` (None when nothing needs scales);
-    `step_groups`: one count (or 'auto') for all of them, or one per configuration.
+    """The calibration file of each of `quants` in `workdir` (None when nothing needs scales or
+    weights); `step_groups` and `weight_method` (None: follow `method`): one for all of them, or
+    one per configuration. `reconstruction` sets the AdaRound options of 'adaround' files, which
+    share one reconstruction per weight width.
 
     One file per (act bits and format, modulate, method, split, step groups); the missing ones
     are calibrated together from one set of float trajectories (per split: the split changes the
@@ -49,14 +54,22 @@ def calibration_files(
     paths: list[Path | None] = []
     missing: dict[Path, CalibrationOptions] = {}
     per_quant = [step_groups] * len(quants) if isinstance(step_groups, int | str) else list(step_groups)
-    for quant, quant_groups in zip(quants, per_quant, strict=True):
-        if quant.act_bits is None:
+    methods = (
+        [weight_method] * len(quants) if weight_method is None or isinstance(weight_method, str) else weight_method
+    )
+    for quant, quant_groups, quant_weights in zip(quants, per_quant, methods, strict=True):
+        weights = quant_weights or ("mse" if method == "mse" else "minmax")
+        carries_weights = quant.weight_bits is not None and weights != "minmax"
+        if quant.act_bits is None and not carries_weights:
             paths.append(None)
             continue
         kind = "residual" if quant.modulate else "raw"
-        grid = f"a{quant.act_bits}" if quant.act_format == "int" else quant.act_format
+        grid = (
+            "afp" if quant.act_bits is None else f"a{quant.act_bits}" if quant.act_format == "int" else quant.act_format
+        )
         groups = "" if str(quant_groups) == "1" else f"-g{quant_groups}"
-        path = workdir / f"{kind}-{grid}-{method}{'-split' if quant.split else ''}{groups}.cal.safetensors"
+        tag = f"-w{quant.weight_bits}{weights}" if carries_weights else ""  # the file's integer weights
+        path = workdir / f"{kind}-{grid}-{method}{tag}{'-split' if quant.split else ''}{groups}.cal.safetensors"
         paths.append(path)
         if not path.is_file():
             missing[path] = CalibrationOptions(
@@ -72,6 +85,8 @@ def calibration_files(
                 seed=seed,
                 step_groups=quant_groups,
                 act_format=quant.act_format,
+                weight_method=quant_weights,
+                reconstruction=reconstruction or ReconstructionOptions(),
             )
     for split in sorted({options.split for options in missing.values()}):
         group = {path: options for path, options in missing.items() if options.split == split}

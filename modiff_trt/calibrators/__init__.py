@@ -2,7 +2,8 @@
 
 - `calibrate(model_cfg, checkpoint, out, sampler, CalibrationOptions(...))`: full-precision
   trajectories of the sampler `sample` will run -> per-layer residual (MoDiff) or raw
-  (plain) activation scales by minmax / MSE / percentile search, plus optional MSE weights.
+  (plain) activation scales by minmax / MSE / percentile search, plus optional MSE weights or
+  AdaRound weights learned by block reconstruction (`reconstruct.py`, `--weight-method adaround`).
   `calibrate_together(model_cfg, checkpoint, {out: options, ...}, sampler)` writes several
   files (bits, methods, MoDiff and plain) from one set of trajectories.
 - `import_qdiffusion(...)`: a released Q-Diffusion checkpoint -> its AdaRound integer weights and

@@ -23,6 +23,7 @@ import torch
 from modiff_trt import __version__
 from modiff_trt.calibrators.collect import (
     DEFAULT_RESERVOIR,
+    Collector,
     LayerStats,
     StreamStats,
     TrajectoryCollector,
@@ -31,6 +32,8 @@ from modiff_trt.calibrators.collect import (
     run_collectors,
 )
 from modiff_trt.calibrators.fileformat import Calibration, save_calibration
+from modiff_trt.calibrators.recon_data import UNetInputCollector
+from modiff_trt.calibrators.reconstruct import Reconstruction, ReconstructionOptions, reconstruct_weights
 from modiff_trt.calibrators.search import (
     DEFAULT_PERCENTILE,
     WEIGHT_METHODS,
@@ -66,7 +69,9 @@ class CalibrationOptions:
     `weight_bits`/`act_bits`/`modulate`/`first_step`/`split` mean what they mean in `QuantConfig`
     (which validates them). `method` picks the activation scale search (minmax | mse |
     percentile); `weight_method` (default: 'mse' when method is 'mse', else 'minmax') the
-    per-output-channel weight scales. `cali_n` float trajectories are sampled in batches of
+    per-output-channel weight scales, rounded to nearest, or 'adaround': rounding learned by
+    block reconstruction (`reconstruct.py`) with the `reconstruction` options, on the UNet
+    inputs of the same trajectories at the same calibration steps. `cali_n` float trajectories are sampled in batches of
     `batch_size` from noise seeded by `seed`; statistics are taken at `cali_st` evenly spaced
     UNet calls. MoDiff files also hold first-step (warm-up) scales, so one file serves both
     `first_step` modes; `first_step` records the intended one. `act_format` (int | fp8 | nvfp4)
@@ -89,6 +94,7 @@ class CalibrationOptions:
     reservoir: int = DEFAULT_RESERVOIR
     step_groups: int | str = 1  # MoDiff residual scales per G groups of steps, or 'auto' (choose_step_groups)
     act_format: str = "int"
+    reconstruction: ReconstructionOptions = ReconstructionOptions()  # weight_method 'adaround' only
 
     def __post_init__(self) -> None:
         _ = self.quant  # QuantConfig validates the bits and first_step
@@ -97,6 +103,13 @@ class CalibrationOptions:
         check_format_method(self.act_format, self.method)
         if self.cali_n < 1 or self.batch_size < 1:
             raise ConfigError(f"cali_n ({self.cali_n}) and batch_size ({self.batch_size}) must be >= 1")
+        if self.reconstructs and self.weight_bits is None:
+            raise ConfigError("--weight-method adaround learns integer weights: give --weight-bits (not 0)")
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether this file's weights come from block reconstruction (AdaRound)."""
+        return self.resolved_weight_method == "adaround"
 
     @property
     def quant(self) -> QuantConfig:
@@ -152,6 +165,7 @@ def measure_activations(
     conditioning: ContextSource | None = None,
     progress: bool = True,
     step_groups: Sequence[StepGroups | None] | None = None,
+    extra: Sequence[Collector] = (),
 ) -> list[tuple[dict[str, LayerScales], StepGroups | None]]:
     """Static activation scales per layer for each of `options` (residual + warm-up scales for
     MoDiff, raw for plain), all from ONE set of float trajectories: one collector per kind of
@@ -162,7 +176,8 @@ def measure_activations(
     `step_groups` (one per entry, default None) measures residual scales per group of steps
     (`LayerScales.act_groups`); with the entry's `step_groups == 'auto'` those are the finest
     candidates, merged by `choose_step_groups`. Returns per entry the scales and the step groups
-    they hold (None: one group).
+    they hold (None: one group). `extra` collectors (the weight reconstruction's UNet inputs) ride
+    along on the same trajectories.
     """
     groups = list(step_groups) if step_groups is not None else [None] * len(options)
     first = options[0]
@@ -200,7 +215,7 @@ def measure_activations(
             step_group=None if requested is None else requested.group_of,
         )
     run_collectors(
-        list(collectors.values()),
+        [*collectors.values(), *extra],
         sampler,
         model_cfg.sample_shape,
         first.cali_n,
@@ -365,6 +380,29 @@ def calibrate(
     return calibrate_together(model_cfg, checkpoint, {out: options}, sampler, **kwargs)[0]
 
 
+def _recon_key(options: CalibrationOptions) -> tuple:
+    """Files whose reconstruction would be identical share one (the weights ignore activations)."""
+    return (options.weight_bits, options.reconstruction)
+
+
+def reconstruct_entries(
+    model: torch.nn.Module,
+    inputs: UNetInputCollector | None,
+    entries: Sequence[CalibrationOptions],
+    splits: dict[str, int],
+    progress: bool,
+) -> dict[tuple, Reconstruction]:
+    """AdaRound weights for each distinct (weight bits, reconstruction options) among `entries`."""
+    out: dict[tuple, Reconstruction] = {}
+    for entry in entries:
+        key = _recon_key(entry)
+        if key not in out:
+            data = inputs.inputs(entry.reconstruction.samples)
+            log.info("weight reconstruction (W%d) on %d calibration inputs", entry.weight_bits, len(data))
+            out[key] = reconstruct_weights(model, data, entry.weight_bits, splits, entry.reconstruction, progress)
+    return out
+
+
 #: What the trajectories depend on: files calibrated together must agree on these.
 TRAJECTORY_FIELDS = ("cali_st", "cali_n", "batch_size", "seed", "reservoir", "split")
 
@@ -411,6 +449,24 @@ def calibrate_together(
     model = load_unet(model_cfg, checkpoint, trust=trust, ema=ema).to(device)
     splits = imported.splits if imported is not None else split_points(model, first.split)
     measured = [(e, requested[i]) for i, (_, e) in enumerate(entries) if e.act_bits is not None]
+    recon = [e for _, e in entries if e.reconstructs]
+    if recon and imported is not None:
+        raise ConfigError(
+            f"--weight-method adaround learns weights, but the imported {imported.origin} file brings its own: "
+            "drop one of them"
+        )
+    inputs = (
+        UNetInputCollector(
+            model,
+            calibration_steps(sampler.model_calls(), first.cali_st, modulate=False),
+            max(e.reconstruction.samples for e in recon),
+            -(-first.cali_n // first.batch_size),
+            first.seed,
+        )
+        if recon
+        else None
+    )
+    extra = [] if inputs is None else [inputs]
     with torch.no_grad():
         scales = iter(
             measure_activations(
@@ -422,10 +478,23 @@ def calibrate_together(
                 conditioning,
                 progress,
                 step_groups=[g for _, g in measured],
+                extra=extra,
             )
             if measured
             else []
         )
+        if extra and not measured:
+            run_collectors(
+                extra,
+                sampler,
+                model_cfg.sample_shape,
+                first.cali_n,
+                first.batch_size,
+                first.seed,
+                conditioning,
+                progress,
+            )
+    reconstructed = reconstruct_entries(model, inputs, recon, splits, progress)
     seconds, peak = time.perf_counter() - started, peak_rss_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.device(device).type == "cuda" else None
     log.info(
@@ -447,6 +516,10 @@ def calibrate_together(
         elif options.weight_bits is not None and weight_method == "mse":
             for name, (codes, scale) in mse_weights(model, options.weight_bits, splits).items():
                 layers[name].weight_codes, layers[name].weight_scale = codes, scale
+        rebuilt = reconstructed.get(_recon_key(options)) if options.reconstructs else None
+        if rebuilt is not None:
+            for name, (codes, scale) in rebuilt.weights.items():
+                layers[name].weight_codes, layers[name].weight_scale = codes, scale
         meta = base_meta(
             model_cfg,
             checkpoint,
@@ -465,6 +538,7 @@ def calibrate_together(
             weights=imported.notes if imported is not None else None,
             sampler=sampler.to_dict(),
             step_groups=None if groups is None else groups.to_dict(),
+            reconstruction=None if rebuilt is None else rebuilt.meta(options.reconstruction),
             trajectories={
                 "cali_st": options.cali_st,
                 "cali_n": options.cali_n,

@@ -25,6 +25,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -150,6 +151,11 @@ class TrajectoryCollector:
 
         return hook
 
+    def attach(self, model: nn.Module) -> list[Any]:
+        """Hook `model` (the collectors' shared model): its layers, and the UNet to count calls."""
+        handles = [model.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.stats]
+        return [*handles, model.register_forward_pre_hook(self._count_call)]
+
     def _count_call(self, module: nn.Module, args: tuple) -> None:
         """Number model calls, not sampler steps: PLMS calls the UNet twice in its first step,
         and a stateful runner counts those calls (the second is already a modulated step)."""
@@ -159,8 +165,18 @@ class TrajectoryCollector:
         self.step, self.calls, self.previous = 0, 0, {}
 
 
+class Collector(Protocol):
+    """What `run_collectors` feeds: hooks on a shared model, told when a new trajectory starts."""
+
+    model: nn.Module
+
+    def attach(self, model: nn.Module) -> list[Any]: ...
+
+    def _new_trajectory(self, *_: object) -> None: ...
+
+
 def run_collectors(
-    collectors: Sequence[TrajectoryCollector],
+    collectors: Sequence[Collector],
     sampler: Sampler,
     sample_shape: Sequence[int],
     cali_n: int,
@@ -181,8 +197,7 @@ def run_collectors(
         raise ValueError("collectors sampled together must hook the same model")
     handles = []
     for collector in collectors:
-        handles += [model.get_submodule(n).register_forward_pre_hook(collector._hook(n)) for n in collector.stats]
-        handles.append(model.register_forward_pre_hook(collector._count_call))
+        handles += collector.attach(model)
         collector._new_trajectory()
 
     def new_trajectory(*_: object) -> None:
@@ -206,4 +221,4 @@ def run_collectors(
         for handle in handles:
             handle.remove()
         for collector in collectors:
-            collector.previous = {}
+            collector._new_trajectory()  # drops the inputs a TrajectoryCollector holds between calls

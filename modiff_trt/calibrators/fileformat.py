@@ -10,7 +10,7 @@ Layout (format `modiff-trt/calibration`, version 4):
   `P.act_zero_point` float32 [groups] (only imported asymmetric Q-Diffusion scales),
   `P.warmup` / `P.warmup_zero_point` (first-step raw-input scales, MoDiff only),
   `P.weight_codes` int8 shaped like the weight (W_int - zero_point) and `P.weight_scale`
-  float32 [O, groups] (only when the file carries its own rounded weights: MSE or imported),
+  float32 [O, groups] (only when the file carries its own rounded weights: MSE, AdaRound or imported),
   `P.act_groups` float32 [step groups, groups] (only with step groups; `P.act` is its row 0),
   `P.act_absmax`, `P.warmup_absmax`, `P.act_groups_absmax`: the absmax each symmetric scale
   was measured from, shaped like it (absent for imported asymmetric Q-Diffusion scales).
@@ -22,7 +22,8 @@ Layout (format `modiff-trt/calibration`, version 4):
   model order), `groups` {layer: count}, `formats` {layer: int|fp8|nvfp4} (the format each
   layer's activation scales are in; absent in older files, which are all `int`),
   `constant_input` (layers whose residual was exactly 0 at every calibrated step; absent in older
-  files), `origin`, `report` (time, memory, import notes), `step_groups` (null, or
+  files), `origin`, `report` (time, memory, import notes), `reconstruction` (AdaRound files:
+  options, samples, time, per-unit block losses), `step_groups` (null, or
   `StepGroups.to_dict()`: the step groups' bounds and the timesteps they are pinned to).
 
 Version 1 files held the sampler settings and the trajectory budget together in `schedule`
@@ -205,6 +206,7 @@ class Calibration:
             source=self.source,
             step_groups=self.step_groups,
             act_format=self.meta.get("act_format", "int"),
+            weight_method=self.meta.get("weight_method"),
         )
 
 

@@ -27,7 +27,7 @@ from modiff_trt.quant.formats import fake_quantize_fp8, float_scale
 from modiff_trt.quant.quantizers import fake_quantize, quantize, symmetric_scale
 
 METHODS = ("minmax", "mse", "percentile")
-WEIGHT_METHODS = ("minmax", "mse")
+WEIGHT_METHODS = ("minmax", "mse", "adaround")  # adaround: calibrators/reconstruct.py
 MSE_CANDIDATES = 80
 MSE_SHRINK = 0.01
 MSE_POWER = 2.4

@@ -134,6 +134,15 @@ def check_exportable(config: QuantConfig) -> None:
         )
 
 
+def calibration_record(calibration: str | Path, qmodel: QuantUNet) -> dict[str, object]:
+    """The manifest's `calibration`: the file, and what made the integer weights (`inspect` shows it)."""
+    return {
+        "path": str(Path(calibration).resolve()),
+        "sha256": sha256_file(calibration),
+        "weight_method": qmodel.weight_method,
+    }
+
+
 def export_model(
     float_model: torch.nn.Module,
     qmodel: QuantUNet,
@@ -233,12 +242,7 @@ def export_model(
             ),
             graphs=graphs,
             layers=_layer_table(qmodel, shapes),
-            calibration=None
-            if calibration is None
-            else {
-                "path": str(Path(calibration).resolve()),
-                "sha256": sha256_file(calibration),
-            },
+            calibration=None if calibration is None else calibration_record(calibration, qmodel),
             tool_version=__version__,
             step_groups=None
             if qmodel.step_groups is None

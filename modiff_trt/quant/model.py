@@ -23,6 +23,7 @@ class QuantUNet(nn.Module):
         super().__init__()
         self.unet, self.config = unet, config
         self.step_groups: StepGroups | None = None
+        self.weight_method: str | None = None  # the calibration's, when its integer weights are installed
         self.calls = 0
         self._group: int | None = None
 
@@ -114,6 +115,7 @@ def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
         if entry.weight_codes is not None:
             layer.set_weight_codes(entry.weight_codes, entry.weight_scale)
     qmodel.step_groups = scales.step_groups
+    qmodel.weight_method = scales.weight_method
 
 
 def quantize_unet(model: nn.Module, config: QuantConfig, calibration: ScaleSet | None = None) -> QuantUNet:

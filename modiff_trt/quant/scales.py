@@ -150,6 +150,7 @@ class ScaleSet:
     source: str = "calibration"
     step_groups: StepGroups | None = None  # None: one residual scale for every step
     act_format: str = "int"  # the --act-format the scales were calibrated for
+    weight_method: str | None = None  # what made the layers' integer weights (minmax, mse, adaround, qdiffusion)
 
 
 def _head(timesteps: Sequence[int]) -> str:
