@@ -457,10 +457,12 @@ def calibrate(options: CalibrateOptions) -> Calibration:
         weight_method=None if o.weight_method is None else str(o.weight_method),
         reconstruction=ReconstructionOptions(**o.reconstruction),
     )
-    if settings.act_bits is None and o.from_qdiffusion is None:
+    learns_weights = settings.weight_bits is not None and settings.resolved_weight_method != "minmax"
+    if settings.act_bits is None and o.from_qdiffusion is None and not learns_weights:
         raise OptionError(
-            "--act-bits 0 keeps activations in float, so calibrate has no activation scales to measure "
-            "(weights are rounded at export): export with --act-bits 0 and no --calibration"
+            "--act-bits 0 keeps activations in float, so calibrate has no activation scales to measure and "
+            "nearest-rounded weights need none: export with --act-bits 0 and no --calibration, or learn "
+            "the weights (--weight-method mse or adaround)"
         )
     if o.from_qdiffusion is not None:
         if o.model.checkpoint is not None:
