@@ -16,14 +16,22 @@ log = logging.getLogger(__name__)
 
 
 def fastest_cpu_backend() -> str:
-    """`openvino` when installed, else `ort`.
+    """`openvino` when installed and exact on this CPU, else `ort`.
 
     OpenVINO runs the INT8 graphs on integer kernels, where ONNX Runtime's CPU provider
     dequantizes to float (BENCHMARKS.md, `speed`). It has no FP8/NVFP4 kernels: callers send
-    such exports to ONNX Runtime (`openvino_backend.unsupported`). ONNX Runtime stays the
-    reference runtime of the tests.
+    such exports to ONNX Runtime (`openvino_backend.unsupported`), and on x86 CPUs without VNNI
+    its int8 kernels are not exact (`openvino_backend.exact_int8_kernels`), so ONNX Runtime runs
+    there. ONNX Runtime stays the reference runtime of the tests.
     """
-    return "openvino" if importlib.util.find_spec("openvino") is not None else "ort"
+    if importlib.util.find_spec("openvino") is None:
+        return "ort"
+    from modiff_trt.engines.openvino_backend import exact_int8_kernels
+
+    if not exact_int8_kernels():
+        log.info("this CPU has no VNNI, where OpenVINO's int8 kernels are not exact: sampling with ort")
+        return "ort"
+    return "openvino"
 
 
 def cpu_backend_for(export_dir: str | Path, preferred: str) -> str:
