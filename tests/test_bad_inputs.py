@@ -66,9 +66,9 @@ MANIFEST_EDITS = {
     ),
     "quant-missing": (_drop("quant", "act_format"), "quant.act_format is missing" + FIX),
     "quant-type": (_set("quant", "weight_bits", "8"), 'quant.weight_bits is "8"; it must be an integer or null' + FIX),
-    "quant-range": (_set("quant", "weight_bits", 16), "quant: weight_bits=16 is outside 2..8"),
+    "quant-range": (_set("quant", "weight_bits", 16), "quant.weight_bits is 16; it must be within 2..8" + FIX),
     "quant-choice": (_set("quant", "first_step", "float"), 'quant.first_step is "float"; it must be one of "fp"'),
-    "sampling-missing": (_drop("sampling", "beta_end"), "sampling: sampler settings lack 'beta_end'" + FIX),
+    "sampling-missing": (_drop("sampling", "beta_end"), "sampling.beta_end is missing" + FIX),
     "sampling-type": (_set("sampling", "steps", "10"), 'sampling.steps is "10"; it must be an integer' + FIX),
     "sampling-null": (lambda m: m.update(sampling=None), "sampling is null, not sampler settings" + FIX),
     "export-missing": (_drop("export", "float"), "export.float is missing" + FIX),
@@ -82,7 +82,7 @@ MANIFEST_EDITS = {
         'export.target is "tensorrt"; it must be one of "trt", "ort-cpu"' + FIX,
     ),
     "export-unknown": (_set("export", "precision", "int8"), "export.precision is not a known field" + FIX),
-    "export-list": (lambda m: m.update(export=[17]), "export is [17], not an object" + FIX),
+    "export-list": (lambda m: m.update(export=[17]), "export is [17]; it must be an object" + FIX),
 }
 
 CASES: dict[str, Case] = {
