@@ -256,8 +256,25 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
     return Calibration(meta=meta, layers=layers, path=path)
 
 
-def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file; ArtifactError when it is missing, corrupt or of another format."""
+#: The quantization options a calibration file fixes: `QuantOptions` field -> metadata key.
+SETTINGS = ("weight_bits", "act_bits", "act_format", "modulate", "first_step")
+
+
+def calibration_settings(path: str | Path) -> dict[str, Any]:
+    """The quantization options the file at `path` was calibrated for, as `QuantOptions` values
+    (0 bits: float), read from its header alone: what export and sample take where the user
+    gave none, so `calibrate --act-bits 4` needs no second `--act-bits 4`."""
+    meta = _read(path, tensors=False)[0]
+    settings = {key: meta[key] for key in SETTINGS if key in meta}
+    settings.setdefault("act_format", "int")  # files older than the formats are integer
+    for key in ("weight_bits", "act_bits"):
+        if key in settings and settings[key] is None:
+            settings[key] = 0
+    return settings
+
+
+def _read(path: str | Path, tensors: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked metadata and (with `tensors`) the tensors of the calibration file `path`."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -267,7 +284,7 @@ def load_calibration(path: str | Path) -> Calibration:
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            loaded = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is not a readable safetensors calibration file ({exc}); recalibrate") from exc
     try:
@@ -281,6 +298,13 @@ def load_calibration(path: str | Path) -> Calibration:
             f"{path} is calibration format version {meta.get('version')}; this modiff-trt reads version "
             f"{FORMAT_VERSION}: recalibrate or use the modiff-trt release that wrote it"
         )
+    return meta, loaded
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file; ArtifactError when it is missing, corrupt or of another format."""
+    path = Path(path)
+    meta, tensors = _read(path)
     layers = {}
     constant = set(meta.get("constant_input", []))
     formats = meta.get("formats", {})
