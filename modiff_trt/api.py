@@ -84,7 +84,6 @@ class QuantOptions:
         if calibration is None:
             return self
         from modiff_trt.calibrators.fileformat import calibration_settings
-
         from modiff_trt.quant.formats import FORMAT_BITS
 
         settings = calibration_settings(calibration)

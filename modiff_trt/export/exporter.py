@@ -2,7 +2,8 @@
 
 MoDiff exports two graphs: `warmup.onnx` (first step of a batch: creates every layer's
 `a_hat`/`o_hat`) and `step.onnx` (every later step: consumes and returns them). A plain
-Q-Diffusion export has one stateless `unet.onnx`. Everything is written to a temp directory,
+Q-Diffusion export has one stateless `unet.onnx`; a copy of the calibration
+(`calibration.safetensors`) makes the directory self-contained. Everything is written to a temp directory,
 linted (`inspect --lint`'s rules) and only then renamed into place, so an interrupted export
 leaves nothing half-written and a graph that breaks TensorRT's rules is never written at all.
 """

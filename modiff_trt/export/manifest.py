@@ -3,8 +3,9 @@
 Everything a backend needs to run the graphs without the original checkpoint lives here:
 which graphs exist, their I/O, the per-layer quantization and state shapes, and the hashes
 that tie the export to its checkpoint, config and calibration. Backends refuse a directory
-whose manifest is missing, of another schema version, or whose graph files do not hash to
-what the manifest says.
+whose manifest is missing, of another schema version, has a field missing, mistyped, out of
+range or unknown, names a file outside the directory, or whose graph files do not hash to what
+the manifest says: the directory is trusted only for what it holds (docs/export.md).
 """
 
 from __future__ import annotations
@@ -469,7 +470,7 @@ def export_calibration(manifest: Manifest, export_dir: str | Path) -> Path | Non
         return None
     copy = Path(export_dir) / CALIBRATION_COPY
     path = copy if copy.is_file() else Path(section.path)
-    fix = "re-run `modiff-trt export` (the export then keeps its own copy of the calibration)"
+    fix = "re-run `modiff-trt export`" + ("" if copy.is_file() else " (the export then keeps its own copy of it)")
     if not path.is_file():
         raise ArtifactError(
             f"{path}, the calibration {export_dir} was exported from, is gone and the export holds no copy: {fix}"
