@@ -110,7 +110,7 @@ class Calibration:
         """
         if "sampler" in self.meta:
             data = self.meta["sampler"]
-            return None if data is None else sampler_from_dict(data, f"{self.source} `sampler`")
+            return None if data is None else sampler_from_dict(data, f"{self.source}: sampler")
         old = self.meta.get("schedule")
         if old is None:
             return None
