@@ -122,19 +122,31 @@ def main() -> None:
 
 
 # --- options shared by several commands ---------------------------------------------------
-WEIGHT_BITS = typer.Option(None, "--weight-bits", help="Weight bits (2..8; 0 keeps weights in float) [default: 8].")
+WEIGHT_BITS = typer.Option(
+    None,
+    "--weight-bits",
+    help="Weight bits (2..8; 0 keeps weights in float) [default: the --calibration file's, else 8].",
+)
 ACT_BITS = typer.Option(
-    None, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float) [default: 8, 4 for nvfp4]."
+    None,
+    "--act-bits",
+    help="Activation bits (2..8; 0 keeps activations in float) [default: the --calibration file's, else 8, 4 for nvfp4].",
 )
 ACT_FORMAT = typer.Option(
     None,
     "--act-format",
-    help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md) [default: int].",
+    help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md) [default: the --calibration file's, else int].",
 )
 MODULATE = typer.Option(
-    None, "--modulate/--no-modulate", help="MoDiff modulation, or plain Q-Diffusion [default: modulate]."
+    None,
+    "--modulate/--no-modulate",
+    help="MoDiff modulation, or plain Q-Diffusion [default: the --calibration file's, else modulate].",
 )
-FIRST_STEP = typer.Option(None, "--first-step", help="Warm-up step: float activations or quantized [default: fp].")
+FIRST_STEP = typer.Option(
+    None,
+    "--first-step",
+    help="Warm-up step: float activations or quantized [default: the --calibration file's, else fp].",
+)
 SPLIT = typer.Option(
     None, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion) [default: no-split]."
 )

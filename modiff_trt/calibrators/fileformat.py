@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.quant.quantizers import SCALE_FLOOR
 from modiff_trt.quant.scales import LayerScales, ScaleSet, StepGroups
 from modiff_trt.sampling.sampler import Sampler, make_sampler, sampler_from_dict
-from modiff_trt.validate import not_a_directory
+from modiff_trt.validate import SHA256, not_a_directory
 
 log = logging.getLogger(__name__)
 FORMAT = "modiff-trt/calibration"
@@ -73,7 +72,6 @@ MEASURED = {"act": "act_absmax", "warmup": "warmup_absmax", "act_groups": "act_g
 ZERO_POINTS = {"act": "act_zero_point", "warmup": "warmup_zero_point", "act_groups": "act_zero_point"}
 TENSOR_FIELDS = SCALE_FIELDS + tuple(MEASURED.values())
 ABSMAX_SLACK = 1e-5  # float32 storage of scale and absmax
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -213,7 +211,7 @@ def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:
         return None
     if Path(checkpoint).is_file():
         return sha256_file(checkpoint)
-    if isinstance(checkpoint, str) and _SHA.match(checkpoint):
+    if isinstance(checkpoint, str) and SHA256.match(checkpoint):
         return checkpoint
     raise ArtifactError(f"checkpoint {checkpoint} not found: check the path (--checkpoint)")
 

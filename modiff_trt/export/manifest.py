@@ -274,10 +274,11 @@ def _section_conflict(manifest: Manifest) -> str | None:
     export, quant = manifest.export, manifest.quant
     want = {"warmup", "step"} if quant.modulate else {"unet"}
     needs = f"quant.modulate {json.dumps(quant.modulate)} needs graphs {' and '.join(sorted(want))}"
-    for key in sorted(want - set(manifest.graphs)):
-        return f"graphs.{key} is missing ({needs})"
-    for key in sorted(set(manifest.graphs) - want):
-        return f"graphs.{key} is not a graph of this export ({needs})"
+    missing, extra = sorted(want - set(manifest.graphs)), sorted(set(manifest.graphs) - want)
+    if missing:
+        return f"graphs.{missing[0]} is missing ({needs})"
+    if extra:
+        return f"graphs.{extra[0]} is not a graph of this export ({needs})"
     if export.state_dtype != quant.state_dtype:
         return f"export.state_dtype is {json.dumps(export.state_dtype)}, but quant.state_dtype is {json.dumps(quant.state_dtype)}"
     if export.state_batch_multiplier == 2 and manifest.model.context_shape is None:
