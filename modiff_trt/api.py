@@ -78,6 +78,24 @@ class QuantOptions:
             )
         return _float_if_zero(self.act_bits)
 
+    def following(self, calibration: Path | None) -> QuantOptions:
+        """These options, with those not given taken from the `calibration` file's settings.
+
+        An export or sample with a calibration then runs what was calibrated (`calibrate
+        --act-bits 4`, then `export --calibration` needs no second `--act-bits 4`); a value the
+        user did give and the file contradicts is refused by `Calibration.check_settings`,
+        naming both.
+        """
+        if calibration is None:
+            return self
+        from modiff_trt.calibrators.fileformat import calibration_settings
+        from modiff_trt.quant.formats import FORMAT_BITS
+
+        settings = calibration_settings(calibration)
+        if self.act_format in FORMAT_BITS:  # a fixed-width format given: its width, not the file's bits
+            settings.pop("act_bits", None)
+        return dataclasses.replace(self, **{k: v for k, v in settings.items() if getattr(self, k) is None})
+
     def config(self, act_scales: str) -> QuantConfig:
         """The QuantConfig these options describe (QuantConfig validates the bits and combinations)."""
         from modiff_trt.quant import QuantConfig
@@ -292,7 +310,7 @@ def _reference_runner(o: SampleOptions):
         raise OptionError("--cuda-graph applies to --backend trt with an export directory")
     base = load_config(o.model.config)
     checkpoint = o.model.checkpoint_file()
-    quant = o.quant.config(o.act_scales or ("static" if o.calibration is not None else "dynamic"))
+    quant = o.quant.following(o.calibration).config(o.act_scales or ("static" if o.calibration else "dynamic"))
     runner = load_reference(
         base, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint, ema=o.model.ema
     ).qmodel
@@ -368,7 +386,7 @@ def export(options: ExportOptions) -> Manifest:
     at_least("--batch-size", o.batch_size, 1)
     check_destination(o.out, check_replaceable_export)
     dtype = {"fp32": "float32", "fp16": "float16"}[o.float_format]
-    quant = o.quant.config("static" if o.calibration is not None else "dynamic")
+    quant = o.quant.following(o.calibration).config("static" if o.calibration is not None else "dynamic")
     checkpoint = o.model.checkpoint_file()
     model_cfg, float_model, qmodel = load_reference(
         o.model.config, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint, ema=o.model.ema

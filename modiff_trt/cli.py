@@ -119,19 +119,31 @@ def _error(message: str) -> None:
 
 
 # --- options shared by several commands ---------------------------------------------------
-WEIGHT_BITS = typer.Option(None, "--weight-bits", help="Weight bits (2..8; 0 keeps weights in float) [default: 8].")
+WEIGHT_BITS = typer.Option(
+    None,
+    "--weight-bits",
+    help="Weight bits (2..8; 0 keeps weights in float) [default: the --calibration file's, else 8].",
+)
 ACT_BITS = typer.Option(
-    None, "--act-bits", help="Activation bits (2..8; 0 keeps activations in float) [default: 8, 4 for nvfp4]."
+    None,
+    "--act-bits",
+    help="Activation bits (2..8; 0 keeps activations in float) [default: the --calibration file's, else 8, 4 for nvfp4].",
 )
 ACT_FORMAT = typer.Option(
     None,
     "--act-format",
-    help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md) [default: int].",
+    help="Activation format: int (b-bit integers), fp8 (E4M3) or nvfp4 (E2M1 in 16-channel blocks); layers TensorRT cannot run in it fall back (docs/formats.md) [default: the --calibration file's, else int].",
 )
 MODULATE = typer.Option(
-    None, "--modulate/--no-modulate", help="MoDiff modulation, or plain Q-Diffusion [default: modulate]."
+    None,
+    "--modulate/--no-modulate",
+    help="MoDiff modulation, or plain Q-Diffusion [default: the --calibration file's, else modulate].",
 )
-FIRST_STEP = typer.Option(None, "--first-step", help="Warm-up step: float activations or quantized [default: fp].")
+FIRST_STEP = typer.Option(
+    None,
+    "--first-step",
+    help="Warm-up step: float activations or quantized [default: the --calibration file's, else fp].",
+)
 SPLIT = typer.Option(
     None, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion) [default: no-split]."
 )
@@ -637,9 +649,9 @@ def _weights_line(manifest) -> str:
     """Which method made the exported integer weights (from the calibration the export recorded)."""
     if not manifest.quant.weight_bits:
         return "weights: float"
-    cal = manifest.calibration or {}
-    method = cal.get("weight_method") or "minmax"
-    source = "" if manifest.calibration is None else f" (calibration {Path(cal['path']).name})"
+    cal = manifest.calibration
+    method = "minmax" if cal is None else cal.weight_method
+    source = "" if cal is None else f" (calibration {Path(cal.path).name})"
     return f"weights: W{manifest.quant.weight_bits} {method}: {WEIGHT_SOURCES.get(method, method)}{source}"
 
 

@@ -26,3 +26,10 @@ class OptionError(ModiffError, ValueError):
 
     Also a ValueError, so library callers that guard numeric arguments keep catching it.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a third-party exception's text: runtimes append pages of context that
+    would break the CLI's one-line message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

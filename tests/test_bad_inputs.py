@@ -54,6 +54,10 @@ def _drop(section: str, key: str):
     return lambda manifest: manifest[section].pop(key)
 
 
+def _layer(key: str, value):
+    return lambda manifest: manifest["layers"][3].update({key: value})
+
+
 FIX = ": re-run `modiff-trt export`"
 #: Hand edits of an export's manifest.json, a missing or wrong-typed field in each section: refused
 #: on load, naming `section.field` and the fix, before any graph runs.
@@ -66,9 +70,9 @@ MANIFEST_EDITS = {
     ),
     "quant-missing": (_drop("quant", "act_format"), "quant.act_format is missing" + FIX),
     "quant-type": (_set("quant", "weight_bits", "8"), 'quant.weight_bits is "8"; it must be an integer or null' + FIX),
-    "quant-range": (_set("quant", "weight_bits", 16), "quant: weight_bits=16 is outside 2..8"),
+    "quant-range": (_set("quant", "weight_bits", 16), "quant.weight_bits is 16; it must be within 2..8" + FIX),
     "quant-choice": (_set("quant", "first_step", "float"), 'quant.first_step is "float"; it must be one of "fp"'),
-    "sampling-missing": (_drop("sampling", "beta_end"), "sampling: sampler settings lack 'beta_end'" + FIX),
+    "sampling-missing": (_drop("sampling", "beta_end"), "sampling.beta_end is missing" + FIX),
     "sampling-type": (_set("sampling", "steps", "10"), 'sampling.steps is "10"; it must be an integer' + FIX),
     "sampling-null": (lambda m: m.update(sampling=None), "sampling is null, not sampler settings" + FIX),
     "export-missing": (_drop("export", "float"), "export.float is missing" + FIX),
@@ -82,8 +86,60 @@ MANIFEST_EDITS = {
         'export.target is "tensorrt"; it must be one of "trt", "ort-cpu"' + FIX,
     ),
     "export-unknown": (_set("export", "precision", "int8"), "export.precision is not a known field" + FIX),
-    "export-list": (lambda m: m.update(export=[17]), "export is [17], not an object" + FIX),
+    "export-list": (lambda m: m.update(export=[17]), "export is [17]; it must be an object" + FIX),
+    # issue 20: removed fields get no default, wrong-typed layer fields, ranges, cross-section edits
+    "sampling-skip-type-removed": (_drop("sampling", "skip_type"), "sampling.skip_type is missing" + FIX),
+    "sampling-eta-negative": (_set("sampling", "eta", -0.5), "sampling.eta is -0.5; it must be a number >= 0" + FIX),
+    "sampling-unknown": (_set("sampling", "order", 2), "sampling.order is not a ddim sampler setting" + FIX),
+    "layer-kind": (_layer("kind", 7), 'layers[3].kind is 7; it must be one of "conv1d", "conv2d", "linear"' + FIX),
+    "layer-scale": (_layer("act_scale", "0.1"), 'layers[3].act_scale is "0.1"; it must be a list of finite numbers'),
+    "layer-scale-negative": (
+        _layer("act_scale", [-0.1]),
+        "layers[3].act_scale is [-0.1]; it must be made of numbers > 0",
+    ),
+    "layer-zero-point": (_layer("act_zero_point", ["a"]), 'layers[3].act_zero_point is ["a"]; it must be a list of'),
+    "layer-shape": (
+        _layer("a_hat_shape", [32, "8"]),
+        'layers[3].a_hat_shape is [32, "8"]; it must be a list of integers',
+    ),
+    "layer-act-format": (_layer("act_format", "int4"), 'layers[3].act_format is "int4"; it must be one of "int"'),
+    "layer-constant-input": (
+        _layer("constant_input", "no"),
+        'layers[3].constant_input is "no"; it must be true or false',
+    ),
+    "layer-name": (_layer("name", 5), "layers[3].name is 5; it must be a string" + FIX),
+    "layer-missing": (lambda m: m["layers"][3].pop("kind"), "layers[3].kind is missing" + FIX),
+    "layer-unknown": (_layer("bias", 1), "layers[3].bias is not a known field" + FIX),
+    "step-groups-added": (
+        lambda m: m.update(step_groups={"count": 1, "bounds": [1, 2], "steps": 2, "skip_type": "quad"}),
+        "step_groups.timesteps is missing" + FIX,
+    ),
+    "step-groups-set": (
+        lambda m: m.update(
+            step_groups={"count": 1, "bounds": [1, 2], "steps": 2, "skip_type": "quad", "timesteps": [800, 0]}
+            | {"ratios": [[[1.0], [1.0]]]}
+        ),
+        "step_groups is set, but the step graph has no step_scale_ratio input" + FIX,
+    ),
+    "export-state-dtype": (_set("export", "state_dtype", "float16"), 'export.state_dtype is "float16", but quant'),
+    "export-state-slots": (_set("export", "state_batch_multiplier", 2), "export.state_batch_multiplier is 2"),
+    "export-state-slots-3": (
+        _set("export", "state_batch_multiplier", 3),
+        "export.state_batch_multiplier is 3; it must be one of 1, 2" + FIX,
+    ),
+    "top-unknown": (lambda m: m.update(notes="mine"), "manifest.json: notes is not a known field" + FIX),
+    "calibration-sha": (_set("calibration", "sha256", "abc"), 'calibration.sha256 is "abc"; it must be 64 lowercase'),
+    "graphs-unknown": (lambda m: m["graphs"].update(extra=m["graphs"]["step"]), "graphs.extra is not a graph"),
 }
+
+#: Graph file names that point outside the export directory (`outside.onnx` beside it is a real
+#: graph that hashes right, so only the name check can stop it): refused before any file is opened.
+PATH_EDITS = {
+    "absolute": lambda world: str(world["outside_graph"]),
+    "dotdot": lambda world: "../outside.onnx",
+    "folder": lambda world: "sub/step.onnx",
+}
+PLAIN = "it must be a plain file name inside the export directory"
 
 CASES: dict[str, Case] = {
     **{
@@ -95,6 +151,87 @@ CASES: dict[str, Case] = {
     ),
     "compare-manifest-sampling-type": case(
         "compare {manifest_sampling-type} --backends torch,ort -n 1 --steps 2", "sampling.steps"
+    ),
+    "sample-manifest-skip-type-removed": case(
+        "sample {manifest_sampling-skip-type-removed} -b ort -n 1 --steps 2 -o {tmp}/s", "sampling.skip_type is missing"
+    ),
+    "sample-manifest-eta-negative": case(
+        "sample {manifest_sampling-eta-negative} -b ort -n 1 -o {tmp}/s", "sampling.eta is -0.5"
+    ),
+    "sample-manifest-layer-kind": case("sample {manifest_layer-kind} -b ort -n 1 -o {tmp}/s", "layers[3].kind is 7"),
+    "compare-manifest-layer-shape": case(
+        "compare {manifest_layer-shape} --backends torch,ort -n 1 --steps 2", "layers[3].a_hat_shape"
+    ),
+    "build-manifest-step-groups-set": case("build {manifest_step-groups-set}", "step_groups is set"),
+    # --- paths: graph and external-data names stay inside the export directory ---------------
+    **{
+        f"{command}-paths-{how}": case(line.format(exp=f"{{paths_{how}}}"), PLAIN)
+        for how in PATH_EDITS
+        for command, line in (
+            ("inspect", "inspect {exp}"),
+            ("lint", "inspect {exp} --lint"),
+            ("sample", "sample {exp} -b ort -n 1 --steps 2 -o {{tmp}}/s"),
+            ("compare", "compare {exp} --backends torch,ort -n 1 --steps 2"),
+        )
+    },
+    "export-paths-absolute-out": case(
+        f"{EXPORT} -o {{paths_absolute}}", "not a complete earlier export", keep=("paths_absolute", "outside_graph")
+    ),
+    "inspect-paths-external-data": case("inspect {paths_external}", "keeps weights in '../outside.data'"),
+    "sample-paths-external-data": case(
+        "sample {paths_external} -b ort -n 1 --steps 2 -o {tmp}/s", "keeps weights in '../outside.data'"
+    ),
+    # --- provenance: the torch reference uses the export's own calibration, hash-checked ----
+    "compare-provenance-copy-swapped": case(
+        "compare {prov_swapped} --backends torch,ort -n 1 --steps 2", "calibration.safetensors is not the calibration"
+    ),
+    "sample-provenance-copy-swapped": case(
+        "sample {prov_swapped} -b torch -n 1 --steps 2 -o {tmp}/s", "its sha256 differs from the manifest"
+    ),
+    "compare-provenance-old-recalibrated": case(
+        "compare {prov_old} --backends torch,ort -n 1 --steps 2", "edited.cal.safetensors is not the calibration"
+    ),
+    "sample-provenance-old-recalibrated": case(
+        "sample {prov_old} -b torch -n 1 --steps 2 -o {tmp}/s", "calibration.sha256"
+    ),
+    "compare-provenance-old-gone": case(
+        "compare {prov_gone} --backends torch,ort -n 1 --steps 2", "is gone and the export holds no copy"
+    ),
+    # --- corrupt graphs: one line naming the file and the fix, on every backend path ---------
+    **{
+        f"{command}-corrupt-{how}": case(line.format(exp=f"{{corrupt_{how}}}"), needle)
+        for how, needle in (
+            ("garbage", "step.onnx is not a readable ONNX graph"),
+            ("truncated", "step.onnx is not a readable ONNX graph"),
+            ("stale-hash", "step.onnx does not match"),
+        )
+        for command, line in (
+            ("inspect", "inspect {exp}"),
+            ("lint", "inspect {exp} --lint"),
+            ("sample", "sample {exp} -b ort -n 1 --steps 2 -o {{tmp}}/s"),
+            ("openvino", "sample {exp} -b openvino -n 1 --steps 2 -o {{tmp}}/s"),
+            ("torch", "sample {exp} -b torch -n 1 --steps 2 -o {{tmp}}/s"),
+            ("compare", "compare {exp} --backends torch,ort -n 1 --steps 2"),
+        )
+    },
+    "export-corrupt-out": case(
+        f"{EXPORT} -o {{corrupt_garbage}}", "not a complete earlier export", keep=("corrupt_garbage",)
+    ),
+    # --- an export follows its calibration; an explicit conflicting option names both --------
+    "export-calibration-a4-act-bits-8": case(
+        "export -c digits --calibration {cal_a4} --act-bits 8 -o {tmp}/e", "--act-bits 8 (file: 4)"
+    ),
+    "export-calibration-a4-weight-bits": case(
+        "export -c digits --calibration {cal_a4} --weight-bits 4 -o {tmp}/e", "--weight-bits 4 (file: 8)"
+    ),
+    "export-calibration-a4-fp8": case(
+        "export -c digits --calibration {cal_a4} --act-format fp8 -o {tmp}/e", "--act-format fp8 (file: int)"
+    ),
+    "sample-calibration-a4-act-bits-8": case(
+        f"{SAMPLE} --calibration {{cal_a4}} --act-bits 8", "--act-bits 8 (file: 4)"
+    ),
+    "sample-calibration-a4-modulate": case(
+        f"{SAMPLE} --calibration {{cal_a4}} --no-modulate", "--modulate off (file: on)"
     ),
     # --- sample: ranges --------------------------------------------------------------------
     "sample-steps-0": case(f"{SAMPLE} --steps 0", "--steps 0"),
@@ -366,7 +503,65 @@ def world(tmp_path_factory) -> dict[str, Path]:
     paths["dropped_layer"] = _edited_export(paths["export"], root / "exp-layers", lambda m: m["layers"].pop())
     for name, (edit, _) in MANIFEST_EDITS.items():
         paths[f"manifest_{name}"] = _edited_export(paths["export"], root / f"exp-{name}", edit)
+    _issue_20_world(paths, root)
     return paths
+
+
+def _issue_20_world(paths: dict[str, Path], root: Path) -> None:
+    """Exports whose graph names point outside, whose calibration changed, whose graphs are
+    damaged, and a 4-bit calibration for the options an export takes from it."""
+    export = paths["export"]
+    paths["outside_graph"] = root / "outside.onnx"
+    shutil.copy(export / "step.onnx", paths["outside_graph"])
+    for how, name in PATH_EDITS.items():
+        edit = lambda m, file=name(paths): m["graphs"]["step"].update(file=file)  # noqa: E731
+        paths[f"paths_{how}"] = _edited_export(export, root / f"exp-paths-{how}", edit)
+    paths["paths_external"] = _damaged_export(export, root / "exp-paths-external", _weights_outside, rehash=True)
+    paths["prov_swapped"] = _damaged_export(
+        export, root / "exp-prov-swapped", lambda d: shutil.copy(paths["cal_edited"], d / "calibration.safetensors")
+    )
+    for name, recorded in (("old", paths["cal_edited"]), ("gone", root / "moved-away.cal.safetensors")):
+        out = _edited_export(
+            export, root / f"exp-prov-{name}", lambda m, p=recorded: m["calibration"].update(path=str(p))
+        )
+        (out / "calibration.safetensors").unlink()  # an export made before exports kept a copy
+        paths[f"prov_{name}"] = out
+    garbage = lambda d: (d / "step.onnx").write_bytes(b"not an onnx graph\n" * 64)  # noqa: E731
+    truncated = lambda d: (d / "step.onnx").write_bytes((d / "step.onnx").read_bytes()[:100_000])  # noqa: E731
+    paths["corrupt_garbage"] = _damaged_export(export, root / "exp-garbage", garbage, rehash=True)
+    paths["corrupt_truncated"] = _damaged_export(export, root / "exp-truncated", truncated, rehash=True)
+    paths["corrupt_stale-hash"] = _damaged_export(export, root / "exp-stale-hash", truncated)
+    paths["cal_a4"] = root / "a4.cal.safetensors"
+    made = runner.invoke(app, [*CAL.split(), "--act-bits", "4", "-o", str(paths["cal_a4"])])
+    assert made.exit_code == 0, made.output
+
+
+def _damaged_export(export: Path, out: Path, damage, rehash: bool = False) -> Path:
+    """A copy of `export` whose files `damage(out)` changed; `rehash`: the manifest's step sha256
+    follows the new step.onnx, so only reading the graph itself can find the damage."""
+    shutil.copytree(export, out)
+    damage(out)
+    if rehash:
+        from modiff_trt.export.manifest import sha256_graph
+
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["graphs"]["step"]["sha256"] = sha256_graph(out / "step.onnx")
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def _weights_outside(out: Path) -> None:
+    """Move the largest initializer of step.onnx to `../outside.data` (external data outside the export)."""
+    import onnx
+
+    model = onnx.load(str(out / "step.onnx"))
+    tensor = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    (out.parent / "outside.data").write_bytes(tensor.raw_data)
+    tensor.external_data.add(key="location", value="../outside.data")
+    tensor.external_data.add(key="length", value=str(len(tensor.raw_data)))
+    tensor.ClearField("raw_data")
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    (out / "step.onnx").write_bytes(model.SerializeToString())
 
 
 def _edited_calibration(cal: Path, out: Path) -> Path:
@@ -438,6 +633,20 @@ def test_corpus_covers_every_command():
         "profile",
     }
     assert len(CASES) >= 80
+
+
+#: The classes of bad input issue 20 found handled poorly, by the word their case names carry.
+ISSUE_20_CLASSES = {"fields": "-manifest-", "paths": "-paths-", "provenance": "-provenance-", "corrupt": "-corrupt-"}
+
+
+def corpus_classes(names) -> dict[str, int]:
+    """How many cases of `names` fall in each class of `ISSUE_20_CLASSES`."""
+    return {label: sum(word in name for name in names) for label, word in ISSUE_20_CLASSES.items()}
+
+
+def test_corpus_covers_every_class_of_issue_20():
+    counts = corpus_classes(CASES)
+    assert all(count >= 5 for count in counts.values()), counts
 
 
 def test_unexpected_errors_are_one_line_and_v_shows_the_traceback(monkeypatch, tmp_path):
@@ -521,3 +730,47 @@ def test_a_full_disk_mid_sample_leaves_nothing_new(world, tmp_path, monkeypatch,
         "free space or write somewhere else"
     ], result.output
     assert _tree(tmp_path) == before  # no partial PNGs, no temporary folder, the earlier run intact
+
+
+def test_export_and_sample_take_their_settings_from_the_calibration(world, tmp_path):
+    from modiff_trt.export.manifest import load_manifest
+
+    out = tmp_path / "e"
+    result = runner.invoke(app, ["export", "-c", "digits", "--calibration", str(world["cal_a4"]), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    assert (manifest.quant.weight_bits, manifest.quant.act_bits) == (8, 4)
+    assert {layer.act_bits for layer in manifest.layers} == {4}
+    sample = [*SAMPLE.format(tmp=tmp_path).split(), "--calibration", str(world["cal_a4"])]
+    result = runner.invoke(app, sample)
+    assert result.exit_code == 0, result.output
+
+
+def _compare(export: Path) -> None:
+    result = runner.invoke(app, ["compare", str(export), "--backends", "torch,ort", "-n", "1", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+
+
+def test_an_export_keeps_its_own_calibration(world, tmp_path):
+    """Recalibrating into the file an export was made from no longer changes its torch reference."""
+    from modiff_trt.export.manifest import load_manifest, sha256_file
+
+    cal, out = tmp_path / "c.cal.safetensors", tmp_path / "e"
+    shutil.copy(world["cal"], cal)
+    result = runner.invoke(app, [*EXPORT.format(cal=cal).split(), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    copy = out / "calibration.safetensors"
+    assert copy.read_bytes() == cal.read_bytes()
+    assert load_manifest(out).calibration.sha256 == sha256_file(copy)
+    shutil.copy(world["cal_a4"], cal)  # the user recalibrates into the same path
+    _compare(out)
+    result = runner.invoke(app, [*EXPORT.format(cal=copy).split(), "-o", str(out)])  # re-export from its own copy
+    assert result.exit_code == 0, result.output
+    assert copy.read_bytes() == world["cal"].read_bytes()
+
+
+def test_an_export_without_a_copy_uses_the_recorded_calibration_while_it_is_unchanged(world, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(world["export"], out)
+    (out / "calibration.safetensors").unlink()
+    _compare(out)

@@ -43,7 +43,7 @@ def test_demo_writes_grid_and_report_and_shows_modiff_beating_plain_at_4_bits(tm
     assert rows["modiff-w8-nvfp4"]["psnr_db"] > rows["qdiff-w8a4"]["psnr_db"] + 6
     assert rows["modiff-w8a4-g4"]["psnr_db"] > rows["modiff-w8a4"]["psnr_db"]
     groups = load_manifest(out / "exports" / "modiff-w8a4-g4").step_groups  # per-group scales, pinned to 8 steps
-    assert groups["count"] == 4 and groups["steps"] == 8 and len(groups["ratios"]) == 4
+    assert groups.count == 4 and groups.steps == 8 and len(groups.ratios) == 4
     assert load_manifest(out / "exports" / "modiff-w8a4").step_groups is None
     grid = Image.open(out / "grid.png")
     assert grid.height == len(rows) * (8 + 2) * 4  # one 8x8 strip (1 px padding) per row, upscaled 4x

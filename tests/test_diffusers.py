@@ -220,3 +220,16 @@ def test_cli_samples_and_calibrates_a_diffusers_folder_with_a_scheduler(folders,
     assert made.exit_code == 0, made.output
     sampling = json.loads((tmp_path / "e" / "manifest.json").read_text())["sampling"]
     assert (sampling["sampler"], sampling["scheduler"], sampling["steps"]) == ("diffusers", "dpm-solver++", 3)
+
+
+def test_the_manifest_types_of_scheduler_settings_name_every_scheduler_and_spacing() -> None:
+    """The sampler's Literal types (what manifest validation checks) and the scheduler tables agree."""
+    from typing import get_args, get_type_hints
+
+    from modiff_trt.sampling.sampler import SchedulerSampler
+    from modiff_trt.sampling.schedulers import TIMESTEP_SPACINGS
+    from modiff_trt.sampling.schedules import SCHEDULER_CLASSES
+
+    hints = get_type_hints(SchedulerSampler)
+    assert set(get_args(hints["scheduler"])) == set(SCHEDULER_CLASSES)
+    assert set(get_args(hints["timestep_spacing"])) == set(TIMESTEP_SPACINGS)

@@ -413,8 +413,8 @@ def test_step_group_graph_follows_the_reference_per_layer_and_step(tmp_path, tin
     assert [d.dim_value for d in ratio.type.tensor_type.shape.dim] == [2, width]
     assert lint_export(out) == []
     manifest = load_manifest(out)
-    assert manifest.step_groups["count"] == 3 and len(manifest.step_groups["ratios"]) == 3
-    assert manifest.step_groups["ratios"][0] == [[1.0] * width] * 2
+    assert manifest.step_groups.count == 3 and len(manifest.step_groups.ratios) == 3
+    assert manifest.step_groups.ratios[0] == [[1.0] * width] * 2
     assert rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise)) < 5e-3
     with pytest.raises(ConfigError, match="--steps 10 --skip-type quad"):
         ddim_sample(OrtRunner(out), noise, ddim_timesteps(12, "quad"), BETAS)

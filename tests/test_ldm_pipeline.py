@@ -264,7 +264,7 @@ def test_ema_export_is_recorded_and_the_torch_backend_rebuilds_ema_weights(tmp_p
     assert manifest.model.ema is True
     from modiff_trt.engines.torch_backend import reference_from_manifest
 
-    rebuilt = reference_from_manifest(manifest)
+    rebuilt = reference_from_manifest(manifest, tmp_path / "exp")
     conv = "input_blocks.0.0"
     assert torch.equal(rebuilt.layers[conv].module.weight, ema.get_submodule(conv).weight)
     assert not torch.equal(rebuilt.layers[conv].module.weight, unet.get_submodule(conv).weight)

@@ -101,7 +101,7 @@ def test_step_groups_follow_modiff_per_layer_on_openvino_and_the_runner_feeds_ea
     runner._compiled(noise.shape[0])["step"] = Spy(runner._compiled(noise.shape[0])["step"])
     # 3-bit codes: a near-tie rounded the other way moves a_hat by a quarter of the range, so only drift is bounded
     assert rel_err(trajectory(runner, noise), trajectory(qmodel, noise)) < 0.05
-    ratios = load_manifest(out).step_groups["ratios"]
+    ratios = load_manifest(out).step_groups.ratios
     assert len(seen) == len(SEQ) - 1
     for call, fed in enumerate(seen, start=1):
         assert np.array_equal(fed, np.asarray(ratios[qmodel.step_groups.group_of(call)], dtype=np.float32))

@@ -121,7 +121,7 @@ def test_reconstructed_file_round_trips_through_export_exactly(tmp_path, tiny_co
     noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
     assert check_step_layers(out, qmodel, noise) == len(qmodel.layers) * (len(SEQ) - 1)
     assert rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise)) < 5e-3
-    assert load_manifest(out).calibration["weight_method"] == "adaround"
+    assert load_manifest(out).calibration.weight_method == "adaround"
     shown = CliRunner().invoke(app, ["inspect", str(out), "--no-layers"])
     assert shown.exit_code == 0, shown.output
     assert "W4 adaround" in shown.output and "block reconstruction" in shown.output

@@ -78,11 +78,11 @@ def test_bad_options_and_dicts_name_the_problem():
         make_sampler(churches, guidance_scale=7.5)
     with pytest.raises(ConfigError, match="--steps 0 is invalid: choose 1..1000"):
         make_sampler(ddim, steps=0)
-    with pytest.raises(ArtifactError, match="manifest: unknown sampler 'euler'"):
+    with pytest.raises(ArtifactError, match='manifest.sampler is "euler", an unknown sampler'):
         sampler_from_dict({"sampler": "euler"}, "manifest")
-    with pytest.raises(ArtifactError, match="lack 'beta_start'"):
+    with pytest.raises(ArtifactError, match=r"sampler settings\.beta_start is missing"):
         sampler_from_dict({"sampler": "ddim", "steps": 10, "beta_schedule": "linear"})
-    with pytest.raises(ArtifactError, match="unknown plms sampler settings eta"):
+    with pytest.raises(ArtifactError, match=r"sampler settings\.eta is not a plms sampler setting"):
         sampler_from_dict({**PLMSSampler(NoiseSchedule("linear", 1e-4, 0.02), 10).to_dict(), "eta": 1.0})
 
 

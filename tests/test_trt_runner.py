@@ -143,7 +143,7 @@ def test_step_scale_ratio_is_filled_per_step_group_like_ort(digits_dirs, monkeyp
     """An export with 3 step groups: the trt runner binds the one `step_scale_ratio` buffer (not
     batched) and refills it per group exactly as the ort runner does (bit-identical eps and state)."""
     export_dir = digits_dirs["groups"]
-    assert load_manifest(export_dir).step_groups["count"] == 3
+    assert load_manifest(export_dir).step_groups.count == 3
     double = _build(export_dir, monkeypatch, min_batch=1, opt_batch=3, max_batch=8)
     want = _trajectory(OrtRunner(export_dir, provider="cpu", threads=THREADS), export_dir)
     _assert_same(_trajectory(_runner(export_dir, double), export_dir), want)

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +61,7 @@ from modiff_trt.quant.model import quantizable_layers
 from modiff_trt.quant.quantizers import SCALE_FLOOR
 from modiff_trt.quant.scales import LayerScales, ScaleSet, StepGroups
 from modiff_trt.sampling.sampler import Sampler, make_sampler, sampler_from_dict
-from modiff_trt.validate import not_a_directory
+from modiff_trt.validate import SHA256, not_a_directory
 
 log = logging.getLogger(__name__)
 FORMAT = "modiff-trt/calibration"
@@ -74,7 +73,6 @@ MEASURED = {"act": "act_absmax", "warmup": "warmup_absmax", "act_groups": "act_g
 ZERO_POINTS = {"act": "act_zero_point", "warmup": "warmup_zero_point", "act_groups": "act_zero_point"}
 TENSOR_FIELDS = SCALE_FIELDS + tuple(MEASURED.values())
 ABSMAX_SLACK = 1e-5  # float32 storage of scale and absmax
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -111,7 +109,7 @@ class Calibration:
         """
         if "sampler" in self.meta:
             data = self.meta["sampler"]
-            return None if data is None else sampler_from_dict(data, f"{self.source} `sampler`")
+            return None if data is None else sampler_from_dict(data, f"{self.source}: sampler")
         old = self.meta.get("schedule")
         if old is None:
             return None
@@ -215,7 +213,7 @@ def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:
         return None
     if Path(checkpoint).is_file():
         return sha256_file(checkpoint)
-    if isinstance(checkpoint, str) and _SHA.match(checkpoint):
+    if isinstance(checkpoint, str) and SHA256.match(checkpoint):
         return checkpoint
     raise ArtifactError(f"checkpoint {checkpoint} not found: check the path (--checkpoint)")
 
@@ -258,8 +256,25 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
     return Calibration(meta=meta, layers=layers, path=path)
 
 
-def load_calibration(path: str | Path) -> Calibration:
-    """Read a calibration file; ArtifactError when it is missing, corrupt or of another format."""
+#: The quantization options a calibration file fixes: `QuantOptions` field -> metadata key.
+SETTINGS = ("weight_bits", "act_bits", "act_format", "modulate", "first_step")
+
+
+def calibration_settings(path: str | Path) -> dict[str, Any]:
+    """The quantization options the file at `path` was calibrated for, as `QuantOptions` values
+    (0 bits: float), read from its header alone: what export and sample take where the user
+    gave none, so `calibrate --act-bits 4` needs no second `--act-bits 4`."""
+    meta = _read(path, tensors=False)[0]
+    settings = {key: meta[key] for key in SETTINGS if key in meta}
+    settings.setdefault("act_format", "int")  # files older than the formats are integer
+    for key in ("weight_bits", "act_bits"):
+        if key in settings and settings[key] is None:
+            settings[key] = 0
+    return settings
+
+
+def _read(path: str | Path, tensors: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked metadata and (with `tensors`) the tensors of the calibration file `path`."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -269,7 +284,7 @@ def load_calibration(path: str | Path) -> Calibration:
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            loaded = {key: handle.get_tensor(key) for key in handle.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is not a readable safetensors calibration file ({exc}); recalibrate") from exc
     try:
@@ -283,6 +298,13 @@ def load_calibration(path: str | Path) -> Calibration:
             f"{path} is calibration format version {meta.get('version')}; this modiff-trt reads version "
             f"{FORMAT_VERSION}: recalibrate or use the modiff-trt release that wrote it"
         )
+    return meta, loaded
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """Read a calibration file; ArtifactError when it is missing, corrupt or of another format."""
+    path = Path(path)
+    meta, tensors = _read(path)
     layers = {}
     constant = set(meta.get("constant_input", []))
     formats = meta.get("formats", {})

@@ -63,7 +63,7 @@ def open_runner(
     if backend == "torch":
         from modiff_trt.engines.torch_backend import reference_from_manifest
 
-        return reference_from_manifest(manifest, trust=trust), manifest
+        return reference_from_manifest(manifest, export_dir, trust=trust), manifest
     if backend == "ort":
         from modiff_trt.engines.ort_backend import OrtRunner
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from modiff_trt.engines.runner import Arrangement, StatefulRunner
-from modiff_trt.errors import ArtifactError, BackendUnavailableError
+from modiff_trt.errors import ArtifactError, BackendUnavailableError, first_line
 from modiff_trt.export import naming
 from modiff_trt.export.manifest import Manifest, load_manifest
 
@@ -112,7 +112,7 @@ def read_graph(path: str | Path, batch: int) -> ov.Model:
     try:
         model = ov.Core().read_model(str(path))
     except RuntimeError as exc:
-        raise ArtifactError(f"OpenVINO cannot read {path}: {exc}") from exc
+        raise ArtifactError(f"OpenVINO cannot read {path} ({first_line(exc)}): re-run `modiff-trt export`") from exc
     model.reshape(
         {
             port.get_any_name(): [batch, *list(port.get_partial_shape())[1:]]

@@ -18,7 +18,7 @@ import torch
 
 from modiff_trt.engines.runner import Arrangement, StatefulRunner
 from modiff_trt.engines.state_buffers import StateBuffers, layout_from_manifest, torch_dtype
-from modiff_trt.errors import ArtifactError, BackendUnavailableError, ConfigError
+from modiff_trt.errors import ArtifactError, BackendUnavailableError, ConfigError, first_line
 from modiff_trt.export import naming
 from modiff_trt.export.manifest import Manifest, load_manifest
 
@@ -112,7 +112,10 @@ class OrtRunner(StatefulRunner):
             try:
                 self.sessions[key] = ort.InferenceSession(str(export_dir / graph.file), options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own unexported exception types
-                raise ArtifactError(f"ONNX Runtime cannot load {self.export_dir / graph.file}: {exc}") from exc
+                raise ArtifactError(
+                    f"ONNX Runtime cannot load {self.export_dir / graph.file} ({first_line(exc)}): "
+                    "re-run `modiff-trt export`"
+                ) from exc
         self.float_dtype = torch_dtype(self.manifest.export.float_dtype)
         self._buffers: StateBuffers | None = None
 

@@ -14,7 +14,6 @@ import torch
 from modiff_trt.engines.state_buffers import aligned_empty
 from modiff_trt.export.manifest import Manifest
 from modiff_trt.export.naming import STEP_SCALE_RATIO
-from modiff_trt.quant.scales import StepGroups
 
 
 class StepScaleInput:
@@ -23,8 +22,8 @@ class StepScaleInput:
     name = STEP_SCALE_RATIO
 
     def __init__(self, manifest: Manifest, device: torch.device, dtype: torch.dtype, source: str) -> None:
-        self.groups = StepGroups.from_dict(manifest.step_groups)
-        self.table = torch.tensor(manifest.step_groups["ratios"], dtype=torch.float32).to(device, dtype)
+        self.groups = manifest.step_groups.groups()
+        self.table = torch.tensor(manifest.step_groups.ratios, dtype=torch.float32).to(device, dtype)
         self.buffer = aligned_empty(tuple(self.table.shape[1:]), dtype, device)  # TensorRT: 256-byte aligned
         self.source = source
         self._group: int | None = None

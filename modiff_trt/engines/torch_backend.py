@@ -54,16 +54,18 @@ def load_reference(
     return Reference(model_cfg, float_model, quantize_unet(float_model, quant, scales))
 
 
-def reference_from_manifest(manifest, trust: bool = False) -> QuantUNet:
-    """Rebuild the reference an export was made from, out of the paths its manifest records."""
+def reference_from_manifest(manifest, export_dir: str | Path, trust: bool = False) -> QuantUNet:
+    """Rebuild the reference `export_dir` was made from: its checkpoint and config by the paths
+    the manifest records, its scales from the export's own calibration (`export_calibration`)."""
+    from modiff_trt.export.manifest import export_calibration
+
     checkpoint = manifest.model.checkpoint
-    calibration = (manifest.calibration or {}).get("path")
-    for label, path in (("checkpoint", checkpoint), ("calibration", calibration)):
-        if path is not None and not Path(path).is_file():
-            raise ArtifactError(
-                f"the export's {label} {path} is gone: the torch backend rebuilds the reference from it; "
-                "restore the file or use --backend ort"
-            )
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ArtifactError(
+            f"the export's checkpoint {checkpoint} is gone: the torch backend rebuilds the reference from it; "
+            "restore the file or use --backend ort"
+        )
+    calibration = export_calibration(manifest, export_dir)
     return load_reference(
         manifest.model.config, checkpoint, manifest.quant, calibration, trust, ema=manifest.model.ema
     ).qmodel

@@ -435,7 +435,7 @@ def profile_engine(
         except Exception as exc:  # noqa: BLE001 - zeros are a documented, logged fallback
             log.warning("could not compute a real warm-up state with ONNX Runtime (%s); using zeros", exc)
     if manifest.step_groups is not None:  # the ratios of step 1's group: the step the warm-up state leads to
-        values[STEP_SCALE_RATIO] = np.asarray(manifest.step_groups["ratios"][0], dtype=np.float32)
+        values[STEP_SCALE_RATIO] = np.asarray(manifest.step_groups.ratios[0], dtype=np.float32)
     files = write_input_files(graph, batch, work / f"inputs-{stem}", values)
     shapes = {t.name: _batch_shape(t.shape, batch, t.name) for t in graph.inputs}
     profile_json = work / f"{stem}.layers.json"

@@ -2,7 +2,8 @@
 
 MoDiff exports two graphs: `warmup.onnx` (first step of a batch: creates every layer's
 `a_hat`/`o_hat`) and `step.onnx` (every later step: consumes and returns them). A plain
-Q-Diffusion export has one stateless `unet.onnx`. Everything is written to a temp directory,
+Q-Diffusion export has one stateless `unet.onnx`; a copy of the calibration
+(`calibration.safetensors`) makes the directory self-contained. Everything is written to a temp directory,
 linted (`inspect --lint`'s rules) and only then renamed into place, so an interrupted export
 leaves nothing half-written and a graph that breaks TensorRT's rules is never written at all.
 """
@@ -10,6 +11,7 @@ leaves nothing half-written and a graph that breaks TensorRT's rules is never wr
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -22,12 +24,15 @@ from modiff_trt.errors import ArtifactError, ConfigError
 from modiff_trt.export.fp16 import convert_to_fp16
 from modiff_trt.export.lint import lint_export
 from modiff_trt.export.manifest import (
+    CALIBRATION_COPY,
     MANIFEST_NAME,
+    CalibrationSection,
     ExportSection,
     GraphSpec,
     LayerSpec,
     Manifest,
     ModelSection,
+    StepGroupsSection,
     sha256_file,
     sha256_graph,
     tensor_specs,
@@ -116,6 +121,20 @@ def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]
     return table
 
 
+def _keep_calibration(calibration: str | Path, export_dir: Path, weight_method: str | None) -> CalibrationSection:
+    """Copy the calibration into the export and record where it came from, the copy's sha256 and
+    what made the integer weights (`inspect` shows it).
+
+    The export is then self-contained: its torch reference (`compare`, `sample --backend torch`)
+    reads the copy, never a path that may since hold another calibration.
+    """
+    copy = export_dir / CALIBRATION_COPY
+    shutil.copyfile(calibration, copy)
+    return CalibrationSection(
+        path=str(Path(calibration).resolve()), sha256=sha256_file(copy), weight_method=weight_method or "minmax"
+    )
+
+
 def check_exportable(config: QuantConfig) -> None:
     """TensorRT's explicit quantization rules that a QuantConfig must meet before export."""
     if config.format_layers == "all" and config.act_bits is not None and config.act_format != "int":
@@ -132,15 +151,6 @@ def check_exportable(config: QuantConfig) -> None:
         raise ConfigError(
             "TensorRT needs symmetric activation quantization (zero point 0): drop asymmetric activations"
         )
-
-
-def calibration_record(calibration: str | Path, qmodel: QuantUNet) -> dict[str, object]:
-    """The manifest's `calibration`: the file, and what made the integer weights (`inspect` shows it)."""
-    return {
-        "path": str(Path(calibration).resolve()),
-        "sha256": sha256_file(calibration),
-        "weight_method": qmodel.weight_method,
-    }
 
 
 def export_model(
@@ -190,6 +200,9 @@ def export_model(
     context_shape = model_cfg.context_shape
     if guidance and context_shape is None:
         raise ConfigError(f"{model_cfg.source} takes no text context: classifier-free guidance (--cfg) does not apply")
+    sampler = sampler or make_sampler(model_cfg)
+    if qmodel.step_groups is not None:  # the manifest's sampler must run the schedule the groups are pinned to
+        qmodel.step_groups.check_timesteps(sampler.timesteps(), str(calibration or "the scales"))
     shapes = _state_shapes(qmodel, sample_shape, context_shape)
     if float_dtype == "float16" and opset < 19:
         raise ConfigError(f"fp16 Q/DQ scales need opset >= 19 (got --opset {opset})")
@@ -228,7 +241,7 @@ def export_model(
                 context_shape=None if context_shape is None else tuple(context_shape),
             ),
             quant=config,
-            sampling=sampler or make_sampler(model_cfg),
+            sampling=sampler,
             export=ExportSection(
                 opset=opset,
                 float_dtype=float_dtype,
@@ -242,11 +255,11 @@ def export_model(
             ),
             graphs=graphs,
             layers=_layer_table(qmodel, shapes),
-            calibration=None if calibration is None else calibration_record(calibration, qmodel),
+            calibration=None if calibration is None else _keep_calibration(calibration, tmp, qmodel.weight_method),
             tool_version=__version__,
             step_groups=None
             if qmodel.step_groups is None
-            else {**qmodel.step_groups.to_dict(), "ratios": step_ratio_table(qmodel)},
+            else StepGroupsSection(**qmodel.step_groups.to_dict(), ratios=step_ratio_table(qmodel)),
         )
         (tmp / MANIFEST_NAME).write_text(manifest.to_json())
         issues = lint_export(tmp)

@@ -36,7 +36,7 @@ from onnx import numpy_helper
 
 from modiff_trt.export import naming
 from modiff_trt.export.float_formats import TRT_DOMAIN, TRT_FP4_QUANTIZE
-from modiff_trt.export.manifest import load_manifest
+from modiff_trt.export.manifest import load_manifest, read_graph
 from modiff_trt.export.qdq import FP16_MIN_NORMAL
 from modiff_trt.quant.formats import NVFP4_BLOCK, conv_fp8_blocker
 
@@ -333,7 +333,7 @@ def lint_export(export_dir: str | Path) -> list[LintIssue]:
     """Lint every graph of an export directory, and check warm-up/step state outputs agree."""
     manifest = load_manifest(export_dir)
     target = manifest.export.target
-    models = {key: onnx.load(str(Path(export_dir) / g.file)) for key, g in manifest.graphs.items()}
+    models = {key: read_graph(Path(export_dir) / g.file) for key, g in manifest.graphs.items()}
     issues = [issue for key, model in models.items() for issue in lint_graph(model, key, target)]
     if "warmup" in models and "step" in models:
         warm, step = _io(models["warmup"].graph.output), _io(models["step"].graph.output)

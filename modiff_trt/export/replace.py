@@ -1,8 +1,8 @@
 """When `export --out` may replace an existing directory: only a complete earlier export.
 
 The directory must hold a manifest whose graphs exist and hash right, and nothing but the
-files modiff-trt writes there (graphs, their external data, TensorRT plans with sidecars, the
-`profile/` folder of `modiff-trt profile`). Anything else (a user's notes, a stray file) makes
+files modiff-trt writes there (graphs, their external data, the copy of the calibration,
+TensorRT plans with sidecars, the `profile/` folder of `modiff-trt profile`). Anything else (a user's notes, a stray file) makes
 the export refuse, so files the tool did not write are never deleted. Plans built from the old
 graphs go with them, and the log says so.
 """
@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from modiff_trt.errors import ArtifactError
-from modiff_trt.export.manifest import MANIFEST_NAME, load_manifest
+from modiff_trt.export.manifest import CALIBRATION_COPY, MANIFEST_NAME, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ PROFILE_DIR = "profile"
 def export_files(out: Path) -> set[str]:
     """Names modiff-trt writes into the export `out` (whose manifest must be valid)."""
     manifest = load_manifest(out)
-    names = {MANIFEST_NAME, PROFILE_DIR}
+    names = {MANIFEST_NAME, PROFILE_DIR, CALIBRATION_COPY}
     for key, graph in manifest.graphs.items():
         names |= {graph.file, f"{graph.file}.data", f"{key}.plan", f"{key}.plan.json"}
     return names

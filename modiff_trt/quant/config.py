@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from modiff_trt.errors import ConfigError
 from modiff_trt.quant.formats import ACT_FORMATS, FORMAT_BITS
 
 MIN_BITS, MAX_BITS = 2, 8
+
+
+def _bits(value: int | None) -> str | None:
+    """The range `validate.dataclass_fields` checks a stored `quant` section's bits against (null: float)."""
+    return None if value is None or MIN_BITS <= value <= MAX_BITS else f"within {MIN_BITS}..{MAX_BITS}"
+
+
+_BITS = {"check": _bits}
 
 
 @dataclass(frozen=True)
@@ -28,8 +36,8 @@ class QuantConfig:
     with 'all' every layer takes the requested format (a reference-only study).
     """
 
-    weight_bits: int | None = 8
-    act_bits: int | None = 8
+    weight_bits: int | None = field(default=8, metadata=_BITS)
+    act_bits: int | None = field(default=8, metadata=_BITS)
     modulate: bool = True
     act_scales: Literal["dynamic", "static"] = "dynamic"
     first_step: Literal["fp", "quantized"] = "fp"

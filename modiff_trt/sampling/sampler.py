@@ -23,8 +23,8 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_type_hints
 
 import torch
 
@@ -36,7 +36,7 @@ from modiff_trt.sampling.noise import step_generators
 from modiff_trt.sampling.schedulers import call_timesteps, make_scheduler, scheduler_sample
 from modiff_trt.sampling.schedules import BETA_SCHEDULES, alphas_cumprod, ddim_timesteps, make_betas
 from modiff_trt.sampling.step import StepCallback
-from modiff_trt.validate import wrong_type
+from modiff_trt.validate import at_least_value, field_problem
 
 if TYPE_CHECKING:
     from modiff_trt.models.config import ModelConfig
@@ -44,14 +44,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _beta(value: float) -> str | None:
+    return None if 0 < value < 1 else "within the open interval (0, 1)"
+
+
+_BETA = {"check": _beta}
+_ETA = {"check": at_least_value(0)}
+
+
+def _skip_type(value: str) -> str | None:
+    return None if value in ("quad", "uniform") else 'one of "quad", "uniform"'
+
+
+# 0 is deterministic DDIM
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """The training betas: `beta_schedule` is `linear` or `scaled_linear` (see `schedules`)."""
 
     beta_schedule: str
-    beta_start: float
-    beta_end: float
-    num_train_timesteps: int = 1000
+    beta_start: float = field(metadata=_BETA)
+    beta_end: float = field(metadata=_BETA)
+    num_train_timesteps: int = field(default=1000, metadata={"check": at_least_value(1)})
 
     def __post_init__(self) -> None:
         if self.beta_schedule not in BETA_SCHEDULES:
@@ -68,7 +83,7 @@ class Sampler(ABC):
 
     name: ClassVar[str]
     schedule: NoiseSchedule
-    steps: int
+    steps: int = field(metadata={"check": at_least_value(1)})
 
     def __post_init__(self) -> None:
         try:
@@ -127,8 +142,8 @@ class DDIMSampler(Sampler):
     """ddim's DDIM (`generalized_steps`): float32 betas, `quad` or `uniform` timesteps."""
 
     name: ClassVar[str] = "ddim"
-    skip_type: str = "quad"
-    eta: float = 0.0  # type: ignore[assignment]
+    skip_type: str = field(default="quad", metadata={"check": _skip_type})
+    eta: float = field(default=0.0, metadata=_ETA)  # type: ignore[assignment]
 
     def timesteps(self) -> list[int]:
         return ddim_timesteps(self.steps, self.skip_type, self.schedule.num_train_timesteps)
@@ -198,7 +213,7 @@ class LDMDDIMSampler(_LatentSampler):
     """CompVis' DDIMSampler: LDM timesteps, eta > 0 allowed (LSUN-Bedrooms uses 1)."""
 
     name: ClassVar[str] = "ldm-ddim"
-    eta: float = 0.0  # type: ignore[assignment]
+    eta: float = field(default=0.0, metadata=_ETA)  # type: ignore[assignment]
     guidance_scale: float = 1.0  # type: ignore[assignment]
 
     def trajectory(self, model, noise, indices=None, *, seed=0, conditioning=None, callback=None) -> torch.Tensor:
@@ -243,9 +258,9 @@ class SchedulerSampler(Sampler):
     """A diffusers scheduler (`scheduler`: ddim, pndm, dpm-solver++, euler) on the model's betas, any family."""
 
     name: ClassVar[str] = "diffusers"
-    scheduler: str = "dpm-solver++"
-    timestep_spacing: str = "leading"
-    steps_offset: int = 0
+    scheduler: Literal["ddim", "pndm", "dpm-solver++", "euler"] = "dpm-solver++"  # SCHEDULER_CLASSES' names
+    timestep_spacing: Literal["leading", "linspace", "trailing"] = "leading"
+    steps_offset: int = field(default=0, metadata={"check": at_least_value(0)})
     set_alpha_to_one: bool = False
     guidance_scale: float = 1.0  # type: ignore[assignment]
 
@@ -303,27 +318,38 @@ SAMPLERS: dict[str, type[Sampler]] = {
 _SCHEDULE_FIELDS = tuple(f.name for f in dataclasses.fields(NoiseSchedule))
 
 
-def sampler_from_dict(data: Any, source: str = "sampler settings") -> Sampler:
-    """The sampler `to_dict()` described; ArtifactError naming `source` and the field when the dict is not one."""
+def sampler_from_dict(data: Any, source: str = "sampler settings", stored: bool = False) -> Sampler:
+    """The sampler `to_dict()` described; ArtifactError naming `source.<field>` when the dict is not one.
+
+    `stored`: the dict was read from a file that holds a full `to_dict()` (a manifest), so every
+    field must be there (none falls back to its default: a removed `skip_type` is not `quad`) and
+    within its range (`metadata["check"]`: eta >= 0, betas in (0, 1)).
+    """
     if not isinstance(data, dict):
         raise ArtifactError(f"{source} is {json.dumps(data, default=repr)}, not sampler settings")
-    cls = SAMPLERS.get(data.get("sampler"))  # type: ignore[arg-type]
+    if "sampler" not in data:
+        raise ArtifactError(f"{source}.sampler is missing")
+    cls = SAMPLERS.get(data["sampler"]) if isinstance(data["sampler"], str) else None
     if cls is None:
-        raise ArtifactError(f"{source}: unknown sampler {data.get('sampler')!r} (known: {', '.join(SAMPLERS)})")
-    own = {f.name for f in dataclasses.fields(cls)} - {"schedule"}
-    unknown = set(data) - own - set(_SCHEDULE_FIELDS) - {"sampler"}
+        raise ArtifactError(
+            f"{source}.sampler is {json.dumps(data['sampler'], default=repr)}, an unknown sampler "
+            f"(known: {', '.join(SAMPLERS)})"
+        )
+    fields = {f.name: f for f in (*dataclasses.fields(NoiseSchedule), *dataclasses.fields(cls)) if f.name != "schedule"}
+    unknown = sorted(set(data) - set(fields) - {"sampler"})
     if unknown:
-        raise ArtifactError(f"{source}: unknown {cls.name} sampler settings {', '.join(sorted(unknown))}")
+        raise ArtifactError(f"{source}.{unknown[0]} is not a {cls.name} sampler setting")
     hints = {**get_type_hints(NoiseSchedule), **get_type_hints(cls)}
-    for key in sorted(set(data) - {"sampler"}):
-        wrong = wrong_type(f"{source}.{key}", data[key], hints[key])
+    for key, f in fields.items():
+        if key not in data:
+            if stored or f.default is dataclasses.MISSING:
+                raise ArtifactError(f"{source}.{key} is missing")
+            continue
+        wrong = field_problem(f"{source}.{key}", data[key], hints[key], f.metadata.get("check") if stored else None)
         if wrong:
             raise ArtifactError(wrong)
-    try:
-        schedule = NoiseSchedule(**{k: data[k] for k in _SCHEDULE_FIELDS})
-        return cls(schedule=schedule, **{k: v for k, v in data.items() if k in own})
-    except KeyError as exc:
-        raise ArtifactError(f"{source}: sampler settings lack {exc.args[0]!r}") from exc
+    schedule = NoiseSchedule(**{k: data[k] for k in _SCHEDULE_FIELDS if k in data})
+    return cls(schedule=schedule, **{k: data[k] for k in fields if k in data and k not in _SCHEDULE_FIELDS})
 
 
 def make_sampler(

@@ -17,7 +17,7 @@ from modiff_trt.models.ddim_config import DDIMModelConfig
 from modiff_trt.quant import LayerScales, QuantConfig, ScaleSet, quantize_unet
 from modiff_trt.quant.formats import layer_format
 from modiff_trt.quant.scales import StepGroups
-from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas
+from modiff_trt.sampling import ddim_sample, ddim_timesteps, make_betas, make_sampler
 
 SEQ, BETAS, SHAPE = ddim_timesteps(10, "quad"), make_betas("linear", 1e-4, 0.02).float(), (3, 16, 16)
 
@@ -81,7 +81,10 @@ def export(tmp_path, model, config: QuantConfig, name="exp", step_groups: int = 
     static = QuantConfig(**{**config.to_dict(), "act_scales": "static" if config.act_bits else "dynamic"})
     qmodel = quantize_unet(model, static, scales)
     out = tmp_path / name
-    export_model(model, qmodel, tiny_model_config(model), out, **kwargs)
+    cfg = tiny_model_config(model)
+    if step_groups > 1:  # the export's sampler is the schedule the step groups are pinned to
+        kwargs.setdefault("sampler", make_sampler(cfg, steps=len(SEQ), skip_type="quad"))
+    export_model(model, qmodel, cfg, out, **kwargs)
     return qmodel, out
 
 
