@@ -10,6 +10,7 @@ on ONNX Runtime from the exported graphs, from the same per-image noise.
     python benchmarks/quality.py --method mse --bits W4A8 W4A4 --section quality-mse   # MSE scales
     python benchmarks/quality.py --step-groups 1 2 4 --bits W8A8 W8A6 W8A4 W8A3 --section quality-step-groups
     python benchmarks/quality.py --formats --num-images 256 --section quality-formats   # FP8 / NVFP4
+    python benchmarks/quality.py --state --bits W8A8 W8A4 --section quality-state   # state layouts (issue 22)
 
 `--formats` measures the activation formats instead: weight-only W8, then INT4, NVFP4 and FP8
 activations with per-tensor dynamic scales on every layer (plain vs MoDiff, torch), next to the
@@ -74,6 +75,23 @@ def variants(w: int, a: int, step_groups: list[str] | None = None) -> list[Row]:
         Row(bits, "MoDiff dynamic", QuantConfig(w, a), False),
         Row(bits, "MoDiff static, quantized warm-up", QuantConfig(w, a, first_step="quantized"), True),
         Row(bits, "MoDiff static, fp16 state", QuantConfig(w, a, state_dtype="float16"), True),
+    ]
+
+
+def state_rows(w: int, a: int) -> list[Row]:
+    """The state-layout study (issue 22) at one bit width: MoDiff static with fp32 state, fp16
+    state (a_hat and o_hat rounded to fp16), and the scaled layout (a_hat in units of its residual
+    scale) with fp16 state, one calibration for all three."""
+    bits = f"W{w}A{a}"
+    return [
+        Row(bits, "MoDiff static, fp32 state", QuantConfig(w, a), True),
+        Row(bits, "MoDiff static, fp16 state", QuantConfig(w, a, state_dtype="float16"), True),
+        Row(
+            bits,
+            "MoDiff static, scaled fp16 state",
+            QuantConfig(w, a, state_dtype="float16", state_layout="scaled"),
+            True,
+        ),
     ]
 
 
@@ -147,6 +165,7 @@ def main() -> None:
     parser.add_argument(
         "--step-groups", nargs="+", help="only MoDiff static rows, per step-group count (or 'auto': calibrate picks it)"
     )
+    parser.add_argument("--state", action="store_true", help="only the state-layout rows (issue 22)")
     parser.add_argument("--formats", action="store_true", help="the FP8/NVFP4 activation-format study instead")
     parser.add_argument(
         "--reconstruction", action="store_true", help="the AdaRound weight-reconstruction study instead (issue 23)"
@@ -169,6 +188,8 @@ def main() -> None:
     rows = format_rows() if args.formats else [row for w, a in bits for row in variants(w, a, args.step_groups)]
     if args.reconstruction:
         rows = reconstruction_rows()
+    if args.state:
+        rows = [row for w, a in bits for row in state_rows(w, a)]
     recon = ReconstructionOptions(iterations=args.recon_iters)
     cfg, ckpt = load_config("digits"), builtin_checkpoint("digits")
     sampler = make_sampler(cfg, steps=steps)

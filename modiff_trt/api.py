@@ -46,6 +46,7 @@ class QuantOptions:
     first_step: str | None = None
     split: bool | None = None
     state_dtype: str | None = None
+    state_layout: str | None = None
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "weight_bits": 8,
@@ -54,6 +55,7 @@ class QuantOptions:
         "first_step": "fp",
         "split": False,
         "state_dtype": "float32",
+        "state_layout": "plain",
     }
 
     def chosen(self, name: str) -> Any:
@@ -108,6 +110,7 @@ class QuantOptions:
             first_step=str(self.chosen("first_step")),
             split=self.chosen("split"),
             state_dtype=str(self.chosen("state_dtype")),
+            state_layout=str(self.chosen("state_layout")),
             act_format=str(self.chosen("act_format")),
         )
 

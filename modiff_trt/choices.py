@@ -50,6 +50,13 @@ class FirstStep(StrEnum):
     quantized = "quantized"
 
 
+class StateLayout(StrEnum):
+    """How a_hat is carried between steps: as is, or in units of its residual scale."""
+
+    plain = "plain"
+    scaled = "scaled"
+
+
 class StateDtype(StrEnum):
     """Precision of the MoDiff state carried between steps."""
 

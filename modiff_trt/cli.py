@@ -35,6 +35,7 @@ from modiff_trt.choices import (
     Scheduler,
     SkipType,
     StateDtype,
+    StateLayout,
     Target,
     WeightMethod,
 )
@@ -148,6 +149,12 @@ SPLIT = typer.Option(
     None, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion) [default: no-split]."
 )
 STATE_DTYPE = typer.Option(None, "--state-dtype", help="Precision of a_hat/o_hat between steps [default: float32].")
+STATE_LAYOUT = typer.Option(
+    None,
+    "--state-layout",
+    help="a_hat as is (plain) or in units of its residual scale (scaled: exact in fp16 while |A| <= 2048) "
+    "[default: plain].",
+)
 SKIP_TYPE = typer.Option(None, "--skip-type", help="DDIM timestep selection [default: quad].")
 SEED = typer.Option(0, "--seed", help="Seed (>= 0): image i's noise depends only on (seed, i).")
 TRUST = typer.Option(
@@ -223,6 +230,7 @@ def sample(
     first_step: FirstStep | None = FIRST_STEP,
     split: bool | None = SPLIT,
     state_dtype: StateDtype | None = STATE_DTYPE,
+    state_layout: StateLayout | None = STATE_LAYOUT,
     num_images: int = typer.Option(16, "--num-images", "-n", help="How many images to sample."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per batch (MoDiff state is per batch)."),
     steps: int | None = typer.Option(
@@ -289,7 +297,9 @@ def sample(
             calibration=calibration,
             act_scales=act_scales,
             model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
-            quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
+            quant=api.QuantOptions(
+                weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype, state_layout
+            ),
             sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale, scheduler),
             prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
             num_images=num_images,
@@ -525,6 +535,7 @@ def export_cmd(
     first_step: FirstStep | None = FIRST_STEP,
     split: bool | None = SPLIT,
     state_dtype: StateDtype | None = STATE_DTYPE,
+    state_layout: StateLayout | None = STATE_LAYOUT,
     float_dtype: FloatFormat = typer.Option(
         FloatFormat.fp32, "--float", help="Float parts of the graph: fp32 (ONNX Runtime) or fp16 (TensorRT)."
     ),
@@ -557,7 +568,9 @@ def export_cmd(
             out=out,
             model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
             calibration=calibration,
-            quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype),
+            quant=api.QuantOptions(
+                weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype, state_layout
+            ),
             float_format=float_dtype,
             opset=opset,
             batch_size=batch_size,
@@ -594,7 +607,7 @@ def inspect(
     out.print(
         f"[bold]{export_dir}[/]: {manifest.model.config} | {manifest.quant.label} "
         f"| first step {manifest.quant.first_step} | float {export.float_dtype} "
-        f"| state {export.state_dtype} | opset {export.opset} | batch {manifest.batch_size or 'dynamic'}"
+        f"| state {export.state_dtype} {export.state_layout} | opset {export.opset} | batch {manifest.batch_size or 'dynamic'}"
     )
     out.print(_weights_line(manifest))
     if layers:

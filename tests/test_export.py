@@ -55,8 +55,11 @@ def test_weight_only_modiff_graphs_match_reference_over_trajectory(tmp_path, tin
         QuantConfig(8, 4, split=True),
         QuantConfig(4, 8),
         QuantConfig(8, 4, first_step="quantized"),
+        QuantConfig(8, 8, state_dtype="float16", state_layout="scaled"),
+        QuantConfig(8, 4, split=True, state_dtype="float16", state_layout="scaled"),
+        QuantConfig(8, 4, first_step="quantized", state_layout="scaled"),
     ],
-    ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}",
+    ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}-{c.state_dtype}-{c.state_layout}",
 )
 def test_every_layer_of_ort_step_graph_follows_modiff_at_every_step(tmp_path, tiny_model, noise, config):
     """On ONNX Runtime's own tensors, per layer and step: rq = Q(x - a_hat_in) exactly (but at
@@ -84,6 +87,7 @@ def test_quantized_trajectory_stays_close_and_modiff_beats_plain_on_ort(tmp_path
         QuantConfig(8, 8),
         QuantConfig(8, 4, modulate=False, split=True),
         QuantConfig(4, 8, first_step="quantized", state_dtype="float16"),
+        QuantConfig(8, 8, state_dtype="float16", state_layout="scaled"),
     ],
 )
 def test_lint_passes_on_exports_and_manifest_round_trips(tmp_path, tiny_model, config):
@@ -98,6 +102,7 @@ def test_lint_passes_on_exports_and_manifest_round_trips(tmp_path, tiny_model, c
         assert {f"a_hat_in.{n}" for n in qmodel.layers} <= step_inputs
         dtype = {t.name: t.dtype for t in manifest.graphs["step"].outputs}
         assert dtype["o_hat_out.conv_in"] == config.state_dtype
+        assert manifest.export.state_layout == config.state_layout
 
 
 def _tiny_qdq_graph(zero_point=0, scale_const=True, per_channel_act=False, weight_dq=True, op="Conv"):

@@ -60,8 +60,9 @@ def noise():
         pytest.param(QuantConfig(8, 8), marks=NEEDS_VNNI),
         pytest.param(QuantConfig(8, 4, split=True), marks=NEEDS_VNNI),
         QuantConfig(4, 8, first_step="quantized"),
+        QuantConfig(8, 4, split=True, state_dtype="float16", state_layout="scaled"),
     ],
-    ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}",
+    ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}-{c.state_dtype}-{c.state_layout}",
 )
 def test_every_layer_follows_modiff_on_openvino_state_read_from_variables(tmp_path, tiny_model, noise, config):
     """The per-layer check ONNX Runtime passes, on OpenVINO's own tensors: the state read back

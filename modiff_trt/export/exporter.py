@@ -246,6 +246,7 @@ def export_model(
                 opset=opset,
                 float_dtype=float_dtype,
                 state_dtype=config.state_dtype,
+                state_layout=config.state_layout,
                 batch_size=batch_size,
                 target=target,
                 state_batch_multiplier=2 if guidance else 1,

@@ -143,6 +143,7 @@ class ExportSection:
     opset: int = field(metadata={"check": within(17, 20)})
     float_dtype: Literal["float32", "float16"] = field(metadata={"key": "float"})
     state_dtype: Literal["float32", "float16"]
+    state_layout: Literal["plain", "scaled"]  # a_hat as is, or in units of its residual scale (QuantLayer.state_unit)
     batch_size: int | None = field(metadata={"check": at_least_value(1)})  # fixed batch, or None: dynamic
     target: Literal["trt", "ort-cpu"]
     state_batch_multiplier: Literal[1, 2]  # 2 under classifier-free guidance: a cond and an uncond slot per image

@@ -305,6 +305,8 @@ def _emit_layer(
         _quantized_op(em, site, layer, site.x, s.act, s.act_zero_point, bias, output=site.y, kernel=kernel)
         return
     a_out, o_out = naming.state_output("a_hat", layer.name), naming.state_output("o_hat", layer.name)
+    unit = layer.state_unit()
+    unit = None if unit is None else em.float_const("a_hat_unit", em.floor(unit.numpy()))
     if kind == "warmup":
         if layer.config.first_step == "fp" or layer.act_bits is None:
             a_hat = site.x
@@ -313,6 +315,8 @@ def _emit_layer(
             a_hat, _ = _quantized_op(
                 em, site, layer, site.x, s.warmup, s.warmup_zero_point, bias, output=site.y, kernel=kernel
             )
+        if unit is not None:
+            a_hat = em.op("Div", [a_hat, unit])
     elif layer.scales.constant_input:
         # The input never changes, so the residual is exactly 0 and f(0) = 0: o_hat passes through.
         o_in = naming.state_input("o_hat", layer.name)
@@ -327,10 +331,11 @@ def _emit_layer(
         if state_dtype != em.float_dtype:
             a_in = em.op("Cast", [a_in], to=ONNX_TYPE[em.float_dtype])
             o_in = em.op("Cast", [o_in], to=ONNX_TYPE[em.float_dtype])
-        residual = em.op("Sub", [site.x, a_in])
+        # state_layout 'scaled': a_in is A = a_hat / unit (QuantLayer.state_unit), advanced by rq / unit
+        residual = em.op("Sub", [site.x, a_in if unit is None else em.op("Mul", [a_in, unit])])
         ratios = None if ratio_column is None else _ratio_scalars(em, ratio_column, len(layer.groups))
         rq, f = _quantized_op(em, site, layer, residual, s.act, s.act_zero_point, None, kernel=kernel, ratios=ratios)
-        a_hat = em.op("Add", [a_in, rq])
+        a_hat = em.op("Add", [a_in, rq if unit is None else em.op("Div", [rq, unit])])
         em.op("Add", [o_in, f], site.y)
     if not layer.scales.constant_input:
         em.convert(a_hat, state_dtype, a_out)

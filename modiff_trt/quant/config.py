@@ -30,7 +30,9 @@ class QuantConfig:
     `first_step='fp'` runs the first step with float activations (upstream); `'quantized'`
     quantizes the first input with its own scale. `split` quantizes the two channel groups of a
     skip concatenation separately (Q-Diffusion). `state_dtype` is the precision `a_hat`/`o_hat`
-    are carried in between steps. `act_format` picks the activation grid: `int` (b-bit integers),
+    are carried in between steps; `state_layout='scaled'` carries `a_hat` in units of the layer's
+    residual scale (A = a_hat / s, a sum of integer codes that fp16 holds exactly up to 2048)
+    instead of as a_hat itself (`'plain'`), see docs/design-decisions.md. `act_format` picks the activation grid: `int` (b-bit integers),
     `fp8` (E4M3, 8 bits) or `nvfp4` (E2M1 in 16-channel blocks, 4 bits); with `format_layers`
     'tensorrt' each layer falls back to the format TensorRT can run it in (`formats.layer_format`),
     with 'all' every layer takes the requested format (a reference-only study).
@@ -45,6 +47,7 @@ class QuantConfig:
     act_symmetric: bool = True
     split: bool = False
     state_dtype: Literal["float32", "float16"] = "float32"
+    state_layout: Literal["plain", "scaled"] = "plain"
     act_format: Literal["int", "fp8", "nvfp4"] = "int"
     format_layers: Literal["tensorrt", "all"] = "tensorrt"
 
@@ -56,6 +59,7 @@ class QuantConfig:
             "act_scales": ("dynamic", "static"),
             "first_step": ("fp", "quantized"),
             "state_dtype": ("float32", "float16"),
+            "state_layout": ("plain", "scaled"),
             "act_format": ACT_FORMATS,
             "format_layers": ("tensorrt", "all"),
         }

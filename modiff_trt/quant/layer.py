@@ -7,6 +7,8 @@ of docs/architecture.md literally:
 - MoDiff warm-up:        a_hat = x (fp) or Q0(x) (quantized); o_hat = f(a_hat, Wq) + b
 - MoDiff later steps:    rq = Q(x - a_hat); a_hat += rq; o_hat += f(rq, Wq)   (no bias)
 - constant-input layers: o_hat unchanged (their residual is exactly 0); no a_hat is kept
+- state_layout 'scaled': a_hat is kept as A = a_hat / s (s: the step scale of each input channel,
+  `state_unit`), read back as A * s and advanced as A + rq / s, the ops the graphs run
 
 With step groups, Q of step group g is the group-0 quantizer folded by the float32 ratios of
 `scale_ratios`: Q_g(r) = Q(r * s_0/s_g) * s_g/s_0, exactly what the deployed graphs compute.
@@ -164,8 +166,27 @@ class QuantLayer(nn.Module):
     def reset_state(self) -> None:
         self.a_hat = self.o_hat = None
 
+    def state_unit(self) -> torch.Tensor | None:
+        """The unit `a_hat` is stored in under state_layout 'scaled': each input channel's step scale,
+        shaped to broadcast over the input ([C, 1, 1] conv2d, [C, 1] conv1d, [C] linear). None when
+        a_hat is stored as is: plain layout, float activations, or no a_hat (constant input).
+
+        In these units a_hat is the integer sum of the residual codes (plus the warm-up input), so an
+        fp16 state holds it exactly while |A| <= 2048 instead of rounding a_hat every step."""
+        s = self.scales
+        if self.config.state_layout != "scaled" or self.act_bits is None or s.constant_input or s.act is None:
+            return None
+        sizes = [g.stop - g.start for g in self.groups]
+        unit = torch.cat([torch.full((n,), float(v), dtype=torch.float32) for n, v in zip(sizes, s.act)])
+        return unit if self.kind == "linear" else unit.view(-1, *([1] * (1 if self.kind == "conv1d" else 2)))
+
+    def _store_a_hat(self, a_hat: torch.Tensor, unit: torch.Tensor | None) -> torch.Tensor:
+        """a_hat as carried between steps: itself, or A = a_hat / unit, in the state dtype."""
+        return (a_hat if unit is None else a_hat / unit.to(a_hat.dtype)).detach().to(self.state_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scales
+        unit = self.state_unit()
         if not self.config.modulate:
             return self.apply_weight(self._quantize_act(x, s.act, s.act_zero_point), bias=True)
         if self.o_hat is None:
@@ -175,10 +196,15 @@ class QuantLayer(nn.Module):
             return self.o_hat.to(x.dtype)
         else:
             prev_a, prev_o = self.a_hat.to(x.dtype), self.o_hat.to(x.dtype)
-            rq = self.quantize_step_input(x - prev_a)
-            a_hat = prev_a + rq
+            if unit is None:
+                rq = self.quantize_step_input(x - prev_a)
+                a_hat = prev_a + rq
+            else:  # prev_a is A: a_hat = A * s, A' = A + rq / s (stored as is below)
+                unit = unit.to(x.dtype)
+                rq = self.quantize_step_input(x - prev_a * unit)
+                a_hat, unit = prev_a + rq / unit, None
             o_hat = prev_o + self.apply_weight(rq, bias=False)
-        self.a_hat = None if s.constant_input else a_hat.detach().to(self.state_dtype)
+        self.a_hat = None if s.constant_input else self._store_a_hat(a_hat, unit)
         self.o_hat = o_hat.detach().to(self.state_dtype)
         return o_hat
 

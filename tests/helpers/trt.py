@@ -121,7 +121,7 @@ def make_tiny_export(out: Path, dtype: str = "float32", batch_size: int | None =
         model=ModelSection("ddim", "tiny", "0" * 64, None, None, False, (C, H, W), None),
         quant=QuantConfig(8, 8, act_scales="static", state_dtype=dtype),
         sampling=DDIMSampler(NoiseSchedule("linear", 1e-4, 0.02), steps=10),
-        export=ExportSection(OPSET, dtype, dtype, batch_size, "trt", 1, None, (), 0.0),
+        export=ExportSection(OPSET, dtype, dtype, "plain", batch_size, "trt", 1, None, (), 0.0),
         graphs=graphs,
         layers=[LayerSpec(n, "conv2d", 8, 8, [ACT_SCALE], None, [C, H, W], [C, H, W]) for n in LAYERS],
         tool_version="test",
