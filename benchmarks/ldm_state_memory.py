@@ -3,7 +3,9 @@ LSUN-Churches, LSUN-Bedrooms and SD v1 UNets (docs/latent-diffusion.md).
 
 Shapes come from a forward on the meta device (no memory, no weights), with hooks on every
 Conv/Linear: a_hat has the layer's input shape, o_hat its output shape, per sample. Run:
-`python benchmarks/ldm_state_memory.py`.
+`python benchmarks/ldm_state_memory.py`. A second table (issue 22) gives the share of the state
+that is a duplicated a_hat: layers reading the very tensor an earlier layer read (attention
+q/k/v, k/v on one context), which one a_hat per input tensor would store once.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ def measure(name: str) -> dict[str, int]:
     """Per-sample element counts of one config at batch 1: MoDiff state (a_hat + o_hat of every
     Conv/Linear), an activation estimate, and the parameter count."""
     cfg = load_config(name)
-    state, outputs, attention = 0, [], [0]
+    state, outputs, attention, shared = 0, [], [0], [0]
+    inputs: list[torch.Tensor] = []  # kept alive so that no id is reused within the forward
     with torch.device("meta"):
         model = cfg.build().eval()
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         nonlocal state
+        if any(args[0] is seen for seen in inputs):
+            shared[0] += math.prod(args[0].shape[1:])
+        inputs.append(args[0])
         state += math.prod(args[0].shape[1:]) + math.prod(out.shape[1:])
         outputs.append(math.prod(out.shape[1:]))
 
@@ -58,6 +64,7 @@ def measure(name: str) -> dict[str, int]:
     activations = sum(sorted(outputs)[-4:]) + attention[0]
     return {
         "state": state,
+        "shared_a_hat": shared[0],
         "params": sum(p.numel() for p in model.parameters()),
         "activations": activations,
         "multiplier": 2 if cfg.context_shape else 1,
@@ -87,6 +94,22 @@ def main() -> None:
             f"{2 * m['params'] / 2**30:.2f} GiB | {2 * m['activations'] * mult / 2**20:.0f} MiB | "
             + " | ".join(cells)
             + " |"
+        )
+    print_sharing()
+
+
+def print_sharing() -> None:
+    """Per config: the duplicated a_hat share, and the state per sample (x2 under guidance) in the
+    fp32 layout, fp16 (either layout: scaled changes a_hat's unit, not its size) and fp16 with one
+    a_hat per input tensor."""
+    print("\n| config | duplicated a_hat share | state fp32 | fp16 | fp16, one a_hat per input tensor |")
+    print("|---|---|---|---|---|")
+    for name in ("ddim-cifar10", "ldm-churches", "ldm-bedrooms", "sd-v1"):
+        m = measure(name)
+        state, shared, mult = m["state"], m["shared_a_hat"], m["multiplier"]
+        print(
+            f"| {name} | {shared / state:.1%} | {state * 4 * mult / 2**20:.1f} MiB | {state * 2 * mult / 2**20:.1f} MiB "
+            f"| {(state - shared) * 2 * mult / 2**20:.1f} MiB |"
         )
 
 
