@@ -49,7 +49,8 @@ def _report(test: str, **values) -> None:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, Path]:
-    """digits exports (MoDiff dynamic batch, MoDiff fixed batch 4, plain unet) with their plans."""
+    """digits exports (MoDiff dynamic batch, MoDiff fixed batch 4, plain unet, MoDiff with the scaled
+    fp16 state layout) with their plans."""
     from modiff_trt.engines.trt_build import build_engines
 
     keep = os.environ.get("MODIFF_TRT_GPU_DIR")
@@ -59,6 +60,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
         "modiff": digits_export(root / "modiff", root / "cal"),
         "fixed4": digits_export(root / "fixed4", root / "cal", batch_size=4),
         "plain": digits_export(root / "plain", root / "cal", modulate=False),
+        "scaled": digits_export(root / "scaled", root / "cal", state_layout="scaled", state_dtype="float16"),
     }
     for key, export_dir in dirs.items():
         batches = {} if key == "fixed4" else {"min_batch": 1, "opt_batch": 4, "max_batch": 8}
@@ -83,7 +85,7 @@ def _ort(export_dir: Path):
     return OrtRunner(export_dir, provider="cpu")
 
 
-@pytest.mark.parametrize("key", ["modiff", "plain"])
+@pytest.mark.parametrize("key", ["modiff", "plain", "scaled"])
 def test_trt_samples_like_onnx_runtime_over_10_steps(built, key) -> None:
     export_dir = built[key]
     trt, x_trt = sample_recorded(_trt(export_dir), export_dir)

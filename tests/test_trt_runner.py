@@ -37,6 +37,7 @@ def digits_dirs(tmp_path_factory) -> dict[str, Path]:
         "fixed4": digits_export(root / "fixed4", root / "cal", batch_size=4),
         "plain": digits_export(root / "plain", root / "cal", modulate=False),
         "groups": digits_export(root / "groups", root / "cal", step_groups=3),
+        "scaled": digits_export(root / "scaled", root / "cal", state_layout="scaled", state_dtype="float16"),
     }
 
 
@@ -147,6 +148,16 @@ def test_step_scale_ratio_is_filled_per_step_group_like_ort(digits_dirs, monkeyp
     double = _build(export_dir, monkeypatch, min_batch=1, opt_batch=3, max_batch=8)
     want = _trajectory(OrtRunner(export_dir, provider="cpu", threads=THREADS), export_dir)
     _assert_same(_trajectory(_runner(export_dir, double), export_dir), want)
+
+
+def test_scaled_state_layout_on_the_double_equals_ort(digits_dirs, monkeypatch) -> None:
+    """state_layout 'scaled' (fp16 A = a_hat / s, fp16 o_hat): the runner binds and ping-pongs the
+    same fp16 buffers, the layout living inside the graphs; bit-identical to ORT."""
+    export_dir = digits_dirs["scaled"]
+    assert load_manifest(export_dir).export.state_layout == "scaled"
+    double = _build(export_dir, monkeypatch, min_batch=1, opt_batch=3, max_batch=8)
+    want = _trajectory(OrtRunner(export_dir, provider="cpu", threads=THREADS), export_dir)
+    _assert_same(_trajectory(_runner(export_dir, double, cuda_graph=True), export_dir), want)
 
 
 def test_plain_unet_graph_on_the_double_equals_ort(digits_dirs, monkeypatch) -> None:

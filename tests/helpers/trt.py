@@ -137,11 +137,14 @@ def digits_export(
     batch_size: int | None = None,
     modulate: bool = True,
     step_groups: int = 1,
+    state_layout: str = "plain",
+    state_dtype: str = "float32",
 ) -> Path:
     """The embedded digits model, W8A8 with static scales calibrated on 10-step trajectories, exported
-    to `out` with the real exporter (what users build): MoDiff warm-up + step, or the plain unet graph.
+        to `out` with the real exporter (what users build): MoDiff warm-up + step, or the plain unet graph;
+    `state_layout` 'scaled' carries a_hat in units of its residual scale.
 
-    `workdir` holds the calibration file, reused between exports of the same kind."""
+        `workdir` holds the calibration file, reused between exports of the same kind."""
     from modiff_trt.engines.torch_backend import load_reference
     from modiff_trt.export.exporter import export_model
     from modiff_trt.models import load_config
@@ -151,7 +154,9 @@ def digits_export(
     from modiff_trt.sampling import make_sampler
 
     model_cfg, checkpoint = load_config("digits"), builtin_checkpoint("digits")
-    quant = QuantConfig(8, 8, modulate=modulate, act_scales="static")
+    quant = QuantConfig(
+        8, 8, modulate=modulate, act_scales="static", state_layout=state_layout, state_dtype=state_dtype
+    )
     sampler = make_sampler(model_cfg, steps=10)
     workdir.mkdir(parents=True, exist_ok=True)
     calibration = calibration_file(
