@@ -85,6 +85,12 @@ MANIFEST_EDITS = {
         _set("export", "target", "tensorrt"),
         'export.target is "tensorrt"; it must be one of "trt", "ort-cpu"' + FIX,
     ),
+    "export-layout-missing": (_drop("export", "state_layout"), "export.state_layout is missing" + FIX),
+    "export-layout": (
+        _set("export", "state_layout", "int16"),
+        'export.state_layout is "int16"; it must be one of "plain", "scaled"' + FIX,
+    ),
+    "quant-layout": (_set("quant", "state_layout", "packed"), 'quant.state_layout is "packed"; it must be one of'),
     "export-unknown": (_set("export", "precision", "int8"), "export.precision is not a known field" + FIX),
     "export-list": (lambda m: m.update(export=[17]), "export is [17]; it must be an object" + FIX),
     # issue 20: removed fields get no default, wrong-typed layer fields, ranges, cross-section edits
