@@ -60,20 +60,10 @@ def noise():
         pytest.param(QuantConfig(8, 8), marks=NEEDS_VNNI),
         pytest.param(QuantConfig(8, 4, split=True), marks=NEEDS_VNNI),
         QuantConfig(4, 8, first_step="quantized"),
-        *(
-            pytest.param(
-                config,
-                marks=pytest.mark.xfail(
-                    strict=True,
-                    reason="issue 22, open: under the scaled layout OpenVINO's o_hat_out - o_hat_in misses "
-                    "f(codes) (the codes themselves pass); ONNX Runtime passes the same check",
-                ),
-            )
-            for config in (
-                QuantConfig(8, 8, state_layout="scaled"),
-                QuantConfig(8, 4, split=True, state_layout="scaled"),
-            )
-        ),
+        pytest.param(QuantConfig(8, 8, state_layout="scaled"), marks=NEEDS_VNNI),
+        pytest.param(QuantConfig(8, 4, split=True, state_layout="scaled"), marks=NEEDS_VNNI),
+        QuantConfig(4, 8, first_step="quantized", state_layout="scaled"),
+        QuantConfig(4, 4, split=True, state_dtype="float16", state_layout="scaled"),
     ],
     ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}-{c.state_dtype}-{c.state_layout}",
 )
