@@ -262,7 +262,9 @@ def main() -> None:
             if args.formats
             else render_reconstruction(results, num_images, steps, elapsed, calibration_seconds, args)
             if args.reconstruction
-            else render(results, num_images, steps, elapsed, args.method, args.cali_st, bool(args.step_groups))
+            else render(
+                results, num_images, steps, elapsed, args.method, args.cali_st, bool(args.step_groups), args.cali_n
+            )
         )
         write_section(args.section, body)
 
@@ -289,6 +291,7 @@ def render(
     method: str = "minmax",
     cali_st: int = 10,
     step_groups: bool = False,
+    cali_n: int = 64,
 ) -> str:
     header = [
         "bits",
@@ -320,7 +323,7 @@ def render(
         f"{num_images} samples per row, {steps} quad DDIM steps, eta 0, the same per-image noise for every row. "
         "PSNR is against the full-precision samples from the same noise; digits FID is the Fréchet distance "
         "of classifier features to the real digits (docs/metrics.md; compare only at equal N); confidence is the "
-        f"classifier's mean max-softmax. Static scales: {method} calibration on 64 other trajectories at "
+        f"classifier's mean max-softmax. Static scales: {method} calibration on {cali_n} other trajectories at "
         f"{cali_st} evenly spaced UNet calls each (residuals for MoDiff, raw inputs for Q-Diffusion; mse also sets "
         "per-channel weight scales, dynamic rows keep absmax weights); step-group rows calibrate the residual "
         "scales per group of contiguous steps and run them through the one step graph's `step_scale_ratio` input "
@@ -334,7 +337,7 @@ def render_reconstruction(
     """The weight-reconstruction table, with the time calibration (and reconstruction) took."""
     recon = next((r["reconstruction_seconds"] for r in results if r.get("reconstruction_seconds")), None)
     return (
-        render(results, num_images, steps, elapsed, args.method, args.cali_st).replace(
+        render(results, num_images, steps, elapsed, args.method, args.cali_st, cali_n=args.cali_n).replace(
             "## Quality on the embedded digits model",
             "## Weight reconstruction (AdaRound) on the embedded digits model",
             1,
