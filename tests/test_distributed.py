@@ -27,7 +27,7 @@ from tests.helpers.distributed import (
 def test_each_batch_of_the_single_process_run_goes_to_exactly_one_rank(size, num_images, batch_size):
     single = World().batch_starts(num_images, batch_size)
     shares = [World(rank, size).batch_starts(num_images, batch_size) for rank in range(size)]
-    assert sorted(start for share in shares for start in share) == single
+    assert sorted(start for share in shares for start in share) == list(single)
     for rank, share in enumerate(shares):
         assert all((start // batch_size) % size == rank for start in share)
         assert len(share) <= World(rank, size).rounds(num_images, batch_size)
