@@ -64,26 +64,32 @@ STREAM_BYTES = 256 * 2**20  # models whose weights pass this stream them to `<gr
 
 
 def _state_shapes(
-    qmodel: QuantUNet, sample_shape: tuple[int, ...], context_shape: tuple[int, ...] | None = None
+    float_model: torch.nn.Module,
+    layers: list[str],
+    sample_shape: tuple[int, ...],
+    context_shape: tuple[int, ...] | None = None,
 ) -> dict[str, tuple[list[int], list[int]]]:
-    """Per-sample input/output shape of every layer (= a_hat / o_hat), from one call at batch 1
-    (with a context for cross-attention UNets: the attn2 key/value layers read it)."""
+    """Per-sample input/output shape of every layer (= a_hat / o_hat), from one float call at
+    batch 1 (with a context for cross-attention UNets: the attn2 key/value layers read it).
+
+    The float model, not the quantized one: its forward keeps no MoDiff state, which for SD v1
+    would be 1.7 GB held just to read shapes."""
     shapes: dict[str, tuple[list[int], list[int]]] = {}
     hooks = [
-        layer.register_forward_hook(
+        float_model.get_submodule(name).register_forward_hook(
             lambda mod, args, out, name=name: shapes.__setitem__(name, (list(args[0].shape[1:]), list(out.shape[1:])))
         )
-        for name, layer in qmodel.layers.items()
+        for name in layers
     ]
-    qmodel.reset_state()
     try:
         with torch.no_grad():
             context = None if context_shape is None else torch.zeros(1, *context_shape)
-            qmodel(torch.zeros(1, *sample_shape), torch.full((1,), 500.0), context)
+            t = torch.full((1,), 500.0)
+            x = torch.zeros(1, *sample_shape)
+            float_model(x, t) if context is None else float_model(x, t, context=context)
     finally:
         for hook in hooks:
             hook.remove()
-        qmodel.reset_state()
     return shapes
 
 
@@ -212,7 +218,7 @@ def export_model(
     sampler = sampler or make_sampler(model_cfg)
     if qmodel.step_groups is not None:  # the manifest's sampler must run the schedule the groups are pinned to
         qmodel.step_groups.check_timesteps(sampler.timesteps(), str(calibration or "the scales"))
-    shapes = _state_shapes(qmodel, sample_shape, context_shape)
+    shapes = _state_shapes(float_model.eval(), list(qmodel.layers), sample_shape, context_shape)
     if float_dtype == "float16" and opset < 19:
         raise ConfigError(f"fp16 Q/DQ scales need opset >= 19 (got --opset {opset})")
     float_graph = export_float_onnx(float_model, sample_shape, opset, batch_size, context_shape, list(qmodel.layers))
