@@ -207,7 +207,12 @@ def measure_activations(
         conditioning,
         progress,
     )
-    log.info("%d UNet calls took %.2f s each", timer.timed, timer.seconds_per_call)
+    log.info(
+        "%d UNet calls took %.2f s each (%.2f s of this process's CPU time)",
+        timer.timed,
+        timer.seconds_per_call,
+        timer.cpu_seconds_per_call,
+    )
     scales = [
         _scales_of(model, entry, collectors[key].stats, requested)
         for entry, key, requested in zip(options, keys, groups, strict=True)
@@ -595,6 +600,7 @@ def calibrate_together(
                 "peak_rss_mb": round(peak, 1),
                 "peak_cuda_mb": None if gpu_peak is None else round(gpu_peak, 1),
                 "seconds_per_unet_call": None if timer is None else round(timer.seconds_per_call, 3),
+                "cpu_seconds_per_unet_call": None if timer is None else round(timer.cpu_seconds_per_call, 3),
                 "files_from_these_trajectories": len(entries),
             },
         )
