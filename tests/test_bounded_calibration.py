@@ -269,3 +269,27 @@ def test_collectors_keep_no_activation_past_the_statistic_it_feeds(tiny_config):
     for n, layer in more.stats.items():  # twice the trajectories, the same bounded subsample
         streams = [s for group in layer.act_by_group for s in group] + list(layer.warmup)
         assert sum(s.values().numel() for s in streams) <= sizes[n] * 1.1, n
+
+
+# -- attention in slices -----------------------------------------------------------------------
+def test_sliced_attention_gives_the_same_numbers_and_traces_whole(monkeypatch):
+    from modiff_trt.models import openaimodel
+
+    torch.manual_seed(0)
+    own = openaimodel.CrossAttention(64, heads=4, dim_head=16).eval()
+    cross = openaimodel.CrossAttention(64, heads=4, dim_head=16, context_dim=32).eval()
+    block = openaimodel.AttentionBlock(64, num_heads=4).eval()
+    x, context, image = torch.randn(2, 256, 64), torch.randn(2, 7, 32), torch.randn(2, 64, 16, 16)
+    peaks = []
+    with torch.no_grad():
+        with memory._LiveBytes() as live:
+            whole = (own(x), cross(x, context), block(image))
+        peaks.append(live.peak)
+        monkeypatch.setattr(openaimodel, "ATTENTION_SLICE_ELEMENTS", 256 * 7)  # one batch*head at a time
+        with memory._LiveBytes() as live:
+            sliced = (own(x), cross(x, context), block(image))
+        peaks.append(live.peak)
+        traced = torch.jit.trace(own, (x,))
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced, strict=True))
+    assert peaks[1] < peaks[0] - 8 * 256 * 256 * 4  # the 8 score matrices of a call never whole
+    assert str(traced.graph).count("aten::bmm") == 2  # an export keeps one score matrix op
