@@ -195,8 +195,7 @@ def measure_activations(
         keys.append(key)
         if key not in collectors:
             collectors[key] = _collector(model, sampler, entry, requested, n_batches, splits)
-    unet_batch = min(first.batch_size, first.cali_n) * (2 if sampler.guided else 1)
-    timer = CallTimer(model, n_batches * sampler.model_calls(), unet_batch, model_device(model))
+    timer = CallTimer(model, n_batches * sampler.model_calls(), unet_batch(first, sampler), model_device(model))
     run_collectors(
         [*collectors.values(), *extra, timer],
         sampler,
@@ -218,6 +217,11 @@ def measure_activations(
         for entry, key, requested in zip(options, keys, groups, strict=True)
     ]
     return scales, timer
+
+
+def unet_batch(trajectories: CalibrationOptions, sampler: Sampler) -> int:
+    """Samples per UNet call: the trajectories of a batch, twice under guidance (cond + uncond)."""
+    return min(trajectories.batch_size, trajectories.cali_n) * (2 if sampler.guided else 1)
 
 
 def _collector(
@@ -445,13 +449,12 @@ def _memory_estimate(
 ) -> list[Estimate]:
     """The calibration's peak memory (`memory.calibration_estimate`) for these files' collectors."""
     first = (measured or recon)[0]
-    unet_batch = min(first.batch_size, first.cali_n) * (2 if sampler.guided else 1)
     # per layer: a reservoir per step group, plus the warm-up's for MoDiff, per kind of collector
     kinds = {(e.modulate, str(e.step_groups)) for e in measured}
     reservoirs = sum((AUTO_MAX_GROUPS if g == "auto" else int(g)) + m for m, g in kinds)
     return calibration_estimate(
         model_cfg,
-        unet_batch,
+        unet_batch(first, sampler),
         any(e.modulate for e in measured),
         device,
         stats_per_layer=4 * first.reservoir * reservoirs,
