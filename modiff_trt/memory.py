@@ -125,12 +125,11 @@ class Estimate:
     def total(self) -> int:
         return sum(self.parts.values())
 
-    def describe(self) -> str:
-        """'12.3 GB (weights 3.4 GB + ...)': the total and its parts, largest first."""
-        parts = " + ".join(
+    def breakdown(self) -> str:
+        """'weights fp32 3.4 GB + ...': the parts, largest first."""
+        return " + ".join(
             f"{name} {size / GB:.1f} GB" for name, size in sorted(self.parts.items(), key=lambda p: -p[1])
         )
-        return f"{self.total / GB:.1f} GB ({parts})"
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int:
@@ -189,8 +188,8 @@ def calibration_estimate(
 
 
 def _with_overhead(parts: dict[str, int], kind: str) -> dict[str, int]:
-    """`parts` as the allocator of `kind` will hold them (`OVERHEAD`)."""
-    return {name: int(size * OVERHEAD[kind]) for name, size in parts.items()}
+    """`parts` and what the allocator of `kind` keeps beyond them (`OVERHEAD`), as a part of its own."""
+    return {**parts, "allocator overhead": int(sum(parts.values()) * (OVERHEAD[kind] - 1))}
 
 
 def check_fits(estimates: list[Estimate], advice: str) -> None:
@@ -204,12 +203,13 @@ def check_fits(estimates: list[Estimate], advice: str) -> None:
         if estimate.total > available:
             raise OutOfMemoryError(
                 f"{estimate.what} needs about {estimate.total / GB:.1f} GB on {estimate.device} "
-                f"({estimate.describe()}), {available / GB:.1f} GB available: {advice}"
+                f"({estimate.breakdown()}), {available / GB:.1f} GB available: {advice}"
             )
         log.info(
-            "%s on %s: estimated peak %s; %.1f GB available",
+            "%s on %s: estimated peak %.1f GB (%s); %.1f GB available",
             estimate.what,
             estimate.device,
-            estimate.describe(),
+            estimate.total / GB,
+            estimate.breakdown(),
             available / GB,
         )
