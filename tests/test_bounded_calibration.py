@@ -167,6 +167,22 @@ def test_a_job_that_does_not_fit_is_refused_before_the_model_loads(tmp_path, tin
     assert line.startswith("error: calibration needs about") and "available: calibrate with a smaller" in line
 
 
+def test_on_cuda_the_gpu_and_the_host_are_checked_each_against_its_own_memory(tiny_config, monkeypatch):
+    cfg = load_config(tiny_config)
+    host, gpu = memory.calibration_estimate(cfg, 4, modulate=True, device="cuda:1", checkpoint_bytes=10**6)
+    assert (host.device, gpu.device) == ("cpu", "cuda:1")
+    assert "checkpoint read" in host.parts and "previous-step layer inputs" in gpu.parts
+    assert "forward activations" not in host.parts and "runtime" not in gpu.parts
+    free = {"cpu": 10**12, "cuda:1": gpu.total - 1}
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free[str(device)])
+    with pytest.raises(
+        memory.OutOfMemoryError, match=r"needs about [\d.]+ GB on cuda:1 \(.*\), [\d.]+ GB available: ADVICE$"
+    ):
+        memory.check_fits([host, gpu], "ADVICE")
+    free["cuda:1"] = gpu.total
+    memory.check_fits([host, gpu], "ADVICE")  # exactly what is free fits
+
+
 # -- time estimate -----------------------------------------------------------------------------
 def test_time_estimate_is_logged_once_after_an_early_call(tiny_model, caplog):
     x, t = torch.randn(2, 3, 16, 16), torch.zeros(2)
