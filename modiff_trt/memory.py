@@ -11,7 +11,8 @@ Public API (the calibration check uses it; an exporter can reuse the same pieces
 - `footprint(model_cfg, batch)`: the sizes above at one UNet batch;
 - `available_bytes(device)`: MemAvailable from /proc/meminfo, or free CUDA memory;
 - `calibration_estimate(...)`: the peak of `calibrate`, part by part;
-- `check_fits(estimate, device, advice)`: raises `OutOfMemoryError` with the one line.
+- `check_fits(estimates, advice)`: raises `NotEnoughMemoryError` with the one line;
+- `LiveBytes`: a dispatch mode that measures the peak bytes of tensors alive at once.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ RUNTIME_BYTES = int(0.45 * GB)
 OVERHEAD = {"cpu": 1.12, "cuda": 1.2}
 
 
-class OutOfMemoryError(ModiffError):
+class NotEnoughMemoryError(ModiffError):
     """The job's estimated peak is more than the device has available: refused before it starts."""
 
 
@@ -64,7 +65,7 @@ class Footprint:
     activation_peak: int
 
 
-class _LiveBytes(TorchDispatchMode):
+class LiveBytes(TorchDispatchMode):
     """Counts the bytes of tensors that ops create and are still referenced, and their peak.
 
     Views and in-place results share storage already counted; a tensor's bytes are released
@@ -106,7 +107,7 @@ def footprint(model_cfg: ModelConfig, batch: int) -> Footprint:
     x = torch.zeros(batch, *model_cfg.sample_shape, device="meta")
     t = torch.zeros(batch, device="meta")
     context = None if model_cfg.context_shape is None else torch.zeros(batch, *model_cfg.context_shape, device="meta")
-    live = _LiveBytes()
+    live = LiveBytes()
     with torch.no_grad(), live:
         model(x, t) if context is None else model(x, t, context)
     params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
@@ -193,7 +194,7 @@ def _with_overhead(parts: dict[str, int], kind: str) -> dict[str, int]:
 
 
 def check_fits(estimates: list[Estimate], advice: str) -> None:
-    """Refuse the job (`OutOfMemoryError`, one line) when an estimate exceeds its device's available memory.
+    """Refuse the job (`NotEnoughMemoryError`, one line) when an estimate exceeds its device's available memory.
 
     `advice` says what to change (a smaller batch, another device). An estimate that fits is
     logged, so the numbers are on record for the run.
@@ -201,7 +202,7 @@ def check_fits(estimates: list[Estimate], advice: str) -> None:
     for estimate in estimates:
         available = available_bytes(estimate.device)
         if estimate.total > available:
-            raise OutOfMemoryError(
+            raise NotEnoughMemoryError(
                 f"{estimate.what} needs about {estimate.total / GB:.1f} GB on {estimate.device} "
                 f"({estimate.breakdown()}), {available / GB:.1f} GB available: {advice}"
             )

@@ -124,7 +124,7 @@ class _Chain(torch.nn.Module):
 
 def test_live_bytes_counts_tensors_alive_at_once_not_all_ever_made():
     x = torch.zeros(256, 1024, device="meta")  # 1 MiB fp32
-    live = memory._LiveBytes()
+    live = memory.LiveBytes()
     with torch.no_grad(), live:
         out = _Chain()(x)
     assert live.peak == 2 * 2**20 and live.live == 2**20  # `out` still alive
@@ -155,7 +155,7 @@ def test_a_job_that_does_not_fit_is_refused_before_the_model_loads(tmp_path, tin
     monkeypatch.setattr(calibrate_module, "load_unet", never)
     out = tmp_path / "c.safetensors"
     with pytest.raises(
-        memory.OutOfMemoryError, match=r"needs about \d+\.\d GB on cpu .* 0\.0 GB available: .*--batch-size"
+        memory.NotEnoughMemoryError, match=r"needs about \d+\.\d GB on cpu .* 0\.0 GB available: .*--batch-size"
     ):
         _calibrate(tiny_config, tiny_checkpoint, out)
     result = runner.invoke(
@@ -176,7 +176,7 @@ def test_on_cuda_the_gpu_and_the_host_are_checked_each_against_its_own_memory(ti
     free = {"cpu": 10**12, "cuda:1": gpu.total - 1}
     monkeypatch.setattr(memory, "available_bytes", lambda device: free[str(device)])
     with pytest.raises(
-        memory.OutOfMemoryError, match=r"needs about [\d.]+ GB on cuda:1 \(.*\), [\d.]+ GB available: ADVICE$"
+        memory.NotEnoughMemoryError, match=r"needs about [\d.]+ GB on cuda:1 \(.*\), [\d.]+ GB available: ADVICE$"
     ):
         memory.check_fits([host, gpu], "ADVICE")
     free["cuda:1"] = gpu.total
@@ -264,11 +264,11 @@ def test_sliced_attention_gives_the_same_numbers_and_traces_whole(monkeypatch):
     x, context, image = torch.randn(2, 256, 64), torch.randn(2, 7, 32), torch.randn(2, 64, 16, 16)
     peaks = []
     with torch.no_grad():
-        with memory._LiveBytes() as live:
+        with memory.LiveBytes() as live:
             whole = (own(x), cross(x, context), block(image))
         peaks.append(live.peak)
         monkeypatch.setattr(openaimodel, "ATTENTION_SLICE_ELEMENTS", 256 * 7)  # one batch*head at a time
-        with memory._LiveBytes() as live:
+        with memory.LiveBytes() as live:
             sliced = (own(x), cross(x, context), block(image))
         peaks.append(live.peak)
         traced = torch.jit.trace(own, (x,))
