@@ -13,7 +13,7 @@ from onnx import helper, numpy_helper
 
 from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.errors import ArtifactError, ConfigError, ModiffError
-from modiff_trt.export import exporter
+from modiff_trt.export import exporter, weight_store
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import LintIssue, lint_export, lint_graph
 from modiff_trt.export.manifest import Manifest, load_manifest
@@ -392,13 +392,24 @@ def test_gpu_ort_providers_are_refused_clearly_without_onnxruntime_gpu(tmp_path,
     assert OrtRunner(out, provider="auto").device.type == "cpu"
 
 
-def test_graphs_over_the_protobuf_limit_keep_weights_beside_them(tmp_path, tiny_model, noise, monkeypatch):
-    """SD-size graphs (> 2 GB in fp32) are written with external data; forced here on a tiny model."""
-    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
-    qmodel, out = export(tmp_path, tiny_model, QuantConfig(8, None))
-    assert (out / "step.onnx.data").stat().st_size > 5 * (out / "step.onnx").stat().st_size
+def test_streamed_weights_make_the_same_graphs_with_weights_beside_them(tmp_path, tiny_model, noise, monkeypatch):
+    """Large models (SD: 0.86 GB of int8 weights, 1.7 GB of fp16 warm-up weights) stream their
+    weights into `<graph>.data` as the Q/DQ pass makes them; forced here on a tiny model, the
+    graphs compute exactly what the in-memory export computes and pass the per-layer check."""
+    config = QuantConfig(8, 8, split=True)
+    _, inline = export(tmp_path, tiny_model, config, name="inline")
+    monkeypatch.setattr(exporter, "STREAM_BYTES", 0)
+    monkeypatch.setattr(weight_store, "INLINE_BYTES", 1024)
+    qmodel, out = export(tmp_path, tiny_model, config, name="streamed")
+    assert not (inline / "step.onnx.data").exists()
+    for graph in ("warmup.onnx", "step.onnx"):
+        assert (out / f"{graph}.data").stat().st_size > (out / graph).stat().st_size
+        model = onnx.load(str(out / graph), load_external_data=False)
+        offsets = [int(e.value) for t in model.graph.initializer for e in t.external_data if e.key == "offset"]
+        assert offsets and all(offset % weight_store.ALIGNMENT == 0 for offset in offsets)
     assert lint_export(out) == []
-    assert rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise)) < 1e-5
+    assert np.array_equal(trajectory(OrtRunner(out), noise), trajectory(OrtRunner(inline), noise))
+    assert check_step_layers(out, qmodel, noise) == len(qmodel.layers) * (len(SEQ) - 1)
     data = out / "step.onnx.data"
     data.write_bytes(data.read_bytes()[:-4] + b"\\0\\0\\0\\0")  # the manifest hash covers the weights too
     with pytest.raises(ArtifactError, match="mixes two exports"):
