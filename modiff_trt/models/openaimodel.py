@@ -16,7 +16,7 @@ is ``[cos, sin]`` with frequencies ``exp(-ln(10000) * i / half)`` (the ddim CIFA
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -239,6 +239,26 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
+#: Largest attention score matrix computed at once outside an export trace, in elements (64 MiB in
+#: fp32): SD v1's 64x64 latent has 8 heads x 4096 x 4096 scores per sample, 1 GiB per UNet sample
+#: in one piece, and the scaled and softmaxed copies double it.
+ATTENTION_SLICE_ELEMENTS = 1 << 24
+
+
+def _sliced(attention: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attention(q, k, v)`` over [batch*heads, tokens, dim] tensors, a few batch*heads at a time.
+
+    Why: the score matrices dominate the forward's memory at SD's resolution (issue 21's 8 GB
+    calibration bound). Each batch*head is its own bmm and row softmax, so the slices give the
+    same numbers as one call (bitwise on the CPU). An export trace keeps the single call: the
+    graph TensorRT fuses into one attention kernel.
+    """
+    step = max(1, ATTENTION_SLICE_ELEMENTS // (q.shape[1] * k.shape[1]))
+    if step >= q.shape[0] or torch.jit.is_tracing():
+        return attention(q, k, v)
+    return torch.cat([attention(q[i : i + step], k[i : i + step], v[i : i + step]) for i in range(0, q.shape[0], step)])
+
+
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T) v`` over [batch*heads, tokens, dim] tensors, softmax in float32."""
     weight = torch.bmm(q, k.transpose(1, 2))
@@ -275,7 +295,7 @@ class AttentionBlock(nn.Module):
         else:
             q, k, v = qkv.reshape(b * heads, 3 * ch, length).split(ch, dim=1)
         scale = 1.0 / math.sqrt(math.sqrt(ch))
-        out = _softmax_attention((q * scale).transpose(1, 2), (k * scale).transpose(1, 2), v.transpose(1, 2))
+        out = _sliced(_softmax_attention, (q * scale).transpose(1, 2), (k * scale).transpose(1, 2), v.transpose(1, 2))
         h = self.proj_out(out.transpose(1, 2).reshape(b, c, length))
         return (x + h).reshape(b, c, *spatial)
 
@@ -299,13 +319,16 @@ class CrossAttention(nn.Module):
         t = t.reshape(b, n, self.heads, inner // self.heads).permute(0, 2, 1, 3)
         return t.reshape(b * self.heads, n, inner // self.heads)
 
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        weight = torch.bmm(q, k.transpose(1, 2)) * self.scale
+        return torch.bmm(weight.softmax(dim=-1), v)
+
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(context))
         v = self._split_heads(self.to_v(context))
-        weight = torch.bmm(q, k.transpose(1, 2)) * self.scale
-        out = torch.bmm(weight.softmax(dim=-1), v)
+        out = _sliced(self._attend, q, k, v)
         bh, n, d = out.shape
         out = out.reshape(bh // self.heads, self.heads, n, d).permute(0, 2, 1, 3)
         return self.to_out(out.reshape(bh // self.heads, n, self.heads * d))
