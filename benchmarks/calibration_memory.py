@@ -13,24 +13,17 @@ do not inflate). Heavy: SD v1 is 860M parameters; run it alone.
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from report import command_line, machine, markdown_table, write_section
+from report import command_line, load, machine, markdown_table, run_modiff, write_section
 
 from modiff_trt.calibrators import load_calibration
 from modiff_trt.memory import footprint
 from modiff_trt.models import load_config
 
 GB = 10**9
-
-
-def load() -> str:
-    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def measure(config: str, cali_n: int, steps: int, folder: Path) -> list[str]:
@@ -42,14 +35,8 @@ def measure(config: str, cali_n: int, steps: int, folder: Path) -> list[str]:
     shown += ["--device", "cpu"]
     args = [*shown, "-o", str(out)]
     before = load()
-    run = subprocess.run(
-        ["/usr/bin/time", "-v", sys.executable, "-m", "modiff_trt", *args], capture_output=True, text=True, check=False
-    )
-    text = " ".join((run.stdout + run.stderr).split())
-    if run.returncode != 0:
-        raise SystemExit(f"{config}: calibrate failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text).group(1)
+    run = run_modiff(args)
+    rss, wall, text = run.peak_rss, run.wall, run.output
     estimate = re.search(r"estimated peak ([\d.]+) GB", text).group(1)
     report = load_calibration(out).meta["report"]
     calls = re.search(r"(\d+) UNet calls took", text).group(1)

@@ -374,6 +374,12 @@ class ExportOptions:
     guidance: bool | None = None  # SD classifier-free guidance in the graphs; None: on for text-conditioned models
 
 
+EXPORT_ADVICE = (
+    "close other jobs or export on a machine with more memory (the peak is the float model traced in fp32; "
+    "--float, --target and --weight-bits barely change it)"
+)
+
+
 def export(options: ExportOptions) -> Manifest:
     """Export `options.model` quantized as `options.quant` into `options.out`; returns its manifest.
 
@@ -384,6 +390,8 @@ def export(options: ExportOptions) -> Manifest:
     from modiff_trt.engines.torch_backend import load_reference
     from modiff_trt.export.exporter import export_model
     from modiff_trt.export.replace import check_replaceable_export
+    from modiff_trt.memory import check_fits, export_estimate
+    from modiff_trt.models import load_config
 
     o = options
     if o.dynamic_batch and o.batch_size is not None:
@@ -393,6 +401,14 @@ def export(options: ExportOptions) -> Manifest:
     dtype = {"fp32": "float32", "fp16": "float16"}[o.float_format]
     quant = o.quant.following(o.calibration).config("static" if o.calibration is not None else "dynamic")
     checkpoint = o.model.checkpoint_file()
+    check_fits(
+        export_estimate(
+            load_config(o.model.config),
+            quant.weight_bits is not None,
+            checkpoint.stat().st_size if checkpoint is not None and checkpoint.is_file() else 0,
+        ),
+        EXPORT_ADVICE,
+    )
     model_cfg, float_model, qmodel = load_reference(
         o.model.config, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint, ema=o.model.ema
     )

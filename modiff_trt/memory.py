@@ -37,6 +37,9 @@ GB = 10**9
 #: The Python process itself: interpreter, torch's libraries and the CLI's imports (a digits
 #: calibration peaks at 0.39 GB RSS on the CPU).
 RUNTIME_BYTES = int(0.45 * GB)
+#: An export's tracer graph, ONNX protobufs and checks beyond the tensors: an SD v1 export peaked
+#: 0.17 GB above the other parts of `export_estimate` (6.00 GB RSS).
+GRAPH_BUILDING_BYTES = int(0.3 * GB)
 #: What allocators keep beyond the live tensors: freed blocks not yet returned, fragmentation,
 #: rounding. CPU: peak RSS less the process was 1.12x to 1.14x the tensors in four SD v1
 #: calibrations (6.74 to 6.88 GB) and 1.15x for CIFAR-10 at batch 32 (1.93 GB); 1.15 keeps the
@@ -185,8 +188,31 @@ def calibration_estimate(
             Estimate("calibration", "cpu", {**host, **_with_overhead(load, "cpu")}),
             Estimate("calibration", str(device), _with_overhead(run, "cuda")),
         ]
+    return [_host_estimate("calibration", host, run, load)]
+
+
+def export_estimate(model_cfg: ModelConfig, integer_weights: bool, checkpoint_bytes: int = 0) -> list[Estimate]:
+    """The peak of `export` on the host.
+
+    The trace computes with the float UNet in fp32 at an example batch of 2 (attention in slices),
+    the quantized model keeps its layers' int8 codes beside it (`integer_weights`; counted for
+    every parameter, an upper bound), and a checkpoint is read whole while the model is built. The
+    graphs' weights are streamed to disk a layer at a time, so `--float`, `--target` and the
+    number of graphs do not change the peak.
+    """
+    size = footprint(model_cfg, 2)
+    weights = 4 * size.params
+    run = {"weights fp32": weights, "trace activations": size.activation_peak}
+    if integer_weights:
+        run["int8 weight codes"] = size.params
+    load = {"weights fp32": weights, "checkpoint read": checkpoint_bytes}
+    return [_host_estimate("export", {"runtime": RUNTIME_BYTES, "graph building": GRAPH_BUILDING_BYTES}, run, load)]
+
+
+def _host_estimate(what: str, host: dict[str, int], run: dict[str, int], load: dict[str, int]) -> Estimate:
+    """A CPU job's peak: `host` plus the larger of loading and running, with allocator overhead."""
     peak = max(run, load, key=lambda parts: sum(parts.values()))
-    return [Estimate("calibration", "cpu", {**host, **_with_overhead(peak, "cpu")})]
+    return Estimate(what, "cpu", {**host, **_with_overhead(peak, "cpu")})
 
 
 def _with_overhead(parts: dict[str, int], kind: str) -> dict[str, int]:

@@ -19,6 +19,7 @@ from modiff_trt.export.lint import LintIssue, lint_export, lint_graph
 from modiff_trt.export.manifest import Manifest, load_manifest
 from modiff_trt.export.qdq import FP16_MIN_NORMAL
 from modiff_trt.export.sites import find_sites
+from modiff_trt.models import load_config
 from modiff_trt.quant import QuantConfig, quantize_unet
 from modiff_trt.quant.quantizers import fake_quantize
 from modiff_trt.sampling import ddim_sample, ddim_timesteps
@@ -434,3 +435,27 @@ def test_step_group_graph_follows_the_reference_per_layer_and_step(tmp_path, tin
     assert rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise)) < 5e-3
     with pytest.raises(ConfigError, match="--steps 10 --skip-type quad"):
         ddim_sample(OrtRunner(out), noise, ddim_timesteps(12, "quad"), BETAS)
+
+
+def test_export_that_does_not_fit_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """One line with the estimate and what is available, nothing written, the model never built."""
+    from typer.testing import CliRunner
+
+    from modiff_trt import memory
+    from modiff_trt.cli import app
+    from modiff_trt.engines import torch_backend
+
+    (estimate,) = memory.export_estimate(load_config("sd-v1"), integer_weights=True)
+    assert estimate.parts["weights fp32"] == 4 * 859_520_964 and estimate.parts["int8 weight codes"] == 859_520_964
+    assert 6.0 * 10**9 < estimate.total < 7 * 10**9  # at or above the measured SD v1 peak (BENCHMARKS.md, issue 21)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model loaded before the memory check")
+
+    monkeypatch.setattr(torch_backend, "load_reference", never)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 10**6)
+    out = tmp_path / "e"
+    result = CliRunner().invoke(app, ["export", "-c", "digits", "--act-bits", "0", "-o", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: export needs about") and "0.0 GB available: close other jobs" in line
