@@ -217,7 +217,14 @@ class Calibration:
             step_groups=self.step_groups,
             act_format=self.meta.get("act_format", "int"),
             weight_method=self.meta.get("weight_method"),
+            weight_bits=self.layer_weight_bits(),
         )
+
+    def layer_weight_bits(self) -> dict[str, int | None]:
+        """Every layer's weight bits in this file: `weight_bits`, or its entry in
+        `layer_weight_bits` (the first/last layers; files before version 5 have none)."""
+        special = self.meta.get("layer_weight_bits") or {}
+        return {name: special.get(name, self.meta.get("weight_bits")) for name in self.layers}
 
 
 def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:

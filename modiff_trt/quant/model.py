@@ -127,6 +127,13 @@ def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
         layer.scales = entry
         layer.ratios = None if scales.step_groups is None else scale_ratios(entry.act_groups)
         if entry.weight_codes is not None:
+            made_at = layer.weight_bits if scales.weight_bits is None else scales.weight_bits[name]
+            if made_at != layer.weight_bits:
+                raise ConfigError(
+                    f"{scales.source} holds W{made_at} integer weights for layer {name}, but the model quantizes "
+                    f"it at W{layer.weight_bits}: give the --weight-bits and --first-last-bits the file was made "
+                    "with (left unset, export and sample take them from --calibration), or calibrate again"
+                )
             layer.set_weight_codes(entry.weight_codes, entry.weight_scale)
     qmodel.step_groups = scales.step_groups
     qmodel.weight_method = scales.weight_method
