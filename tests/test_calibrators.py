@@ -532,23 +532,11 @@ def test_cli_calibrate_then_sample_static_and_refuse_other_checkpoint(
     other = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
     result = runner.invoke(app, sample + ["--checkpoint", str(other), "--overwrite"])
     assert result.exit_code == 2 and "scales do not carry over between checkpoints" in result.output
-    result = runner.invoke(
-        app,
-        [
-            "calibrate",
-            "-c",
-            str(tiny_config),
-            "--from-qdiffusion",
-            str(other),
-            "--weight-bits",
-            "4",
-            "--act-bits",
-            "8",
-            "--no-modulate",
-            "-o",
-            str(tmp_path / "q.safetensors"),
-        ],
-    )
+    calibrate_import = ["calibrate", "-c", str(tiny_config), "--from-qdiffusion", str(other), "--weight-bits", "4"]
+    calibrate_import += ["--act-bits", "8", "--no-modulate", "-o", str(tmp_path / "q.safetensors")]
+    result = runner.invoke(app, calibrate_import + ["--first-last-bits", "8"])
+    assert result.exit_code == 2 and "holds every layer at --weight-bits" in " ".join(result.output.split())
+    result = runner.invoke(app, calibrate_import)
     assert result.exit_code == 0, result.output
     assert load_calibration(tmp_path / "q.safetensors").kind == "raw"
 

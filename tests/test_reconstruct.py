@@ -276,9 +276,12 @@ def test_cli_calibrate_adaround_writes_the_weights_and_says_so(tmp_path, tiny_co
     out = tmp_path / "w4.safetensors"
     args = f"calibrate -c {tiny_config} --checkpoint {tiny_checkpoint} -o {out} --steps 5 --cali-st 3 --cali-n 4"
     args += " --batch-size 4 --weight-bits 4 --act-bits 0 --weight-method adaround --recon-iters 5 --recon-samples 8"
-    result = CliRunner().invoke(app, args.split())
+    result = CliRunner().invoke(app, [*args.split(), "--first-last-bits", "eight"])
+    assert result.exit_code == 2 and "--first-last-bits eight: give the bits (2..8) or 'same'" in result.output
+    result = CliRunner().invoke(app, [*args.split(), "--first-last-bits", "same"])
     assert result.exit_code == 0, result.output
     assert "AdaRound weights" in result.output
     cal = load_calibration(out)
     assert cal.meta["weight_method"] == "adaround" and cal.meta["reconstruction"]["options"]["iterations"] == 5
     assert all(entry.weight_codes is not None for entry in cal.layers.values())
+    assert cal.meta["first_last_bits"] is None and all(e.weight_codes.abs().max() <= 8 for e in cal.layers.values())
