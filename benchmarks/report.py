@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: machine description and BENCHMARKS.md section updates.
+"""Shared by the benchmark scripts: machine description, BENCHMARKS.md section updates and
+`modiff-trt` commands timed in a child process.
 
 Each script owns one section between `<!-- NAME:begin -->` and `<!-- NAME:end -->`, so the
 scripts can be re-run independently without clobbering each other's tables.
@@ -6,9 +7,12 @@ scripts can be re-run independently without clobbering each other's tables.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
@@ -40,3 +44,30 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def load() -> str:
+    return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+@dataclass
+class TimedRun:
+    """A finished `modiff-trt` child process: peak RSS (bytes), wall clock (h:mm:ss), its output."""
+
+    peak_rss: int
+    wall: str
+    output: str
+
+
+def run_modiff(args: list[str]) -> TimedRun:
+    """Run `modiff-trt ARGS` under `/usr/bin/time -v`: the peak RSS is the whole command's,
+    loading included. Exits with the child's stderr when it fails."""
+    run = subprocess.run(
+        ["/usr/bin/time", "-v", sys.executable, "-m", "modiff_trt", *args], capture_output=True, text=True, check=False
+    )
+    text = " ".join((run.stdout + run.stderr).split())
+    if run.returncode != 0:
+        raise SystemExit(f"modiff-trt {shlex.join(args)} failed ({run.returncode}):\n{run.stderr[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) * 1024
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text).group(1)
+    return TimedRun(rss, wall, text)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modiff_trt.choices import Backend
+from modiff_trt.devices import AUTO, DEVICE_BACKENDS, runner_device, torch_device
 from modiff_trt.errors import ConfigError, OptionError
 from modiff_trt.models.builtin import checkpoint_for
 from modiff_trt.validate import at_least, finite_eta, not_a_directory, sample_counts
@@ -219,7 +220,7 @@ class SampleOptions:
     overwrite: bool = False
     pngs: bool = True
     cuda_graph: bool = False
-    device: str = "cuda"
+    device: str = AUTO  # torch: where the reference runs; trt: the plans' CUDA device (auto: cuda)
     ort_provider: str = "auto"
 
 
@@ -255,11 +256,11 @@ def sample(options: SampleOptions) -> SampleResult:
     if world.main:
         check_destination(o.out, may_replace)
     if o.export_dir is not None:
-        runner, base, model = _export_runner(o)
+        runner, base, model = _export_runner(o, world.local_rank)
         sample_shape, context_shape, family = model.sample_shape, model.context_shape, model.family
         source, config, checkpoint = str(o.export_dir), model.config, model.checkpoint
     else:
-        runner, base, checkpoint = _reference_runner(o)
+        runner, base, checkpoint = _reference_runner(o, world.local_rank)
         sample_shape, context_shape, family = base.sample_shape, base.context_shape, base.family
         source, config = base.source, o.model.config
     if world.main:
@@ -286,7 +287,7 @@ def sample(options: SampleOptions) -> SampleResult:
     return SampleResult(o.out, o.num_images, time.perf_counter() - start, world.size, world.main)
 
 
-def _export_runner(o: SampleOptions):
+def _export_runner(o: SampleOptions, local_rank: int = 0):
     """The runner of an export directory, refusing every option the export fixed."""
     from modiff_trt.engines.factory import open_runner
 
@@ -308,13 +309,13 @@ def _export_runner(o: SampleOptions):
         trust=o.model.trust_checkpoint,
         cuda_graph=o.cuda_graph,
         ort_provider=o.ort_provider,
-        device=o.device,
+        device=runner_device(o.backend, o.device, local_rank),
     )
     return runner, manifest.sampling, manifest.model
 
 
-def _reference_runner(o: SampleOptions):
-    """The quantized PyTorch reference of `--config`, its model config and checkpoint."""
+def _reference_runner(o: SampleOptions, local_rank: int = 0):
+    """The quantized PyTorch reference of `--config` on `--device`, its model config and checkpoint."""
     from modiff_trt.engines.torch_backend import load_reference
     from modiff_trt.models import load_config
 
@@ -324,12 +325,13 @@ def _reference_runner(o: SampleOptions):
         raise OptionError(f"--backend {o.backend} runs an export directory: run `modiff-trt export` first")
     if o.cuda_graph:
         raise OptionError("--cuda-graph applies to --backend trt with an export directory")
+    device = runner_device(o.backend, o.device, local_rank)
     base = load_config(o.model.config)
     checkpoint = o.model.checkpoint_file()
     quant = o.quant.following(o.calibration).config(o.act_scales or ("static" if o.calibration else "dynamic"))
     runner = load_reference(
         base, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint, ema=o.model.ema
-    ).qmodel
+    ).qmodel.to(device)
     return runner, base, checkpoint
 
 
@@ -385,6 +387,12 @@ class ExportOptions:
     guidance: bool | None = None  # SD classifier-free guidance in the graphs; None: on for text-conditioned models
 
 
+EXPORT_ADVICE = (
+    "close other jobs or export on a machine with more memory (the peak is the float model traced in fp32; "
+    "--float, --target and --weight-bits barely change it)"
+)
+
+
 def export(options: ExportOptions) -> Manifest:
     """Export `options.model` quantized as `options.quant` into `options.out`; returns its manifest.
 
@@ -395,6 +403,8 @@ def export(options: ExportOptions) -> Manifest:
     from modiff_trt.engines.torch_backend import load_reference
     from modiff_trt.export.exporter import export_model
     from modiff_trt.export.replace import check_replaceable_export
+    from modiff_trt.memory import check_fits, export_estimate
+    from modiff_trt.models import load_config
 
     o = options
     if o.dynamic_batch and o.batch_size is not None:
@@ -404,6 +414,14 @@ def export(options: ExportOptions) -> Manifest:
     dtype = {"fp32": "float32", "fp16": "float16"}[o.float_format]
     quant = o.quant.following(o.calibration).config("static" if o.calibration is not None else "dynamic")
     checkpoint = o.model.checkpoint_file()
+    check_fits(
+        export_estimate(
+            load_config(o.model.config),
+            quant.weight_bits is not None,
+            checkpoint.stat().st_size if checkpoint is not None and checkpoint.is_file() else 0,
+        ),
+        EXPORT_ADVICE,
+    )
     model_cfg, float_model, qmodel = load_reference(
         o.model.config, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint, ema=o.model.ema
     )
@@ -448,7 +466,7 @@ class CalibrateOptions:
     step_groups: str = "1"
     weight_method: str | None = None  # minmax | mse | adaround; None follows `method` (mse -> mse, else minmax)
     reconstruction: dict[str, Any] = field(default_factory=dict)  # ReconstructionOptions fields (adaround)
-    device: str = "cpu"
+    device: str = AUTO  # devices.torch_device: CUDA when available, else the CPU
 
 
 def calibrate(options: CalibrateOptions) -> Calibration:
@@ -463,7 +481,7 @@ def calibrate(options: CalibrateOptions) -> Calibration:
     from modiff_trt.models import load_config
 
     o = options
-    device = calibration_device(o.device)
+    device = torch_device(o.device)
     for option, value in (("--cali-n", o.cali_n), ("--cali-st", o.cali_st), ("--batch-size", o.batch_size)):
         at_least(option, value, 1)
     at_least("--seed", o.seed, 0)
@@ -510,7 +528,7 @@ def calibrate(options: CalibrateOptions) -> Calibration:
             raise OptionError(
                 "--weight-method adaround learns integer weights, --from-qdiffusion brings its own: drop one"
             )
-        if device != "cpu":
+        if o.device not in (AUTO, "cpu"):
             raise OptionError("--from-qdiffusion imports on the CPU: drop --device")
         if o.quant.first_last_bits is not None and settings.quant.end_weight_bits != settings.weight_bits:
             raise OptionError(
@@ -535,25 +553,6 @@ def calibrate(options: CalibrateOptions) -> Calibration:
     )
 
 
-def calibration_device(device: str) -> str:
-    """`--device` of calibrate: cpu, or a CUDA device torch can see (refused here, before any work)."""
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise OptionError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if kind not in ("cpu", "cuda"):
-        raise OptionError(f"--device {device}: calibrate runs on cpu or cuda")
-    if kind == "cuda" and not torch.cuda.is_available():
-        from modiff_trt.errors import BackendUnavailableError
-
-        raise BackendUnavailableError(
-            f"--device {device}: CUDA is not available to torch (no GPU, no driver, or a CPU-only torch): use --device cpu"
-        )
-    return device
-
-
 @dataclass(frozen=True)
 class CompareOptions:
     """`modiff-trt compare`: per-step differences between backends over one trajectory."""
@@ -567,6 +566,7 @@ class CompareOptions:
     json_out: Path | None = None  # also write the rows as JSON
     overwrite: bool = False  # replace an existing json_out
     trust_checkpoint: bool = False
+    device: str = AUTO  # the torch backend's device, trt's CUDA device (devices.runner_device)
 
 
 def compare(options: CompareOptions) -> list[StepDiff]:
@@ -590,8 +590,18 @@ def compare(options: CompareOptions) -> list[StepDiff]:
             f"--json {o.json_out} is inside the export directory {o.export_dir}, whose files are the export's: "
             "write it elsewhere"
         )
+    for backend in o.backends:
+        if backend in DEVICE_BACKENDS:
+            runner_device(backend, o.device)  # refused here, before any backend loads
     rows = compare_backends(
-        o.export_dir, list(o.backends), o.num_images, o.seed, o.trust_checkpoint, steps=o.steps, skip_type=o.skip_type
+        o.export_dir,
+        list(o.backends),
+        o.num_images,
+        o.seed,
+        o.trust_checkpoint,
+        device=o.device,
+        steps=o.steps,
+        skip_type=o.skip_type,
     )
     if o.json_out:
         atomic_write(o.json_out, json.dumps([dataclasses.asdict(r) for r in rows], indent=2))

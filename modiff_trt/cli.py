@@ -39,6 +39,7 @@ from modiff_trt.choices import (
     Target,
     WeightMethod,
 )
+from modiff_trt.devices import AUTO, HELP
 from modiff_trt.errors import ModiffError, OptionError
 from modiff_trt.validate import at_least, positive_seconds, sample_counts
 
@@ -257,7 +258,11 @@ def sample(
         False, "--cuda-graph", help="trt backend: capture one CUDA graph per state arrangement."
     ),
     device: str = typer.Option(
-        "cuda", "--device", help="trt backend: CUDA device the plans were built on, e.g. cuda:1."
+        AUTO,
+        "--device",
+        help=f"Where the model runs: {HELP}. torch backend: the reference's device (under torchrun auto is "
+        "cuda:LOCAL_RANK); trt: the CUDA device the plans were built on (auto: cuda); ort picks its device "
+        "with --ort-provider and openvino runs on the CPU, so they take only auto.",
     ),
     ort_provider: OrtProvider = typer.Option(
         OrtProvider.auto,
@@ -734,6 +739,11 @@ def compare(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     trust_checkpoint: bool = TRUST,
+    device: str = typer.Option(
+        AUTO,
+        "--device",
+        help=f"Where the torch backend runs ({HELP}) and trt's CUDA device (auto: cuda); other backends keep theirs.",
+    ),
 ) -> None:
     """Per-step error table between backends over one trajectory from the same noise.
 
@@ -744,7 +754,9 @@ def compare(
 
     names = tuple(b.strip() for b in backends.split(",") if b.strip())
     rows = api.compare(
-        api.CompareOptions(export_dir, names, num_images, steps, skip_type, seed, json_out, overwrite, trust_checkpoint)
+        api.CompareOptions(
+            export_dir, names, num_images, steps, skip_type, seed, json_out, overwrite, trust_checkpoint, device
+        )
     )
     table = Table("step", "t", "backend", f"rel. error vs {names[0]}", "max |diff|", "mean |diff|")
     for r in rows:
@@ -890,7 +902,11 @@ def calibrate_command(
     recon_warmup: float = typer.Option(
         0.2, "--recon-warmup", help="adaround: fraction of the iterations without the rounding regulariser."
     ),
-    device: str = typer.Option("cpu", "--device", help="Where trajectories and reconstruction run: cpu, cuda, cuda:N."),
+    device: str = typer.Option(
+        AUTO,
+        "--device",
+        help=f"Where trajectories and reconstruction run: {HELP}. --from-qdiffusion imports on the CPU.",
+    ),
 ) -> None:
     """Measure static activation scales (what TensorRT needs) on full-precision sampler trajectories.
 

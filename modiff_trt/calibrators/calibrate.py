@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from modiff_trt import __version__
+from modiff_trt.calibrators.call_time import CallTimer
 from modiff_trt.calibrators.collect import (
     DEFAULT_RESERVOIR,
     Collector,
@@ -44,6 +45,7 @@ from modiff_trt.calibrators.search import (
 )
 from modiff_trt.errors import ConfigError
 from modiff_trt.export.manifest import sha256_file
+from modiff_trt.memory import Estimate, calibration_estimate, check_fits
 from modiff_trt.models import load_unet
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant.config import QuantConfig
@@ -52,6 +54,7 @@ from modiff_trt.quant.layer import channel_groups
 from modiff_trt.quant.model import layer_weight_bits, quantizable_layers, split_points
 from modiff_trt.quant.scales import LayerScales, StepGroups
 from modiff_trt.sampling.conditioning import ContextSource
+from modiff_trt.sampling.run import model_device
 from modiff_trt.sampling.sampler import Sampler
 
 log = logging.getLogger(__name__)
@@ -168,7 +171,8 @@ def measure_activations(
     progress: bool = True,
     step_groups: Sequence[StepGroups | None] | None = None,
     extra: Sequence[Collector] = (),
-) -> list[tuple[dict[str, LayerScales], StepGroups | None]]:
+    trajectories: CalibrationOptions | None = None,
+) -> tuple[list[tuple[dict[str, LayerScales], StepGroups | None]], CallTimer]:
     """Static activation scales per layer for each of `options` (residual + warm-up scales for
     MoDiff, raw for plain), all from ONE set of float trajectories: one collector per kind of
     statistic (raw or residual, and the step groups measured), the scale search per entry
@@ -178,46 +182,24 @@ def measure_activations(
     `step_groups` (one per entry, default None) measures residual scales per group of steps
     (`LayerScales.act_groups`); with the entry's `step_groups == 'auto'` those are the finest
     candidates, merged by `choose_step_groups`. Returns per entry the scales and the step groups
-    they hold (None: one group). `extra` collectors (the weight reconstruction's UNet inputs) ride
-    along on the same trajectories.
+    they hold (None: one group), and the timer of the UNet calls. `extra` collectors (the weight
+    reconstruction's UNet inputs) ride along on the same trajectories; with no `options` only
+    they are fed. `trajectories` (default: the first entry) sets cali_n, batch size and seed.
+    This is the one place calibration samples trajectories.
     """
     groups = list(step_groups) if step_groups is not None else [None] * len(options)
-    first = options[0]
+    first = trajectories or options[0]
     n_batches = -(-first.cali_n // first.batch_size)
     collectors: dict[tuple, TrajectoryCollector] = {}
     keys = []
     for entry, requested in zip(options, groups, strict=True):
         key = (entry.modulate, None if requested is None else requested.bounds)
         keys.append(key)
-        if key in collectors:
-            continue
-        steps = calibration_steps(sampler.model_calls(), entry.cali_st, entry.modulate)
-        log.info(
-            "calibrating %s at UNet calls %s of %d (%d trajectories)",
-            "residuals" if entry.modulate else "raw inputs",
-            steps,
-            sampler.model_calls(),
-            entry.cali_n,
-        )
-        if requested is not None:
-            for g in range(requested.count):
-                if not set(requested.steps_of(g)) & set(steps):
-                    raise ConfigError(
-                        f"--cali-st {entry.cali_st} leaves step group {g} (steps {requested.steps_of(g)}) without a "
-                        f"calibration step: raise --cali-st (up to {sampler.model_calls() - 1}) or use fewer groups"
-                    )
-        collectors[key] = TrajectoryCollector(
-            model,
-            steps,
-            entry.modulate,
-            n_batches,
-            splits,
-            entry.reservoir,
-            entry.seed,
-            step_group=None if requested is None else requested.group_of,
-        )
+        if key not in collectors:
+            collectors[key] = _collector(model, sampler, entry, requested, n_batches, splits)
+    timer = CallTimer(model, n_batches * sampler.model_calls(), unet_batch(first, sampler), model_device(model))
     run_collectors(
-        [*collectors.values(), *extra],
+        [*collectors.values(), *extra, timer],
         sampler,
         model_cfg.sample_shape,
         first.cali_n,
@@ -226,10 +208,58 @@ def measure_activations(
         conditioning,
         progress,
     )
-    return [
+    log.info(
+        "%d UNet calls took %.2f s each (%.2f s of this process's CPU time)",
+        timer.timed,
+        timer.seconds_per_call,
+        timer.cpu_seconds_per_call,
+    )
+    scales = [
         _scales_of(model, entry, collectors[key].stats, requested)
         for entry, key, requested in zip(options, keys, groups, strict=True)
     ]
+    return scales, timer
+
+
+def unet_batch(trajectories: CalibrationOptions, sampler: Sampler) -> int:
+    """Samples per UNet call: the trajectories of a batch, twice under guidance (cond + uncond)."""
+    return min(trajectories.batch_size, trajectories.cali_n) * (2 if sampler.guided else 1)
+
+
+def _collector(
+    model: torch.nn.Module,
+    sampler: Sampler,
+    entry: CalibrationOptions,
+    requested: StepGroups | None,
+    n_batches: int,
+    splits: dict[str, int],
+) -> TrajectoryCollector:
+    """The statistics collector of one kind (raw or residual, per step group) for `entry`."""
+    steps = calibration_steps(sampler.model_calls(), entry.cali_st, entry.modulate)
+    log.info(
+        "calibrating %s at UNet calls %s of %d (%d trajectories)",
+        "residuals" if entry.modulate else "raw inputs",
+        steps,
+        sampler.model_calls(),
+        entry.cali_n,
+    )
+    if requested is not None:
+        for g in range(requested.count):
+            if not set(requested.steps_of(g)) & set(steps):
+                raise ConfigError(
+                    f"--cali-st {entry.cali_st} leaves step group {g} (steps {requested.steps_of(g)}) without a "
+                    f"calibration step: raise --cali-st (up to {sampler.model_calls() - 1}) or use fewer groups"
+                )
+    return TrajectoryCollector(
+        model,
+        steps,
+        entry.modulate,
+        n_batches,
+        splits,
+        entry.reservoir,
+        entry.seed,
+        step_group=None if requested is None else requested.group_of,
+    )
 
 
 def _scales_of(
@@ -417,6 +447,36 @@ def reconstruct_entries(
     return out
 
 
+ADVICE = (
+    "calibrate with a smaller --batch-size (the trajectories' inputs and activations grow with it), "
+    "on a GPU (--device cuda), or on a machine with more memory"
+)
+
+
+def _memory_estimate(
+    model_cfg: ModelConfig,
+    checkpoint: str | Path | None,
+    sampler: Sampler,
+    measured: Sequence[CalibrationOptions],
+    recon: Sequence[CalibrationOptions],
+    device: str | torch.device,
+) -> list[Estimate]:
+    """The calibration's peak memory (`memory.calibration_estimate`) for these files' collectors."""
+    first = (measured or recon)[0]
+    # per layer: a reservoir per step group, plus the warm-up's for MoDiff, per kind of collector
+    kinds = {(e.modulate, str(e.step_groups)) for e in measured}
+    reservoirs = sum((AUTO_MAX_GROUPS if g == "auto" else int(g)) + m for m, g in kinds)
+    return calibration_estimate(
+        model_cfg,
+        unet_batch(first, sampler),
+        any(e.modulate for e in measured),
+        device,
+        stats_per_layer=4 * first.reservoir * reservoirs,
+        checkpoint_bytes=0 if checkpoint is None else Path(checkpoint).stat().st_size,
+        reconstruct=bool(recon),
+    )
+
+
 #: What the trajectories depend on: files calibrated together must agree on these.
 TRAJECTORY_FIELDS = ("cali_st", "cali_n", "batch_size", "seed", "reservoir", "split")
 
@@ -460,8 +520,6 @@ def calibrate_together(
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     requested = [requested_groups(e, sampler) for _, e in entries]
-    model = load_unet(model_cfg, checkpoint, trust=trust, ema=ema).to(device)
-    splits = imported.splits if imported is not None else split_points(model, first.split)
     measured = [(e, requested[i]) for i, (_, e) in enumerate(entries) if e.act_bits is not None]
     recon = [e for _, e in entries if e.reconstructs]
     if recon and imported is not None:
@@ -469,6 +527,10 @@ def calibrate_together(
             f"--weight-method adaround learns weights, but the imported {imported.origin} file brings its own: "
             "drop one of them"
         )
+    if measured or recon:
+        check_fits(_memory_estimate(model_cfg, checkpoint, sampler, [e for e, _ in measured], recon, device), ADVICE)
+    model = load_unet(model_cfg, checkpoint, trust=trust, ema=ema).to(device)
+    splits = imported.splits if imported is not None else split_points(model, first.split)
     inputs = (
         UNetInputCollector(
             model,
@@ -481,9 +543,11 @@ def calibrate_together(
         else None
     )
     extra = [] if inputs is None else [inputs]
-    with torch.no_grad():
-        scales = iter(
-            measure_activations(
+    scales: Iterator[tuple[dict[str, LayerScales], StepGroups | None]] = iter(())
+    timer = None
+    if measured or extra:
+        with torch.no_grad():
+            measurements, timer = measure_activations(
                 model,
                 model_cfg,
                 sampler,
@@ -493,21 +557,9 @@ def calibrate_together(
                 progress,
                 step_groups=[g for _, g in measured],
                 extra=extra,
+                trajectories=first,
             )
-            if measured
-            else []
-        )
-        if extra and not measured:
-            run_collectors(
-                extra,
-                sampler,
-                model_cfg.sample_shape,
-                first.cali_n,
-                first.batch_size,
-                first.seed,
-                conditioning,
-                progress,
-            )
+        scales = iter(measurements)
     reconstructed = reconstruct_entries(model, inputs, recon, splits, progress)
     seconds, peak = time.perf_counter() - started, peak_rss_mb()
     gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if torch.device(device).type == "cuda" else None
@@ -565,6 +617,8 @@ def calibrate_together(
                 "seconds": round(seconds, 2),
                 "peak_rss_mb": round(peak, 1),
                 "peak_cuda_mb": None if gpu_peak is None else round(gpu_peak, 1),
+                "seconds_per_unet_call": None if timer is None else round(timer.seconds_per_call, 3),
+                "cpu_seconds_per_unet_call": None if timer is None else round(timer.cpu_seconds_per_call, 3),
                 "files_from_these_trajectories": len(entries),
             },
         )

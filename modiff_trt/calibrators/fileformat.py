@@ -246,7 +246,8 @@ def _tensors(layers: dict[str, LayerScales]) -> dict[str, torch.Tensor]:
                 out[f"{name}.{key}"] = torch.tensor(values, dtype=torch.float32)
         if entry.weight_codes is not None:
             codes = entry.weight_codes
-            if codes.min() < -128 or codes.max() > 127 or not torch.equal(codes, codes.round()):
+            integral = not codes.dtype.is_floating_point or torch.equal(codes, codes.round())
+            if codes.min() < -128 or codes.max() > 127 or not integral:
                 raise ValueError(f"layer {name}: weight codes are not int8 integers")
             out[f"{name}.weight_codes"] = codes.to(torch.int8).contiguous()
             out[f"{name}.weight_scale"] = entry.weight_scale.float().contiguous()
@@ -333,7 +334,7 @@ def load_calibration(path: str | Path) -> Calibration:
         codes = tensors.get(f"{name}.weight_codes")
         layers[name] = LayerScales(
             **fields,
-            weight_codes=None if codes is None else codes.float(),
+            weight_codes=codes,
             weight_scale=tensors.get(f"{name}.weight_scale"),
             constant_input=name in constant,
             act_format=formats.get(name, "int"),

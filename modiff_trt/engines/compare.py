@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from modiff_trt.devices import AUTO, DEVICE_BACKENDS
 from modiff_trt.engines.factory import open_runner
 from modiff_trt.sampling.conditioning import ContextSource, RandomContext
 from modiff_trt.sampling.noise import image_noise
@@ -76,16 +77,19 @@ def compare_backends(
     seed: int = 0,
     trust: bool = False,
     conditioning: ContextSource | None = None,
+    device: str = AUTO,
     **sampler_options,
 ) -> list[StepDiff]:
     """Per-step differences of `backends[1:]` against `backends[0]` over one trajectory.
 
+    `device` places the torch and trt backends (`devices.runner_device`); the others keep theirs.
     `sampler_options` (steps, skip_type, eta, sampler, guidance_scale) override the export's
     sampler, as `make_sampler` takes them.
     """
     runs = {}
     for backend in backends:
-        runner, manifest = open_runner(export_dir, backend, trust=trust)
+        placed = device if backend in DEVICE_BACKENDS else AUTO
+        runner, manifest = open_runner(export_dir, backend, trust=trust, device=placed)
         sampler = make_sampler(manifest.sampling, **sampler_options)
         context_shape = manifest.model.context_shape
         if context_shape is not None and conditioning is None:

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+from modiff_trt.devices import AUTO, runner_device
 from modiff_trt.engines.base import UNetRunner
 from modiff_trt.errors import ConfigError
 from modiff_trt.export.manifest import Manifest, load_manifest
@@ -54,16 +55,21 @@ def open_runner(
     trust: bool = False,
     cuda_graph: bool = False,
     ort_provider: str = "auto",
-    device: str = "cuda",
+    device: str = AUTO,
 ) -> tuple[UNetRunner, Manifest]:
-    """A runner over `export_dir` and its manifest; heavy runtimes are imported only when named."""
+    """A runner over `export_dir` and its manifest; heavy runtimes are imported only when named.
+
+    `device` (`--device`, see `devices.runner_device`): where the torch reference runs, or the CUDA
+    device of TensorRT's plans; checked before the export loads.
+    """
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    device = runner_device(backend, device)
     manifest = load_manifest(export_dir)
     if backend == "torch":
         from modiff_trt.engines.torch_backend import reference_from_manifest
 
-        return reference_from_manifest(manifest, export_dir, trust=trust), manifest
+        return reference_from_manifest(manifest, export_dir, trust=trust).to(device), manifest
     if backend == "ort":
         from modiff_trt.engines.ort_backend import OrtRunner
 

@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
@@ -42,13 +43,13 @@ from modiff_trt.export.ort_cpu import integer_kernel
 from modiff_trt.export.qdq import (
     floored_scales,
     insert_quantization,
-    layer_weights,
     qdq_kernel,
     scale_floor,
     step_ratio_table,
 )
 from modiff_trt.export.replace import check_replaceable_export
 from modiff_trt.export.sites import find_sites
+from modiff_trt.export.weight_store import WeightStore
 from modiff_trt.models.config import ModelConfig
 from modiff_trt.models.registry import load_config
 from modiff_trt.quant import QuantConfig, QuantUNet
@@ -59,39 +60,53 @@ DEFAULT_OPSET = {"float32": 17, "float16": 19}
 FLOAT_FORMAT_OPSET = 19  # QuantizeLinear/DequantizeLinear to FLOAT8E4M3FN (FP8, NVFP4 block scales)
 KERNELS = {"trt": qdq_kernel, "ort-cpu": integer_kernel}  # how each target emits a quantized Op
 MAX_IR_VERSION = 10  # TensorRT 10 and onnxruntime read IR <= 10
-EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit: larger graphs keep weights beside
+STREAM_BYTES = 256 * 2**20  # models whose weights pass this stream them to `<graph>.data` (protobuf stops at 2 GB)
 
 
 def _state_shapes(
-    qmodel: QuantUNet, sample_shape: tuple[int, ...], context_shape: tuple[int, ...] | None = None
+    float_model: torch.nn.Module,
+    layers: list[str],
+    sample_shape: tuple[int, ...],
+    context_shape: tuple[int, ...] | None = None,
 ) -> dict[str, tuple[list[int], list[int]]]:
-    """Per-sample input/output shape of every layer (= a_hat / o_hat), from one call at batch 1
-    (with a context for cross-attention UNets: the attn2 key/value layers read it)."""
+    """Per-sample input/output shape of every layer (= a_hat / o_hat), from one float call at
+    batch 1 (with a context for cross-attention UNets: the attn2 key/value layers read it).
+
+    The float model, not the quantized one: its forward keeps no MoDiff state, which for SD v1
+    would be 1.7 GB held just to read shapes."""
     shapes: dict[str, tuple[list[int], list[int]]] = {}
     hooks = [
-        layer.register_forward_hook(
+        float_model.get_submodule(name).register_forward_hook(
             lambda mod, args, out, name=name: shapes.__setitem__(name, (list(args[0].shape[1:]), list(out.shape[1:])))
         )
-        for name, layer in qmodel.layers.items()
+        for name in layers
     ]
-    qmodel.reset_state()
     try:
         with torch.no_grad():
             context = None if context_shape is None else torch.zeros(1, *context_shape)
-            qmodel(torch.zeros(1, *sample_shape), torch.full((1,), 500.0), context)
+            t = torch.full((1,), 500.0)
+            x = torch.zeros(1, *sample_shape)
+            float_model(x, t) if context is None else float_model(x, t, context=context)
     finally:
         for hook in hooks:
             hook.remove()
-        qmodel.reset_state()
     return shapes
 
 
-def _save_graph(graph: onnx.ModelProto, path: Path) -> None:
-    """Save, then check with full type inference; graphs over protobuf's 2 GB limit (SD in fp32)
-    keep their weights in `<file>.data` beside them and are checked from disk."""
+def streams_weights(qmodel: QuantUNet, float_dtype: str) -> bool:
+    """Whether the export writes weights to `<graph>.data` as it goes (`WeightStore`) rather than
+    into the graph: when a graph's float weights would pass STREAM_BYTES."""
+    itemsize = np.dtype(float_dtype).itemsize
+    return sum(layer.module.weight.numel() for layer in qmodel.layers.values()) * itemsize > STREAM_BYTES
+
+
+def _save_graph(graph: onnx.ModelProto, path: Path, store: WeightStore) -> None:
+    """Save, then check with full type inference. A streamed graph's weights are already in
+    `<file>.data` beside it (the store's file), so the graph is checked from disk."""
     graph.ir_version = min(graph.ir_version, MAX_IR_VERSION)
-    if graph.ByteSize() > EXTERNAL_DATA_BYTES:
-        onnx.save(graph, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    if store.path is not None:
+        store.close()
+        onnx.save(graph, str(path))
         onnx.checker.check_model(str(path), full_check=True)
     else:
         onnx.checker.check_model(graph, full_check=True)
@@ -203,23 +218,25 @@ def export_model(
     sampler = sampler or make_sampler(model_cfg)
     if qmodel.step_groups is not None:  # the manifest's sampler must run the schedule the groups are pinned to
         qmodel.step_groups.check_timesteps(sampler.timesteps(), str(calibration or "the scales"))
-    shapes = _state_shapes(qmodel, sample_shape, context_shape)
+    shapes = _state_shapes(float_model.eval(), list(qmodel.layers), sample_shape, context_shape)
     if float_dtype == "float16" and opset < 19:
         raise ConfigError(f"fp16 Q/DQ scales need opset >= 19 (got --opset {opset})")
-    float_graph = export_float_onnx(float_model, sample_shape, opset, batch_size, context_shape)
-    sites = find_sites(float_graph.graph, layer_weights(qmodel))
+    float_graph = export_float_onnx(float_model, sample_shape, opset, batch_size, context_shape, list(qmodel.layers))
+    sites = find_sites(float_graph.graph, qmodel.layers)
     if float_dtype == "float16":
         float_graph, sites = convert_to_fp16(float_graph, sites)
     kinds = ["warmup", "step"] if config.modulate else ["plain"]
     graphs: dict[str, GraphSpec] = {}
     out = Path(out)
+    streams = streams_weights(qmodel, float_dtype)
     with atomic_directory(out, check_replaceable_export) as tmp:
         for kind in kinds:
-            graph = insert_quantization(
-                float_graph, qmodel, sites, kind, shapes, float_dtype, config.state_dtype, KERNELS[target]
-            )
             file = "unet.onnx" if kind == "plain" else f"{kind}.onnx"
-            _save_graph(graph, tmp / file)
+            with WeightStore(tmp / f"{file}.data" if streams else None) as store:
+                graph = insert_quantization(
+                    float_graph, qmodel, sites, kind, shapes, float_dtype, config.state_dtype, KERNELS[target], store
+                )
+                _save_graph(graph, tmp / file, store)
             key = "unet" if kind == "plain" else kind
             graphs[key] = GraphSpec(
                 file,

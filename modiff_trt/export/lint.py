@@ -27,6 +27,7 @@ Float formats (docs/formats.md): FP8 Q/DQ carry an FP8 E4M3 zero point of 0 and 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,40 @@ class LintIssue:
         return f"{self.graph}: [{self.rule}] {self.node}: {self.message}"
 
 
-class _Graph:
-    def __init__(self, model: onnx.ModelProto):
-        g = model.graph
-        self.consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-        for node in g.node:
+class _Constants(Mapping[str, np.ndarray]):
+    """A graph's constants, read on access: the lint reads only small ones (scales, zero points)
+    and the shapes of weights, so a streamed model's gigabytes of weights are never loaded."""
+
+    def __init__(self, graph: onnx.GraphProto, base_dir: Path | None):
+        self._base_dir = base_dir
+        self._tensors = {i.name: i for i in graph.initializer}
+        for node in graph.node:
             if node.op_type == "Constant" and node.attribute:
-                self.consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                self._tensors[node.output[0]] = node.attribute[0].t
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        tensor = self._tensors[name]
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor, str(self._base_dir or "."))
+        return numpy_helper.to_array(tensor)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].dims)
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto, base_dir: Path | None = None):
+        g = model.graph
+        self.consts = _Constants(g, base_dir)
         self.producer = {o: n for n in g.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in g.node:
@@ -173,15 +201,18 @@ def _check_qdq(g: _Graph, node: onnx.NodeProto, name: str, opset: int, target: s
     return issues
 
 
-def lint_graph(model: onnx.ModelProto, name: str = "graph", target: str = "trt") -> list[LintIssue]:
-    """Every rule violation in one ONNX graph (state pairing included)."""
+def lint_graph(
+    model: onnx.ModelProto, name: str = "graph", target: str = "trt", base_dir: Path | None = None
+) -> list[LintIssue]:
+    """Every rule violation in one ONNX graph (state pairing included); `base_dir` holds its
+    external data, of which only the constants a rule reads are loaded."""
     issues: list[LintIssue] = []
     opset = _opset(model)
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         issues.append(LintIssue(name, "opset", "model", f"opset {opset} is outside {OPSET_RANGE[0]}..{OPSET_RANGE[1]}"))
     if model.ir_version > MAX_IR:
         issues.append(LintIssue(name, "ir-version", "model", f"IR version {model.ir_version} > {MAX_IR}"))
-    g = _Graph(model)
+    g = _Graph(model, base_dir)
     for node in model.graph.node:
         label = node.name or node.output[0]
         if node.op_type in FORBIDDEN and target == "trt":
@@ -228,10 +259,10 @@ def _fp8_dq(g: _Graph, tensor: str) -> bool:
 def _conv_weight_shape(g: _Graph, tensor: str) -> tuple[int, ...] | None:
     """Shape of a Conv's constant weight, read through its DequantizeLinear."""
     if tensor in g.consts:
-        return g.consts[tensor].shape
+        return g.consts.shape(tensor)
     src = g.source(tensor)
     if src is not None and src.op_type == "DequantizeLinear" and src.input[0] in g.consts:
-        return g.consts[src.input[0]].shape
+        return g.consts.shape(src.input[0])
     return None
 
 
@@ -333,8 +364,8 @@ def lint_export(export_dir: str | Path) -> list[LintIssue]:
     """Lint every graph of an export directory, and check warm-up/step state outputs agree."""
     manifest = load_manifest(export_dir)
     target = manifest.export.target
-    models = {key: read_graph(Path(export_dir) / g.file) for key, g in manifest.graphs.items()}
-    issues = [issue for key, model in models.items() for issue in lint_graph(model, key, target)]
+    models = {key: read_graph(Path(export_dir) / g.file, external_data=False) for key, g in manifest.graphs.items()}
+    issues = [issue for key, model in models.items() for issue in lint_graph(model, key, target, Path(export_dir))]
     if "warmup" in models and "step" in models:
         warm, step = _io(models["warmup"].graph.output), _io(models["step"].graph.output)
         step_inputs = {k for k in _io(models["step"].graph.input) if k.split(".", 1)[0] in ("a_hat_in", "o_hat_in")}

@@ -26,17 +26,18 @@ floored at fp16's smallest normal (2^-14): below it a scale is subnormal, and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from modiff_trt.errors import ArtifactError
 from modiff_trt.export import naming
 from modiff_trt.export.float_formats import TRT_DOMAIN, fp8_fake_quant, nvfp4_emulated, nvfp4_trt
-from modiff_trt.export.sites import LayerSite
+from modiff_trt.export.sites import LayerSite, layer_inputs
+from modiff_trt.export.weight_store import WeightStore
 from modiff_trt.quant import QuantLayer, QuantUNet
 from modiff_trt.quant.quantizers import int_range
 
@@ -56,6 +57,7 @@ class Emitter:
 
     prefix: str
     float_dtype: np.dtype
+    store: WeightStore = field(default_factory=WeightStore)
 
     def __post_init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
@@ -73,7 +75,7 @@ class Emitter:
 
     def const(self, hint: str, value: np.ndarray) -> str:
         name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        self.initializers.append(self.store.tensor(name, value))
         return name
 
     def float_const(self, hint: str, value) -> str:
@@ -378,17 +380,6 @@ def floored_scales(qmodel: QuantUNet, float_dtype: str) -> list[str]:
     return found
 
 
-def layer_weights(qmodel: QuantUNet) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
-    """(weight, bias) of every quantized layer as the float32 graph stores them (`find_sites`)."""
-    return {
-        name: (
-            layer.module.weight.detach().numpy().astype(np.float32),
-            None if layer.module.bias is None else layer.module.bias.detach().numpy().astype(np.float32),
-        )
-        for name, layer in qmodel.layers.items()
-    }
-
-
 def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
     """`nodes` minus those whose results nothing reads (ONNX Runtime would still run them): e.g. the
     dequantized input an integer kernel returns for a_hat, which a plain graph never uses."""
@@ -435,6 +426,7 @@ def insert_quantization(
     float_dtype: str = "float32",
     state_dtype: str = "float32",
     kernel: GroupKernel = qdq_kernel,
+    store: WeightStore | None = None,
 ) -> onnx.ModelProto:
     """A copy of the float graph `model` with every layer of `qmodel` rewritten for `kind`.
 
@@ -442,8 +434,10 @@ def insert_quantization(
     every graph kind).
 
     `kernel` emits each quantized Op: TensorRT-style Q/DQ by default (`qdq_kernel`); the
-    ort-cpu target passes integer kernels (`modiff_trt.export.ort_cpu`).
+    ort-cpu target passes integer kernels (`modiff_trt.export.ort_cpu`). `store` receives the
+    new constants (default: inline in the graph; a streaming store writes them to its file).
     """
+    store = store or WeightStore()
     fdt, sdt = np.dtype(float_dtype), np.dtype(state_dtype)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -453,7 +447,7 @@ def insert_quantization(
     removed: set[int] = set()
     columns = ratio_columns(qmodel) if kind == "step" else None
     for name, site in sites.items():
-        em = Emitter(name, fdt)
+        em = Emitter(name, fdt, store)
         _emit_layer(em, site, layers[name], kind, sdt, kernel, None if columns is None else columns[name])
         replacements[site.position] = em
         removed.update(site.removed)
@@ -476,6 +470,15 @@ def insert_quantization(
     del graph.node[:]
     graph.node.extend(_live(nodes, {o.name for o in graph.output}))
     used = {i for n in graph.node for i in n.input}
+    float_inputs = layer_inputs(layers)  # the traced float weights: replaced above, so nothing may read them
+    if used & float_inputs:
+        raise ArtifactError(
+            f"the float weight {sorted(used & float_inputs)[0]} is read outside its layer (the model's forward uses "
+            "a layer's parameters directly): such a model cannot be exported"
+        )
+    kept_inputs = [value for value in graph.input if value.name not in float_inputs]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
     keep = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)

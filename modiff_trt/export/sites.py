@@ -1,18 +1,17 @@
 """Finding each quantized layer in a float ONNX graph: its input, output and node(s).
 
-The exporter names initializers after parameters, so a Conv/Gemm whose weight input is
-`<layer>.weight` is the layer. A Linear applied to a 3-D tensor exports as MatMul with a
-pre-transposed weight (a new initializer name) plus an Add of the bias; that one is found by
-comparing the initializer's values with the transposed weight.
+The float graph reads each layer's weight and bias as graph inputs `<layer>.weight` and
+`<layer>.bias` (`onnx_float.py`): a Conv or Gemm whose weight input is `<layer>.weight` is the
+layer; a Linear applied to a 3-D tensor exports as MatMul(x, Transpose(`<layer>.weight`)) plus an
+Add of `<layer>.bias`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from modiff_trt.errors import ArtifactError
 
@@ -48,61 +47,61 @@ def _consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
     return users
 
 
-def _bias_add(
-    graph: onnx.GraphProto,
-    users: dict[str, list[int]],
-    tensor: str,
-    bias: np.ndarray | None,
-    inits: dict[str, np.ndarray],
-) -> int | None:
-    """Index of the Add that adds `bias` to `tensor` (MatMul + Add form of a Linear)."""
-    if bias is None:
-        return None
+def layer_inputs(layers: Iterable[str]) -> set[str]:
+    """The graph inputs that carry the float weights and biases of `layers` (all of them, plus
+    biases a layer may not have: only the names matter)."""
+    return {f"{name}.{part}" for name in layers for part in ("weight", "bias")}
+
+
+def _bias_add(graph: onnx.GraphProto, users: dict[str, list[int]], tensor: str, bias: str) -> int | None:
+    """Index of the Add of input `bias` to `tensor` (the MatMul + Add form of a Linear)."""
     for i in users.get(tensor, []):
         node = graph.node[i]
-        if node.op_type == "Add":
-            other = node.input[1] if node.input[0] == tensor else node.input[0]
-            if other in inits and inits[other].shape == bias.shape and np.array_equal(inits[other], bias):
-                return i
+        if node.op_type == "Add" and bias in node.input:
+            return i
     return None
 
 
-def find_sites(
-    graph: onnx.GraphProto, weights: dict[str, tuple[np.ndarray, np.ndarray | None]]
-) -> dict[str, LayerSite]:
-    """Locate every layer in `weights` (name -> (weight, bias)); error if one is missing.
+def _transposed_weight(graph: onnx.GraphProto, producers: dict[str, int], tensor: str) -> str | None:
+    """The input name X when `tensor` is Transpose(X) with perm [1, 0], else None."""
+    index = producers.get(tensor)
+    if index is None:
+        return None
+    node = graph.node[index]
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    return node.input[0] if node.op_type == "Transpose" and perm == [1, 0] else None
 
-    Reads every initializer into numpy (gigabytes for SD), so an export calls it once and hands
-    the sites to each graph pass.
-    """
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+def find_sites(graph: onnx.GraphProto, layers: Iterable[str]) -> dict[str, LayerSite]:
+    """Locate every layer of `layers` by its weight input; error if one is missing or read twice."""
+    wanted = set(layers)
     users = _consumers(graph)
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
     sites: dict[str, LayerSite] = {}
     for index, node in enumerate(graph.node):
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
-        weight_name = node.input[1]
-        layer = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else None
-        if node.op_type in ("Conv", "Gemm") and layer in weights:
-            if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
-                raise ArtifactError(f"layer {layer}: Gemm without transB=1 is not a torch Linear export")
+        weight = node.input[1] if node.op_type != "MatMul" else _transposed_weight(graph, producers, node.input[1])
+        layer = weight[: -len(".weight")] if weight and weight.endswith(".weight") else None
+        if layer not in wanted:
+            continue
+        if layer in sites:
+            raise ArtifactError(
+                f"layer {layer} is applied more than once in the forward: a shared layer is not exported"
+            )
+        if node.op_type == "Gemm" and not any(a.name == "transB" and a.i == 1 for a in node.attribute):
+            raise ArtifactError(f"layer {layer}: Gemm without transB=1 is not a torch Linear export")
+        if node.op_type != "MatMul":
             sites[layer] = LayerSite(layer, node.op_type, node.input[0], node.output[0], list(node.attribute), [index])
             continue
-        if node.op_type == "MatMul" and weight_name in inits:
-            value = inits[weight_name]
-            for name, (weight, bias) in weights.items():
-                if name in sites or weight.ndim != 2 or value.shape != weight.T.shape:
-                    continue
-                if np.array_equal(value, weight.T):
-                    add = _bias_add(graph, users, node.output[0], bias, inits)
-                    removed = [index] + ([add] if add is not None else [])
-                    y = graph.node[add].output[0] if add is not None else node.output[0]
-                    sites[name] = LayerSite(name, "MatMul", node.input[0], y, [], removed)
-                    break
-    missing = [name for name in weights if name not in sites]
+        add = _bias_add(graph, users, node.output[0], f"{layer}.bias")
+        removed = [index] + ([add] if add is not None else [])
+        y = graph.node[add].output[0] if add is not None else node.output[0]
+        sites[layer] = LayerSite(layer, "MatMul", node.input[0], y, [], removed)
+    missing = sorted(wanted - set(sites))
     if missing:
         raise ArtifactError(
             f"{len(missing)} quantized layer(s) not found in the exported graph (e.g. {missing[:3]}); "
-            "the model's forward may reuse a layer or apply it in an unsupported form"
+            "the model's forward may apply a layer in an unsupported form"
         )
     return sites

@@ -239,11 +239,58 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``softmax(q k^T) v`` over [batch*heads, tokens, dim] tensors, softmax in float32."""
+#: Largest attention score matrix computed at once outside an export trace, in elements (64 MiB in
+#: fp32): SD v1's 64x64 latent has 8 heads x 4096 x 4096 scores per sample, 1 GiB per UNet sample
+#: in one piece, and the scaled and softmaxed copies double it.
+ATTENTION_SLICE_ELEMENTS = 1 << 24
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """``softmax(q k^T [* scale]) v`` over [batch*heads, tokens, dim] tensors, softmax in float32."""
     weight = torch.bmm(q, k.transpose(1, 2))
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-    return torch.bmm(weight, v)
+    if scale is not None:
+        weight = weight * scale
+    return torch.bmm(torch.softmax(weight.float(), dim=-1).type(weight.dtype), v)
+
+
+def _in_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """`_attention` a few batch*heads at a time: each batch*head is its own bmm and row softmax,
+    so the slices give the same numbers as one call (bitwise on the CPU)."""
+    step = max(1, ATTENTION_SLICE_ELEMENTS // (q.shape[1] * k.shape[1]))
+    if step >= q.shape[0]:
+        return _attention(q, k, v, scale)
+    return torch.cat(
+        [_attention(q[i : i + step], k[i : i + step], v[i : i + step], scale) for i in range(0, q.shape[0], step)]
+    )
+
+
+def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention in slices of at most ATTENTION_SLICE_ELEMENTS scores.
+
+    Why: the score matrices dominate the forward's memory at SD's resolution (issue 21's 8 GB
+    bounds on calibration and export). Under an export trace the slicing hides inside
+    `_TracedAttention`, so the graph keeps one attention that TensorRT fuses.
+    """
+    if torch.jit.is_tracing():
+        return _TracedAttention.apply(q, k, v, 0.0 if scale is None else float(scale))
+    return _in_slices(q, k, v, scale)
+
+
+class _TracedAttention(torch.autograd.Function):
+    """Attention as an export sees it: MatMul, (Mul by the scale,) Softmax, MatMul, what the
+    plain bmm code traces to, while the trace itself computes it in slices. Traced plainly, SD's
+    score matrices at the export's example batch of 2 hold 2 GB at once, the export's peak."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ARG004
+        return _in_slices(q, k, v, scale or None)
+
+    @staticmethod
+    def symbolic(g, q, k, v, scale: float):  # noqa: ANN001, ANN205 - torch.onnx's symbolic protocol
+        scores = g.op("MatMul", q, g.op("Transpose", k, perm_i=[0, 2, 1]))
+        if scale:
+            scores = g.op("Mul", scores, g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32)))
+        return g.op("MatMul", g.op("Softmax", scores, axis_i=-1), v)
 
 
 class AttentionBlock(nn.Module):
@@ -275,7 +322,7 @@ class AttentionBlock(nn.Module):
         else:
             q, k, v = qkv.reshape(b * heads, 3 * ch, length).split(ch, dim=1)
         scale = 1.0 / math.sqrt(math.sqrt(ch))
-        out = _softmax_attention((q * scale).transpose(1, 2), (k * scale).transpose(1, 2), v.transpose(1, 2))
+        out = sliced_attention((q * scale).transpose(1, 2), (k * scale).transpose(1, 2), v.transpose(1, 2))
         h = self.proj_out(out.transpose(1, 2).reshape(b, c, length))
         return (x + h).reshape(b, c, *spatial)
 
@@ -304,8 +351,7 @@ class CrossAttention(nn.Module):
         q = self._split_heads(self.to_q(x))
         k = self._split_heads(self.to_k(context))
         v = self._split_heads(self.to_v(context))
-        weight = torch.bmm(q, k.transpose(1, 2)) * self.scale
-        out = torch.bmm(weight.softmax(dim=-1), v)
+        out = sliced_attention(q, k, v, self.scale)
         bh, n, d = out.shape
         out = out.reshape(bh // self.heads, self.heads, n, d).permute(0, 2, 1, 3)
         return self.to_out(out.reshape(bh // self.heads, n, self.heads * d))

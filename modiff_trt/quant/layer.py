@@ -40,6 +40,15 @@ def layer_kind(module: nn.Module) -> str:
     raise TypeError(f"{type(module).__name__} is not a quantizable layer")
 
 
+def compact_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Integer weight codes in the smallest signed type that holds them: int8, or int16 for the
+    [-255, 255] of a centred 8-bit asymmetric grid (which no export accepts, but the reference runs)."""
+    if not codes.dtype.is_floating_point:
+        return codes if codes.dtype in (torch.int8, torch.int16) else codes.to(torch.int16)
+    fits_int8 = bool(codes.numel() == 0 or (codes.min() >= -128 and codes.max() <= 127))
+    return codes.round().to(torch.int8 if fits_int8 else torch.int16)
+
+
 def channel_groups(channels: int, split: int) -> list[slice]:
     """Input-channel groups: the whole tensor, or [:split] and [split:] for a skip concat."""
     if split <= 0 or split >= channels:
@@ -70,6 +79,9 @@ class QuantLayer(nn.Module):
         self.step_ratio: tuple[list[float], list[float]] | None = None  # this step's (pre, post); None: 1
         self.a_hat: torch.Tensor | None = None
         self.o_hat: torch.Tensor | None = None
+        # Buffers, so `.to(device)` moves them; not persistent: calibration files carry them.
+        self.register_buffer("weight_codes", None, persistent=False)
+        self.register_buffer("weight_scale", None, persistent=False)
         self.set_weight_codes(*self._round_weight())
 
     # -- weights ---------------------------------------------------------------------------
@@ -86,10 +98,14 @@ class QuantLayer(nn.Module):
         return torch.cat(codes, dim=1), torch.stack(scales, dim=1)
 
     def set_weight_codes(self, codes: torch.Tensor | None, scale: torch.Tensor | None) -> None:
-        """Use integer weights `codes` (centred, W_int - z) with per-channel scales [O, groups]."""
+        """Use integer weights `codes` (centred, W_int - z) with per-channel scales [O, groups].
+
+        Only the integer codes are kept (int8, what exports carry; int16 for 8-bit asymmetric
+        grids): the dequantized weight is made per call (`w_deq`). A persistent fp32 copy would
+        be a third copy of the weights beside the float model's and the codes: 3.4 GB for SD v1.
+        """
         if codes is None:
             self.weight_codes = self.weight_scale = None
-            self.register_buffer("w_deq", self.module.weight.detach().float().clone(), persistent=False)
             return
         if scale.dim() == 1:
             scale = scale[:, None]
@@ -98,10 +114,19 @@ class QuantLayer(nn.Module):
                 f"layer {self.name}: integer weights {tuple(codes.shape)} / scales {tuple(scale.shape)} do not "
                 f"fit weight {tuple(self.module.weight.shape)} with {len(self.groups)} channel group(s)"
             )
-        self.weight_codes, self.weight_scale = codes.float(), scale.float()
-        view = (-1,) + (1,) * (codes.dim() - 1)
-        deq = torch.cat([codes[:, g].float() * scale[:, i].view(view) for i, g in enumerate(self.groups)], dim=1)
-        self.register_buffer("w_deq", deq, persistent=False)
+        self.weight_codes, self.weight_scale = compact_codes(codes), scale.float()
+
+    @property
+    def w_deq(self) -> torch.Tensor:
+        """The weight the layer computes with: codes x per-channel scale, or the float weight when
+        weights stay float."""
+        if self.weight_codes is None:
+            return self.module.weight.detach().float()
+        view = (-1,) + (1,) * (self.weight_codes.dim() - 1)
+        parts = [
+            self.weight_codes[:, g].float() * self.weight_scale[:, i].view(view) for i, g in enumerate(self.groups)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     # -- activations ------------------------------------------------------------------------
     def _quantize_act(
