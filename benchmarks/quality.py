@@ -130,20 +130,24 @@ def format_rows() -> list[Row]:
     return rows
 
 
-def reconstruction_rows() -> list[Row]:
-    """The weight-reconstruction study (issue 23): 4-bit weights rounded to nearest vs learned by
-    AdaRound block reconstruction, weight-only and with MoDiff / Q-Diffusion activations, beside
-    the W8A8 MoDiff row the W4A8 one is compared with."""
-    plain_w4 = QuantConfig(4, None, modulate=False)
+def reconstruction_rows(first_last_bits: int | None, nearest: list[str]) -> list[Row]:
+    """The weight-reconstruction study (issue 23): 4-bit weights rounded to nearest (`nearest`:
+    the scale searches to show) vs learned by AdaRound block reconstruction, weight-only and with
+    MoDiff / Q-Diffusion activations, beside the W8A8 MoDiff row the W4A8 one is compared with.
+    `first_last_bits` is the input/output conv's weight width (None: W4 like every layer)."""
+    ends = "" if first_last_bits is None else f", first/last W{first_last_bits}"
+
+    def w4(act_bits: int | None, modulate: bool = True) -> QuantConfig:
+        return QuantConfig(4, act_bits, modulate=modulate, first_last_bits=first_last_bits)
+
     return [
-        Row("W4", "weight-only, nearest (minmax)", plain_w4, True, weight_method="minmax"),
-        Row("W4", "weight-only, nearest (mse)", plain_w4, True, weight_method="mse"),
-        Row("W4", "weight-only, adaround", plain_w4, True, weight_method="adaround"),
+        *(Row("W4", f"weight-only, nearest ({m}){ends}", w4(None, False), True, weight_method=m) for m in nearest),
+        Row("W4", f"weight-only, adaround{ends}", w4(None, False), True, weight_method="adaround"),
         Row("W8A8", "MoDiff static", QuantConfig(8, 8), True, weight_method="minmax"),
-        Row("W4A8", "MoDiff static, adaround", QuantConfig(4, 8), True, weight_method="adaround"),
-        Row("W4A4", "MoDiff static, adaround", QuantConfig(4, 4), True, weight_method="adaround"),
-        Row("W4A4", "MoDiff static, adaround, 4 step groups", QuantConfig(4, 4), True, 4, weight_method="adaround"),
-        Row("W4A8", "Q-Diffusion static, adaround", QuantConfig(4, 8, modulate=False), True, weight_method="adaround"),
+        Row("W4A8", f"MoDiff static, adaround{ends}", w4(8), True, weight_method="adaround"),
+        Row("W4A4", f"MoDiff static, adaround{ends}", w4(4), True, weight_method="adaround"),
+        Row("W4A4", f"MoDiff static, adaround{ends}, 4 step groups", w4(4), True, 4, weight_method="adaround"),
+        Row("W4A8", f"Q-Diffusion static, adaround{ends}", w4(8, False), True, weight_method="adaround"),
     ]
 
 
@@ -171,6 +175,17 @@ def main() -> None:
         "--reconstruction", action="store_true", help="the AdaRound weight-reconstruction study instead (issue 23)"
     )
     parser.add_argument("--recon-iters", type=int, default=1000, help="AdaRound iterations per block")
+    parser.add_argument(
+        "--first-last-bits",
+        default="8",
+        help="--reconstruction: weight bits of the input/output conv, or 'same' (W4 like every layer)",
+    )
+    parser.add_argument(
+        "--nearest",
+        nargs="*",
+        default=["minmax", "mse"],
+        help="--reconstruction: the nearest-rounding W4 rows to include (minmax, mse; none: no nearest rows)",
+    )
     parser.add_argument("--cali-n", type=int, default=64, help="calibration trajectories")
     parser.add_argument(
         "--cali-st",
@@ -187,7 +202,7 @@ def main() -> None:
         num_images, steps, bits = 64, 10, [(8, 8), (8, 4)]
     rows = format_rows() if args.formats else [row for w, a in bits for row in variants(w, a, args.step_groups)]
     if args.reconstruction:
-        rows = reconstruction_rows()
+        rows = reconstruction_rows(None if args.first_last_bits == "same" else int(args.first_last_bits), args.nearest)
     if args.state:
         rows = [row for w, a in bits for row in state_rows(w, a)]
     recon = ReconstructionOptions(iterations=args.recon_iters)

@@ -30,7 +30,8 @@ from modiff_trt.calibrators.collect import calibration_steps, run_collectors
 from modiff_trt.calibrators.recon_data import UNetInputCollector
 from modiff_trt.calibrators.reconstruct import ReconstructionOptions, reconstruct_weights
 from modiff_trt.models import load_config, load_unet
-from modiff_trt.quant.model import quantizable_layers
+from modiff_trt.quant.config import QuantConfig
+from modiff_trt.quant.model import layer_weight_bits, quantizable_layers
 from modiff_trt.sampling.sampler import make_sampler
 
 
@@ -100,7 +101,8 @@ def measure(args: argparse.Namespace) -> dict:
     inputs = collector.inputs(args.samples)
     blocks = find_blocks(model, lambda m: m(inputs.x[:1], inputs.t[:1]))
     options = ReconstructionOptions(iterations=args.iterations, samples=args.samples)
-    result = reconstruct_weights(model, inputs, 4, {}, options, progress=False, only=args.units)
+    bits = layer_weight_bits(model, QuantConfig(4, None))
+    result = reconstruct_weights(model, inputs, bits, {}, options, progress=False, only=args.units)
     return {
         "units": [u.__dict__ for u in result.units],
         "macs": unit_macs(model, blocks, inputs.x[:1], inputs.t[:1]),

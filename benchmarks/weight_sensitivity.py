@@ -92,7 +92,8 @@ def main() -> None:
         f"{args.num_images} samples, {args.steps} quad DDIM steps, PSNR against float samples from the same noise. "
         "First rows: one unit's weights at W4 (nearest on the MSE grid), everything else float. Last rows: the "
         "calibration file's W4 weights, with conv_in/conv_out re-rounded to 8 bits (BRECQ's first/last-layer "
-        "convention; not an option of modiff-trt today).\n\n" + markdown_table(["weights", "PSNR (dB)"], rows) + "\n",
+        "convention, calibrate's `--first-last-bits 8`; give a file made with `--first-last-bits same`, whose "
+        "end layers are W4).\n\n" + markdown_table(["weights", "PSNR (dB)"], rows) + "\n",
     )
 
 

@@ -48,9 +48,11 @@ class QuantOptions:
     split: bool | None = None
     state_dtype: str | None = None
     state_layout: str | None = None
+    first_last_bits: str | None = None
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "weight_bits": 8,
+        "first_last_bits": "8",
         "act_format": "int",
         "modulate": True,
         "first_step": "fp",
@@ -67,6 +69,16 @@ class QuantOptions:
     def weight_bits_or_float(self) -> int | None:
         """Weight bits; None keeps weights in float (--weight-bits 0)."""
         return _float_if_zero(self.chosen("weight_bits"))
+
+    def first_last_bits_or_same(self) -> int | None:
+        """`--first-last-bits`: the weight bits of the UNet's input and output conv below 8-bit
+        weights, or None for 'same' (every layer at --weight-bits)."""
+        value = str(self.chosen("first_last_bits"))
+        if value == "same":
+            return None
+        if not value.isdigit():
+            raise OptionError(f"--first-last-bits {value}: give the bits (2..8) or 'same'")
+        return int(value)
 
     def act_bits_or_float(self) -> int | None:
         """Activation bits, by default the format's width; None keeps activations in float (--act-bits 0)."""
@@ -113,6 +125,7 @@ class QuantOptions:
             state_dtype=str(self.chosen("state_dtype")),
             state_layout=str(self.chosen("state_layout")),
             act_format=str(self.chosen("act_format")),
+            first_last_bits=self.first_last_bits_or_same(),
         )
 
 
@@ -495,6 +508,7 @@ def calibrate(options: CalibrateOptions) -> Calibration:
         act_format=fmt,
         weight_method=None if o.weight_method is None else str(o.weight_method),
         reconstruction=ReconstructionOptions(**o.reconstruction),
+        first_last_bits=o.quant.first_last_bits_or_same(),
     )
     learns_weights = settings.weight_bits is not None and settings.resolved_weight_method != "minmax"
     if settings.act_bits is None and o.from_qdiffusion is None and not learns_weights:
@@ -516,6 +530,12 @@ def calibrate(options: CalibrateOptions) -> Calibration:
             )
         if o.device not in (AUTO, "cpu"):
             raise OptionError("--from-qdiffusion imports on the CPU: drop --device")
+        if o.quant.first_last_bits is not None and settings.quant.end_weight_bits != settings.weight_bits:
+            raise OptionError(
+                f"--first-last-bits {o.quant.first_last_bits}: a Q-Diffusion checkpoint holds every layer at "
+                "--weight-bits (its input and output conv too), and the import keeps them exactly: drop "
+                "--first-last-bits"
+            )
         return import_qdiffusion(
             model_cfg, o.from_qdiffusion, o.out, settings, chosen if modulate else None, trust=o.model.trust_checkpoint
         )

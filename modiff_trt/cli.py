@@ -149,6 +149,12 @@ FIRST_STEP = typer.Option(
 SPLIT = typer.Option(
     None, "--split/--no-split", help="Quantize skip-concat channel groups separately (Q-Diffusion) [default: no-split]."
 )
+FIRST_LAST_BITS = typer.Option(
+    None,
+    "--first-last-bits",
+    help="Weight bits of the UNet's input and output conv when --weight-bits is lower (2..8), or 'same': "
+    "every layer at --weight-bits [default: the --calibration file's, else 8].",
+)
 STATE_DTYPE = typer.Option(None, "--state-dtype", help="Precision of a_hat/o_hat between steps [default: float32].")
 STATE_LAYOUT = typer.Option(
     None,
@@ -220,6 +226,7 @@ def sample(
     ),
     calibration: Path | None = typer.Option(None, "--calibration", help="Calibration file for --act-scales static."),
     weight_bits: int | None = WEIGHT_BITS,
+    first_last_bits: str | None = FIRST_LAST_BITS,
     act_bits: int | None = ACT_BITS,
     act_format: ActFormat | None = ACT_FORMAT,
     modulate: bool | None = MODULATE,
@@ -303,7 +310,15 @@ def sample(
             act_scales=act_scales,
             model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
             quant=api.QuantOptions(
-                weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype, state_layout
+                weight_bits,
+                act_bits,
+                act_format,
+                modulate,
+                first_step,
+                split,
+                state_dtype,
+                state_layout,
+                first_last_bits,
             ),
             sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale, scheduler),
             prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
@@ -534,6 +549,7 @@ def export_cmd(
         ..., "--out", "-o", help="Export directory to write (replaced atomically if it is an earlier export)."
     ),
     weight_bits: int | None = WEIGHT_BITS,
+    first_last_bits: str | None = FIRST_LAST_BITS,
     act_bits: int | None = ACT_BITS,
     act_format: ActFormat | None = ACT_FORMAT,
     modulate: bool | None = MODULATE,
@@ -574,7 +590,15 @@ def export_cmd(
             model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
             calibration=calibration,
             quant=api.QuantOptions(
-                weight_bits, act_bits, act_format, modulate, first_step, split, state_dtype, state_layout
+                weight_bits,
+                act_bits,
+                act_format,
+                modulate,
+                first_step,
+                split,
+                state_dtype,
+                state_layout,
+                first_last_bits,
             ),
             float_format=float_dtype,
             opset=opset,
@@ -670,7 +694,10 @@ def _weights_line(manifest) -> str:
     cal = manifest.calibration
     method = "minmax" if cal is None else cal.weight_method
     source = "" if cal is None else f" (calibration {Path(cal.path).name})"
-    return f"weights: W{manifest.quant.weight_bits} {method}: {WEIGHT_SOURCES.get(method, method)}{source}"
+    bits = manifest.quant.weight_bits
+    ends = [layer.name for layer in manifest.layers if layer.weight_bits != bits]
+    kept = f"; {', '.join(ends)} at W{manifest.quant.end_weight_bits} (first/last layer)" if ends else ""
+    return f"weights: W{bits} {method}: {WEIGHT_SOURCES.get(method, method)}{kept}{source}"
 
 
 def _format_name(layer) -> str:
@@ -817,6 +844,7 @@ def calibrate_command(
         32, "--batch-size", help="Trajectories per batch: sets peak memory (CIFAR-10: about 15 MB per sample)."
     ),
     weight_bits: int | None = WEIGHT_BITS,
+    first_last_bits: str | None = FIRST_LAST_BITS,
     act_bits: int | None = ACT_BITS,
     act_format: ActFormat | None = ACT_FORMAT,
     method: Method = typer.Option(
@@ -898,7 +926,9 @@ def calibrate_command(
             out=out,
             model=api.ModelOptions(config, checkpoint, trust_checkpoint, random_weights, ema),
             from_qdiffusion=from_qdiffusion,
-            quant=api.QuantOptions(weight_bits, act_bits, act_format, modulate, first_step, split),
+            quant=api.QuantOptions(
+                weight_bits, act_bits, act_format, modulate, first_step, split, first_last_bits=first_last_bits
+            ),
             sampling=api.SamplerOptions(sampler, steps, skip_type, eta, guidance_scale, scheduler),
             prompts=api.PromptOptions(prompt, from_file, text_encoder, random_context),
             method=method,

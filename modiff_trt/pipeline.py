@@ -69,6 +69,8 @@ def calibration_files(
         )
         groups = "" if str(quant_groups) == "1" else f"-g{quant_groups}"
         tag = f"-w{quant.weight_bits}{weights}" if carries_weights else ""  # the file's integer weights
+        if quant.end_weight_bits != quant.weight_bits:
+            tag += f"-ends{quant.end_weight_bits}"  # the input/output conv's own weight bits
         path = workdir / f"{kind}-{grid}-{method}{tag}{'-split' if quant.split else ''}{groups}.cal.safetensors"
         paths.append(path)
         if not path.is_file():
@@ -87,6 +89,7 @@ def calibration_files(
                 act_format=quant.act_format,
                 weight_method=quant_weights,
                 reconstruction=reconstruction or ReconstructionOptions(),
+                first_last_bits=quant.first_last_bits,
             )
     for split in sorted({options.split for options in missing.values()}):
         group = {path: options for path, options in missing.items() if options.split == split}

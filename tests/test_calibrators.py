@@ -104,8 +104,17 @@ def test_qdiffusion_import_rebuilds_adaround_weights_exactly(tmp_path, tiny_mode
     assert cal.meta["weights"]["rounding"] == "adaround"
     loaded = load_calibration(tmp_path / "q.safetensors")
     state = torch.load(ckpt)
+    assert cal.meta["first_last_bits"] is None and cal.meta["layer_weight_bits"] == {}
     q = static_model(
-        tiny_model, loaded, load_config(tiny_config), ckpt, weight_bits=4, act_bits=8, modulate=False, split=True
+        tiny_model,
+        loaded,
+        load_config(tiny_config),
+        ckpt,
+        weight_bits=4,
+        act_bits=8,
+        modulate=False,
+        split=True,
+        first_last_bits=None,
     )
     splits = tiny_model.split_points()
     assert splits and all(len(q.layers[n].groups) == 2 for n in splits)
@@ -153,7 +162,12 @@ def test_qdiffusion_import_with_modulate_calibrates_residuals_and_keeps_weights(
     cal = run_import(tiny_config, ckpt, tmp_path / "m.safetensors", weight_bits=4, act_bits=8, modulate=True)
     assert cal.kind == "residual" and cal.meta["origin"] == "qdiffusion+calibration"
     state = torch.load(ckpt)
-    q = static_model(tiny_model, cal, load_config(tiny_config), ckpt, weight_bits=4, act_bits=8, split=True)
+    assert cal.meta["first_last_bits"] is None  # Q-Diffusion keeps its input/output conv at W4 too
+    with pytest.raises(ConfigError, match="W4 integer weights for layer conv_in.*at W8.*--first-last-bits"):
+        static_model(tiny_model, cal, load_config(tiny_config), ckpt, weight_bits=4, act_bits=8, split=True)
+    q = static_model(
+        tiny_model, cal, load_config(tiny_config), ckpt, weight_bits=4, act_bits=8, split=True, first_last_bits=None
+    )
     name = next(iter(tiny_model.split_points()))
     assert torch.equal(q.layers[name].w_deq, expected_weight(state, name, 4, tiny_model.split_points()[name]))
     assert q.layers[name].scales.act_zero_point is None and len(q.layers[name].scales.act) == 2
@@ -268,9 +282,10 @@ def test_file_round_trip_and_metadata(tmp_path, tiny_config, tiny_checkpoint):
         got = loaded.layers[name]
         assert got.act == pytest.approx(entry.act, rel=1e-7) and got.warmup == pytest.approx(entry.warmup, rel=1e-7)
         assert torch.equal(got.weight_codes, entry.weight_codes) and torch.equal(got.weight_scale, entry.weight_scale)
-        assert got.weight_codes.abs().max() <= 32
+        assert got.weight_codes.float().abs().max() <= (128 if name in ("conv_in", "conv_out") else 32)  # W8 ends
     meta = loaded.meta
-    assert meta["format"] == "modiff-trt/calibration" and meta["version"] == 4 and meta["step_groups"] is None
+    assert meta["format"] == "modiff-trt/calibration" and meta["version"] == 5 and meta["step_groups"] is None
+    assert meta["first_last_bits"] == 8 and meta["layer_weight_bits"] == {"conv_in": 8, "conv_out": 8}
     assert meta["kind"] == "residual" and meta["modulate"] is True and meta["first_step"] == "fp"
     assert meta["weight_bits"] == 6 and meta["act_bits"] == 8 and meta["method"] == "percentile"
     assert meta["sampler"] == {
@@ -327,6 +342,32 @@ def test_version_1_files_still_load_and_give_their_sampler(tmp_path, tiny_config
     sd = load_config("sd-v1")
     assert Calibration({"version": 1, "schedule": sd_schedule}, {}).sampler(sd) == make_sampler(sd, guidance_scale=5.0)
     assert Calibration({"version": 1, "schedule": None}, {}).sampler(sd) is None  # a plain Q-Diffusion import
+
+
+def test_version_4_files_hold_every_layer_at_their_weight_bits(tmp_path, tiny_config, tiny_checkpoint, tiny_model):
+    """Before version 5 no file kept its first/last layers at other bits: such a file reads as
+    --first-last-bits same, which export and sample then follow, and its W4 codes go on W4 layers."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from modiff_trt.api import QuantOptions
+    from modiff_trt.calibrators.fileformat import calibration_settings
+
+    new = run_calibrate(
+        tiny_config, tiny_checkpoint, tmp_path / "v5.safetensors", weight_bits=4, method="mse", first_last_bits=None
+    )
+    meta = {k: v for k, v in new.meta.items() if k not in ("first_last_bits", "layer_weight_bits")}
+    meta["version"] = 4
+    v4 = tmp_path / "v4.safetensors"
+    save_file(load_file(tmp_path / "v5.safetensors"), v4, metadata={"modiff_trt": json.dumps(meta)})
+    old = load_calibration(v4)
+    assert old.end_weight_bits == 4 and set(old.layer_weight_bits().values()) == {4}
+    assert calibration_settings(v4)["first_last_bits"] == "same"
+    quant = QuantOptions().following(v4).config("static")
+    assert quant.first_last_bits is None and quant.end_weight_bits == 4
+    q = quantize_unet(tiny_model, quant, old.to_scale_set(load_config(tiny_config), tiny_checkpoint))
+    assert {layer.weight_bits for layer in q.layers.values()} == {4}
 
 
 def _rewrite(src: Path, dst: Path, edit_tensors, **meta_changes) -> Path:
@@ -492,23 +533,11 @@ def test_cli_calibrate_then_sample_static_and_refuse_other_checkpoint(
     other = qdiffusion_checkpoint(tiny_model, tmp_path / "q.pth", bits=4)
     result = runner.invoke(app, sample + ["--checkpoint", str(other), "--overwrite"])
     assert result.exit_code == 2 and "scales do not carry over between checkpoints" in result.output
-    result = runner.invoke(
-        app,
-        [
-            "calibrate",
-            "-c",
-            str(tiny_config),
-            "--from-qdiffusion",
-            str(other),
-            "--weight-bits",
-            "4",
-            "--act-bits",
-            "8",
-            "--no-modulate",
-            "-o",
-            str(tmp_path / "q.safetensors"),
-        ],
-    )
+    calibrate_import = ["calibrate", "-c", str(tiny_config), "--from-qdiffusion", str(other), "--weight-bits", "4"]
+    calibrate_import += ["--act-bits", "8", "--no-modulate", "-o", str(tmp_path / "q.safetensors")]
+    result = runner.invoke(app, calibrate_import + ["--first-last-bits", "8"])
+    assert result.exit_code == 2 and "holds every layer at --weight-bits" in " ".join(result.output.split())
+    result = runner.invoke(app, calibrate_import)
     assert result.exit_code == 0, result.output
     assert load_calibration(tmp_path / "q.safetensors").kind == "raw"
 
@@ -553,4 +582,4 @@ def test_auto_step_groups_pick_a_pooling_of_the_measured_groups(tmp_path, tiny_c
         )
     assert "--step-groups auto picked" in caplog.text
     count = 1 if cal.step_groups is None else cal.step_groups.count
-    assert count in (1, 2, 4, 8) and load_calibration(tmp_path / "auto.safetensors").meta["version"] == 4
+    assert count in (1, 2, 4, 8) and load_calibration(tmp_path / "auto.safetensors").meta["version"] == 5

@@ -175,6 +175,9 @@ CONFLICTS = {
     "plain graph too": (lambda m: m["graphs"].update(unet=m["graphs"]["step"]), "graphs.unet is not a graph"),
     "duplicate layer": (lambda m: m["layers"].append(m["layers"][0]), "listed twice"),
     "layer bits": (lambda m: m["layers"][2].update(act_bits=4), "other bits"),
+    "layer weight bits": (lambda m: m["layers"][2].update(weight_bits=4), "other bits"),
+    # a W4 quant section over W8 layers: only the input and output conv may keep the first/last bits
+    "first/last bits on every layer": (lambda m: m["quant"].update(weight_bits=4), "at most the UNet's input and"),
     "groups count": (lambda m: m["step_groups"].update(count=3), "step_groups.count"),
     "groups bounds": (lambda m: m["step_groups"].update(bounds=[1, 3, 2]), "step_groups.bounds"),
     "groups timesteps": (lambda m: m["step_groups"]["timesteps"].reverse(), "step_groups.timesteps"),

@@ -43,7 +43,8 @@ from modiff_trt.engines.openvino_backend import (  # noqa: E402
 )
 
 #: 8-bit weights on an x86 CPU without VNNI: OpenVINO's int8 kernels are not exact there (see
-#: `exact_int8_kernels`), so exactness is proven only where it holds. 4-bit weights stay exact.
+#: `exact_int8_kernels`), so exactness is proven only where it holds. 4-bit weights stay exact
+#: (with `first_last_bits=None`: by default the first and last layer keep 8-bit weights).
 NEEDS_VNNI = pytest.mark.skipif(
     not exact_int8_kernels(), reason="x86 CPU without VNNI: OpenVINO's 8-bit-weight int8 kernels are not exact here"
 )
@@ -59,13 +60,17 @@ def noise():
     [
         pytest.param(QuantConfig(8, 8), marks=NEEDS_VNNI),
         pytest.param(QuantConfig(8, 4, split=True), marks=NEEDS_VNNI),
-        QuantConfig(4, 8, first_step="quantized"),
+        QuantConfig(4, 8, first_step="quantized", first_last_bits=None),
+        pytest.param(QuantConfig(4, 8, first_step="quantized"), marks=NEEDS_VNNI),  # 8-bit first/last layers
         pytest.param(QuantConfig(8, 8, state_layout="scaled"), marks=NEEDS_VNNI),
         pytest.param(QuantConfig(8, 4, split=True, state_layout="scaled"), marks=NEEDS_VNNI),
-        QuantConfig(4, 8, first_step="quantized", state_layout="scaled"),
-        QuantConfig(4, 4, split=True, state_dtype="float16", state_layout="scaled"),
+        QuantConfig(4, 8, first_step="quantized", state_layout="scaled", first_last_bits=None),
+        QuantConfig(4, 4, split=True, state_dtype="float16", state_layout="scaled", first_last_bits=None),
     ],
-    ids=lambda c: f"{c.label}{'-split' if c.split else ''}-{c.first_step}-{c.state_dtype}-{c.state_layout}",
+    ids=lambda c: (
+        f"{c.label}{'-split' if c.split else ''}-{c.first_step}-{c.state_dtype}-{c.state_layout}"
+        + ("" if c.end_weight_bits == c.weight_bits else f"-ends-w{c.end_weight_bits}")
+    ),
 )
 def test_every_layer_follows_modiff_on_openvino_state_read_from_variables(tmp_path, tiny_model, noise, config):
     """The per-layer check ONNX Runtime passes, on OpenVINO's own tensors: the state read back

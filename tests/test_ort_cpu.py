@@ -13,6 +13,7 @@ from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.errors import ConfigError
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.lint import lint_export, lint_graph
+from modiff_trt.export.manifest import load_manifest
 from modiff_trt.quant import QuantConfig
 from tests.helpers.export import SEQ, SHAPE, check_step_layers, export, tiny_model_config, trajectory
 from tests.helpers.models import rel_err
@@ -48,6 +49,9 @@ def test_every_layer_of_integer_step_graph_follows_modiff_at_every_step(tmp_path
     assert lint_export(out) == []
     if config.first_step == "quantized":
         assert _ops(out / "warmup.onnx")["ConvInteger"] == convs
+    bits = {layer.name: layer.weight_bits for layer in load_manifest(out).layers}
+    assert bits["conv_in"] == bits["conv_out"] == 8  # W4: the first and last layer keep 8-bit integer weights
+    assert {b for name, b in bits.items() if name not in ("conv_in", "conv_out")} == {config.weight_bits}
 
 
 def test_integer_graph_matches_trt_graph_and_reference_over_trajectory(tmp_path, tiny_model, noise):

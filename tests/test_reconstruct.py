@@ -15,7 +15,7 @@ from modiff_trt.calibrators.blocks import find_blocks
 from modiff_trt.calibrators.reconstruct import ReconstructionOptions
 from modiff_trt.cli import app
 from modiff_trt.engines.ort_backend import OrtRunner
-from modiff_trt.errors import ConfigError, OptionError
+from modiff_trt.errors import ArtifactError, ConfigError, OptionError
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.manifest import load_manifest
 from modiff_trt.models import load_config
@@ -25,6 +25,7 @@ from tests.helpers.export import SEQ, SHAPE, check_step_layers, tiny_model_confi
 from tests.helpers.models import rel_err
 from tests.test_calibrators import run_calibrate
 
+ENDS = ("conv_in", "conv_out")  # the tiny ddim UNet's first and last layer (`end_layers()`)
 RECON = ReconstructionOptions(iterations=60, samples=40, batch_size=8, learning_rate=1e-2)  # few steps: a larger step
 
 
@@ -91,13 +92,18 @@ def test_reconstruction_lowers_the_block_loss_against_nearest_rounding(tmp_path,
     assert len(units) >= 10 and cal.meta["reconstruction"]["samples"] == 40
     assert sum(u["loss"] for u in units) < 0.9 * sum(u["nearest_loss"] for u in units)
     assert sum(u["loss"] < u["nearest_loss"] for u in units) >= 0.8 * len(units)
+    assert cal.meta["first_last_bits"] == 8 and cal.meta["layer_weight_bits"] == {"conv_in": 8, "conv_out": 8}
     for name, entry in cal.layers.items():
-        assert entry.weight_codes.min() >= -8 and entry.weight_codes.max() <= 7, name
+        if name in ENDS:  # 8-bit codes: they use the int8 range, not the 4-bit one
+            assert entry.weight_codes.abs().max() > 64, name
+        else:
+            assert entry.weight_codes.min() >= -8 and entry.weight_codes.max() <= 7, name
 
 
 def test_reconstructed_file_round_trips_through_export_exactly(tmp_path, tiny_config, tiny_checkpoint, tiny_model):
     """The learned integer weights survive the file, the reference and the exported graph: per
-    layer and step on ONNX Runtime's own tensors, o_hat_out - o_hat_in = f(rq, W_adaround)."""
+    layer and step on ONNX Runtime's own tensors, o_hat_out - o_hat_in = f(rq, W_adaround), the
+    8-bit first and last layers among them."""
     path = tmp_path / "w4a8.safetensors"
     run_calibrate(
         tiny_config,
@@ -121,19 +127,77 @@ def test_reconstructed_file_round_trips_through_export_exactly(tmp_path, tiny_co
     noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
     assert check_step_layers(out, qmodel, noise) == len(qmodel.layers) * (len(SEQ) - 1)
     assert rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise)) < 5e-3
-    assert load_manifest(out).calibration.weight_method == "adaround"
+    manifest = load_manifest(out)
+    assert manifest.calibration.weight_method == "adaround"
+    assert {layer.name: layer.weight_bits for layer in manifest.layers} == {
+        name: 8 if name in ENDS else 4 for name in qmodel.layers
+    }
+    for name in ENDS:
+        assert qmodel.layers[name].weight_bits == 8 and qmodel.layers[name].weight_codes.abs().max() > 64
     shown = CliRunner().invoke(app, ["inspect", str(out), "--no-layers"])
     assert shown.exit_code == 0, shown.output
     assert "W4 adaround" in shown.output and "block reconstruction" in shown.output
+    assert "conv_in, conv_out at W8 (first/last layer)" in " ".join(shown.output.split())
 
 
-def test_reconstructed_file_follows_modiff_per_layer_on_openvino(tmp_path, tiny_config, tiny_checkpoint, tiny_model):
+def test_first_last_bits_same_keeps_every_layer_at_the_weight_bits(tmp_path, tiny_config, tiny_checkpoint, tiny_model):
+    """`first_last_bits=None` ('same'): the file, the reference, the export and the manifest hold
+    every layer at W4, and the export still follows the reference per layer on ORT."""
+    path = tmp_path / "w4a8-same.safetensors"
+    cal = run_calibrate(
+        tiny_config, tiny_checkpoint, path, weight_bits=4, act_bits=8, method="mse", first_last_bits=None
+    )
+    assert cal.meta["first_last_bits"] is None and cal.meta["layer_weight_bits"] == {}
+    for name, entry in cal.layers.items():
+        assert entry.weight_codes.min() >= -8 and entry.weight_codes.max() <= 7, name
+    config = QuantConfig(4, 8, act_scales="static", first_last_bits=None)
+    qmodel = quantize_unet(tiny_model, config, cal.to_scale_set(load_config(tiny_config), tiny_checkpoint))
+    assert {layer.weight_bits for layer in qmodel.layers.values()} == {4}
+    out = tmp_path / "exp"
+    export_model(tiny_model, qmodel, tiny_model_config(tiny_model), out, calibration=path)
+    assert {layer.weight_bits for layer in load_manifest(out).layers} == {4}
+    noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
+    assert check_step_layers(out, qmodel, noise) == len(qmodel.layers) * (len(SEQ) - 1)
+    with pytest.raises(ArtifactError, match="--first-last-bits"):  # the file's W4 ends, asked for W8 ends
+        cal.check_settings(QuantConfig(4, 8, act_scales="static"))
+
+
+def test_minmax_weights_follow_the_first_last_bits_in_the_reference(tiny_model):
+    """Without a calibration the reference rounds the end layers at their own width: absmax
+    per-channel 8-bit codes use the full int8 range, the other layers stay within 4 bits."""
+    qmodel = quantize_unet(tiny_model, QuantConfig(4, None))
+    for name, layer in qmodel.layers.items():
+        top = 127 if name in ENDS else 7
+        assert layer.weight_bits == (8 if name in ENDS else 4)
+        assert layer.weight_codes.abs().amax(dim=tuple(range(1, layer.weight_codes.dim()))).max() == top, name
+    same = quantize_unet(tiny_model, QuantConfig(4, None, first_last_bits=None))
+    assert {layer.weight_bits for layer in same.layers.values()} == {4}
+    assert {layer.weight_bits for layer in quantize_unet(tiny_model, QuantConfig(None, 8)).layers.values()} == {None}
+
+
+@pytest.mark.parametrize("first_last_bits", [None, pytest.param(8, id="ends-w8")])
+def test_reconstructed_file_follows_modiff_per_layer_on_openvino(
+    tmp_path, tiny_config, tiny_checkpoint, tiny_model, first_last_bits
+):
+    """Every layer W4 is exact on any CPU; 8-bit first/last layers only where OpenVINO's int8
+    kernels are (VNNI or AMX: `exact_int8_kernels`, docs/openvino.md), so that case skips elsewhere."""
     pytest.importorskip("openvino")
+    from modiff_trt.engines.openvino_backend import exact_int8_kernels
+
+    if first_last_bits == 8 and not exact_int8_kernels():
+        pytest.skip("x86 CPU without VNNI: OpenVINO's 8-bit-weight int8 kernels are not exact here")
     path = tmp_path / "w4a8.safetensors"
     run_calibrate(
-        tiny_config, tiny_checkpoint, path, weight_bits=4, act_bits=8, weight_method="adaround", reconstruction=RECON
+        tiny_config,
+        tiny_checkpoint,
+        path,
+        weight_bits=4,
+        act_bits=8,
+        weight_method="adaround",
+        reconstruction=RECON,
+        first_last_bits=first_last_bits,
     )
-    config = QuantConfig(4, 8, act_scales="static")
+    config = QuantConfig(4, 8, act_scales="static", first_last_bits=first_last_bits)
     qmodel = quantize_unet(
         tiny_model, config, load_calibration(path).to_scale_set(load_config(tiny_config), tiny_checkpoint)
     )
@@ -212,9 +276,12 @@ def test_cli_calibrate_adaround_writes_the_weights_and_says_so(tmp_path, tiny_co
     out = tmp_path / "w4.safetensors"
     args = f"calibrate -c {tiny_config} --checkpoint {tiny_checkpoint} -o {out} --steps 5 --cali-st 3 --cali-n 4"
     args += " --batch-size 4 --weight-bits 4 --act-bits 0 --weight-method adaround --recon-iters 5 --recon-samples 8"
-    result = CliRunner().invoke(app, args.split())
+    result = CliRunner().invoke(app, [*args.split(), "--first-last-bits", "eight"])
+    assert result.exit_code == 2 and "--first-last-bits eight: give the bits (2..8) or 'same'" in result.output
+    result = CliRunner().invoke(app, [*args.split(), "--first-last-bits", "same"])
     assert result.exit_code == 0, result.output
     assert "AdaRound weights" in result.output
     cal = load_calibration(out)
     assert cal.meta["weight_method"] == "adaround" and cal.meta["reconstruction"]["options"]["iterations"] == 5
     assert all(entry.weight_codes is not None for entry in cal.layers.values())
+    assert cal.meta["first_last_bits"] is None and all(e.weight_codes.abs().max() <= 8 for e in cal.layers.values())

@@ -51,7 +51,7 @@ from modiff_trt.models.config import ModelConfig
 from modiff_trt.quant.config import QuantConfig
 from modiff_trt.quant.formats import LayerFormat, layer_format
 from modiff_trt.quant.layer import channel_groups
-from modiff_trt.quant.model import quantizable_layers, split_points
+from modiff_trt.quant.model import layer_weight_bits, quantizable_layers, split_points
 from modiff_trt.quant.scales import LayerScales, StepGroups
 from modiff_trt.sampling.conditioning import ContextSource
 from modiff_trt.sampling.run import model_device
@@ -98,6 +98,7 @@ class CalibrationOptions:
     step_groups: int | str = 1  # MoDiff residual scales per G groups of steps, or 'auto' (choose_step_groups)
     act_format: str = "int"
     reconstruction: ReconstructionOptions = ReconstructionOptions()  # weight_method 'adaround' only
+    first_last_bits: int | None = 8  # weight bits of the UNet's input/output conv (QuantConfig); None: weight_bits
 
     def __post_init__(self) -> None:
         _ = self.quant  # QuantConfig validates the bits and first_step
@@ -124,6 +125,7 @@ class CalibrationOptions:
             first_step=self.first_step,
             split=self.split,
             act_format=self.act_format,
+            first_last_bits=self.first_last_bits,
         )  # type: ignore[arg-type]
 
     @property
@@ -375,17 +377,28 @@ def requested_groups(options: CalibrationOptions, sampler: Sampler) -> StepGroup
 
 
 def mse_weights(
-    model: torch.nn.Module, bits: int, splits: dict[str, int]
+    model: torch.nn.Module, bits: Mapping[str, int], splits: dict[str, int]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """MSE-searched symmetric per-channel weights (codes, scale [O, groups]) for every layer."""
+    """MSE-searched symmetric per-channel weights (codes, scale [O, groups]) for every layer, at
+    its own bits (`layer_weight_bits`)."""
     out = {}
-    for name in quantizable_layers(model):
+    for name, layer_bits in bits.items():
         module = model.get_submodule(name)
         weight = module.weight.detach().float().cpu()
         groups = channel_groups(input_channels(module), splits.get(name, 0))
-        parts = [mse_weight(weight[:, g], bits) for g in groups]
+        parts = [mse_weight(weight[:, g], layer_bits) for g in groups]
         out[name] = (torch.cat([c for c, _ in parts], dim=1), torch.stack([s for _, s in parts], dim=1))
     return out
+
+
+def first_last_meta(model: torch.nn.Module, quant: QuantConfig) -> dict[str, Any]:
+    """The file's record of its end layers: `first_last_bits` (null: every layer has `weight_bits`)
+    and `layer_weight_bits`, the layers whose weight bits differ from `weight_bits`."""
+    bits = layer_weight_bits(model, quant)
+    return {
+        "first_last_bits": quant.first_last_bits,
+        "layer_weight_bits": {name: b for name, b in bits.items() if b != quant.weight_bits},
+    }
 
 
 def calibrate(
@@ -412,7 +425,7 @@ def calibrate(
 
 def _recon_key(options: CalibrationOptions) -> tuple:
     """Files whose reconstruction would be identical share one (the weights ignore activations)."""
-    return (options.weight_bits, options.reconstruction)
+    return (options.weight_bits, options.quant.end_weight_bits, options.reconstruction)
 
 
 def reconstruct_entries(
@@ -429,7 +442,8 @@ def reconstruct_entries(
         if key not in out:
             data = inputs.inputs(entry.reconstruction.samples)
             log.info("weight reconstruction (W%d) on %d calibration inputs", entry.weight_bits, len(data))
-            out[key] = reconstruct_weights(model, data, entry.weight_bits, splits, entry.reconstruction, progress)
+            bits = layer_weight_bits(model, entry.quant)
+            out[key] = reconstruct_weights(model, data, bits, splits, entry.reconstruction, progress)
     return out
 
 
@@ -566,7 +580,7 @@ def calibrate_together(
             for name, entry in imported.layers.items():
                 layers[name].weight_codes, layers[name].weight_scale = entry.weight_codes, entry.weight_scale
         elif options.weight_bits is not None and weight_method == "mse":
-            for name, (codes, scale) in mse_weights(model, options.weight_bits, splits).items():
+            for name, (codes, scale) in mse_weights(model, layer_weight_bits(model, options.quant), splits).items():
                 layers[name].weight_codes, layers[name].weight_scale = codes, scale
         rebuilt = reconstructed.get(_recon_key(options)) if options.reconstructs else None
         if rebuilt is not None:
@@ -580,6 +594,7 @@ def calibrate_together(
             first_step=options.first_step,
             split=bool(splits),
             weight_bits=options.weight_bits,
+            **first_last_meta(model, options.quant),
             act_bits=options.act_bits,
             act_format=options.act_format,
             method=options.method,

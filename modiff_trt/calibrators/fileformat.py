@@ -34,6 +34,9 @@ measured absmax: every scale must lie between 1e-8 and the scale that maps the a
 of the layer's grid (absmax / (2^(b-1) - 1) for integers, / 448 for FP8, / (6 * 448) for NVFP4's
 tensor scale), the range every scale search stays in, so an edited or damaged scale is refused.
 Older files still load; their scales are only checked for being finite and positive.
+Version 5 added `first_last_bits` (the weight bits of the UNet's input and output conv, null: the
+same as every layer) and `layer_weight_bits` {layer: bits} for the layers whose weight bits differ
+from `weight_bits`; files before it hold every layer at `weight_bits`, so they read as null.
 
 The file is tied to the checkpoint and config it was measured on (sha256 of both): loading it
 for anything else raises `ArtifactError` naming both sides and the command that fixes it.
@@ -65,8 +68,8 @@ from modiff_trt.validate import SHA256, not_a_directory
 
 log = logging.getLogger(__name__)
 FORMAT = "modiff-trt/calibration"
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 META_KEY = "modiff_trt"
 SCALE_FIELDS = ("act", "act_zero_point", "warmup", "warmup_zero_point", "act_groups")
 MEASURED = {"act": "act_absmax", "warmup": "warmup_absmax", "act_groups": "act_groups_absmax"}  # scale -> its absmax
@@ -161,6 +164,7 @@ class Calibration:
         recorded = {
             "--act-format": self.meta.get("act_format", "int"),
             "--weight-bits": self.meta.get("weight_bits"),
+            "--first-last-bits": self.end_weight_bits,
             "--act-bits": self.meta.get("act_bits"),
             "--modulate": self.meta.get("modulate"),
             "--first-step": self.meta.get("first_step"),
@@ -168,6 +172,7 @@ class Calibration:
         wanted = {
             "--act-format": quant.act_format,
             "--weight-bits": quant.weight_bits,
+            "--first-last-bits": quant.end_weight_bits,
             "--act-bits": quant.act_bits,
             "--modulate": quant.modulate,
             "--first-step": quant.first_step,
@@ -182,6 +187,13 @@ class Calibration:
                 f"{self.source} was calibrated for other settings: {'; '.join(differ)}; use the "
                 "calibration's settings or run `modiff-trt calibrate` with these"
             )
+
+    @property
+    def end_weight_bits(self) -> int | None:
+        """Weight bits of the UNet's first and last layer in this file (`QuantConfig.end_weight_bits`;
+        files before version 5 hold every layer at `weight_bits`)."""
+        quant = QuantConfig(weight_bits=self.meta.get("weight_bits"), first_last_bits=self.meta.get("first_last_bits"))
+        return quant.end_weight_bits
 
     def _check_layers(self, config: ModelConfig) -> None:
         with torch.device("meta"):
@@ -205,7 +217,14 @@ class Calibration:
             step_groups=self.step_groups,
             act_format=self.meta.get("act_format", "int"),
             weight_method=self.meta.get("weight_method"),
+            weight_bits=self.layer_weight_bits(),
         )
+
+    def layer_weight_bits(self) -> dict[str, int | None]:
+        """Every layer's weight bits in this file: `weight_bits`, or its entry in
+        `layer_weight_bits` (the first/last layers; files before version 5 have none)."""
+        special = self.meta.get("layer_weight_bits") or {}
+        return {name: special.get(name, self.meta.get("weight_bits")) for name in self.layers}
 
 
 def _checkpoint_sha(checkpoint: str | Path | None) -> str | None:
@@ -258,7 +277,7 @@ def save_calibration(path: str | Path, layers: dict[str, LayerScales], meta: dic
 
 
 #: The quantization options a calibration file fixes: `QuantOptions` field -> metadata key.
-SETTINGS = ("weight_bits", "act_bits", "act_format", "modulate", "first_step")
+SETTINGS = ("weight_bits", "act_bits", "act_format", "modulate", "first_step", "first_last_bits")
 
 
 def calibration_settings(path: str | Path) -> dict[str, Any]:
@@ -268,6 +287,7 @@ def calibration_settings(path: str | Path) -> dict[str, Any]:
     meta = _read(path, tensors=False)[0]
     settings = {key: meta[key] for key in SETTINGS if key in meta}
     settings.setdefault("act_format", "int")  # files older than the formats are integer
+    settings["first_last_bits"] = _show_first_last(meta.get("first_last_bits"))  # before version 5: 'same'
     for key in ("weight_bits", "act_bits"):
         if key in settings and settings[key] is None:
             settings[key] = 0
@@ -396,6 +416,11 @@ def check_calibration_out(out: str | Path, inputs: dict[str, str | Path | None])
         )
     writable_file(out, "--out")
     return out
+
+
+def _show_first_last(bits: int | None) -> str:
+    """`--first-last-bits` as the user types it: the bits, or 'same' (every layer at --weight-bits)."""
+    return "same" if bits is None else str(bits)
 
 
 def _show(value: Any) -> str:

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from modiff_trt.calibrators.calibrate import CalibrationOptions, ImportedWeights, base_meta, calibrate
+from modiff_trt.calibrators.calibrate import CalibrationOptions, ImportedWeights, base_meta, calibrate, first_last_meta
 from modiff_trt.calibrators.collect import input_channels
 from modiff_trt.calibrators.fileformat import Calibration, save_calibration
 from modiff_trt.errors import CheckpointError, ConfigError
@@ -247,9 +247,13 @@ def import_qdiffusion(
     'raw', plain Q-Diffusion mode), no sampling. `options.modulate=True`: the same integer
     weights, with MoDiff residual scales calibrated on the checkpoint's fp32 weights along
     `sampler` (default: the config's). Bits must be given: the file does not store them; the
-    split is read from the quantizer shapes, whatever `options.split` says.
+    split is read from the quantizer shapes, whatever `options.split` says. Every layer, the
+    input and output conv too, is imported at `options.weight_bits`: Q-Diffusion's code keeps no
+    layer at other bits (BRECQ's `set_first_last_layer_to_8bit` is not in it), so the file records
+    `first_last_bits` null whatever `options.first_last_bits` says.
     """
     model_cfg = config if isinstance(config, ModelConfig) else load_config(config)
+    options = dataclasses.replace(options, first_last_bits=None)  # Q-Diffusion has no first/last-layer exception
     model = load_unet(model_cfg, checkpoint, trust=trust)
     state = qdiffusion_state(read_checkpoint(checkpoint, trust=trust), str(checkpoint))
     imported = read_qdiffusion(
@@ -286,6 +290,7 @@ def import_qdiffusion(
         first_step="fp",
         split=bool(imported.splits),
         weight_bits=options.weight_bits,
+        **first_last_meta(model, options.quant),
         act_bits=options.act_bits,
         method="qdiffusion",
         weight_method="qdiffusion",

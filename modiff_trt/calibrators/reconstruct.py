@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -224,7 +224,7 @@ def reconstruct_unit(
     fp: nn.Module,
     block: Block,
     inputs: CalibrationInputs,
-    bits: int,
+    bits: Mapping[str, int],
     splits: dict[str, int],
     options: ReconstructionOptions,
     bar: Any = None,
@@ -238,8 +238,8 @@ def reconstruct_unit(
     rounders, scales = {}, {}
     for name in block.layers:
         layer = work.get_submodule(name)
-        scales[name], groups = layer_grid(layer, bits, splits.get(name, 0))
-        rounders[name] = AdaRoundWeight(layer.weight, scales[name].to(device), groups, bits).to(device)
+        scales[name], groups = layer_grid(layer, bits[name], splits.get(name, 0))
+        rounders[name] = AdaRoundWeight(layer.weight, scales[name].to(device), groups, bits[name]).to(device)
     nearest = {n: r.dequantize(r.nearest_codes()) for n, r in rounders.items()}
     nearest_loss = _mean_loss(module, block, nearest, data, device)
     optimizer = torch.optim.Adam([r.v for r in rounders.values()], lr=options.learning_rate)
@@ -287,7 +287,7 @@ def reconstruct_unit(
 def reconstruct_weights(
     model: nn.Module,
     inputs: CalibrationInputs,
-    bits: int,
+    bits: Mapping[str, int],
     splits: dict[str, int],
     options: ReconstructionOptions = ReconstructionOptions(),
     progress: bool = True,
@@ -295,7 +295,8 @@ def reconstruct_weights(
 ) -> Reconstruction:
     """AdaRound integer weights of every quantizable layer of the float `model` (left unchanged).
 
-    `splits` are the skip-concat split points (`--split`): such a layer's two channel groups get
+    `bits` are every layer's weight bits (`quant.model.layer_weight_bits`: the end layers may
+    keep 8 where the rest have 4); `splits` are the skip-concat split points (`--split`): such a layer's two channel groups get
     their own scales, as Q-Diffusion's split quantizers do. `only` (unit names, for measuring a
     few units of a large model) reconstructs just those; every other layer, and any layer the
     forward pass never reaches, is rounded to nearest on its MSE grid.
@@ -317,8 +318,8 @@ def reconstruct_weights(
     for name in quantizable_layers(model):
         if name not in result.weights:
             layer = model.get_submodule(name)
-            scale, groups = layer_grid(layer, bits, splits.get(name, 0))
-            rounder = AdaRoundWeight(layer.weight.detach().cpu(), scale, groups, bits)
+            scale, groups = layer_grid(layer, bits[name], splits.get(name, 0))
+            rounder = AdaRoundWeight(layer.weight.detach().cpu(), scale, groups, bits[name])
             result.weights[name] = (rounder.nearest_codes(), scale)
     result.seconds = time.perf_counter() - started
     total_nearest = sum(u.nearest_loss for u in result.units)

@@ -121,7 +121,7 @@ def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]
             LayerSpec(
                 name=name,
                 kind=layer.kind,
-                weight_bits=layer.config.weight_bits or 0,
+                weight_bits=layer.weight_bits or 0,
                 act_bits=layer.act_bits or 0,
                 act_scale=None if s.act is None else [float(v) for v in s.act],
                 warmup_act_scale=None if s.warmup is None else [float(v) for v in s.warmup],

@@ -300,9 +300,18 @@ def _layer_conflict(manifest: Manifest) -> str | None:
         seen.add(layer.name)
     quant = manifest.quant
     bits = (quant.weight_bits or 0, quant.act_bits or 0)
+    end = quant.end_weight_bits or 0
     for layer in manifest.layers:
-        if (layer.weight_bits, layer.act_bits) != (bits[0], grid_bits(layer.act_format, quant.act_format, bits[1])):
+        if layer.weight_bits not in (bits[0], end) or layer.act_bits != grid_bits(
+            layer.act_format, quant.act_format, bits[1]
+        ):
             return f"layer {layer.name} has other bits than the manifest's quant section (w{bits[0]}a{bits[1]})"
+    ends = [layer.name for layer in manifest.layers if layer.weight_bits == end != bits[0]]
+    if len(ends) > 2:
+        return (
+            f"{len(ends)} layers ({', '.join(ends[:3])}, ...) have the first/last layers' W{end}: at most the "
+            "UNet's input and output conv do"
+        )
     return None
 
 

@@ -203,6 +203,10 @@ class DDIMUNet(nn.Module):
         """Shape of one image (C, H, W) this network denoises."""
         return (self.in_channels, self.resolution, self.resolution)
 
+    def end_layers(self) -> tuple[str, str]:
+        """The layers that read the image and write the predicted noise (`QuantConfig.first_last_bits`)."""
+        return ("conv_in", "conv_out")
+
     def split_points(self) -> dict[str, int]:
         """Layers whose input is a skip concatenation -> channels of the first group."""
         return {

@@ -56,6 +56,10 @@ class DiffusersUNet(nn.Module):
         super().__init__()
         self.net = net
 
+    def end_layers(self) -> tuple[str, str]:
+        """The layers that read the latent and write the predicted noise (`QuantConfig.first_last_bits`)."""
+        return ("net.conv_in", "net.conv_out")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:
             return self.net(x, t, return_dict=False)[0]

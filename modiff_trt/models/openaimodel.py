@@ -495,6 +495,10 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(_norm32(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
 
+    def end_layers(self) -> tuple[str, str]:
+        """The layers that read the image (or latent) and write the predicted noise (`QuantConfig.first_last_bits`)."""
+        return ("input_blocks.0.0", "out.2")
+
     def _attention(self, ch: int, upsample: bool) -> nn.Module:
         """Reproduce the official head-count rules (num_heads vs num_head_channels, legacy)."""
         cfg = self.config

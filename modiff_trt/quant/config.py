@@ -36,6 +36,10 @@ class QuantConfig:
     `fp8` (E4M3, 8 bits) or `nvfp4` (E2M1 in 16-channel blocks, 4 bits); with `format_layers`
     'tensorrt' each layer falls back to the format TensorRT can run it in (`formats.layer_format`),
     with 'all' every layer takes the requested format (a reference-only study).
+    `first_last_bits` are the weight bits of the UNet's first and last layer (its input and
+    output conv, `model.end_layers()`) when `weight_bits` is lower: BRECQ's convention, because
+    the output conv of a small-channel UNet has one 4-bit scale per output channel for the whole
+    predicted noise (the digits model: 1 channel). None gives them `weight_bits` like every layer.
     """
 
     weight_bits: int | None = field(default=8, metadata=_BITS)
@@ -50,9 +54,14 @@ class QuantConfig:
     state_layout: Literal["plain", "scaled"] = "plain"
     act_format: Literal["int", "fp8", "nvfp4"] = "int"
     format_layers: Literal["tensorrt", "all"] = "tensorrt"
+    first_last_bits: int | None = field(default=8, metadata=_BITS)
 
     def __post_init__(self) -> None:
-        for label, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
+        for label, bits in (
+            ("weight_bits", self.weight_bits),
+            ("act_bits", self.act_bits),
+            ("first_last_bits", self.first_last_bits),
+        ):
             if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
                 raise ConfigError(f"{label}={bits} is outside {MIN_BITS}..{MAX_BITS} (0/None keeps it in float)")
         choices = {
@@ -76,6 +85,13 @@ class QuantConfig:
             raise ConfigError(
                 f"act_format={self.act_format!r} is symmetric by construction: drop asymmetric activations"
             )
+
+    @property
+    def end_weight_bits(self) -> int | None:
+        """Weight bits of the first and last layer: never fewer than `weight_bits` (float stays float)."""
+        if self.weight_bits is None or self.first_last_bits is None:
+            return self.weight_bits
+        return max(self.weight_bits, self.first_last_bits)
 
     @property
     def label(self) -> str:

@@ -57,11 +57,16 @@ def channel_groups(channels: int, split: int) -> list[slice]:
 
 
 class QuantLayer(nn.Module):
-    """A quantized Conv1d/Conv2d/Linear that carries `a_hat`/`o_hat` across denoising steps."""
+    """A quantized Conv1d/Conv2d/Linear that carries `a_hat`/`o_hat` across denoising steps.
 
-    def __init__(self, module: nn.Module, name: str, config: QuantConfig, split: int = 0):
+    `weight_bits` is this layer's width (None: float weights): `config.weight_bits`, or more for
+    the UNet's end layers (`QuantConfig.first_last_bits`, `quant.model.layer_weight_bits`).
+    """
+
+    def __init__(self, module: nn.Module, name: str, config: QuantConfig, split: int = 0, *, weight_bits: int | None):
         super().__init__()
         self.name, self.kind, self.config = name, layer_kind(module), config
+        self.weight_bits = weight_bits
         self.module = module
         self.format = layer_format(module, config.act_format, config.act_bits, config.format_layers == "all")
         self.act_bits = self.format.bits or None
@@ -81,7 +86,7 @@ class QuantLayer(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------
     def _round_weight(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        bits = self.config.weight_bits
+        bits = self.weight_bits
         if bits is None:
             return None, None
         weight = self.module.weight.detach().float()
@@ -236,6 +241,6 @@ class QuantLayer(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"{self.name}, {self.kind}, w{c.weight_bits}a{self.act_bits} {self.format.format}, "
+            f"{self.name}, {self.kind}, w{self.weight_bits}a{self.act_bits} {self.format.format}, "
             f"modulate={c.modulate}, split={self.split}"
         )

@@ -74,6 +74,20 @@ def split_points(model: nn.Module, split: bool = True) -> dict[str, int]:
     return model.split_points() if split and hasattr(model, "split_points") else {}
 
 
+def end_layers(model: nn.Module) -> tuple[str, ...]:
+    """The UNet's first and last layer (input conv, output conv) by module path: the layers
+    `QuantConfig.first_last_bits` applies to. Every built-in UNet names them (`end_layers()`); a
+    model without the method has none."""
+    return tuple(model.end_layers()) if hasattr(model, "end_layers") else ()
+
+
+def layer_weight_bits(model: nn.Module, config: QuantConfig) -> dict[str, int | None]:
+    """Weight bits of every quantizable layer: `config.weight_bits`, the end layers'
+    `config.end_weight_bits` (8 by default below 8 bits)."""
+    ends = set(end_layers(model))
+    return {name: config.end_weight_bits if name in ends else config.weight_bits for name in quantizable_layers(model)}
+
+
 def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
     """Install static scales (and imported integer weights) on the quantized layers."""
     if scales.modulate != qmodel.config.modulate:
@@ -113,6 +127,13 @@ def apply_scales(qmodel: QuantUNet, scales: ScaleSet) -> None:
         layer.scales = entry
         layer.ratios = None if scales.step_groups is None else scale_ratios(entry.act_groups)
         if entry.weight_codes is not None:
+            made_at = layer.weight_bits if scales.weight_bits is None else scales.weight_bits[name]
+            if made_at != layer.weight_bits:
+                raise ConfigError(
+                    f"{scales.source} holds W{made_at} integer weights for layer {name}, but the model quantizes "
+                    f"it at W{layer.weight_bits}: give the --weight-bits and --first-last-bits the file was made "
+                    "with (left unset, export and sample take them from --calibration), or calibrate again"
+                )
             layer.set_weight_codes(entry.weight_codes, entry.weight_scale)
     qmodel.step_groups = scales.step_groups
     qmodel.weight_method = scales.weight_method
@@ -132,16 +153,17 @@ def quantize_unet(model: nn.Module, config: QuantConfig, calibration: ScaleSet |
     """A quantized copy of `model` that shares its float weights (the float model is left untouched).
 
     With `config.split`, layers listed by the model's `split_points()` quantize their two input
-    channel groups separately. Static activation scales need a `calibration`.
+    channel groups separately; the model's `end_layers()` take `config.end_weight_bits`. Static activation scales need a `calibration`.
     """
     if config.act_scales == "static" and config.act_bits is not None and calibration is None:
         raise ConfigError("act_scales='static' needs a calibration: run `modiff-trt calibrate` first")
     unet = shared_copy(model).eval()
     splits = split_points(unet, config.split)
-    for name in quantizable_layers(unet):
+    for name, bits in layer_weight_bits(unet, config).items():
         parent_name, _, child = name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, QuantLayer(getattr(parent, child), name, config, split=splits.get(name, 0)))
+        layer = QuantLayer(getattr(parent, child), name, config, split=splits.get(name, 0), weight_bits=bits)
+        setattr(parent, child, layer)
     qmodel = QuantUNet(unet, config)
     if calibration is not None:
         apply_scales(qmodel, calibration)

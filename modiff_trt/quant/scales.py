@@ -151,6 +151,9 @@ class ScaleSet:
     step_groups: StepGroups | None = None  # None: one residual scale for every step
     act_format: str = "int"  # the --act-format the scales were calibrated for
     weight_method: str | None = None  # what made the layers' integer weights (minmax, mse, adaround, qdiffusion)
+    #: the weight bits each layer's integer weights were made at (None: not recorded): codes made
+    #: at 4 bits installed on a layer the config gives 8 would make the manifest's bits a lie
+    weight_bits: dict[str, int | None] | None = None
 
 
 def _head(timesteps: Sequence[int]) -> str:
