@@ -13,7 +13,8 @@ layers' inputs exposed as extra outputs, and checks for each sampled layer:
 Nothing needs the torch model: scales come from the manifest and weights from the graph, so the
 check costs only the ORT sessions. Run:
 `python benchmarks/full_size_step.py EXPORT_DIR [--layers 12] [--json out.json]` on an export
-made with `--target trt --float fp32` and plain fp32 state (the layout the check reads).
+made with `--target trt --float fp32` and plain fp32 state (the layout the check reads); it writes
+BENCHMARKS.md section `issue21-step-check` (`--from-json` re-writes it from a saved report).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
+from report import command_line, markdown_table, write_section
 
 from modiff_trt.engines.ort_backend import session_options
 from modiff_trt.export import naming
@@ -184,15 +186,67 @@ def run(export_dir: Path, count: int, seed: int) -> dict:
     }
 
 
+def write_report(report: dict, section: str, command: str) -> None:
+    """The per-layer table of `report` as BENCHMARKS.md section `section`."""
+    rows = [
+        [
+            f"`{r['layer']}`",
+            r["kind"],
+            f"{r['elements']:,}",
+            f"{r['nonzero_codes']:,}",
+            f"{r['worst_off_grid']:.1e}",
+            "yes" if r["codes_in_range"] else "**no**",
+            str(r["codes_differing_not_at_ties"]),
+            str(r["ties"]),
+            f"{r['o_hat_rel_err']:.1e}",
+        ]
+        for r in report["layers"]
+    ]
+    table = markdown_table(
+        [
+            "layer",
+            "kind",
+            "elements",
+            "nonzero codes",
+            "worst off-grid (codes)",
+            "in range",
+            "codes != rounding, not at a tie",
+            "ties (within 1e-4 of .5)",
+            "o_hat gain rel. error",
+        ],
+        rows,
+    )
+    t = report["timings"]
+    write_section(
+        section,
+        "### A full-size step graph on ONNX Runtime, checked per layer\n\n"
+        f"Command: `{command}`  \nMachine: {report['machine']}.\n\n"
+        f"Export `{report['export']}`: warm-up at t={report['timesteps'][0]}, one DDIM update, the step graph at "
+        f"t={report['timesteps'][1]}, batch {report['batch']} (one image under guidance). ORT CPU: warm-up session "
+        f"{t['warmup_session_s']} s + call {t['warmup_call_s']} s, step session {t['step_session_s']} s + call "
+        f"{t['step_call_s']} s (shared machine). Per sampled layer, on ORT's own tensors: the residual codes "
+        "(a_hat_out - a_hat_in) / s, their distance from an integer, whether they equal round((x - a_hat_in) / s) "
+        "clipped, and o_hat_out - o_hat_in against Op(codes x s, the graph's int8 weights x scales) in fp64.\n\n"
+        + table,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("export_dir", type=Path)
+    parser.add_argument("export_dir", type=Path, nargs="?")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="also save the report here")
+    parser.add_argument("--from-json", type=Path, help="write the table of a saved report instead of running")
+    parser.add_argument("--section", default="issue21-step-check")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = run(args.export_dir, args.layers, args.seed)
+    if args.from_json:
+        report = json.loads(args.from_json.read_text())
+        command = report["command"]
+    else:
+        report = run(args.export_dir, args.layers, args.seed)
+        command = report["command"] = command_line()
     for row in report["layers"]:
         log.info(
             "%-60s %-7s off-grid %.1e  differing %d (ties %d)  nonzero %d/%d  o_hat rel err %.1e",
@@ -202,6 +256,7 @@ def main() -> None:
     log.info("timings: %s", report["timings"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    write_report(report, args.section, command)
 
 
 if __name__ == "__main__":
