@@ -115,7 +115,7 @@ def export_float_onnx(
         for name, tensor in model.layer_tensors():
             names.append(name)
             args.append(tensor)
-    with tempfile.TemporaryDirectory(prefix="modiff-float-") as tmp, warnings.catch_warnings(), torch.no_grad():
+    with tempfile.TemporaryDirectory(prefix="modiff-float-") as tmp, warnings.catch_warnings():
         # Through a file, not memory: a complete fp32 SD graph is over protobuf's 2 GB limit, and the
         # exporter then writes its weights as external data, which onnx.load brings back.
         warnings.simplefilter("ignore")  # tracer warnings about python ints in shapes are expected

@@ -253,12 +253,15 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     return torch.bmm(torch.softmax(weight.float(), dim=-1).type(weight.dtype), v)
 
 
+def _slice_step(q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many batch*heads one slice takes: at most ATTENTION_SLICE_ELEMENTS scores."""
+    return max(1, ATTENTION_SLICE_ELEMENTS // (q.shape[1] * k.shape[1]))
+
+
 def _in_slices(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """`_attention` a few batch*heads at a time: each batch*head is its own bmm and row softmax,
     so the slices give the same numbers as one call (bitwise on the CPU)."""
-    step = max(1, ATTENTION_SLICE_ELEMENTS // (q.shape[1] * k.shape[1]))
-    if step >= q.shape[0]:
-        return _attention(q, k, v, scale)
+    step = _slice_step(q, k)
     return torch.cat(
         [_attention(q[i : i + step], k[i : i + step], v[i : i + step], scale) for i in range(0, q.shape[0], step)]
     )
@@ -269,27 +272,31 @@ def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
     Why: the score matrices dominate the forward's memory at SD's resolution (issue 21's 8 GB
     bounds on calibration and export). Under an export trace the slicing hides inside
-    `_TracedAttention`, so the graph keeps one attention that TensorRT fuses.
+    `_TracedAttention`, so the graph keeps one attention that TensorRT fuses; attention that
+    needs no slicing is traced as it is.
     """
+    if _slice_step(q, k) >= q.shape[0]:
+        return _attention(q, k, v, scale)
     if torch.jit.is_tracing():
-        return _TracedAttention.apply(q, k, v, 0.0 if scale is None else float(scale))
+        # AttentionBlock (pre-scaled q, k: no `scale`) is traced whole: through _TracedAttention the
+        # full-size LSUN-Bedrooms trace fails in TorchScript's peephole pass; its score matrices are small.
+        return _attention(q, k, v, scale) if scale is None else _TracedAttention.apply(q, k, v, float(scale))
     return _in_slices(q, k, v, scale)
 
 
 class _TracedAttention(torch.autograd.Function):
-    """Attention as an export sees it: MatMul, (Mul by the scale,) Softmax, MatMul, what the
+    """Attention as an export sees it: MatMul, Mul by the scale, Softmax, MatMul, what the
     plain bmm code traces to, while the trace itself computes it in slices. Traced plainly, SD's
     score matrices at the export's example batch of 2 hold 2 GB at once, the export's peak."""
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ARG004
-        return _in_slices(q, k, v, scale or None)
+        return _in_slices(q, k, v, scale)
 
     @staticmethod
     def symbolic(g, q, k, v, scale: float):  # noqa: ANN001, ANN205 - torch.onnx's symbolic protocol
         scores = g.op("MatMul", q, g.op("Transpose", k, perm_i=[0, 2, 1]))
-        if scale:
-            scores = g.op("Mul", scores, g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32)))
+        scores = g.op("Mul", scores, g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32)))
         return g.op("MatMul", g.op("Softmax", scores, axis_i=-1), v)
 
 
