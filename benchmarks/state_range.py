@@ -92,7 +92,8 @@ def main() -> None:
                 ]
             )
             logging.warning("%s", rows[-1])
-    header = ["bits", "A elements seen", "max |A|", "share |A| > 2048", "share |A| > 4096", "layers past 2048"]
+    # "\|": a bare "|" in a cell would split the markdown column
+    header = ["bits", "A elements seen", r"max \|A\|", r"share \|A\| > 2048", r"share \|A\| > 4096", "layers past 2048"]
     body = (
         "## Range of the scaled a_hat on the embedded digits model (issue 22)\n\n"
         f"Command: `{command_line()}` ({(time.perf_counter() - started) / 60:.1f} min). Machine: {machine()}.\n\n"
