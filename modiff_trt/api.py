@@ -401,7 +401,7 @@ def export(options: ExportOptions) -> Manifest:
     """
     from modiff_trt.atomic import check_destination
     from modiff_trt.engines.torch_backend import load_reference
-    from modiff_trt.export.exporter import export_model
+    from modiff_trt.export.exporter import STREAM_BYTES, export_model
     from modiff_trt.export.replace import check_replaceable_export
     from modiff_trt.memory import check_fits, export_estimate
     from modiff_trt.models import load_config
@@ -419,6 +419,7 @@ def export(options: ExportOptions) -> Manifest:
             load_config(o.model.config),
             quant.weight_bits is not None,
             checkpoint.stat().st_size if checkpoint is not None and checkpoint.is_file() else 0,
+            STREAM_BYTES,
         ),
         EXPORT_ADVICE,
     )

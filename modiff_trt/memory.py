@@ -191,20 +191,25 @@ def calibration_estimate(
     return [_host_estimate("calibration", host, run, load)]
 
 
-def export_estimate(model_cfg: ModelConfig, integer_weights: bool, checkpoint_bytes: int = 0) -> list[Estimate]:
+def export_estimate(
+    model_cfg: ModelConfig, integer_weights: bool, checkpoint_bytes: int = 0, stream_bytes: int = 0
+) -> list[Estimate]:
     """The peak of `export` on the host.
 
     The trace computes with the float UNet in fp32 at an example batch of 2 (attention in slices),
     the quantized model keeps its layers' int8 codes beside it (`integer_weights`; counted for
     every parameter, an upper bound), and a checkpoint is read whole while the model is built. The
     graphs' weights are streamed to disk a layer at a time, so `--float`, `--target` and the
-    number of graphs do not change the peak.
+    number of graphs do not change the peak. Models whose fp32 weights stay under `stream_bytes`
+    keep each graph in memory, with its serialised copy.
     """
     size = footprint(model_cfg, 2)
     weights = 4 * size.params
     run = {"weights fp32": weights, "trace activations": size.activation_peak}
     if integer_weights:
         run["int8 weight codes"] = size.params
+    if weights <= stream_bytes:
+        run["graph in memory"] = 2 * weights
     load = {"weights fp32": weights, "checkpoint read": checkpoint_bytes}
     return [_host_estimate("export", {"runtime": RUNTIME_BYTES, "graph building": GRAPH_BUILDING_BYTES}, run, load)]
 
