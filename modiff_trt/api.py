@@ -414,17 +414,18 @@ def export(options: ExportOptions) -> Manifest:
     dtype = {"fp32": "float32", "fp16": "float16"}[o.float_format]
     quant = o.quant.following(o.calibration).config("static" if o.calibration is not None else "dynamic")
     checkpoint = o.model.checkpoint_file()
+    model_cfg = load_config(o.model.config)  # once: the estimate and the loader both take it
     check_fits(
         export_estimate(
-            load_config(o.model.config),
+            model_cfg,
             quant.weight_bits is not None,
             checkpoint.stat().st_size if checkpoint is not None and checkpoint.is_file() else 0,
             STREAM_BYTES,
         ),
         EXPORT_ADVICE,
     )
-    model_cfg, float_model, qmodel = load_reference(
-        o.model.config, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint, ema=o.model.ema
+    _, float_model, qmodel = load_reference(
+        model_cfg, checkpoint, quant, o.calibration, trust=o.model.trust_checkpoint, ema=o.model.ema
     )
     guidance = model_cfg.context_shape is not None if o.guidance is None else o.guidance
     sampler = None  # the calibration's sampler becomes the export's default; without one, the config's

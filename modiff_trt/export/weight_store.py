@@ -34,7 +34,8 @@ class WeightStore:
         value = np.ascontiguousarray(value)
         if self._file is None or value.nbytes < INLINE_BYTES:
             return numpy_helper.from_array(value, name)
-        offset = -self._file.tell() % ALIGNMENT + self._file.tell()
+        end = self._file.tell()
+        offset = end + (-end % ALIGNMENT)
         self._file.seek(offset)
         self._file.write(value.tobytes())
         self.written += value.nbytes
