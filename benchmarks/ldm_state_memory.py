@@ -5,7 +5,9 @@ Shapes come from a forward on the meta device (no memory, no weights), with hook
 Conv/Linear: a_hat has the layer's input shape, o_hat its output shape, per sample. Run:
 `python benchmarks/ldm_state_memory.py`. A second table (issue 22) gives the share of the state
 that is a duplicated a_hat: layers reading the very tensor an earlier layer read (attention
-q/k/v, k/v on one context), which one a_hat per input tensor would store once.
+q/k/v, k/v on one context, the CIFAR-10 UNet's temb_proj layers), which the export stores once
+when their quantizers are equal (docs/export.md, "One a_hat per input tensor"; always with this
+project's calibration, which measures such layers on the same tensor).
 """
 
 from __future__ import annotations
@@ -100,16 +102,19 @@ def main() -> None:
 
 def print_sharing() -> None:
     """Per config: the duplicated a_hat share, and the state per sample (x2 under guidance) in the
-    fp32 layout, fp16 (either layout: scaled changes a_hat's unit, not its size) and fp16 with one
-    a_hat per input tensor."""
-    print("\n| config | duplicated a_hat share | state fp32 | fp16 | fp16, one a_hat per input tensor |")
-    print("|---|---|---|---|---|")
+    fp32 layout, fp16 (either layout: scaled changes a_hat's unit, not its size), each with one
+    a_hat per layer and with one a_hat per input tensor (what the export carries)."""
+    print(
+        "\n| config | duplicated a_hat share | fp32, a_hat per layer | fp16, a_hat per layer "
+        "| fp32, a_hat per input tensor | fp16, a_hat per input tensor |"
+    )
+    print("|---|---|---|---|---|---|")
     for name in ("ddim-cifar10", "ldm-churches", "ldm-bedrooms", "sd-v1"):
         m = measure(name)
         state, shared, mult = m["state"], m["shared_a_hat"], m["multiplier"]
         print(
             f"| {name} | {shared / state:.1%} | {state * 4 * mult / 2**20:.1f} MiB | {state * 2 * mult / 2**20:.1f} MiB "
-            f"| {(state - shared) * 2 * mult / 2**20:.1f} MiB |"
+            f"| {(state - shared) * 4 * mult / 2**20:.1f} MiB | {(state - shared) * 2 * mult / 2**20:.1f} MiB |"
         )
 
 

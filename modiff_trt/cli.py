@@ -654,13 +654,16 @@ def inspect(
                 f"w{layer.weight_bits}a{layer.act_bits}",
                 _format_name(layer),
                 scale,
-                str(layer.a_hat_shape) if "a_hat" in kinds else "-",
+                _a_hat_cell(layer, kinds),
                 str(layer.o_hat_shape),
                 f"{n * item / 1024:.1f}",
             )
         out.print(table)
     _print_formats(out, manifest)
     per_sample = manifest.state_bytes_per_sample() if manifest.modulated else 0
+    shared = sum(layer.a_hat_owner is not None for layer in manifest.layers)
+    if shared:
+        out.print(f"{shared} layer(s) read an earlier layer's a_hat (same input tensor, same quantizer)")
     guided = " (cond+uncond)" if export.state_batch_multiplier > 1 else ""
     out.print(
         f"{len(manifest.layers)} quantized layers; MoDiff state {per_sample / 2**20:.2f} MiB per sample"
@@ -698,6 +701,13 @@ def _weights_line(manifest) -> str:
     ends = [layer.name for layer in manifest.layers if layer.weight_bits != bits]
     kept = f"; {', '.join(ends)} at W{manifest.quant.end_weight_bits} (first/last layer)" if ends else ""
     return f"weights: W{bits} {method}: {WEIGHT_SOURCES.get(method, method)}{kept}{source}"
+
+
+def _a_hat_cell(layer, kinds: tuple[str, ...]) -> str:
+    """inspect's a_hat column: the shape a layer carries, whose a_hat it reads, or -."""
+    if layer.a_hat_owner is not None:
+        return f"{layer.a_hat_owner}'s"
+    return str(layer.a_hat_shape) if "a_hat" in kinds else "-"
 
 
 def _format_name(layer) -> str:

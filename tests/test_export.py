@@ -100,7 +100,9 @@ def test_lint_passes_on_exports_and_manifest_round_trips(tmp_path, tiny_model, c
     assert set(manifest.graphs) == ({"warmup", "step"} if config.modulate else {"unet"})
     if config.modulate:
         step_inputs = {t.name for t in manifest.graphs["step"].inputs}
-        assert {f"a_hat_in.{n}" for n in qmodel.layers} <= step_inputs
+        kept = {f"a_hat_in.{layer.name}" for layer in manifest.layers if layer.a_hat_owner is None}
+        assert {n for n in step_inputs if n.startswith("a_hat_in.")} == kept
+        assert len(kept) < len(qmodel.layers)  # q/k/v and temb_proj share
         dtype = {t.name: t.dtype for t in manifest.graphs["step"].outputs}
         assert dtype["o_hat_out.conv_in"] == config.state_dtype
         assert manifest.export.state_layout == config.state_layout
@@ -314,9 +316,21 @@ def test_cifar10_step_graph_quantizes_all_113_layers(tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in step.graph.node) == 113
     ins = {i.name for i in step.graph.input}
     outs = {o.name for o in step.graph.output}
+    # one scale everywhere: every layer reading an already-read tensor shares its a_hat, i.e. each
+    # attention block's k and v (q owns) and every ResBlock's temb_proj but the first
+    owners = {layer.name: layer.a_hat_owner for layer in manifest.layers if layer.a_hat_owner}
+    temb = sorted(n for n in qmodel.layers if n.endswith("temb_proj"))
+    kv = sorted(n for n in qmodel.layers if n.endswith((".k", ".v")))
+    assert sorted(owners) == sorted(temb[1:] + kv) and len(kv) == 12
+    assert all(owner == f"{name[:-1]}q" for name, owner in owners.items() if name in kv)
     for layer in manifest.layers:
         for kind in ("a_hat", "o_hat"):
-            assert f"{kind}_in.{layer.name}" in ins and f"{kind}_out.{layer.name}" in outs
+            carried = kind in layer.state_kinds
+            assert (f"{kind}_in.{layer.name}" in ins) == carried and (f"{kind}_out.{layer.name}" in outs) == carried
+    # the state of issue 22's CIFAR-10 figure: 42.6 MiB per sample with an a_hat per layer
+    shared = sum(4 * int(np.prod(layer.a_hat_shape)) for layer in manifest.layers if layer.a_hat_owner)
+    assert (manifest.state_bytes_per_sample() + shared) / 2**20 == pytest.approx(42.6, abs=0.05)
+    assert manifest.state_bytes_per_sample() / 2**20 == pytest.approx(40.0, abs=0.05)  # fp16: 20.0
 
 
 def test_fp16_export_keeps_timestep_embedding_fp32_and_tracks_reference(tmp_path, tiny_model, noise, monkeypatch):
@@ -459,3 +473,22 @@ def test_export_that_does_not_fit_is_refused_before_the_model_loads(tmp_path, mo
     assert result.exit_code == 2 and not out.exists()
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: export needs about") and "0.0 GB available: close other jobs" in line
+
+
+def test_layers_share_an_a_hat_only_with_the_same_input_and_quantizer(tmp_path, tiny_model):
+    """q/k/v read one tensor with equal scales: k and v read q's a_hat. A k scaled otherwise keeps its own."""
+    from modiff_trt.export.onnx_float import export_float_onnx
+    from modiff_trt.export.shared_state import a_hat_owners
+
+    config = QuantConfig(8, 8, act_scales="static")
+    scales = absmax_scales(tiny_model, config, SHAPE)
+    qmodel = quantize_unet(tiny_model, config, scales)
+    graph = export_float_onnx(tiny_model, SHAPE, 17, None, None, list(qmodel.layers)).graph
+    sites = find_sites(graph, qmodel.layers)
+    owners = a_hat_owners(qmodel.layers, sites)
+    attention = "down.1.attn.0"
+    assert owners[f"{attention}.k"] == owners[f"{attention}.v"] == f"{attention}.q"
+    assert f"{attention}.proj_out" not in owners and f"{attention}.q" not in owners
+    qmodel.layers[f"{attention}.k"].scales.act = [2 * v for v in qmodel.layers[f"{attention}.k"].scales.act]
+    owners = a_hat_owners(qmodel.layers, sites)
+    assert f"{attention}.k" not in owners and owners[f"{attention}.v"] == f"{attention}.q"

@@ -186,7 +186,20 @@ CONFLICTS = {
     "ratio width": (lambda m: m["step_groups"]["ratios"][1][0].pop(), "step_groups.ratios"),
     "sampling steps": (lambda m: m["sampling"].update(steps=5), "step_groups.timesteps"),
     "checkpoint without hash": (lambda m: m["model"].update(checkpoint_sha256=None), "model.checkpoint_sha256"),
+    "a_hat owner not listed": (lambda m: _followers(m)[0].update(a_hat_owner="nope"), "is not a layer listed before"),
+    "a_hat owner reads another's": (
+        lambda m: _followers(m)[1].update(a_hat_owner=_followers(m)[0]["name"]),
+        "owns no a_hat",
+    ),
+    "a_hat owner's scale": (lambda m: _followers(m)[0].update(act_scale=[0.5]), "another act_scale than its a_hat's"),
 }
+
+
+def _followers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layers that read an earlier layer's a_hat (the digits UNet has them: q/k/v, temb_proj)."""
+    found = [layer for layer in manifest["layers"] if layer["a_hat_owner"] is not None]
+    assert len(found) >= 2
+    return found
 
 
 @pytest.mark.parametrize("name", list(CONFLICTS))

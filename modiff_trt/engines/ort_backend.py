@@ -71,6 +71,13 @@ def session_options(threads: int | None = None):
     default (accuracy level 4) that kernel re-quantizes the float activation to int8 on the fly.
     FP8 and NVFP4 layers on 3-D inputs (SD's attention and feed-forward) have exactly that shape,
     and MoDiff's o_hat would accumulate the extra error; accuracy level 1 computes in fp32.
+
+    On x86 ORT also rewrites a signed int8 activation Q/DQ pair whose codes feed only the fused
+    op (QGemm, QLinearConv) to uint8, for its u8 x s8 kernels; without VNNI those add pairs of
+    products in saturating 16-bit lanes (AVX2's `vpmaddubsw`), so large codes against large
+    weights clip. Measured on an AVX2-only EPYC: a MoDiff layer whose residual codes fed only
+    its Gemm (a layer sharing another's a_hat) was off by 16% of its output. Allowing int8 QDQ
+    keeps the codes signed, on kernels that do not saturate.
     """
     import onnxruntime as ort
 
@@ -79,6 +86,7 @@ def session_options(threads: int | None = None):
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+    options.add_session_config_entry("session.qdqisint8allowed", "1")
     return options
 
 

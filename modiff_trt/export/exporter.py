@@ -48,6 +48,7 @@ from modiff_trt.export.qdq import (
     step_ratio_table,
 )
 from modiff_trt.export.replace import check_replaceable_export
+from modiff_trt.export.shared_state import a_hat_owners
 from modiff_trt.export.sites import find_sites
 from modiff_trt.export.weight_store import WeightStore
 from modiff_trt.models.config import ModelConfig
@@ -113,7 +114,9 @@ def _save_graph(graph: onnx.ModelProto, path: Path, store: WeightStore) -> None:
         onnx.save(graph, str(path))
 
 
-def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]]]) -> list[LayerSpec]:
+def _layer_table(
+    qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]]], owners: dict[str, str]
+) -> list[LayerSpec]:
     table = []
     for name, layer in qmodel.layers.items():
         s = layer.scales
@@ -129,6 +132,7 @@ def _layer_table(qmodel: QuantUNet, shapes: dict[str, tuple[list[int], list[int]
                 o_hat_shape=shapes[name][1],
                 act_zero_point=None if s.act_zero_point is None else [float(v) for v in s.act_zero_point],
                 constant_input=s.constant_input,
+                a_hat_owner=owners.get(name),
                 act_format=layer.format.format,
                 format_note=layer.format.note,
             )
@@ -225,6 +229,9 @@ def export_model(
     sites = find_sites(float_graph.graph, qmodel.layers)
     if float_dtype == "float16":
         float_graph, sites = convert_to_fp16(float_graph, sites)
+    owners = a_hat_owners(qmodel.layers, sites) if config.modulate else {}
+    if owners:
+        log.info("%d layer(s) read an earlier layer's a_hat (same input, same quantizer)", len(owners))
     kinds = ["warmup", "step"] if config.modulate else ["plain"]
     graphs: dict[str, GraphSpec] = {}
     out = Path(out)
@@ -234,7 +241,16 @@ def export_model(
             file = "unet.onnx" if kind == "plain" else f"{kind}.onnx"
             with WeightStore(tmp / f"{file}.data" if streams else None) as store:
                 graph = insert_quantization(
-                    float_graph, qmodel, sites, kind, shapes, float_dtype, config.state_dtype, KERNELS[target], store
+                    float_graph,
+                    qmodel,
+                    sites,
+                    kind,
+                    shapes,
+                    float_dtype,
+                    config.state_dtype,
+                    KERNELS[target],
+                    store,
+                    owners,
                 )
                 _save_graph(graph, tmp / file, store)
             key = "unet" if kind == "plain" else kind
@@ -272,7 +288,7 @@ def export_model(
                 seconds=round(time.perf_counter() - started, 2),
             ),
             graphs=graphs,
-            layers=_layer_table(qmodel, shapes),
+            layers=_layer_table(qmodel, shapes, owners),
             calibration=None if calibration is None else _keep_calibration(calibration, tmp, qmodel.weight_method),
             tool_version=__version__,
             step_groups=None

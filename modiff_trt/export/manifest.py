@@ -35,7 +35,7 @@ from modiff_trt.validate import (
 )
 
 SCHEMA = "modiff-trt/manifest"
-SCHEMA_VERSION = 2  # 2: `sampling` is a `Sampler.to_dict()`
+SCHEMA_VERSION = 3  # 2: `sampling` is a `Sampler.to_dict()`; 3: `layers[i].a_hat_owner` (shared a_hat)
 MANIFEST_NAME = "manifest.json"
 CALIBRATION_COPY = "calibration.safetensors"  # the export's own copy of the calibration it was made from
 
@@ -109,13 +109,14 @@ class LayerSpec:
     o_hat_shape: list[int] = field(metadata=_SHAPE)
     act_zero_point: list[float] | None = None  # imported asymmetric grids (run as clipped symmetric int8)
     constant_input: bool = False  # input constant over the trajectory: steps pass o_hat through, no a_hat
+    a_hat_owner: str | None = None  # the earlier layer whose a_hat this one reads (same input, same quantizer)
     act_format: Literal["int", "fp8", "nvfp4"] = "int"  # act_scale is then the FP8 scale / NVFP4 fp32 tensor scale
     format_note: str | None = None  # why the layer runs in another format than the config asks
 
     @property
     def state_kinds(self) -> tuple[str, ...]:
         """The state tensors this layer carries between steps (see `naming.state_kinds`)."""
-        return state_kinds(self.constant_input)
+        return state_kinds(not self.constant_input and self.a_hat_owner is None)
 
     def state_shape(self, kind: str) -> list[int]:
         """Per-sample shape of this layer's `kind` ('a_hat' | 'o_hat')."""
@@ -306,12 +307,36 @@ def _layer_conflict(manifest: Manifest) -> str | None:
             layer.act_format, quant.act_format, bits[1]
         ):
             return f"layer {layer.name} has other bits than the manifest's quant section (w{bits[0]}a{bits[1]})"
+    problem = _owner_conflict(manifest.layers)
+    if problem:
+        return problem
     ends = [layer.name for layer in manifest.layers if layer.weight_bits == end != bits[0]]
     if len(ends) > 2:
         return (
             f"{len(ends)} layers ({', '.join(ends[:3])}, ...) have the first/last layers' W{end}: at most the "
             "UNet's input and output conv do"
         )
+    return None
+
+
+def _owner_conflict(layers: list[LayerSpec]) -> str | None:
+    """A shared a_hat names an earlier layer that keeps its own, of the same shape and quantizer."""
+    earlier: dict[str, LayerSpec] = {}
+    for i, layer in enumerate(layers):
+        owner_name = layer.a_hat_owner
+        owner = earlier.get(owner_name) if owner_name is not None else None
+        earlier[layer.name] = layer
+        if owner_name is None:
+            continue
+        at = f"layers[{i}].a_hat_owner {json.dumps(owner_name)}"
+        if owner is None:
+            return f"{at} is not a layer listed before {layer.name}"
+        if layer.constant_input or owner.constant_input or owner.a_hat_owner is not None:
+            return f"{at}: a layer with a constant input, or one that reads another's a_hat, owns no a_hat"
+        same = ("a_hat_shape", "act_bits", "act_format", "act_scale", "warmup_act_scale", "act_zero_point")
+        differs = next((f for f in same if getattr(layer, f) != getattr(owner, f)), None)
+        if differs:
+            return f"{at}: layer {layer.name} has another {differs} than its a_hat's owner"
     return None
 
 
@@ -429,16 +454,15 @@ def check_graph_io(manifest: Manifest, export_dir: Path, source: str) -> None:
             if recorded != tensor_specs(list(actual)):
                 raise ArtifactError(f"{source}: the {key} graph's {side} differ from what the manifest lists; {fix}")
         if manifest.modulated:
-            # per kind: a layer with a constant input carries o_hat only
+            # per kind: a layer with a constant input or a shared a_hat carries o_hat only
             prefixes = tuple(naming.state_output(kind, "") for kind in naming.STATE_KINDS)
             carried = {o.name for o in model.graph.output if o.name.startswith(prefixes)}
             listed = {naming.state_output(kind, layer.name) for layer in manifest.layers for kind in layer.state_kinds}
             if carried != listed:
-                o_hat = naming.state_output("o_hat", "")
-                layers = sum(name.startswith(o_hat) for name in carried)
+                first = sorted(carried ^ listed)[0]
+                where = "writes" if first in carried else "does not write"
                 raise ArtifactError(
-                    f"{source}: the {key} graph carries state for {layers} layers, the manifest "
-                    f"lists {len(manifest.layers)}; {fix}"
+                    f"{source}: the {key} graph {where} the state {first}, against the manifest's layers; {fix}"
                 )
 
 

@@ -15,10 +15,12 @@ UNBATCHED = frozenset({STEP_SCALE_RATIO})  # inputs whose dim 0 is not the batch
 STATE_KINDS = ("a_hat", "o_hat")
 
 
-def state_kinds(constant_input: bool = False) -> tuple[str, ...]:
-    """The state a layer carries: `a_hat` and `o_hat`, or only `o_hat` when its input is constant
-    over the trajectory (its step passes `o_hat` through and never needs `a_hat`)."""
-    return ("o_hat",) if constant_input else STATE_KINDS
+def state_kinds(keeps_a_hat: bool = True) -> tuple[str, ...]:
+    """The state a layer carries: `a_hat` and `o_hat`, or only `o_hat` when it keeps no `a_hat`
+    of its own: its input is constant over the trajectory (its step passes `o_hat` through), or
+    an earlier layer reading the same tensor with the same quantizer keeps that `a_hat` for both
+    (`shared_state.a_hat_owners`)."""
+    return STATE_KINDS if keeps_a_hat else ("o_hat",)
 
 
 def state_input(kind: str, layer: str) -> str:

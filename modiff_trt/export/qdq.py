@@ -9,6 +9,8 @@ For layer L (input x, output y) the pass emits, in the float type F of the graph
                         a_hat_out = a_hat_in + rq,   o_hat_out = y
 
 - step, constant input:  y = o_hat_in; o_hat_out = o_hat_in   (no a_hat: see LayerScales.constant_input)
+- step, a_hat shared:    as step, with the owner's a_hat_in and no a_hat_out (`shared_state.py`)
+
 With step groups (scales calibrated per group of sampling steps) the step graph keeps the
 constant scale s_0 and reads this step's ratios from the `step_scale_ratio` input [2, Q] (one
 column per quantizer, in layer order): rq = DQ(Q(Clip(r * s_0/s_g))) * s_g/s_0 and, by linearity,
@@ -299,8 +301,11 @@ def _emit_layer(
     state_dtype: np.dtype,
     kernel: GroupKernel,
     ratio_column: int | None = None,
+    a_hat_owner: str | None = None,
 ) -> None:
-    """Rewrite one layer; `ratio_column`: its first column of `step_scale_ratio` (step groups)."""
+    """Rewrite one layer; `ratio_column`: its first column of `step_scale_ratio` (step groups);
+    `a_hat_owner`: the earlier layer whose `a_hat` this one reads and leaves to it to write
+    (`shared_state.a_hat_owners`)."""
     bias = None if layer.module.bias is None else layer.module.bias.detach().numpy()
     s = layer.scales
     if kind == "plain":
@@ -329,7 +334,8 @@ def _emit_layer(
             em.op("Identity", [o_in], site.y)
         return
     else:
-        a_in, o_in = naming.state_input("a_hat", layer.name), naming.state_input("o_hat", layer.name)
+        a_in = naming.state_input("a_hat", a_hat_owner or layer.name)
+        o_in = naming.state_input("o_hat", layer.name)
         if state_dtype != em.float_dtype:
             a_in = em.op("Cast", [a_in], to=ONNX_TYPE[em.float_dtype])
             o_in = em.op("Cast", [o_in], to=ONNX_TYPE[em.float_dtype])
@@ -339,7 +345,8 @@ def _emit_layer(
         rq, f = _quantized_op(em, site, layer, residual, s.act, s.act_zero_point, None, kernel=kernel, ratios=ratios)
         a_hat = em.op("Add", [a_in, rq if unit is None else em.op("Div", [rq, unit])])
         em.op("Add", [o_in, f], site.y)
-    if not layer.scales.constant_input:
+    # a follower's a_hat is its owner's (the same values): the owner writes it, `_live` drops this copy
+    if a_hat_owner is None and not layer.scales.constant_input:
         em.convert(a_hat, state_dtype, a_out)
     em.convert(site.y, state_dtype, o_out)
 
@@ -350,11 +357,12 @@ def _state_value_infos(
     direction: str,
     state_dtype: np.dtype,
     batch: int | str,
+    owners: dict[str, str],
 ) -> list[onnx.ValueInfoProto]:
     infos = []
     for name, layer in layers.items():
         for kind, shape in zip(naming.STATE_KINDS, shapes[name]):
-            if kind not in naming.state_kinds(layer.scales.constant_input):
+            if kind not in naming.state_kinds(not layer.scales.constant_input and name not in owners):
                 continue
             tensor = naming.state_input(kind, name) if direction == "in" else naming.state_output(kind, name)
             infos.append(helper.make_tensor_value_info(tensor, ONNX_TYPE[state_dtype], [batch, *shape]))
@@ -427,17 +435,20 @@ def insert_quantization(
     state_dtype: str = "float32",
     kernel: GroupKernel = qdq_kernel,
     store: WeightStore | None = None,
+    owners: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
     """A copy of the float graph `model` with every layer of `qmodel` rewritten for `kind`.
 
     `sites` locates the layers in `model` (`find_sites`, once per export: it is the same for
-    every graph kind).
+    every graph kind). `owners` ({follower: owner}, `shared_state.a_hat_owners`) lets layers
+    that read one tensor with one quantizer carry one `a_hat` between them (default: none shared).
 
     `kernel` emits each quantized Op: TensorRT-style Q/DQ by default (`qdq_kernel`); the
     ort-cpu target passes integer kernels (`modiff_trt.export.ort_cpu`). `store` receives the
     new constants (default: inline in the graph; a streaming store writes them to its file).
     """
     store = store or WeightStore()
+    owners = owners or {}
     fdt, sdt = np.dtype(float_dtype), np.dtype(state_dtype)
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -448,7 +459,8 @@ def insert_quantization(
     columns = ratio_columns(qmodel) if kind == "step" else None
     for name, site in sites.items():
         em = Emitter(name, fdt, store)
-        _emit_layer(em, site, layers[name], kind, sdt, kernel, None if columns is None else columns[name])
+        column = None if columns is None else columns[name]
+        _emit_layer(em, site, layers[name], kind, sdt, kernel, column, owners.get(name))
         replacements[site.position] = em
         removed.update(site.removed)
         graph.initializer.extend(em.initializers)
@@ -462,11 +474,11 @@ def insert_quantization(
     batch_dim: int | str = batch.dim_param or batch.dim_value
     if kind != "plain":
         if kind == "step":
-            graph.input.extend(_state_value_infos(layers, state_shapes, "in", sdt, batch_dim))
+            graph.input.extend(_state_value_infos(layers, state_shapes, "in", sdt, batch_dim, owners))
             if columns is not None:
                 width = sum(len(layer.groups) for layer in layers.values())
                 graph.input.append(helper.make_tensor_value_info(naming.STEP_SCALE_RATIO, ONNX_TYPE[fdt], [2, width]))
-        graph.output.extend(_state_value_infos(layers, state_shapes, "out", sdt, batch_dim))
+        graph.output.extend(_state_value_infos(layers, state_shapes, "out", sdt, batch_dim, owners))
     del graph.node[:]
     graph.node.extend(_live(nodes, {o.name for o in graph.output}))
     used = {i for n in graph.node for i in n.input}

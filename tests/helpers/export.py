@@ -11,6 +11,7 @@ from onnx import helper
 from modiff_trt.calibrators.search import activation_scale
 from modiff_trt.engines.ort_backend import session_options
 from modiff_trt.export.exporter import export_model
+from modiff_trt.export.manifest import load_manifest
 from modiff_trt.export.naming import STEP_SCALE_RATIO
 from modiff_trt.export.qdq import step_ratio_table
 from modiff_trt.models.ddim_config import DDIMModelConfig
@@ -220,6 +221,7 @@ def check_step_layers(out, qmodel, noise, run=None, runtime="ort", workdir=None)
     groups the step graph reads each call's `step_scale_ratio` row. `run(model)` samples
     (default: DDIM over SEQ from `noise`). Returns the number of (layer, step) pairs checked."""
     layers = qmodel.layers
+    owners = {spec.name: spec.a_hat_owner for spec in load_manifest(out).layers if spec.a_hat_owner}
     probe = PROBES[runtime](out, layers, workdir)
     feeds = reference_feeds(qmodel, run or (lambda m: ddim_sample(m, noise, SEQ, BETAS)))
     probe.warmup(feeds[0])
@@ -235,8 +237,15 @@ def check_step_layers(out, qmodel, noise, run=None, runtime="ort", workdir=None)
                 assert np.array_equal(result[f"o_hat_out.{name}"], state[f"o_hat_in.{name}"])
                 checked += 1
                 continue
-            a_in, o_in = (torch.from_numpy(state[f"{k}_in.{name}"]) for k in ("a_hat", "o_hat"))
-            a_out, o_out = (torch.from_numpy(result[f"{k}_out.{name}"]) for k in ("a_hat", "o_hat"))
+            # a layer sharing an earlier layer's a_hat reads (and advances) that one's
+            source = owners.get(name, name)
+            if source != name:
+                assert f"a_hat_out.{name}" not in result and f"a_hat_in.{name}" not in state
+            a_in, o_in = torch.from_numpy(state[f"a_hat_in.{source}"]), torch.from_numpy(state[f"o_hat_in.{name}"])
+            a_out, o_out = (
+                torch.from_numpy(result[f"a_hat_out.{source}"]),
+                torch.from_numpy(result[f"o_hat_out.{name}"]),
+            )
             # a_hat's own rounding bounds rq = a_out - a_in: float32's, or fp16's under the scaled layout,
             # where the warm-up's fractional part of A rounds as |A| grows (the integer codes add exactly)
             eps = torch.finfo(a_out.dtype).eps
