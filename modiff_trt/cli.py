@@ -160,7 +160,7 @@ STATE_LAYOUT = typer.Option(
     None,
     "--state-layout",
     help="a_hat as is (plain) or in units of its residual scale (scaled: exact in fp16 while |A| <= 2048) "
-    "[default: plain].",
+    "[default: scaled with --state-dtype float16, else plain].",
 )
 SKIP_TYPE = typer.Option(None, "--skip-type", help="DDIM timestep selection [default: quad].")
 SEED = typer.Option(0, "--seed", help="Seed (>= 0): image i's noise depends only on (seed, i).")
