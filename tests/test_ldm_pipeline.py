@@ -153,14 +153,24 @@ def test_sd_constant_input_layers_pass_o_hat_through_and_fp16_export_lints_clean
     for name in expected:
         assert f"o_hat_in.{name}" in inputs and f"a_hat_in.{name}" not in inputs
         assert {n.op_type for n in step.graph.node if n.name.startswith(f"{name}/")} == {"Identity", "Cast"}
+    # self-attention's k/v read q's a_hat (one tensor, one quantizer); the constant-input k/v own none;
+    # every layer that reads another's a_hat subtracts it from the very tensor its owner reads
+    owners = {layer.name: layer.a_hat_owner for layer in manifest.layers if layer.a_hat_owner}
+    self_kv = {layer.name for layer in manifest.layers if layer.name.endswith(("attn1.to_k", "attn1.to_v"))}
+    assert self_kv and self_kv <= set(owners) and not expected & set(owners)
+    assert all(owners[name] == name[: -len("to_k")] + "to_q" for name in self_kv)
+    reads = {n.name.split("/")[0]: n.input[0] for n in step.graph.node if n.op_type == "Sub" and "/" in n.name}
+    assert all(reads[name] == reads[owner] for name, owner in owners.items())
     warm_outputs = {value.name for value in onnx.load(str(out / "warmup.onnx")).graph.output}
     assert not {f"a_hat_out.{name}" for name in expected} & warm_outputs
     inits = {i.name: numpy_helper.to_array(i) for i in step.graph.initializer}
     scales = [inits[n.input[1]] for n in step.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert scales and min(float(v.min()) for v in scales) > 0
-    # The state memory counts no a_hat for them, and the CPU runner lays out exactly the graph's I/O.
+    # The state memory counts no a_hat for them (nor a second one for a shared tensor), and the CPU
+    # runner lays out exactly the graph's I/O.
     elements = sum(
-        int(np.prod(layer.o_hat_shape)) + (0 if layer.constant_input else int(np.prod(layer.a_hat_shape)))
+        int(np.prod(layer.o_hat_shape))
+        + (0 if layer.constant_input or layer.a_hat_owner else int(np.prod(layer.a_hat_shape)))
         for layer in manifest.layers
     )
     assert manifest.state_bytes_per_sample() == elements * 4 * 2  # fp32 state, cond + uncond
