@@ -61,10 +61,12 @@ def targets(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, Calib
     rows = {
         "W4 weight-only": (work / "w4.cal.safetensors", CalibrationOptions(act_bits=None, modulate=False, **common))
     }
-    for method in args.act_methods:
-        rows[f"W4A4 MoDiff, {method} act scales"] = (
-            work / f"w4a4-{method}.cal.safetensors",
-            CalibrationOptions(act_bits=4, modulate=True, method=method, step_groups=args.step_groups, **common),
+    for spec in args.act_methods:
+        method, _, groups = spec.partition(":")
+        label, tag = (f", {groups} step groups", f"-g{groups}") if groups not in ("", "1") else ("", "")
+        rows[f"W4A4 MoDiff, {method} act scales{label}"] = (
+            work / f"w4a4-{method}{tag}.cal.safetensors",
+            CalibrationOptions(act_bits=4, modulate=True, method=method, step_groups=int(groups or 1), **common),
         )
     return rows
 
@@ -153,7 +155,7 @@ def render(results: list[dict]) -> str:
         f"Commands (each with `OMP_NUM_THREADS=1`, torch 1 thread, one after another):\n\n{commands}\n\n"
         f"Machine: {results[-1]['machine']}.\n\n"
         "One W4 reconstruction per run (first/last layer W8, 64 calibration trajectories, seed 1), shared by "
-        "its weight-only file and its MoDiff W4A4 files (one per activation scale search; 1 step group). "
+        "its weight-only file and its MoDiff W4A4 files (one per activation scale search and step-group count). "
         "PSNR against the float samples from the same noise, 50 quad DDIM steps; digits FID only compares at "
         "equal image counts. A run with 512 images re-scores the files its 128-image run kept. Times are "
         "shared-machine times (another benchmark ran beside these runs); the load averages are 1/5/15 min.\n\n"
@@ -174,8 +176,12 @@ def main() -> None:
     parser.add_argument("--recon-lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--recon-samples", type=int, default=defaults.samples)
     parser.add_argument("--recon-reg", type=float, default=defaults.reg_weight)
-    parser.add_argument("--act-methods", nargs="*", default=["minmax", "mse", "percentile"])
-    parser.add_argument("--step-groups", type=int, default=1, help="W4A4 rows: residual scales per step group")
+    parser.add_argument(
+        "--act-methods",
+        nargs="*",
+        default=["minmax", "mse", "percentile"],
+        help="one MoDiff W4A4 row per METHOD[:STEP_GROUPS] (activation scale search, residual scales per group)",
+    )
     parser.add_argument("--keep", type=Path, help="keep the calibration files here (and reuse them when present)")
     parser.add_argument("--render", action="store_true", help="only write the section from the saved runs")
     parser.add_argument("--section", default="reconstruction-levers")

@@ -32,22 +32,27 @@ def _args(**over) -> argparse.Namespace:
         "recon_reg": 0.01,
         "cali_st": 20,
         "cali_n": 64,
-        "act_methods": ["minmax", "mse"],
-        "step_groups": 1,
+        "act_methods": ["minmax", "mse", "percentile:4"],
     }
     return argparse.Namespace(**{**base, **over})
 
 
 def test_every_lever_file_asks_for_one_and_the_same_reconstruction(levers, tmp_path):
     rows = levers.targets(tmp_path, _args())
-    assert list(rows) == ["W4 weight-only", "W4A4 MoDiff, minmax act scales", "W4A4 MoDiff, mse act scales"]
+    assert list(rows) == [
+        "W4 weight-only",
+        "W4A4 MoDiff, minmax act scales",
+        "W4A4 MoDiff, mse act scales",
+        "W4A4 MoDiff, percentile act scales, 4 step groups",
+    ]
     options = [o for _, o in rows.values()]
     assert all(o.reconstructs for o in options)
     assert {_recon_key(o) for o in options} == {_recon_key(options[0])}
     recon = options[0].reconstruction
     assert (recon.iterations, recon.learning_rate, recon.samples, recon.reg_weight) == (3000, 2e-3, 1280, 0.01)
     assert {o.cali_st for o in options} == {20}
-    assert [o.method for o in options[1:]] == ["minmax", "mse"]
+    assert [(o.method, o.step_groups) for o in options[1:]] == [("minmax", 1), ("mse", 1), ("percentile", 4)]
+    assert len({path for path, _ in rows.values()}) == len(rows)
     assert options[0].act_bits is None and {o.act_bits for o in options[1:]} == {4}
 
 
