@@ -31,11 +31,11 @@ from report import command_line, load, machine, markdown_table, write_section
 from modiff_trt.calibrators.calibrate import CalibrationOptions, calibrate_together
 from modiff_trt.calibrators.fileformat import load_calibration
 from modiff_trt.calibrators.reconstruct import ReconstructionOptions
-from modiff_trt.engines.torch_backend import load_reference
+from modiff_trt.engines.torch_backend import load_reference, load_scales
 from modiff_trt.models import load_config
 from modiff_trt.models.builtin import builtin_checkpoint
 from modiff_trt.pipeline import score_digits, timed_samples
-from modiff_trt.quant import QuantConfig
+from modiff_trt.quant import QuantConfig, ScaleSet, quantize_unet
 from modiff_trt.sampling.sampler import make_sampler
 
 RESULTS = Path(__file__).parent / "results" / "reconstruction-levers"
@@ -71,6 +71,17 @@ def targets(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, Calib
     return rows
 
 
+def scaled_acts(scales: ScaleSet, factor: float) -> ScaleSet:
+    """`scales` with every activation (residual) scale times `factor`: one global clipping knob,
+    the crudest stand-in for learned step sizes (LSQ), to see how much scale tuning could buy."""
+    for layer in scales.layers.values():
+        if layer.act is not None:
+            layer.act = [a * factor for a in layer.act]
+        if layer.act_groups is not None:
+            layer.act_groups = [[a * factor for a in group] for group in layer.act_groups]
+    return scales
+
+
 def run(args: argparse.Namespace, work: Path) -> dict:
     cfg, ckpt = load_config("digits"), builtin_checkpoint("digits")
     sampler = make_sampler(cfg, steps=args.steps)
@@ -90,9 +101,12 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     scores = {}
     for name, (path, options) in rows.items():
         quant = QuantConfig(**{**options.quant.to_dict(), "act_scales": "static"})
-        x0, _ = timed_samples(load_reference(cfg, ckpt, quant, path).qmodel, cfg, args.num_images, batch, sampler)
-        scores[name] = score_digits(x0, reference)
-        logging.info("%s: %.2f dB", name, scores[name]["psnr_db"])
+        for factor in [1.0] + ([] if options.act_bits is None else args.act_factors):
+            scales = scaled_acts(load_scales(path, cfg, ckpt, quant), factor)
+            x0, _ = timed_samples(quantize_unet(fp_model, quant, scales), cfg, args.num_images, batch, sampler)
+            row = name if factor == 1.0 else f"{name}, x{factor:g}"
+            scores[row] = score_digits(x0, reference)
+            logging.info("%s: %.2f dB", row, scores[row]["psnr_db"])
     loads["after scoring"] = load()
     return {
         "label": args.label,
@@ -181,6 +195,13 @@ def main() -> None:
         nargs="*",
         default=["minmax", "mse", "percentile"],
         help="one MoDiff W4A4 row per METHOD[:STEP_GROUPS] (activation scale search, residual scales per group)",
+    )
+    parser.add_argument(
+        "--act-factors",
+        nargs="*",
+        type=float,
+        default=[],
+        help="W4A4 rows: also score with every activation scale times each factor (a global clipping probe)",
     )
     parser.add_argument("--keep", type=Path, help="keep the calibration files here (and reuse them when present)")
     parser.add_argument("--render", action="store_true", help="only write the section from the saved runs")

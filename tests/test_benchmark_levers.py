@@ -84,3 +84,20 @@ def test_the_lever_table_has_one_row_per_file_with_its_command_and_load(levers):
     assert "31.23" in rows[0] and "3000 it" in rows[0] and "640 inputs (cali-st 10)" in rows[0]
     assert "900 / 921" in rows[0] and "before: 2.0, 2.1, 2.2" in rows[0]
     assert "`python benchmarks/reconstruction_levers.py --label iters3000 --recon-iters 3000`" in text
+
+
+def test_the_clipping_probe_scales_every_residual_scale_and_only_those(levers):
+    from modiff_trt.quant.scales import LayerScales, ScaleSet
+
+    scales = ScaleSet(
+        True,
+        {
+            "a": LayerScales(act=[2.0, 4.0], act_groups=[[2.0, 4.0], [8.0, 16.0]], warmup=[3.0]),
+            "weights-only": LayerScales(),
+        },
+    )
+    out = levers.scaled_acts(scales, 0.5)
+    assert out.layers["a"].act == [1.0, 2.0]
+    assert out.layers["a"].act_groups == [[1.0, 2.0], [4.0, 8.0]]
+    assert out.layers["a"].warmup == [3.0]  # the float first step's scales are not the residual's
+    assert out.layers["weights-only"].act is None and out.layers["weights-only"].act_groups is None
