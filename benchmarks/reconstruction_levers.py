@@ -48,6 +48,7 @@ def targets(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, Calib
         learning_rate=args.recon_lr,
         samples=args.recon_samples,
         reg_weight=args.recon_reg,
+        seed=args.recon_seed,
     )
     common = {
         "weight_bits": 4,
@@ -136,7 +137,7 @@ def render(results: list[dict]) -> str:
         rec = r["reconstruction"]
         lever = (
             f"{rec['iterations']} it, lr {rec['learning_rate']:g}, reg {rec['reg_weight']:g}, "
-            f"{rec['samples_used']} inputs (cali-st {r['cali_st']})"
+            f"{rec['samples_used']} inputs (cali-st {r['cali_st']}), seed {rec['seed']}"
         )
         for name, score in r["scores"].items():
             table.append(
@@ -190,6 +191,9 @@ def main() -> None:
     parser.add_argument("--recon-lr", type=float, default=defaults.learning_rate)
     parser.add_argument("--recon-samples", type=int, default=defaults.samples)
     parser.add_argument("--recon-reg", type=float, default=defaults.reg_weight)
+    parser.add_argument(
+        "--recon-seed", type=int, default=defaults.seed, help="the reconstruction's batch order (run-to-run spread)"
+    )
     parser.add_argument(
         "--act-methods",
         nargs="*",

@@ -30,6 +30,7 @@ def _args(**over) -> argparse.Namespace:
         "recon_lr": 2e-3,
         "recon_samples": 1280,
         "recon_reg": 0.01,
+        "recon_seed": 3,
         "cali_st": 20,
         "cali_n": 64,
         "act_methods": ["minmax", "mse", "percentile:4"],
@@ -49,7 +50,13 @@ def test_every_lever_file_asks_for_one_and_the_same_reconstruction(levers, tmp_p
     assert all(o.reconstructs for o in options)
     assert {_recon_key(o) for o in options} == {_recon_key(options[0])}
     recon = options[0].reconstruction
-    assert (recon.iterations, recon.learning_rate, recon.samples, recon.reg_weight) == (3000, 2e-3, 1280, 0.01)
+    assert (recon.iterations, recon.learning_rate, recon.samples, recon.reg_weight, recon.seed) == (
+        3000,
+        2e-3,
+        1280,
+        0.01,
+        3,
+    )
     assert {o.cali_st for o in options} == {20}
     assert [(o.method, o.step_groups) for o in options[1:]] == [("minmax", 1), ("mse", 1), ("percentile", 4)]
     assert len({path for path, _ in rows.values()}) == len(rows)
@@ -67,6 +74,7 @@ def test_the_lever_table_has_one_row_per_file_with_its_command_and_load(levers):
             "iterations": 3000,
             "learning_rate": 1e-3,
             "reg_weight": 0.01,
+            "seed": 0,
             "samples_used": 640,
             "seconds": 900.4,
         },
@@ -81,7 +89,7 @@ def test_the_lever_table_has_one_row_per_file_with_its_command_and_load(levers):
     text = levers.render([run])
     rows = [line for line in text.splitlines() if line.startswith("| iters3000")]
     assert len(rows) == 2
-    assert "31.23" in rows[0] and "3000 it" in rows[0] and "640 inputs (cali-st 10)" in rows[0]
+    assert "31.23" in rows[0] and "3000 it" in rows[0] and "640 inputs (cali-st 10), seed 0" in rows[0]
     assert "900 / 921" in rows[0] and "before: 2.0, 2.1, 2.2" in rows[0]
     assert "`python benchmarks/reconstruction_levers.py --label iters3000 --recon-iters 3000`" in text
 
