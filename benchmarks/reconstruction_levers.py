@@ -31,10 +31,11 @@ from report import command_line, load, machine, markdown_table, write_section
 from modiff_trt.calibrators.calibrate import CalibrationOptions, calibrate_together
 from modiff_trt.calibrators.fileformat import load_calibration
 from modiff_trt.calibrators.reconstruct import ReconstructionOptions
+from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.engines.torch_backend import load_reference, load_scales
 from modiff_trt.models import load_config
 from modiff_trt.models.builtin import builtin_checkpoint
-from modiff_trt.pipeline import score_digits, timed_samples
+from modiff_trt.pipeline import export_config, ort_target, score_digits, timed_samples
 from modiff_trt.quant import QuantConfig, ScaleSet, quantize_unet
 from modiff_trt.sampling.sampler import make_sampler
 
@@ -62,6 +63,11 @@ def targets(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, Calib
     rows = {
         "W4 weight-only": (work / "w4.cal.safetensors", CalibrationOptions(act_bits=None, modulate=False, **common))
     }
+    if args.w4a8:
+        rows["W4A8 MoDiff, minmax act scales"] = (
+            work / "w4a8-minmax.cal.safetensors",
+            CalibrationOptions(act_bits=8, modulate=True, method="minmax", **common),
+        )
     for spec in args.act_methods:
         method, _, groups = spec.partition(":")
         label, tag = (f", {groups} step groups", f"-g{groups}") if groups not in ("", "1") else ("", "")
@@ -107,7 +113,13 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             x0, _ = timed_samples(quantize_unet(fp_model, quant, scales), cfg, args.num_images, batch, sampler)
             row = name if factor == 1.0 else f"{name}, x{factor:g}"
             scores[row] = score_digits(x0, reference)
-            logging.info("%s: %.2f dB", row, scores[row]["psnr_db"])
+            if args.ort and factor == 1.0:
+                out = export_config(
+                    cfg, ckpt, quant, path, work / f"export-{path.stem}", sampler, target=ort_target(quant)
+                )
+                x_ort, _ = timed_samples(OrtRunner(out), cfg, args.num_images, batch, sampler)
+                scores[row]["ort_psnr_db"] = score_digits(x_ort, reference)["psnr_db"]
+            logging.info("%s: %.2f dB (ORT %s)", row, scores[row]["psnr_db"], scores[row].get("ort_psnr_db"))
     loads["after scoring"] = load()
     return {
         "label": args.label,
@@ -147,6 +159,7 @@ def render(results: list[dict]) -> str:
                     str(r["num_images"]),
                     name,
                     f"{score['psnr_db']:.2f}",
+                    f"{score['ort_psnr_db']:.2f}" if "ort_psnr_db" in score else "-",
                     f"{score['digits_fid']:.2f}",
                     f"{r['block_loss']['adaround']:.3f}",
                     f"{rec['seconds']:.0f} / {r['calibration_seconds']:.0f}",
@@ -159,6 +172,7 @@ def render(results: list[dict]) -> str:
         "images",
         "row",
         "PSNR torch (dB)",
+        "PSNR ORT (dB)",
         "digits FID",
         "summed block loss",
         "recon / calibration (s)",
@@ -207,6 +221,8 @@ def main() -> None:
         default=[],
         help="W4A4 rows: also score with every activation scale times each factor (a global clipping probe)",
     )
+    parser.add_argument("--w4a8", action="store_true", help="also a MoDiff W4A8 row (minmax scales)")
+    parser.add_argument("--ort", action="store_true", help="also export each row and sample it on ONNX Runtime")
     parser.add_argument("--keep", type=Path, help="keep the calibration files here (and reuse them when present)")
     parser.add_argument("--render", action="store_true", help="only write the section from the saved runs")
     parser.add_argument("--section", default="reconstruction-levers")
@@ -224,7 +240,7 @@ def main() -> None:
         (RESULTS / f"{args.label}-{args.num_images}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps({k: result[k] for k in ("label", "num_images", "loads", "calibration_seconds")}), flush=True)
         for name, score in result["scores"].items():
-            print(f"{name:40s} {score['psnr_db']:6.2f} dB", flush=True)
+            print(f"{name:50s} {score['psnr_db']:6.2f} dB  ORT {score.get('ort_psnr_db', '-')}", flush=True)
         return
     runs = sorted((json.loads(p.read_text()) for p in RESULTS.glob("*.json")), key=lambda r: r.get("finished", 0))
     write_section(args.section, render(runs))

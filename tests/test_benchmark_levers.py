@@ -31,6 +31,7 @@ def _args(**over) -> argparse.Namespace:
         "recon_samples": 1280,
         "recon_reg": 0.01,
         "recon_seed": 3,
+        "w4a8": True,
         "cali_st": 20,
         "cali_n": 64,
         "act_methods": ["minmax", "mse", "percentile:4"],
@@ -42,6 +43,7 @@ def test_every_lever_file_asks_for_one_and_the_same_reconstruction(levers, tmp_p
     rows = levers.targets(tmp_path, _args())
     assert list(rows) == [
         "W4 weight-only",
+        "W4A8 MoDiff, minmax act scales",
         "W4A4 MoDiff, minmax act scales",
         "W4A4 MoDiff, mse act scales",
         "W4A4 MoDiff, percentile act scales, 4 step groups",
@@ -58,9 +60,14 @@ def test_every_lever_file_asks_for_one_and_the_same_reconstruction(levers, tmp_p
         3,
     )
     assert {o.cali_st for o in options} == {20}
-    assert [(o.method, o.step_groups) for o in options[1:]] == [("minmax", 1), ("mse", 1), ("percentile", 4)]
+    assert [(o.act_bits, o.method, o.step_groups) for o in options[1:]] == [
+        (8, "minmax", 1),
+        (4, "minmax", 1),
+        (4, "mse", 1),
+        (4, "percentile", 4),
+    ]
     assert len({path for path, _ in rows.values()}) == len(rows)
-    assert options[0].act_bits is None and {o.act_bits for o in options[1:]} == {4}
+    assert options[0].act_bits is None and not options[0].modulate and all(o.modulate for o in options[1:])
 
 
 def test_the_lever_table_has_one_row_per_file_with_its_command_and_load(levers):
@@ -82,7 +89,7 @@ def test_the_lever_table_has_one_row_per_file_with_its_command_and_load(levers):
         "calibration_seconds": 921.0,
         "loads": {"before": "2.0, 2.1, 2.2"},
         "scores": {
-            "W4 weight-only": {"psnr_db": 31.234, "digits_fid": 7.0},
+            "W4 weight-only": {"psnr_db": 31.234, "digits_fid": 7.0, "ort_psnr_db": 31.236},
             "W4A4 MoDiff, mse act scales": {"psnr_db": 28.5, "digits_fid": 9.0},
         },
     }
@@ -90,6 +97,7 @@ def test_the_lever_table_has_one_row_per_file_with_its_command_and_load(levers):
     rows = [line for line in text.splitlines() if line.startswith("| iters3000")]
     assert len(rows) == 2
     assert "31.23" in rows[0] and "3000 it" in rows[0] and "640 inputs (cali-st 10), seed 0" in rows[0]
+    assert "| 31.24 |" in rows[0] and "| - |" in rows[1]
     assert "900 / 921" in rows[0] and "before: 2.0, 2.1, 2.2" in rows[0]
     assert "`python benchmarks/reconstruction_levers.py --label iters3000 --recon-iters 3000`" in text
 
