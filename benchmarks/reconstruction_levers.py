@@ -187,9 +187,9 @@ def render(results: list[dict]) -> str:
         "its weight-only file and its MoDiff W4A4 files (one per activation scale search and step-group count). "
         "PSNR against the float samples from the same noise, 50 quad DDIM steps; digits FID only compares at "
         "equal image counts. A run with 512 images re-scores the files its 128-image run kept. Times are "
-        "shared-machine times (another benchmark ran beside these runs); the load averages are 1/5/15 min.\n\n"
-        + markdown_table(header, table)
-        + "\n"
+        "shared-machine times (another benchmark ran beside these runs); the load averages are 1/5/15 min. A "
+        "command without `--recon-iters` ran at the default of its day: the reconstruction column says what ran "
+        "(give `--recon-iters` to repeat it).\n\n" + markdown_table(header, table) + "\n"
     )
 
 
