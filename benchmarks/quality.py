@@ -174,7 +174,9 @@ def main() -> None:
     parser.add_argument(
         "--reconstruction", action="store_true", help="the AdaRound weight-reconstruction study instead (issue 23)"
     )
-    parser.add_argument("--recon-iters", type=int, default=1000, help="AdaRound iterations per block")
+    parser.add_argument(
+        "--recon-iters", type=int, default=ReconstructionOptions().iterations, help="AdaRound iterations per block"
+    )
     parser.add_argument(
         "--first-last-bits",
         default="8",

@@ -896,7 +896,11 @@ def calibrate_command(
         "--weight-method",
         help="Integer weights: minmax or mse (nearest rounding on absmax / MSE-searched per-channel scales), or adaround (rounding learned block by block on the calibration trajectories, Q-Diffusion's BRECQ + AdaRound; takes minutes; meant for 4-bit weights). Default: mse with --method mse, else minmax.",
     ),
-    recon_iters: int = typer.Option(1000, "--recon-iters", help="adaround: optimisation steps per block."),
+    recon_iters: int = typer.Option(
+        3000,
+        "--recon-iters",
+        help="adaround: optimisation steps per block (1000: a third of the time, 2 to 5 dB worse on digits).",
+    ),
     recon_lr: float = typer.Option(1e-3, "--recon-lr", help="adaround: Adam learning rate of the rounding variables."),
     recon_samples: int = typer.Option(
         1024,

@@ -285,3 +285,20 @@ def test_cli_calibrate_adaround_writes_the_weights_and_says_so(tmp_path, tiny_co
     assert cal.meta["weight_method"] == "adaround" and cal.meta["reconstruction"]["options"]["iterations"] == 5
     assert all(entry.weight_codes is not None for entry in cal.layers.values())
     assert cal.meta["first_last_bits"] is None and all(e.weight_codes.abs().max() <= 8 for e in cal.layers.values())
+
+
+def test_cli_reconstruction_defaults_are_the_library_defaults():
+    """`calibrate` spells its --recon-* defaults out (the CLI does not import torch at start-up);
+    they must be ReconstructionOptions' own, or the CLI and the API would learn different weights."""
+    import inspect
+
+    from modiff_trt import cli
+
+    params = inspect.signature(cli.calibrate_command).parameters
+    defaults = ReconstructionOptions()
+    assert params["recon_iters"].default.default == defaults.iterations == 3000
+    assert params["recon_lr"].default.default == defaults.learning_rate
+    assert params["recon_samples"].default.default == defaults.samples
+    assert params["recon_batch_size"].default.default == defaults.batch_size
+    assert params["recon_warmup"].default.default == defaults.warmup
+    assert params["recon_beta"].default.default == f"{defaults.beta_start:g},{defaults.beta_end:g}"
