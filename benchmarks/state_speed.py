@@ -86,8 +86,8 @@ def rows(paths: dict[str, Path], threads: int) -> list[Variant]:
         return lambda: request.infer({"x": x.numpy(), "t": t.numpy()})
 
     table = [
-        Variant("ort-fp32", "ORT fp32 (float graph)", ort_float),
-        Variant("ov-fp32", "OpenVINO fp32 (float graph)", ov_float),
+        Variant("ort-float", "ORT fp32 (float graph)", ort_float),
+        Variant("ov-float", "OpenVINO fp32 (float graph)", ov_float),
         Variant("ov-plain", "OpenVINO INT8 plain (unet.onnx)", runner(ov, "plain")),
     ]
     table += [Variant(f"ov-{k}", f"OpenVINO INT8 MoDiff step, {v[2]}", runner(ov, k)) for k, v in LAYOUTS.items()]
@@ -107,7 +107,7 @@ def report(table, results, batches, loads, manifests, args) -> str:
     goals = []
     for k in LAYOUTS:
         overhead = results[f"ov-{k}"][b] / results["ov-plain"][b] - 1
-        speedup = results["ort-fp32"][b] / results[f"ov-{k}"][b]
+        speedup = results["ort-float"][b] / results[f"ov-{k}"][b]
         goals.append([LAYOUTS[k][2], f"{overhead * 100:+.0f}%", f"{speedup:.2f}x"])
     lines = [
         "## MoDiff step speed by state layout (issue 22)",
