@@ -100,10 +100,9 @@ def test_reconstruction_lowers_the_block_loss_against_nearest_rounding(tmp_path,
             assert entry.weight_codes.min() >= -8 and entry.weight_codes.max() <= 7, name
 
 
-def test_reconstructed_file_round_trips_through_export_exactly(tmp_path, tiny_config, tiny_checkpoint, tiny_model):
-    """The learned integer weights survive the file, the reference and the exported graph: per
-    layer and step on ONNX Runtime's own tensors, o_hat_out - o_hat_in = f(rq, W_adaround), the
-    8-bit first and last layers among them."""
+def _adaround_w4a8_export(tmp_path, tiny_config, tiny_checkpoint, tiny_model, **options):
+    """A W4A8 AdaRound calibration of the tiny model (`options` go to both calibrate and QuantConfig:
+    split, first_last_bits), its reference and its export: (calibration, reference, export dir)."""
     path = tmp_path / "w4a8.safetensors"
     run_calibrate(
         tiny_config,
@@ -112,18 +111,26 @@ def test_reconstructed_file_round_trips_through_export_exactly(tmp_path, tiny_co
         weight_bits=4,
         act_bits=8,
         weight_method="adaround",
-        split=True,
         reconstruction=RECON,
+        **options,
     )
     cal = load_calibration(path)
-    config = QuantConfig(4, 8, act_scales="static", split=True)
+    config = QuantConfig(4, 8, act_scales="static", **options)
     qmodel = quantize_unet(tiny_model, config, cal.to_scale_set(load_config(tiny_config), tiny_checkpoint))
+    out = tmp_path / "exp"
+    export_model(tiny_model, qmodel, tiny_model_config(tiny_model), out, calibration=path)
+    return cal, qmodel, out
+
+
+def test_reconstructed_file_round_trips_through_export_exactly(tmp_path, tiny_config, tiny_checkpoint, tiny_model):
+    """The learned integer weights survive the file, the reference and the exported graph: per
+    layer and step on ONNX Runtime's own tensors, o_hat_out - o_hat_in = f(rq, W_adaround), the
+    8-bit first and last layers among them."""
+    cal, qmodel, out = _adaround_w4a8_export(tmp_path, tiny_config, tiny_checkpoint, tiny_model, split=True)
     for name, layer in qmodel.layers.items():
         assert torch.equal(layer.weight_codes, cal.layers[name].weight_codes), name
     nearest = quantize_unet(tiny_model, QuantConfig(4, None))
     assert any(not torch.equal(qmodel.layers[n].w_deq, nearest.layers[n].w_deq) for n in qmodel.layers)
-    out = tmp_path / "exp"
-    export_model(tiny_model, qmodel, tiny_model_config(tiny_model), out, calibration=path)
     noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
     assert check_step_layers(out, qmodel, noise) == len(qmodel.layers) * (len(SEQ) - 1)
     assert rel_err(trajectory(OrtRunner(out), noise), trajectory(qmodel, noise)) < 5e-3
@@ -186,23 +193,9 @@ def test_reconstructed_file_follows_modiff_per_layer_on_openvino(
 
     if first_last_bits == 8 and not exact_int8_kernels():
         pytest.skip("x86 CPU without VNNI: OpenVINO's 8-bit-weight int8 kernels are not exact here")
-    path = tmp_path / "w4a8.safetensors"
-    run_calibrate(
-        tiny_config,
-        tiny_checkpoint,
-        path,
-        weight_bits=4,
-        act_bits=8,
-        weight_method="adaround",
-        reconstruction=RECON,
-        first_last_bits=first_last_bits,
+    _, qmodel, out = _adaround_w4a8_export(
+        tmp_path, tiny_config, tiny_checkpoint, tiny_model, first_last_bits=first_last_bits
     )
-    config = QuantConfig(4, 8, act_scales="static", first_last_bits=first_last_bits)
-    qmodel = quantize_unet(
-        tiny_model, config, load_calibration(path).to_scale_set(load_config(tiny_config), tiny_checkpoint)
-    )
-    out = tmp_path / "exp"
-    export_model(tiny_model, qmodel, tiny_model_config(tiny_model), out, calibration=path)
     noise = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(3))
     checked = check_step_layers(out, qmodel, noise, runtime="openvino", workdir=tmp_path)
     assert checked == len(qmodel.layers) * (len(SEQ) - 1)
