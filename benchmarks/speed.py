@@ -54,11 +54,14 @@ STEP_GROUPS = 4  # the step-group variants: residual scales per 4 groups of a 50
 STEP_GROUPS_MAX_BATCH = 8
 
 
+Setup = Callable[[torch.Tensor, torch.Tensor], Callable[[], object]]  # (x, t) -> one timed step
+
+
 @dataclass
 class Variant:
     key: str
     label: str
-    setup: Callable[[torch.Tensor, torch.Tensor], Callable[[], object]]  # (x, t) -> one timed step
+    setup: Setup
     max_batch: int | None = None  # not timed at larger batches: every row's state is alive during a round
 
 
@@ -127,44 +130,57 @@ def state_bytes_per_sample(manifest: Manifest) -> int:
     return sum((math.prod(layer.a_hat_shape) + math.prod(layer.o_hat_shape)) * item for layer in manifest.layers)
 
 
-def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
-    import onnxruntime as ort
+def ort_float_graph(path: Path, threads: int) -> Setup:
+    """The float graph on ONNX Runtime with its default graph optimizations."""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    def setup(x, t):
+        import onnxruntime as ort
 
-    def torch_eager(x, t):
-        return lambda: model(x, t)
-
-    def ort_float(x, t):
-        session = ort.InferenceSession(str(paths["float"]), options, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feeds = {"x": x.numpy(), "t": t.numpy()}
         return lambda: session.run(None, feeds)
 
-    def ort_runner(key: str) -> Callable:
-        def setup(x, t):
-            runner = OrtRunner(paths[key], provider="cpu", threads=threads)
-            runner.reset_state()
-            if "modiff" in key:
-                runner(x, t)  # warm-up graph: creates the state; later calls run step.onnx
-            return lambda: runner(x, t)
+    return setup
 
-        return setup
 
-    def ov_float(x, t):
-        request = compile_graph(read_graph(paths["float"], x.shape[0]), threads).create_infer_request()
+def ov_float_graph(path: Path, threads: int) -> Setup:
+    """The float graph compiled by OpenVINO for the call's batch."""
+
+    def setup(x, t):
+        request = compile_graph(read_graph(path, x.shape[0]), threads).create_infer_request()
         return lambda: request.infer({"x": x.numpy(), "t": t.numpy()})
 
-    def ov_runner(key: str) -> Callable:
-        def setup(x, t):
-            runner = OpenVinoRunner(paths[key], threads=threads)
-            runner.reset_state()
-            if "modiff" in key:
-                runner(x, t)  # warm-up graph: seeds the step model's variables
-            return lambda: runner(x, t)
+    return setup
 
-        return setup
+
+def runner_step(make: Callable[[], Callable], modulated: bool) -> Setup:
+    """A runner's call after a reset; a MoDiff runner gets one untimed call first: the warm-up graph
+    creates the state (or seeds OpenVINO's variables), so the timed calls run step.onnx."""
+
+    def setup(x, t):
+        runner = make()
+        runner.reset_state()
+        if modulated:
+            runner(x, t)
+        return lambda: runner(x, t)
+
+    return setup
+
+
+def variants(model, paths, absmax, out_absmax, threads: int) -> list[Variant]:
+    def torch_eager(x, t):
+        return lambda: model(x, t)
+
+    ort_float, ov_float = ort_float_graph(paths["float"], threads), ov_float_graph(paths["float"], threads)
+
+    def ort_runner(key: str) -> Setup:
+        return runner_step(lambda: OrtRunner(paths[key], provider="cpu", threads=threads), "modiff" in key)
+
+    def ov_runner(key: str) -> Setup:
+        return runner_step(lambda: OpenVinoRunner(paths[key], threads=threads), "modiff" in key)
 
     def ov_state_io(x, t):
         """The step graph compiled as exported: 2 x 113 state tensors cross the API every call."""

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from report import command_line, machine, markdown_table, write_section
-from speed import Variant, float_pass_absmax, measure, scale_set
+from speed import Variant, float_pass_absmax, measure, ort_float_graph, ov_float_graph, runner_step, scale_set
 
-from modiff_trt.engines.openvino_backend import OpenVinoRunner, compile_graph, read_graph
+from modiff_trt.engines.openvino_backend import OpenVinoRunner
 from modiff_trt.engines.ort_backend import OrtRunner
 from modiff_trt.export.exporter import export_model
 from modiff_trt.export.manifest import Manifest
@@ -54,44 +54,19 @@ def export_layouts(model, cfg, absmax, work: Path) -> tuple[dict[str, Path], dic
 
 
 def rows(paths: dict[str, Path], threads: int) -> list[Variant]:
-    import onnxruntime as ort
+    def ov(key: str):
+        return runner_step(lambda: OpenVinoRunner(paths[key], threads=threads), key != "plain")
 
-    from modiff_trt.engines.ort_backend import session_options
-
-    def ort_float(x, t):
-        session = ort.InferenceSession(
-            str(paths["float"]), session_options(threads), providers=["CPUExecutionProvider"]
-        )
-        feeds = {"x": x.numpy(), "t": t.numpy()}
-        return lambda: session.run(None, feeds)
-
-    def runner(make, key: str):
-        def setup(x, t):
-            unet = make(key)
-            unet.reset_state()
-            if key != "plain":
-                unet(x, t)  # the warm-up graph creates the state; later calls run step.onnx
-            return lambda: unet(x, t)
-
-        return setup
-
-    def ov(key):
-        return OpenVinoRunner(paths[key], threads=threads)
-
-    def ort_step(key):
-        return OrtRunner(paths[key], provider="cpu", threads=threads)
-
-    def ov_float(x, t):
-        request = compile_graph(read_graph(paths["float"], x.shape[0]), threads).create_infer_request()
-        return lambda: request.infer({"x": x.numpy(), "t": t.numpy()})
+    def ort_step(key: str):
+        return runner_step(lambda: OrtRunner(paths[key], provider="cpu", threads=threads), True)
 
     table = [
-        Variant("ort-float", "ORT fp32 (float graph)", ort_float),
-        Variant("ov-float", "OpenVINO fp32 (float graph)", ov_float),
-        Variant("ov-plain", "OpenVINO INT8 plain (unet.onnx)", runner(ov, "plain")),
+        Variant("ort-float", "ORT fp32 (float graph)", ort_float_graph(paths["float"], threads)),
+        Variant("ov-float", "OpenVINO fp32 (float graph)", ov_float_graph(paths["float"], threads)),
+        Variant("ov-plain", "OpenVINO INT8 plain (unet.onnx)", ov("plain")),
     ]
-    table += [Variant(f"ov-{k}", f"OpenVINO INT8 MoDiff step, {v[2]}", runner(ov, k)) for k, v in LAYOUTS.items()]
-    table += [Variant(f"ort-{k}", f"ORT INT8 MoDiff step, {v[2]}", runner(ort_step, k)) for k, v in LAYOUTS.items()]
+    table += [Variant(f"ov-{k}", f"OpenVINO INT8 MoDiff step, {v[2]}", ov(k)) for k, v in LAYOUTS.items()]
+    table += [Variant(f"ort-{k}", f"ORT INT8 MoDiff step, {v[2]}", ort_step(k)) for k, v in LAYOUTS.items()]
     return table
 
 
