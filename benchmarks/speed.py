@@ -117,7 +117,7 @@ def export_all(model, cfg, absmax, work: Path) -> tuple[dict[str, Path], dict[st
                 scale_set(absmax, modulate, step_groups),
             )
             started = time.perf_counter()
-            manifests[key] = export_model(model, qmodel, cfg, work / key, target=target)
+            manifests[key] = export_model(model, qmodel, cfg, work / key, sampler=sampler, target=target)
             seconds[key] = time.perf_counter() - started
             paths[key] = work / key
             print(f"exported {key} in {seconds[key]:.1f} s", flush=True)
